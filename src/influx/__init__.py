@@ -1,0 +1,16 @@
+"""influx: influence functions for PyTorch models.
+
+The framework-agnostic protocols live in [influx.types][influx.types]; the torch
+implementation, influence models and operators in `influx.torch`.
+"""
+
+from .types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfluenceMode",
+    "NotFittedException",
+    "UnsupportedInfluenceModeException",
+    "__version__",
+]

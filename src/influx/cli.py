@@ -1,0 +1,187 @@
+"""The `influx` command line: `python -m influx demo` finds mislabeled digits by influence.
+
+The demo trains a small MLP on sklearn's bundled digits data with a known 10% of the training
+labels flipped, computes the influence of every training point on a held-out set with
+[DirectInfluence][influx.torch.influence_function_model.DirectInfluence], ranks the training
+points from most harmful (most negative total influence on the held-out loss) to most helpful
+and reports how many flipped labels the ranking finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoReport:
+    """What the demo found."""
+
+    n_train: int
+    n_test: int
+    n_flipped: int
+    n_parameters: int
+    test_accuracy: float
+    hits_top10: int
+    hits_top20: int
+    auc: float
+    seconds: float
+    influences: np.ndarray
+    ranking: np.ndarray
+
+    def lines(self) -> List[str]:
+        top10 = int(round(0.1 * self.n_train))
+        top20 = int(round(0.2 * self.n_train))
+        return [
+            f"Training points: {self.n_train} ({self.n_flipped} with flipped labels), "
+            f"held-out points: {self.n_test}, model parameters: {self.n_parameters}",
+            f"Held-out accuracy of the model trained on noisy labels: {self.test_accuracy:.3f}",
+            f"Flipped labels among the {top10} most harmful points (top 10%): "
+            f"{self.hits_top10}/{self.n_flipped} ({self.hits_top10 / self.n_flipped:.0%})",
+            f"Flipped labels among the {top20} most harmful points (top 20%): "
+            f"{self.hits_top20}/{self.n_flipped} ({self.hits_top20 / self.n_flipped:.0%})",
+            f"Detection AUC (flipped vs clean, by harmfulness): {self.auc:.3f}",
+            f"Time (training, fit and influences): {self.seconds:.1f} s",
+        ]
+
+
+def _auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for the boolean labels `positives` (ties: 1/2)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=float)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos = int(positives.sum())
+    n_neg = len(scores) - n_pos
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def run_demo(
+    seed: int = 0,
+    flip_fraction: float = 0.1,
+    hidden: int = 16,
+    regularization: float = 0.01,
+    epochs: int = 300,
+    progress: bool = True,
+) -> DemoReport:
+    """Train on digits with flipped labels and rank the training points by influence."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm.auto import tqdm
+
+    from .torch import DirectInfluence
+
+    start = time.perf_counter()
+    steps = tqdm(total=4, desc="demo", disable=not progress)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x_all, y_all = load_digits(return_X_y=True)
+    x_all = x_all / 16.0
+    perm = rng.permutation(len(x_all))
+    n_train = 1200
+    train_idx, test_idx = perm[:n_train], perm[n_train:]
+    y_train = y_all[train_idx].copy()
+    n_flip = int(round(flip_fraction * n_train))
+    flipped = rng.choice(n_train, size=n_flip, replace=False)
+    y_train[flipped] = (y_train[flipped] + rng.integers(1, 10, size=n_flip)) % 10
+    is_flipped = np.zeros(n_train, dtype=bool)
+    is_flipped[flipped] = True
+
+    dtype = torch.float64
+    xt = torch.tensor(x_all[train_idx], dtype=dtype)
+    yt = torch.tensor(y_train, dtype=torch.long)
+    xs = torch.tensor(x_all[test_idx], dtype=dtype)
+    ys = torch.tensor(y_all[test_idx], dtype=torch.long)
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
+    ).to(dtype)
+    loss = torch.nn.functional.cross_entropy
+    steps.set_postfix_str("training")
+    optimizer = torch.optim.LBFGS(net.parameters(), max_iter=epochs, line_search_fn="strong_wolfe")
+    weight_decay = 1e-3
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss(net(xt), yt) + weight_decay * sum((p**2).sum() for p in net.parameters())
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        accuracy = float((net(xs).argmax(1) == ys).double().mean())
+    steps.update()
+
+    steps.set_postfix_str("fitting the Hessian")
+    loader = DataLoader(TensorDataset(xt, yt), batch_size=256)
+    model = DirectInfluence(net, loss, regularization=regularization).fit(loader)
+    steps.update()
+
+    steps.set_postfix_str("influences")
+    values = model.influences(xs, ys, xt, yt).numpy()
+    steps.update()
+
+    # Positive influence helps the held-out points; the most harmful are the most negative.
+    total = values.sum(axis=0)
+    ranking = np.argsort(total, kind="mergesort")
+    top10 = ranking[: int(round(0.1 * n_train))]
+    top20 = ranking[: int(round(0.2 * n_train))]
+    report = DemoReport(
+        n_train=n_train,
+        n_test=len(test_idx),
+        n_flipped=n_flip,
+        n_parameters=model.n_parameters,
+        test_accuracy=accuracy,
+        hits_top10=int(is_flipped[top10].sum()),
+        hits_top20=int(is_flipped[top20].sum()),
+        auc=_auc(-total, is_flipped),
+        seconds=time.perf_counter() - start,
+        influences=values,
+        ranking=ranking,
+    )
+    steps.set_postfix_str("done")
+    steps.update()
+    steps.close()
+    return report
+
+
+def _write(values: np.ndarray, out: Path) -> Path:
+    if out.suffix != ".npy":
+        out = out.with_suffix(".npy")
+    np.save(out, values)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="influx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="find mislabeled digits by their influence")
+    demo.add_argument("--out", type=Path, default=None, help="write the influence matrix here")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    report = run_demo(seed=args.seed, progress=not args.no_progress)
+    for line in report.lines():
+        logger.info(line)
+    if args.out is not None:
+        path = _write(report.influences, args.out)
+        logger.info("Influence matrix %s written to %s", report.influences.shape, path)
+    return 0

@@ -1,0 +1,145 @@
+r"""What one batch contributes to a curvature operator.
+
+A batch operation $B_b$ maps a batch $b$ and a matrix of row vectors $V$ `(K, P)` to
+$V B_b^\top$. The operators in [influx.torch.operator][influx.torch.operator] average these
+over a data loader, weighting each batch by its number of points.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .base import TorchBatch
+from .functional import (
+    LossFunction,
+    create_batch_hvp_function,
+    create_per_sample_gradient_function,
+    flatten_dimensions,
+    gauss_newton,
+    get_model_parameters,
+    hessian,
+    operator_to_dense,
+)
+
+__all__ = [
+    "BatchOperation",
+    "HessianBatchOperation",
+    "GaussNewtonBatchOperation",
+]
+
+
+class BatchOperation(ABC):
+    """A linear map defined by one batch of data, on the model's (restricted) parameters.
+
+    Args:
+        model: the model.
+        restrict_to: the parameters the operation acts on; None means all trainable ones.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        self.model = model
+        if restrict_to is None:
+            self.params = get_model_parameters(model)
+        else:
+            self.params = {k: p.detach() for k, p in restrict_to.items()}
+
+    @property
+    def input_size(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def input_dict_structure(self) -> Dict[str, Tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self.params.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        """Apply the batch's operator to a vector `(P,)` or the rows of a matrix `(K, P)`."""
+        if tensor.ndim == 1:
+            return self._apply(batch, tensor.unsqueeze(0)).squeeze(0)
+        return self._apply(batch, tensor)
+
+    @abstractmethod
+    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        """Apply to the rows of a 2-D tensor."""
+
+    def to_dense(self, batch: TorchBatch) -> torch.Tensor:
+        """The matrix `(P, P)` of the batch's operator."""
+        return operator_to_dense(
+            lambda t: self._apply(batch, t), self.input_size, self.dtype, self.device
+        )
+
+
+class HessianBatchOperation(BatchOperation):
+    r"""$V \mapsto V \nabla^2_\theta L_b(\theta)$ with $L_b = \text{loss}(f_\theta(x_b), y_b)$.
+
+    Hessian-vector products are computed forward-over-reverse, all rows at once.
+
+    Args:
+        model: the model.
+        loss: the loss function, mean over the batch.
+        restrict_to: the parameters; the operator is the corresponding sub-matrix.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        super().__init__(model, restrict_to)
+        self.loss = loss
+        self._hvp = create_batch_hvp_function(model, loss, self.params)
+
+    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        return self._hvp(self.params, batch.x, batch.y, tensor)  # type: ignore[no-any-return]
+
+    def to_dense(self, batch: TorchBatch) -> torch.Tensor:
+        return hessian(self.model, self.loss, self.params, batch.x, batch.y, chunk_size=1024)
+
+
+class GaussNewtonBatchOperation(BatchOperation):
+    r"""$V \mapsto V G_b$ with the Gauss-Newton (empirical Fisher) matrix of the batch
+
+    $$G_b = \frac{1}{|b|}\sum_{i \in b} \nabla_\theta \ell_i \nabla_\theta \ell_i^\top .$$
+
+    Args:
+        model: the model.
+        loss: the loss function.
+        restrict_to: the parameters; the operator is the corresponding sub-matrix.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        super().__init__(model, restrict_to)
+        self.loss = loss
+        self._grads = create_per_sample_gradient_function(model, loss, self.params)
+
+    def per_sample_grads(self, batch: TorchBatch) -> torch.Tensor:
+        """The per-sample gradients of the batch, shape `(|b|, P)`."""
+        grads = self._grads(self.params, batch.x, batch.y)
+        return flatten_dimensions(grads.values(), shape=(len(batch), -1))
+
+    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        g = self.per_sample_grads(batch)
+        return (tensor @ g.T) @ g / len(batch)
+
+    def to_dense(self, batch: TorchBatch) -> torch.Tensor:
+        return gauss_newton(self.per_sample_grads(batch))

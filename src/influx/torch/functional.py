@@ -1,0 +1,326 @@
+r"""Pure tensor functions: per-sample gradients, mixed derivatives, curvature products.
+
+Everything here is stateless and built on `torch.func`: per-sample quantities are
+vectorised with `vmap`, never computed in a Python loop over samples. Parameters are
+passed as dictionaries `name -> tensor`, as returned by
+[get_model_parameters][influx.torch.functional.get_model_parameters].
+
+For a model $f_\theta$ and a loss $\ell$, with $\ell_i(\theta) = \ell(f_\theta(x_i), y_i)$
+and the batch loss $L(\theta) = \frac{1}{n}\sum_i \ell_i(\theta)$ (the loss function's own
+mean reduction):
+
+* per-sample gradients $\nabla_\theta \ell_i$,
+* mixed derivatives $\nabla_x \nabla_\theta \ell_i$,
+* Hessian-vector products $\nabla^2_\theta L \, v$ (forward-over-reverse),
+* Gauss-Newton products $\frac{1}{n}\sum_i \nabla_\theta \ell_i \nabla_\theta \ell_i^\top v$.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+__all__ = [
+    "LossFunction",
+    "flatten_dimensions",
+    "get_model_parameters",
+    "create_batch_loss_function",
+    "create_per_sample_loss_function",
+    "create_per_sample_gradient_function",
+    "create_per_sample_mixed_derivative_function",
+    "create_matrix_jacobian_product_function",
+    "create_batch_hvp_function",
+    "hessian",
+    "gauss_newton",
+    "operator_to_dense",
+]
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ParamDict = Dict[str, torch.Tensor]
+
+
+def get_model_parameters(
+    model: torch.nn.Module, detach: bool = True, require_grad_only: bool = True
+) -> ParamDict:
+    """The model's parameters by name, in `named_parameters()` order.
+
+    Args:
+        model: the model.
+        detach: return detached tensors (no autograd history).
+        require_grad_only: only the parameters with `requires_grad=True`.
+    """
+    return {
+        name: (p.detach() if detach else p)
+        for name, p in model.named_parameters()
+        if p.requires_grad or not require_grad_only
+    }
+
+
+def flatten_dimensions(
+    tensors: Iterable[torch.Tensor],
+    shape: Optional[Tuple[int, ...]] = None,
+    concat_at: int = -1,
+) -> torch.Tensor:
+    """Reshape each tensor to `shape` (default: flat) and concatenate along `concat_at`."""
+    target = (-1,) if shape is None else shape
+    return torch.cat([t.reshape(target) for t in tensors], dim=concat_at)
+
+
+def _with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDict], ParamDict]:
+    """Merge trainable `params` with the model's other parameters and buffers."""
+    restricted = set(params)
+    frozen = {
+        name: t.detach()
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        if name not in restricted
+    }
+
+    def merge(p: ParamDict) -> ParamDict:
+        return {**frozen, **p}
+
+    return merge
+
+
+def create_batch_loss_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y) \mapsto L(\theta)$, the loss of the batch as a function of `params`.
+
+    Parameters of the model not in `params` (and buffers) are held fixed.
+    """
+    merge = _with_frozen(params, model)
+
+    def batch_loss(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(functional_call(model, merge(p), (x,)), y)
+
+    return batch_loss
+
+
+def _create_single_sample_loss_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x_i, y_i) \mapsto \ell_i(\theta)$ for one sample without batch dimension."""
+    batch_loss = create_batch_loss_function(model, loss, params)
+
+    def single(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return batch_loss(p, x.unsqueeze(0), y.unsqueeze(0))
+
+    return single
+
+
+def create_per_sample_loss_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch."""
+    single = _create_single_sample_loss_function(model, loss, params)
+    return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+
+
+def create_per_sample_gradient_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
+    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`."""
+    single = _create_single_sample_loss_function(model, loss, params)
+    return vmap(grad(single), in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+
+
+def create_per_sample_mixed_derivative_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
+    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_x \nabla_\theta \ell_i)_i\}$.
+
+    Reverse-over-forward: for each input feature $f$ the directional derivative
+    $\partial_{x_f} \ell_i$ is a Jacobian-vector product, and its gradient with respect to
+    $\theta$ is one backward pass; both are vectorised over features and samples. Each value
+    has shape `(N, F, *p.shape)` with $F$ the number of input features.
+    """
+    single = _create_single_sample_loss_function(model, loss, params)
+
+    def one_sample(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> ParamDict:
+        def directional(q: ParamDict, direction: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda xx: single(q, xx, y), (x,), (direction,))[1]
+
+        directions = torch.eye(x.numel(), dtype=x.dtype, device=x.device).reshape(-1, *x.shape)
+        return vmap(grad(directional), in_dims=(None, 0))(p, directions)  # type: ignore[no-any-return]
+
+    return vmap(one_sample, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+
+
+def create_matrix_jacobian_product_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y, g) \mapsto (\nabla_\theta \ell_i \cdot g_k)_{ik}$, shape `(N, K)`.
+
+    Uses forward-mode derivatives (one Jacobian-vector product per row of `g`, `(K, P)`),
+    so the `(N, P)` matrix of per-sample gradients is never formed.
+    """
+    per_sample_loss = create_per_sample_loss_function(model, loss, params)
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [math.prod(s) for s in shapes]
+
+    def one_direction(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
+    ) -> torch.Tensor:
+        tangent = {n: t.reshape(s) for n, t, s in zip(names, torch.split(direction, sizes), shapes)}
+        return jvp(lambda q: per_sample_loss(q, x, y), (p,), (tangent,))[1]
+
+    def product(p: ParamDict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return vmap(one_direction, in_dims=(None, None, None, 0), out_dims=1)(p, x, y, g)
+
+    return product
+
+
+def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
+    """Split the last dimension of `vector` into tensors shaped like `params`."""
+    sizes = [p.numel() for p in params.values()]
+    lead = vector.shape[:-1]
+    return {
+        name: chunk.reshape(*lead, *p.shape)
+        for (name, p), chunk in zip(params.items(), torch.split(vector, sizes, dim=-1))
+    }
+
+
+def create_batch_hvp_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
+
+    Reverse-over-forward: $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, the directional
+    derivative being a Jacobian-vector product; vectorised over the rows of `V`. The Hessian
+    is never formed.
+    """
+    batch_loss = create_batch_loss_function(model, loss, params)
+    names = list(params)
+
+    def directional(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        return jvp(lambda q: batch_loss(q, x, y), (p,), (unflatten(v, p),))[1]
+
+    def one(p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g = grad(directional)(p, x, y, v)
+        return torch.cat([g[n].reshape(-1) for n in names])
+
+    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        return vmap(one, in_dims=(None, None, None, 0))(p, x, y, vs)
+
+    return hvp
+
+
+def hessian(
+    model: torch.nn.Module,
+    loss: LossFunction,
+    params: ParamDict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
+
+    Built column by column from Hessian-vector products, `chunk_size` columns at a time
+    (default: all at once).
+    """
+    size = sum(p.numel() for p in params.values())
+    hvp = create_batch_hvp_function(model, loss, params)
+    first = next(iter(params.values()))
+    eye = torch.eye(size, dtype=first.dtype, device=first.device)
+    step = size if chunk_size is None else chunk_size
+    return torch.cat([hvp(params, x, y, eye[i : i + step]) for i in range(0, size, step)])
+
+
+def gauss_newton(per_sample_grads: torch.Tensor) -> torch.Tensor:
+    r"""$\frac{1}{n} G^\top G$ for the per-sample gradient matrix $G$ `(n, P)`."""
+    return per_sample_grads.T @ per_sample_grads / per_sample_grads.shape[0]
+
+
+def operator_to_dense(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """The matrix of a linear map given by its action on rows, `chunk_size` rows at a time."""
+    eye = torch.eye(size, dtype=dtype, device=device)
+    return torch.cat([apply(eye[i : i + chunk_size]) for i in range(0, size, chunk_size)])
+
+
+class LowRankProductRepresentation:
+    r"""A symmetric low-rank matrix $A = V D V^\top$.
+
+    Args:
+        eigen_vals: the diagonal of $D$, shape `(r,)`.
+        projections: the columns of $V$, shape `(P, r)`, orthonormal.
+    """
+
+    def __init__(self, eigen_vals: torch.Tensor, projections: torch.Tensor):
+        if eigen_vals.ndim != 1 or projections.ndim != 2:
+            raise ValueError(
+                "Parameters 'eigen_vals' and 'projections' must have shapes (r,) and (P, r), "
+                f"got {tuple(eigen_vals.shape)} and {tuple(projections.shape)}."
+            )
+        if projections.shape[1] != eigen_vals.shape[0]:
+            raise ValueError(
+                f"Parameter 'projections' must have {eigen_vals.shape[0]} columns (one per "
+                f"eigenvalue), got shape {tuple(projections.shape)}."
+            )
+        self.eigen_vals = eigen_vals
+        self.projections = projections
+
+    @property
+    def device(self) -> torch.device:
+        return self.projections.device
+
+    def to(self, device: torch.device) -> "LowRankProductRepresentation":
+        """A copy on `device` (the representation itself is unchanged)."""
+        return LowRankProductRepresentation(self.eigen_vals.to(device), self.projections.to(device))
+
+
+def randomized_nystroem_approximation(
+    mat_mat_prod: Callable[[torch.Tensor], torch.Tensor],
+    input_dim: int,
+    rank: int,
+    input_type: torch.dtype,
+    mat_vec_device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
+) -> LowRankProductRepresentation:
+    r"""Randomized Nyström approximation $A \approx V D V^\top$ of a positive semi-definite $A$.
+
+    With a Gaussian test matrix orthonormalised to $Q$ `(P, r)` and $Y = AQ$, the Nyström
+    approximation is $A_{\text{nys}} = Y (Q^\top Y)^{+} Y^\top$. A small shift
+    $\nu = \sqrt{P}\,\epsilon\,\|Y\|$ keeps the Cholesky factorisation of $Q^\top Y$ stable
+    and is removed from the eigenvalues afterwards.
+
+    Args:
+        mat_mat_prod: $X \mapsto A X$ for a matrix $X$ `(P, k)`.
+        input_dim: $P$.
+        rank: $r$, the number of eigenpairs.
+        input_type: dtype of the test matrix.
+        mat_vec_device: device of the test matrix.
+        generator: optional random generator, for reproducibility.
+    """
+    if not 0 < rank <= input_dim:
+        raise ValueError(f"Parameter 'rank' must be in [1, {input_dim}], got {rank}.")
+    omega = torch.randn(
+        input_dim, rank, dtype=input_type, device=mat_vec_device, generator=generator
+    )
+    q, _ = torch.linalg.qr(omega)
+    y = mat_mat_prod(q)
+    shift = math.sqrt(input_dim) * torch.finfo(y.dtype).eps * torch.linalg.norm(y)
+    y_shifted = y + shift * q
+    core = q.T @ y_shifted
+    chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+    if info > 0:
+        # Q^T Y not positive definite: A has negative curvature along Q; fall back to eigh.
+        evals, evecs = torch.linalg.eigh((core + core.T) / 2)
+        keep = evals > shift
+        b = y_shifted @ evecs[:, keep] / torch.sqrt(evals[keep])
+    else:
+        b = torch.linalg.solve_triangular(chol, y_shifted.T, upper=False).T
+    u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
+    eigen_vals = torch.clamp(sigma**2 - shift, min=0.0)
+    return LowRankProductRepresentation(eigen_vals, u)
