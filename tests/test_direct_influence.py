@@ -155,3 +155,14 @@ def test_indefinite_hessian_without_regularization_uses_lu() -> None:
 
     raw = gp.flat_grads(TorchBatch(x[:2], y[:2]))
     assert rel_err(g @ h, raw) < 1e-8
+
+
+def test_solver_diagnostics_per_block() -> None:
+    x, y = classification_data()
+    model = DirectInfluence(make_mlp(), F.cross_entropy, 0.1, BlockMode.LAYER_WISE)
+    assert list(model.solver_diagnostics.values()) == [None, None]
+    model.fit(loader(x, y))
+    diagnostics = model.solver_diagnostics
+    assert list(diagnostics) == ["0", "2"]
+    assert all(d is not None and d.converged for d in diagnostics.values())
+    assert diagnostics["0"].method.startswith("direct/")

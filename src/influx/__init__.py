@@ -4,13 +4,19 @@ The framework-agnostic protocols live in [influx.types][influx.types]; the torch
 implementation, influence models and operators in `influx.torch`.
 """
 
-from .types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
+from .types import (
+    InfluenceMode,
+    NotFittedException,
+    SolverDiagnostics,
+    UnsupportedInfluenceModeException,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InfluenceMode",
     "NotFittedException",
+    "SolverDiagnostics",
     "UnsupportedInfluenceModeException",
     "__version__",
 ]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import (
     Any,
@@ -60,6 +61,7 @@ __all__ = [
     "Operator",
     "OperatorGradientComposition",
     "UnsupportedInfluenceModeException",
+    "SolverDiagnostics",
 ]
 
 TensorType = TypeVar("TensorType")
@@ -85,6 +87,32 @@ class InfluenceMode(str, Enum):
 
     Up = "up"
     Perturbation = "perturbation"
+
+
+@dataclass
+class SolverDiagnostics:
+    """What an inverse solver reports about its last application.
+
+    Operators that solve a system (CG, LiSSA, the direct solve, ...) keep the diagnostics of
+    their most recent `apply` in their `diagnostics` attribute; influence models collect them
+    per block in `solver_diagnostics`.
+
+    Attributes:
+        method: the solver, e.g. `"cg"`, `"block_cg"`, `"lissa"`, `"direct/cholesky"`.
+        converged: whether every right-hand side reached the tolerance.
+        iterations: the number of iterations (the maximum over right-hand sides), None for
+            non-iterative solvers.
+        residual: the achieved residual, relative to the right-hand side's norm (the maximum
+            over right-hand sides), None where not measured.
+        details: further, method-specific figures (per right-hand side iterations, tolerance,
+            scale, ...).
+    """
+
+    method: str
+    converged: bool
+    iterations: Optional[int] = None
+    residual: Optional[float] = None
+    details: Dict[str, Any] = field(default_factory=dict)
 
 
 class NotFittedException(ValueError):

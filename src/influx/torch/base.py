@@ -33,6 +33,7 @@ from ..types import (
     InfluenceMode,
     Operator,
     OperatorGradientComposition,
+    SolverDiagnostics,
     _check_mode,
 )
 from .functional import (
@@ -272,6 +273,9 @@ class TensorOperator(Operator[torch.Tensor, OperatorBilinearForm], ABC):
     @abstractmethod
     def dtype(self) -> torch.dtype: ...
 
+    diagnostics: Optional[SolverDiagnostics] = None
+    """What the solver reported on the last `apply` (None for operators that do not solve)."""
+
     @property
     def regularization(self) -> Optional[float]:
         """The regularization $\\lambda$ of the operator, if it has one."""
@@ -455,6 +459,18 @@ class TorchComposableInfluence(
         self._blocks = block_parameters(model, block_structure)
         self.regularization = regularization
         self._regularization_by_block = regularization_by_block(regularization, list(self._blocks))
+
+    @property
+    def solver_diagnostics(self) -> "OrderedDict[str, Optional[SolverDiagnostics]]":
+        """Per block, what its solver reported on its most recent application (the last
+        `influence_factors` or `influences` call): iterations, achieved residual and whether
+        it converged. None for blocks whose operator does not solve a system."""
+        if not self.is_fitted:
+            return OrderedDict((name, None) for name in self.block_names)
+        return OrderedDict(
+            (name, block.op.diagnostics)
+            for name, block in self.block_mapper.composable_block_dict.items()
+        )
 
     @property
     def block_names(self) -> List[str]:

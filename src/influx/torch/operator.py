@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..types import SolverDiagnostics
 from .base import TensorDictOperator, TensorOperator, TorchBatch
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LossFunction
@@ -270,6 +271,9 @@ class DirectSolveOperator(TensorOperator):
         self._dtype = matrix.dtype
         self._device = matrix.device
         self._factorize(regularized)
+        self.diagnostics = SolverDiagnostics(
+            method=f"direct/{self._method}", converged=True, iterations=None, residual=None
+        )
 
     @property
     def matrix(self) -> torch.Tensor:
