@@ -25,6 +25,7 @@ from .operator import (
     MatrixOperator,
     SecondOrderMode,
 )
+from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import BlockMode
 
 __all__ = [
@@ -50,5 +51,7 @@ __all__ = [
     "TorchComposableInfluence",
     "TorchGradientProvider",
     "TorchOperatorGradientComposition",
+    "TorchTensorUtilities",
+    "TorchTwiceDifferentiable",
     "UnsupportedInfluenceModeException",
 ]

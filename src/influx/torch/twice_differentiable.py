@@ -1,0 +1,186 @@
+r"""The torch side of the functional facade: `TorchTwiceDifferentiable` and the registered
+inversion methods.
+
+Each function registered here for [solve_hvp][influx.inversion.solve_hvp] builds the
+matching operator of `influx.torch` over the training data and applies it to $b$; the
+operator's [SolverDiagnostics][influx.types.SolverDiagnostics] become the result's `info`.
+"""
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Dict, Generator, List, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..inversion import InversionMethod, InversionRegistry
+from ..twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
+from .base import TensorOperator
+from .functional import LossFunction, flatten_dimensions
+from .operator import DirectSolveOperator, HessianOperator
+
+__all__ = ["TorchTensorUtilities", "TorchTwiceDifferentiable"]
+
+logger = logging.getLogger(__name__)
+
+
+class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):  # type: ignore[type-var]
+    r"""A torch model and loss as a twice-differentiable function of the model's parameters.
+
+    $L(\theta) = \text{loss}(f_\theta(x), y)$ over the trainable parameters (those with
+    `requires_grad=True`), flattened in `named_parameters()` order.
+
+    Args:
+        model: the model. A warning is issued if it is in training mode (dropout or batch
+            norm would make the derivatives random or batch-dependent); call `model.eval()`.
+        loss: the loss `loss(prediction, target)` with mean reduction.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: LossFunction):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"Parameter 'model' must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        if model.training:
+            warnings.warn(
+                "The model is in training mode: dropout and batch normalisation make its "
+                "derivatives random or batch-dependent. Call model.eval() first.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.model = model
+        self.loss = loss
+
+    @classmethod
+    def tensor_type(cls) -> type:
+        return torch.Tensor
+
+    @property
+    def parameters(self) -> List[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        x, y = x.to(self.device), y.to(self.device)
+        value = self.loss(self.model(x), y)
+        grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
+        return flatten_dimensions(grads)
+
+    def hessian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from .base import TorchBatch
+        from .batch_operation import HessianBatchOperation
+
+        return HessianBatchOperation(self.model, self.loss).to_dense(
+            TorchBatch(x, y).to(self.device)
+        )
+
+    @staticmethod
+    def mvp(
+        grad_xy: torch.Tensor,
+        v: torch.Tensor,
+        backprop_on: Union[torch.Tensor, Sequence[torch.Tensor]],
+        *,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        inputs = [backprop_on] if isinstance(backprop_on, torch.Tensor) else list(backprop_on)
+        single = v.ndim == 1
+        directions = v.unsqueeze(0) if single else v
+        if directions.ndim != 2 or directions.shape[1] != grad_xy.numel():
+            raise ValueError(
+                f"Parameter 'v' must have shape ({grad_xy.numel()},) or (D, {grad_xy.numel()}) "
+                f"to match 'grad_xy', got {tuple(v.shape)}."
+            )
+        rows = []
+        for direction in tqdm(directions, disable=not progress, desc="mvp", leave=False):
+            parts = torch.autograd.grad(
+                grad_xy, inputs, grad_outputs=direction.reshape(grad_xy.shape), retain_graph=True
+            )
+            rows.append(flatten_dimensions(parts))
+        result = torch.stack(rows)
+        return result[0] if single else result
+
+
+class TorchTensorUtilities(TensorUtilities[torch.Tensor, TorchTwiceDifferentiable]):  # type: ignore[type-var]
+    """Tensor helpers for [TorchTwiceDifferentiable][influx.torch.twice_differentiable.TorchTwiceDifferentiable]."""
+
+    twice_differentiable_type = TorchTwiceDifferentiable
+
+    @staticmethod
+    def einsum(equation: str, *operands: Any) -> torch.Tensor:
+        return torch.einsum(equation, *operands)
+
+    @staticmethod
+    def cat(a: Sequence[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        return torch.cat(list(a), **kwargs)
+
+    @staticmethod
+    def stack(a: Sequence[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        return torch.stack(list(a), **kwargs)
+
+    @staticmethod
+    def unsqueeze(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.unsqueeze(dim)
+
+    @staticmethod
+    def get_element(x: torch.Tensor, idx: int) -> torch.Tensor:
+        return x[idx]
+
+    @staticmethod
+    def slice(x: torch.Tensor, start: int, stop: int, axis: int = 0) -> torch.Tensor:
+        return x.narrow(axis, start, stop - start)
+
+    @staticmethod
+    def shape(x: torch.Tensor) -> Tuple[int, ...]:
+        return tuple(x.shape)
+
+    @staticmethod
+    def reshape(x: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(shape)
+
+    @staticmethod
+    def cat_gen(
+        a: Generator[torch.Tensor, None, None],
+        resulting_shape: Tuple[int, ...],
+        model: TorchTwiceDifferentiable,
+    ) -> torch.Tensor:
+        first = next(iter(model.model.parameters()))
+        result = torch.empty(resulting_shape, dtype=first.dtype, device=first.device)
+        start = 0
+        for chunk in a:
+            stop = start + chunk.shape[0]
+            result[start:stop] = chunk
+            start = stop
+        if start != resulting_shape[0]:
+            raise ValueError(
+                f"Parameter 'a' yielded {start} rows, expected {resulting_shape[0]} from "
+                f"'resulting_shape' {resulting_shape}."
+            )
+        return result
+
+
+def _solve(op: TensorOperator, b: torch.Tensor) -> InverseHvpResult:
+    x = op.apply(b)
+    info: Dict[str, Any] = dataclasses.asdict(op.diagnostics) if op.diagnostics is not None else {}
+    return InverseHvpResult(x, info)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Direct)
+def solve_direct(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+) -> InverseHvpResult:
+    r"""$x = (H + \lambda I)^{-1} b$ with the dense Hessian, factorised
+    ([DirectSolveOperator][influx.torch.operator.DirectSolveOperator])."""
+    hessian = HessianOperator(model.model, model.loss, training_data).to_dense()
+    return _solve(DirectSolveOperator(hessian, hessian_perturbation), b)
