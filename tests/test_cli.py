@@ -25,7 +25,9 @@ def test_auc_matches_pairwise_definition() -> None:
 def test_demo_finds_flipped_labels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
     out = tmp_path / "influences.npy"
-    assert main(["demo", "--no-progress", "--out", str(out)]) == 0
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--no-progress", "--out", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
     values = np.load(out)
     assert values.shape == (597, 1200)
     assert np.isfinite(values).all()

@@ -166,3 +166,20 @@ def test_solver_diagnostics_per_block() -> None:
     assert list(diagnostics) == ["0", "2"]
     assert all(d is not None and d.converged for d in diagnostics.values())
     assert diagnostics["0"].method.startswith("direct/")
+
+
+@pytest.mark.parametrize("structure", [BlockMode.FULL, BlockMode.LAYER_WISE])
+def test_self_influences_equal_diagonal(structure: BlockMode) -> None:
+    from influx import InfluenceMode
+
+    x, y = classification_data()
+    model = DirectInfluence(make_mlp(), F.cross_entropy, 0.1, structure).fit(loader(x, y))
+    full = model.influences(x, y)
+    assert rel_err(model.self_influences(x, y), torch.diagonal(full)) < 1e-12
+    pert_full = model.influences(x[:6], y[:6], mode=InfluenceMode.Perturbation)
+    pert_self = model.self_influences(x[:6], y[:6], mode=InfluenceMode.Perturbation)
+    assert pert_self.shape == (6, 5)
+    expected = torch.stack([pert_full[i, i] for i in range(6)])
+    assert rel_err(pert_self, expected) < 1e-12
+    by_block = model.self_influences_by_block(x, y)
+    assert rel_err(sum(by_block.values()), torch.diagonal(full)) < 1e-12

@@ -34,8 +34,10 @@ class DemoReport:
     hits_top20: int
     auc: float
     seconds: float
-    influences: np.ndarray
+    influences: Optional[np.ndarray]
     ranking: np.ndarray
+    total_influence: np.ndarray
+    is_flipped: np.ndarray
 
     def lines(self) -> List[str]:
         top10 = int(round(0.1 * self.n_train))
@@ -49,7 +51,7 @@ class DemoReport:
             f"Flipped labels among the {top20} most harmful points (top 20%): "
             f"{self.hits_top20}/{self.n_flipped} ({self.hits_top20 / self.n_flipped:.0%})",
             f"Detection AUC (flipped vs clean, by harmfulness): {self.auc:.3f}",
-            f"Time (training, fit and influences): {self.seconds:.1f} s",
+            f"Time (training, fit and ranking): {self.seconds:.1f} s",
         ]
 
 
@@ -78,14 +80,26 @@ def run_demo(
     regularization: float = 0.01,
     epochs: int = 300,
     progress: bool = True,
+    with_matrix: bool = False,
 ) -> DemoReport:
-    """Train on digits with flipped labels and rank the training points by influence."""
+    """Train on digits with flipped labels and rank the training points by influence.
+
+    Args:
+        seed: seed of the split, the flipped labels and the model's initialisation.
+        flip_fraction: the fraction of training labels flipped to another class.
+        hidden: the width of the MLP's hidden layer.
+        regularization: $\\lambda$ of the influence model.
+        epochs: the L-BFGS iterations of training.
+        progress: show a progress bar.
+        with_matrix: also compute the full (held-out x train) influence matrix.
+    """
     import torch
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
     from .torch import DirectInfluence
+    from .torch.valuation import rank_training_points
 
     start = time.perf_counter()
     steps = tqdm(total=4, desc="demo", disable=not progress)
@@ -133,15 +147,16 @@ def run_demo(
     model = DirectInfluence(net, loss, regularization=regularization).fit(loader)
     steps.update()
 
-    steps.set_postfix_str("influences")
-    values = model.influences(xs, ys, xt, yt).numpy()
+    steps.set_postfix_str("ranking")
+    ranking = rank_training_points(model, loader, DataLoader(TensorDataset(xs, ys), batch_size=256))
+    total = ranking.values.numpy()
+    values = model.influences(xs, ys, xt, yt).numpy() if with_matrix else None
     steps.update()
 
     # Positive influence helps the held-out points; the most harmful are the most negative.
-    total = values.sum(axis=0)
-    ranking = np.argsort(total, kind="mergesort")
-    top10 = ranking[: int(round(0.1 * n_train))]
-    top20 = ranking[: int(round(0.2 * n_train))]
+    order = ranking.indices.numpy()
+    top10 = order[: int(round(0.1 * n_train))]
+    top20 = order[: int(round(0.2 * n_train))]
     report = DemoReport(
         n_train=n_train,
         n_test=len(test_idx),
@@ -153,7 +168,9 @@ def run_demo(
         auc=_auc(-total, is_flipped),
         seconds=time.perf_counter() - start,
         influences=values,
-        ranking=ranking,
+        ranking=order,
+        total_influence=total,
+        is_flipped=is_flipped,
     )
     steps.set_postfix_str("done")
     steps.update()
@@ -168,20 +185,67 @@ def _write(values: np.ndarray, out: Path) -> Path:
     return out
 
 
+def plot_report(report: DemoReport, path: Path) -> Path:
+    """Write a PNG with the total influence of flipped vs clean training points and the
+    detection curve (fraction of flipped labels found vs fraction of points inspected)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    total = report.total_influence
+    bins = np.linspace(total.min(), total.max(), 50)
+    left.hist(total[~report.is_flipped], bins=bins, alpha=0.6, label="clean labels")
+    left.hist(total[report.is_flipped], bins=bins, alpha=0.6, label="flipped labels")
+    left.set_xlabel("total influence on the held-out loss (negative = harmful)")
+    left.set_ylabel("training points")
+    left.set_yscale("log")
+    left.legend()
+    found = np.cumsum(report.is_flipped[report.ranking]) / report.n_flipped
+    inspected = np.arange(1, len(found) + 1) / len(found)
+    right.plot(inspected, found, label=f"influence ranking (AUC {report.auc:.3f})")
+    right.plot([0, 1], [0, 1], "--", color="grey", label="random order")
+    right.set_xlabel("fraction of training points inspected (most harmful first)")
+    right.set_ylabel("fraction of flipped labels found")
+    right.legend(loc="lower right")
+    fig.suptitle("influx demo: mislabeled digits found by influence")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="influx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="find mislabeled digits by their influence")
     demo.add_argument("--out", type=Path, default=None, help="write the influence matrix here")
+    demo.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("influx-demo.png"),
+        help="write the plots to this PNG (default: influx-demo.png; needs matplotlib)",
+    )
+    demo.add_argument("--no-plot", action="store_true", help="do not write the plots")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    report = run_demo(seed=args.seed, progress=not args.no_progress)
+    report = run_demo(
+        seed=args.seed, progress=not args.no_progress, with_matrix=args.out is not None
+    )
     for line in report.lines():
         logger.info(line)
-    if args.out is not None:
+    if args.out is not None and report.influences is not None:
         path = _write(report.influences, args.out)
         logger.info("Influence matrix %s written to %s", report.influences.shape, path)
+    if not args.no_plot:
+        try:
+            plot_path = plot_report(report, args.plot)
+        except ImportError:
+            logger.info("Plots skipped: install matplotlib (pip install 'influx[plot]').")
+        else:
+            logger.info("Plots written to %s", plot_path)
     return 0

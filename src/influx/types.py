@@ -268,6 +268,22 @@ class OperatorGradientComposition(
     ) -> TensorType:
         """Interactions of pre-computed factors with the gradients of `right_batch`."""
 
+    def self_interactions(self, batch: BatchType, mode: InfluenceMode) -> TensorType:
+        r"""$\langle A \nabla_\theta \ell(z_i), \nabla_\theta \ell(z_i)\rangle$ for each sample
+        (`Up`, shape `(N,)`), or with $\nabla_x\nabla_\theta \ell(z_i)$ on the right
+        (`Perturbation`, shape `(N, *x.shape[1:])`): the diagonal of `interactions(batch, None)`
+        with one factor and one gradient per sample."""
+        mode = _check_mode(mode)
+        return self.self_interactions_from_transformed_grads(
+            self.transformed_grads(batch), batch, mode
+        )
+
+    @abstractmethod
+    def self_interactions_from_transformed_grads(
+        self, factors: TensorType, batch: BatchType, mode: InfluenceMode
+    ) -> TensorType:
+        """Pair each sample's pre-computed factor with its own gradient (or mixed gradient)."""
+
 
 class BlockMapper(Generic[TensorType, BatchType, CompositionType], ABC):
     """Maps the computation of an influence quantity over an ordered set of blocks."""
@@ -305,6 +321,15 @@ class BlockMapper(Generic[TensorType, BatchType, CompositionType], ABC):
         factors = self._to_block_dict(left_factors)
         return OrderedDict(
             (name, block.interactions_from_transformed_grads(factors[name], right_batch, mode))
+            for name, block in self.composable_block_dict.items()
+        )
+
+    def self_interactions(
+        self, batch: BatchType, mode: InfluenceMode
+    ) -> "OrderedDict[str, TensorType]":
+        """Self-interactions of the samples of `batch`, by block."""
+        return OrderedDict(
+            (name, block.self_interactions(batch, mode))
             for name, block in self.composable_block_dict.items()
         )
 
@@ -523,6 +548,30 @@ class ComposableInfluence(
         mode = _check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
         return self.block_mapper.interactions(left, right, mode)
+
+    @InfluenceFunctionModel.fit_required
+    def self_influences(
+        self, x: TensorType, y: TensorType, mode: InfluenceMode = InfluenceMode.Up
+    ) -> TensorType:
+        r"""The self-influence $I(z_i, z_i)$ of every sample, the diagonal of
+        `influences(x, y)` without forming the $N \times N$ matrix.
+
+        $I(z_i, z_i) = \nabla_\theta \ell(z_i)^\top (C + \lambda I)^{-1} \nabla_\theta \ell(z_i)$,
+        shape `(N,)` for `Up`; for `Perturbation` the right gradient is the mixed derivative
+        and the shape `(N, *x.shape[1:])`. Large self-influence marks points the model has
+        to bend to fit (outliers, mislabeled samples).
+        """
+        mode = _check_mode(mode)
+        batch = self._create_batch(x, y)
+        return self._sum(self.block_mapper.self_interactions(batch, mode).values())
+
+    @InfluenceFunctionModel.fit_required
+    def self_influences_by_block(
+        self, x: TensorType, y: TensorType, mode: InfluenceMode = InfluenceMode.Up
+    ) -> "OrderedDict[str, TensorType]":
+        """Self-influences (see `self_influences`) restricted to each block."""
+        mode = _check_mode(mode)
+        return self.block_mapper.self_interactions(self._create_batch(x, y), mode)
 
     @InfluenceFunctionModel.fit_required
     def influences_from_factors(

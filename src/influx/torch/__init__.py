@@ -27,6 +27,13 @@ from .operator import (
 )
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import BlockMode
+from .valuation import (
+    HarmfulRanking,
+    TopKInfluences,
+    rank_training_points,
+    top_k_from_array,
+    top_k_influences,
+)
 
 __all__ = [
     "BatchOperation",
@@ -36,6 +43,7 @@ __all__ = [
     "DirectSolveOperator",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
+    "HarmfulRanking",
     "HessianBatchOperation",
     "HessianOperator",
     "InfluenceMode",
@@ -46,6 +54,7 @@ __all__ = [
     "SecondOrderMode",
     "TensorDictOperator",
     "TensorOperator",
+    "TopKInfluences",
     "TorchBatch",
     "TorchBlockMapper",
     "TorchComposableInfluence",
@@ -54,4 +63,7 @@ __all__ = [
     "TorchTensorUtilities",
     "TorchTwiceDifferentiable",
     "UnsupportedInfluenceModeException",
+    "rank_training_points",
+    "top_k_from_array",
+    "top_k_influences",
 ]

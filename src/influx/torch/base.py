@@ -410,6 +410,17 @@ class TorchOperatorGradientComposition(
         right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
         return _perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
 
+    def self_interactions_from_transformed_grads(
+        self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
+    ) -> torch.Tensor:
+        mode = _check_mode(mode)
+        factors = factors.to(self.op.device)
+        if mode is InfluenceMode.Up:
+            return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
+        mixed = self.gradient_provider.flat_mixed_grads(batch)
+        values = torch.einsum("ip,ifp->if", factors, mixed)
+        return values.reshape(len(batch), *batch.x.shape[1:])
+
 
 class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
     """Maps computations over blocks of [TorchOperatorGradientComposition][influx.torch.base.TorchOperatorGradientComposition]."""
