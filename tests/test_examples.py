@@ -1,0 +1,25 @@
+"""Every example script runs (small sizes)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def test_mislabel_detection() -> None:
+    import mislabel_detection
+
+    assert mislabel_detection.main(n_train=400) > 0.5
+
+
+def test_misclassified_point(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import misclassified_point
+
+    out = misclassified_point.main(n_train=300, k=3, out=tmp_path / "fig.png")
+    assert out.stat().st_size > 5_000
