@@ -15,11 +15,14 @@ $$
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, TypeVar, cast
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -454,6 +457,19 @@ class TorchComposableInfluence(
             block or a dict keyed by block name (missing blocks get none).
     """
 
+    _settings: Dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_settings(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """The constructor arguments of this model (without `model` and `loss`): they are
+        saved with a fit and checked when it is loaded."""
+        return dict(getattr(self, "_settings", {}))
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -546,6 +562,10 @@ class TorchComposableInfluence(
         by_block = regularization_by_block(regularization, self.block_names)
         new = copy.copy(self)
         new.regularization = regularization
+        new._settings = dict(self.settings)
+        for key in ("regularization", "hessian_regularization"):
+            if key in new._settings:
+                new._settings[key] = regularization
         new._regularization_by_block = by_block
         if self.is_fitted:
             new.block_mapper = TorchBlockMapper(
@@ -561,6 +581,32 @@ class TorchComposableInfluence(
             )
         return new
 
+    def save(self, path: Union[str, Path]) -> Path:
+        """Save the fit (factorisations, eigenpairs, factors, ...) with the settings that
+        produced it, the model's parameter shapes and a fingerprint of their values, and the
+        library version. See [influx.torch.persistence][influx.torch.persistence]."""
+        from .persistence import save_fit
+
+        return save_fit(self, path)
+
+    def load_fit(
+        self, path: Union[str, Path], data: Optional[DataLoader] = None
+    ) -> "TorchComposableInfluence":
+        """Load a fit saved by `save` into this (unfitted or fitted) model and return self.
+
+        The file must have been made by the same class with the same settings, for a model
+        with the same parameter shapes and values. Tensors are loaded onto this model's
+        device. Methods whose operators apply the curvature through the training data (CG,
+        LiSSA, ...) need that data again as `data`.
+
+        Raises:
+            ValueError: for a file of another class, other settings, another model shape or
+                other parameter values, or missing `data`.
+        """
+        from .persistence import load_fit
+
+        return load_fit(self, path, data)
+
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
         """Fit the curvature of every block to the training data and return self.
 
@@ -568,3 +614,24 @@ class TorchComposableInfluence(
             data: an iterable of `(x, y)` batches, typically a `DataLoader`.
         """
         return cast("TorchComposableInfluence", super().fit(data))
+
+
+def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a constructor so that the outermost call records its arguments as settings."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: TorchComposableInfluence, *args: Any, **kwargs: Any) -> None:
+        if "_settings" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._settings = {
+                name: value
+                for name, value in list(bound.arguments.items())[1:]
+                if name not in ("model", "loss", "progress")
+                and signature.parameters[name].kind
+                not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            }
+        init(self, *args, **kwargs)
+
+    return wrapper

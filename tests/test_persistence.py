@@ -1,0 +1,88 @@
+"""Saving and loading fitted influence models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import classification_data, loader, make_mlp
+from influx import InfluenceMode, NotFittedException
+from influx.torch import BlockMode, DirectInfluence, SecondOrderMode
+
+F = torch.nn.functional
+
+
+def _fitted(net: torch.nn.Module, **kwargs) -> DirectInfluence:
+    x, y = classification_data()
+    return DirectInfluence(net, F.cross_entropy, **kwargs).fit(loader(x, y))
+
+
+def test_saved_and_loaded_model_is_bit_identical(tmp_path: Path) -> None:
+    x, y = classification_data()
+    net = make_mlp()
+    model = _fitted(net, regularization={"0": 0.1, "2": 0.2}, block_structure=BlockMode.LAYER_WISE)
+    path = model.save(tmp_path / "fit.pt")
+    loaded = DirectInfluence(
+        net, F.cross_entropy, {"0": 0.1, "2": 0.2}, BlockMode.LAYER_WISE
+    ).load_fit(path)
+    assert loaded.is_fitted
+    for mode in InfluenceMode:
+        assert torch.equal(
+            loaded.influences(x[:4], y[:4], x, y, mode=mode),
+            model.influences(x[:4], y[:4], x, y, mode=mode),
+        )
+    # a fresh copy of the network with the same weights works too (another process)
+    clone = make_mlp()
+    clone.load_state_dict(net.state_dict())
+    other = DirectInfluence(clone, F.cross_entropy, {"0": 0.1, "2": 0.2}, BlockMode.LAYER_WISE)
+    assert torch.equal(
+        other.load_fit(path).influences(x[:3], y[:3], x, y), model.influences(x[:3], y[:3], x, y)
+    )
+
+
+def test_loading_onto_another_dtype_device_mapping(tmp_path: Path) -> None:
+    net = make_mlp()
+    model = _fitted(net, regularization=0.1)
+    path = model.save(tmp_path / "fit.pt")
+    loaded = DirectInfluence(net, F.cross_entropy, 0.1).load_fit(path)
+    op = loaded.block_mapper.composable_block_dict["model"].op
+    assert op.device == loaded.device
+
+
+def test_mismatches_fail_clearly(tmp_path: Path) -> None:
+    net = make_mlp()
+    path = _fitted(net, regularization=0.1).save(tmp_path / "fit.pt")
+    with pytest.raises(
+        ValueError, match=r"other settings \(regularization: saved 0.1, given 0.2\)"
+    ):
+        DirectInfluence(net, F.cross_entropy, 0.2).load_fit(path)
+    with pytest.raises(ValueError, match="second_order_mode: saved 'SecondOrderMode.HESSIAN'"):
+        DirectInfluence(
+            net, F.cross_entropy, 0.1, second_order_mode=SecondOrderMode.GAUSS_NEWTON
+        ).load_fit(path)
+    with pytest.raises(
+        ValueError, match=r"made for a model with parameters .*'0.weight': \[6, 5\]"
+    ):
+        DirectInfluence(make_mlp(hidden=7), F.cross_entropy, 0.1).load_fit(path)
+    with pytest.raises(ValueError, match="other parameter values of this model"):
+        DirectInfluence(make_mlp(seed=3), F.cross_entropy, 0.1).load_fit(path)
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"something": 1}, bogus)
+    with pytest.raises(ValueError, match="is not a fit saved by influx"):
+        DirectInfluence(net, F.cross_entropy, 0.1).load_fit(bogus)
+    with pytest.raises(ValueError, match="'path': no file at"):
+        DirectInfluence(net, F.cross_entropy, 0.1).load_fit(tmp_path / "missing.pt")
+    with pytest.raises(NotFittedException):
+        DirectInfluence(net, F.cross_entropy, 0.1).save(tmp_path / "x.pt")
+
+
+def test_with_regularization_updates_settings(tmp_path: Path) -> None:
+    net = make_mlp()
+    model = _fitted(net, regularization=0.1)
+    assert model.settings["regularization"] == 0.1
+    other = model.with_regularization(0.3)
+    assert other.settings["regularization"] == 0.3
+    path = other.save(tmp_path / "fit.pt")
+    DirectInfluence(net, F.cross_entropy, 0.3).load_fit(path)
