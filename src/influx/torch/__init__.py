@@ -17,7 +17,8 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
-from .influence_function_model import DirectInfluence
+from .influence_function_model import CgInfluence, DirectInfluence, LissaInfluence
+from .iterative import CgOperator, LissaOperator
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
@@ -25,11 +26,14 @@ from .operator import (
     MatrixOperator,
     SecondOrderMode,
 )
+from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .util import BlockMode
 
 __all__ = [
     "BatchOperation",
     "BlockMode",
+    "CgInfluence",
+    "CgOperator",
     "DictBilinearForm",
     "DirectInfluence",
     "DirectSolveOperator",
@@ -38,10 +42,15 @@ __all__ = [
     "HessianBatchOperation",
     "HessianOperator",
     "InfluenceMode",
+    "JacobiPreconditioner",
+    "LissaInfluence",
+    "LissaOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
     "NotFittedException",
+    "NystroemPreconditioner",
     "OperatorBilinearForm",
+    "Preconditioner",
     "SecondOrderMode",
     "TensorDictOperator",
     "TensorOperator",
