@@ -587,6 +587,12 @@ def test_preconditioner_bad_parameters() -> None:
         CgOperator(MatrixOperator(torch.eye(3)), preconditioner="jacobi")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("solver", [conjugate_gradient, block_conjugate_gradient])
+def test_cg_rejects_non_finite_operator(solver) -> None:
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        solver(lambda v: v * float("nan"), torch.ones(2, 3))
+
+
 def test_cg_rejects_badly_shaped_input() -> None:
     op = CgOperator(MatrixOperator(torch.eye(3)))
     with pytest.raises(ValueError, match="'tensor'"):

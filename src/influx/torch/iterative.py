@@ -159,6 +159,13 @@ def _check_rhs(rhs: torch.Tensor) -> None:
         )
 
 
+def _check_finite(values: torch.Tensor) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            "The operator produced NaN or Inf: check the model's parameters, the data and the loss."
+        )
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
@@ -226,8 +233,9 @@ def conjugate_gradient(
             break
         bar.update(1)
         q = apply(direction)
+        _check_finite(q)
         curvature = _row_dot(direction, q)
-        breakdown = ~torch.isfinite(curvature) | (curvature == 0)
+        breakdown = curvature == 0
         alpha = torch.where(breakdown, torch.zeros_like(curvature), rz / curvature)
         x_a = x[active] + alpha.unsqueeze(1) * direction
         r_a = r[active] - alpha.unsqueeze(1) * q
@@ -238,7 +246,7 @@ def conjugate_gradient(
         iterations[active] = it
         keep = (norms > tol[active]) & ~breakdown
         if bool(breakdown.any()):
-            logger.debug("CG: zero or non-finite curvature for %d rows.", int(breakdown.sum()))
+            logger.debug("CG: zero curvature (breakdown) for %d rows.", int(breakdown.sum()))
         r_k = r_a[keep]
         z = precondition(r_k)
         rz_new = _row_dot(r_k, z)
@@ -341,6 +349,7 @@ def block_conjugate_gradient(
             break
         bar.update(1)
         q = apply(directions)  # rows: M s_i
+        _check_finite(q)
         gram = directions @ q.T  # S^T M S
         r_a = r[active]
         alpha = _solve_gram(gram, directions @ r_a.T)  # (s, k)
