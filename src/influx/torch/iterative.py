@@ -264,15 +264,17 @@ def _orthonormal_rows(w: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (as rows) of the row space of `w`, dropping dependent rows.
 
     Rows are normalised first so that the numerical rank decision does not depend on their
-    scale; singular values below `max(K, P) * eps * s_max` are treated as zero.
+    scale; singular values below `sqrt(eps) * s_max` are treated as zero (a looser threshold
+    keeps noise directions that cost the block its conjugacy). A thin SVD costs
+    $O(K^2 P)$ for `K` rows.
     """
-    norms = torch.linalg.norm(w, dim=1, keepdim=True)
-    w = w[norms.squeeze(1) > 0] / norms[norms.squeeze(1) > 0]
+    norms = torch.linalg.norm(w, dim=1)
+    w = w[norms > 0] / norms[norms > 0].unsqueeze(1)
     if w.shape[0] == 0:
         return w
-    _, s, vh = torch.linalg.svd(w, full_matrices=False)
-    threshold = math.sqrt(torch.finfo(w.dtype).eps) * s[0]
-    return vh[s > threshold]
+    _, singular, vh = torch.linalg.svd(w, full_matrices=False)
+    threshold = math.sqrt(torch.finfo(w.dtype).eps) * singular[0]
+    return vh[singular > threshold]
 
 
 def _solve_gram(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
