@@ -17,7 +17,8 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
-from .influence_function_model import DirectInfluence
+from .influence_function_model import CgInfluence, DirectInfluence, LissaInfluence
+from .iterative import CgOperator, LissaOperator
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
@@ -25,6 +26,7 @@ from .operator import (
     MatrixOperator,
     SecondOrderMode,
 )
+from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import BlockMode
 from .valuation import (
@@ -38,6 +40,8 @@ from .valuation import (
 __all__ = [
     "BatchOperation",
     "BlockMode",
+    "CgInfluence",
+    "CgOperator",
     "DictBilinearForm",
     "DirectInfluence",
     "DirectSolveOperator",
@@ -47,10 +51,15 @@ __all__ = [
     "HessianBatchOperation",
     "HessianOperator",
     "InfluenceMode",
+    "JacobiPreconditioner",
+    "LissaInfluence",
+    "LissaOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
     "NotFittedException",
+    "NystroemPreconditioner",
     "OperatorBilinearForm",
+    "Preconditioner",
     "SecondOrderMode",
     "TensorDictOperator",
     "TensorOperator",

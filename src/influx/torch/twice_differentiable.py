@@ -184,3 +184,38 @@ def solve_direct(
     ([DirectSolveOperator][influx.torch.operator.DirectSolveOperator])."""
     hessian = HessianOperator(model.model, model.loss, training_data).to_dense()
     return _solve(DirectSolveOperator(hessian, hessian_perturbation), b)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Cg)
+def solve_cg(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    **kwargs: Any,
+) -> InverseHvpResult:
+    r"""$x \approx (H + \lambda I)^{-1} b$ by conjugate gradient on Hessian-vector products
+    ([CgOperator][influx.torch.iterative.CgOperator]; `kwargs` are its parameters: `rtol`,
+    `atol`, `maxiter`, `preconditioner`, `use_block_cg`, ...)."""
+    from .iterative import CgOperator
+
+    hessian = HessianOperator(model.model, model.loss, training_data)
+    return _solve(CgOperator(hessian, hessian_perturbation, **kwargs), b)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Lissa)
+def solve_lissa(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    **kwargs: Any,
+) -> InverseHvpResult:
+    r"""$x \approx (H + \lambda I)^{-1} b$ by the LiSSA iteration over mini-batches of
+    `training_data` ([LissaOperator][influx.torch.iterative.LissaOperator]; `kwargs` are its
+    parameters: `maxiter`, `dampen`, `scale`, `rtol`, ...)."""
+    from .batch_operation import HessianBatchOperation
+    from .iterative import LissaOperator
+
+    batch_operation = HessianBatchOperation(model.model, model.loss)
+    return _solve(LissaOperator(batch_operation, training_data, hessian_perturbation, **kwargs), b)
