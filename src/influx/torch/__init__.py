@@ -17,7 +17,23 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
-from .influence_function_model import DirectInfluence
+from .influence_function_model import (
+    ArnoldiInfluence,
+    DirectInfluence,
+    InverseHarmonicMeanInfluence,
+    NystroemSketchInfluence,
+)
+from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation, InverseHarmonicMeanOperator
+from .low_rank import (
+    LowRankApproximation,
+    LowRankBilinearForm,
+    LowRankOperator,
+    lanczos_eigenpairs,
+    lanczos_low_rank,
+    model_hessian_low_rank,
+    model_hessian_nystroem_approximation,
+    nystroem_low_rank,
+)
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
@@ -28,6 +44,7 @@ from .operator import (
 from .util import BlockMode
 
 __all__ = [
+    "ArnoldiInfluence",
     "BatchOperation",
     "BlockMode",
     "DictBilinearForm",
@@ -38,9 +55,16 @@ __all__ = [
     "HessianBatchOperation",
     "HessianOperator",
     "InfluenceMode",
+    "InverseHarmonicMeanBatchOperation",
+    "InverseHarmonicMeanInfluence",
+    "InverseHarmonicMeanOperator",
+    "LowRankApproximation",
+    "LowRankBilinearForm",
+    "LowRankOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
     "NotFittedException",
+    "NystroemSketchInfluence",
     "OperatorBilinearForm",
     "SecondOrderMode",
     "TensorDictOperator",
@@ -51,4 +75,9 @@ __all__ = [
     "TorchGradientProvider",
     "TorchOperatorGradientComposition",
     "UnsupportedInfluenceModeException",
+    "lanczos_eigenpairs",
+    "lanczos_low_rank",
+    "model_hessian_low_rank",
+    "model_hessian_nystroem_approximation",
+    "nystroem_low_rank",
 ]
