@@ -493,3 +493,15 @@ def test_errors(trained) -> None:
         lanczos_eigenpairs(matvec, 30, 31)
     with pytest.raises(ValueError, match=r"'rank' must be in \[1, 30\], got 0"):
         randomized_nystroem_approximation(lambda v: v, 30, 0, torch.float64)
+
+
+def test_nan_curvature_is_an_error_naming_the_block(trained) -> None:
+    net, x, y = trained
+    bad_x = x.clone()
+    bad_x[3, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"Block 'model': The operator returned NaN or Inf in Lanczos"
+    ):
+        ArnoldiInfluence(net, F.cross_entropy, 0.1, rank=2).fit(loader(bad_x, y, 60))
+    with pytest.raises(ValueError, match=r"Block 'model': .*NaN or Inf in the Nyström sketch"):
+        NystroemSketchInfluence(net, F.cross_entropy, 0.1, rank=2).fit(loader(bad_x, y, 60))

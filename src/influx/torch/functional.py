@@ -344,6 +344,11 @@ def nystroem_sketch(
     )
     q, _ = torch.linalg.qr(omega)
     y = mat_mat_prod(q)
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(
+            "The operator returned NaN or Inf in the Nyström sketch: check the model, the loss "
+            "and the data."
+        )
     shift = math.sqrt(input_dim) * torch.finfo(y.dtype).eps * torch.linalg.norm(y)
     y_shifted = y + shift * q
     core = q.T @ y_shifted

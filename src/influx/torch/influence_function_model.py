@@ -268,14 +268,17 @@ class ArnoldiInfluence(TorchComposableInfluence):
             if self.krylov_dimension is None
             else min(self.krylov_dimension, size)
         )
-        approximation = lanczos_low_rank(
-            curvature,
-            self.rank,
-            krylov_dimension=krylov,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            progress=self.progress,
-        )
+        try:
+            approximation = lanczos_low_rank(
+                curvature,
+                self.rank,
+                krylov_dimension=krylov,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                progress=self.progress,
+            )
+        except ValueError as error:
+            raise ValueError(f"Block {block_name!r}: {error}") from error
         op = LowRankOperator(approximation.representation, regularization, exact=self.use_woodbury)
         op.diagnostics = approximation.diagnostics
         logger.debug(
@@ -351,7 +354,10 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         curvature = curvature_operator(
             self.second_order_mode, self.model, self.loss, data, block_params
         )
-        approximation = nystroem_low_rank(curvature, self.rank)
+        try:
+            approximation = nystroem_low_rank(curvature, self.rank)
+        except ValueError as error:
+            raise ValueError(f"Block {block_name!r}: {error}") from error
         if approximation.diagnostics.details["negative_curvature"]:
             logger.warning(
                 "Block %r: the %s has negative curvature, the Nyström sketch keeps only its "

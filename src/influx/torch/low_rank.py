@@ -217,6 +217,11 @@ def lanczos_eigenpairs(
             while True:
                 block = basis[multiplied:filled]
                 image = mat_mat_prod(block)
+                if not bool(torch.isfinite(image).all()):
+                    raise ValueError(
+                        "The operator returned NaN or Inf in Lanczos (after "
+                        f"{applications} products): check the model, the loss and the data."
+                    )
                 calls += 1
                 applications += block.shape[0]
                 bar.update(block.shape[0])
