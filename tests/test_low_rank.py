@@ -505,3 +505,20 @@ def test_nan_curvature_is_an_error_naming_the_block(trained) -> None:
         ArnoldiInfluence(net, F.cross_entropy, 0.1, rank=2).fit(loader(bad_x, y, 60))
     with pytest.raises(ValueError, match=r"Block 'model': .*NaN or Inf in the Nyström sketch"):
         NystroemSketchInfluence(net, F.cross_entropy, 0.1, rank=2).fit(loader(bad_x, y, 60))
+
+
+def test_reachable_where_the_reference_api_places_them() -> None:
+    from influx.torch import (
+        InverseHarmonicMeanBatchOperation,
+        InverseHarmonicMeanOperator,
+        base,
+        batch_operation,
+        operator,
+    )
+
+    assert operator.LowRankOperator is LowRankOperator
+    assert operator.InverseHarmonicMeanOperator is InverseHarmonicMeanOperator
+    assert base.LowRankBilinearForm is LowRankBilinearForm
+    assert batch_operation.InverseHarmonicMeanBatchOperation is InverseHarmonicMeanBatchOperation
+    with pytest.raises(AttributeError, match="has no attribute 'Missing'"):
+        operator.Missing  # noqa: B018

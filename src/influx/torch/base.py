@@ -557,3 +557,13 @@ class TorchComposableInfluence(
             data: an iterable of `(x, y)` batches, typically a `DataLoader`.
         """
         return cast("TorchComposableInfluence", super().fit(data))
+
+
+def __getattr__(name: str) -> object:
+    # LowRankBilinearForm lives in influx.torch.low_rank (which imports this module); it is also
+    # reachable here, where the reference API places it.
+    if name == "LowRankBilinearForm":
+        from .low_rank import LowRankBilinearForm
+
+        return LowRankBilinearForm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
