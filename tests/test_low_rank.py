@@ -7,6 +7,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import classification_data, loader, make_mlp, rel_err
 from influx import InfluenceMode
@@ -522,3 +524,27 @@ def test_reachable_where_the_reference_api_places_them() -> None:
     assert batch_operation.InverseHarmonicMeanBatchOperation is InverseHarmonicMeanBatchOperation
     with pytest.raises(AttributeError, match="has no attribute 'Missing'"):
         operator.Missing  # noqa: B018
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    p=st.integers(2, 12),
+    data=st.data(),
+    lam=st.floats(1e-3, 1.0),
+    exact=st.booleans(),
+)
+def test_low_rank_operator_property(p, data, lam, exact) -> None:
+    """apply equals explicit matrix algebra for random orthonormal V and positive D."""
+    r = data.draw(st.integers(1, p))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    v, _ = torch.linalg.qr(torch.randn(p, r, generator=gen))
+    d = torch.rand(r, generator=gen) * 10
+    op = LowRankOperator(LowRankProductRepresentation(d, v), lam, exact)
+    if exact:
+        matrix = torch.linalg.inv(v @ torch.diag(d) @ v.T + lam * torch.eye(p))
+    else:
+        matrix = v @ torch.diag(1 / (d + lam)) @ v.T
+    b = torch.randn(3, p, generator=gen)
+    assert torch.allclose(op.apply(b), b @ matrix, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(op.as_bilinear_form().inner_prod(b, b), b @ matrix @ b.T, atol=1e-8)
