@@ -17,8 +17,26 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
-from .influence_function_model import CgInfluence, DirectInfluence, LissaInfluence
+from .influence_function_model import (
+    ArnoldiInfluence,
+    CgInfluence,
+    DirectInfluence,
+    InverseHarmonicMeanInfluence,
+    LissaInfluence,
+    NystroemSketchInfluence,
+)
+from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation, InverseHarmonicMeanOperator
 from .iterative import CgOperator, LissaOperator
+from .low_rank import (
+    LowRankApproximation,
+    LowRankBilinearForm,
+    LowRankOperator,
+    lanczos_eigenpairs,
+    lanczos_low_rank,
+    model_hessian_low_rank,
+    model_hessian_nystroem_approximation,
+    nystroem_low_rank,
+)
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
@@ -38,6 +56,7 @@ from .valuation import (
 )
 
 __all__ = [
+    "ArnoldiInfluence",
     "BatchOperation",
     "BlockMode",
     "CgInfluence",
@@ -58,6 +77,13 @@ __all__ = [
     "MatrixOperator",
     "NotFittedException",
     "NystroemPreconditioner",
+    "InverseHarmonicMeanBatchOperation",
+    "InverseHarmonicMeanInfluence",
+    "InverseHarmonicMeanOperator",
+    "LowRankApproximation",
+    "LowRankBilinearForm",
+    "LowRankOperator",
+    "NystroemSketchInfluence",
     "OperatorBilinearForm",
     "Preconditioner",
     "SecondOrderMode",
@@ -75,4 +101,9 @@ __all__ = [
     "rank_training_points",
     "top_k_from_array",
     "top_k_influences",
+    "lanczos_eigenpairs",
+    "lanczos_low_rank",
+    "model_hessian_low_rank",
+    "model_hessian_nystroem_approximation",
+    "nystroem_low_rank",
 ]

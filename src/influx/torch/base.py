@@ -635,3 +635,13 @@ def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:
         init(self, *args, **kwargs)
 
     return wrapper
+
+
+def __getattr__(name: str) -> object:
+    # LowRankBilinearForm lives in influx.torch.low_rank (which imports this module); it is also
+    # reachable here, where the reference API places it.
+    if name == "LowRankBilinearForm":
+        from .low_rank import LowRankBilinearForm
+
+        return LowRankBilinearForm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -143,3 +143,13 @@ class GaussNewtonBatchOperation(BatchOperation):
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:
         return gauss_newton(self.per_sample_grads(batch))
+
+
+def __getattr__(name: str) -> object:
+    # InverseHarmonicMeanBatchOperation lives in influx.torch.inverse_harmonic_mean (which imports this module); it is also
+    # reachable here, where the reference API places it.
+    if name == "InverseHarmonicMeanBatchOperation":
+        from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
+
+        return InverseHarmonicMeanBatchOperation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

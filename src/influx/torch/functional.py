@@ -17,11 +17,14 @@ mean reduction):
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LossFunction",
@@ -36,6 +39,9 @@ __all__ = [
     "hessian",
     "gauss_newton",
     "operator_to_dense",
+    "LowRankProductRepresentation",
+    "randomized_nystroem_approximation",
+    "nystroem_sketch",
 ]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -293,7 +299,12 @@ def randomized_nystroem_approximation(
     With a Gaussian test matrix orthonormalised to $Q$ `(P, r)` and $Y = AQ$, the Nyström
     approximation is $A_{\text{nys}} = Y (Q^\top Y)^{+} Y^\top$. A small shift
     $\nu = \sqrt{P}\,\epsilon\,\|Y\|$ keeps the Cholesky factorisation of $Q^\top Y$ stable
-    and is removed from the eigenvalues afterwards.
+    and is removed from the eigenvalues afterwards. At $r = P$ the approximation is exact; for
+    a matrix of rank at most $r$ it is exact almost surely.
+
+    If $Q^\top A Q$ is not positive definite, $A$ has negative curvature along the sketch:
+    a warning is logged and only the positive part of $Q^\top A Q$ is used (the result then
+    approximates neither $A$ nor its positive part exactly).
 
     Args:
         mat_mat_prod: $X \mapsto A X$ for a matrix $X$ `(P, k)`.
@@ -302,7 +313,30 @@ def randomized_nystroem_approximation(
         input_type: dtype of the test matrix.
         mat_vec_device: device of the test matrix.
         generator: optional random generator, for reproducibility.
+
+    Returns:
+        The eigenvalues (descending, non-negative) and orthonormal eigenvectors; fewer than
+        `rank` of them if negative curvature was found.
     """
+    representation, _ = nystroem_sketch(
+        mat_mat_prod, input_dim, rank, input_type, mat_vec_device, generator
+    )
+    return representation
+
+
+def nystroem_sketch(
+    mat_mat_prod: Callable[[torch.Tensor], torch.Tensor],
+    input_dim: int,
+    rank: int,
+    input_type: torch.dtype,
+    mat_vec_device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[LowRankProductRepresentation, float]:
+    """[randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation],
+    also returning the smallest eigenvalue of $Q^\top A Q$ (negative: negative curvature
+    was detected along the sketch)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"Parameter 'rank' must be an int, got {type(rank).__name__}.")
     if not 0 < rank <= input_dim:
         raise ValueError(f"Parameter 'rank' must be in [1, {input_dim}], got {rank}.")
     omega = torch.randn(
@@ -310,17 +344,33 @@ def randomized_nystroem_approximation(
     )
     q, _ = torch.linalg.qr(omega)
     y = mat_mat_prod(q)
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(
+            "The operator returned NaN or Inf in the Nyström sketch: check the model, the loss "
+            "and the data."
+        )
     shift = math.sqrt(input_dim) * torch.finfo(y.dtype).eps * torch.linalg.norm(y)
     y_shifted = y + shift * q
     core = q.T @ y_shifted
-    chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
-    if info > 0:
-        # Q^T Y not positive definite: A has negative curvature along Q; fall back to eigh.
-        evals, evecs = torch.linalg.eigh((core + core.T) / 2)
-        keep = evals > shift
-        b = y_shifted @ evecs[:, keep] / torch.sqrt(evals[keep])
-    else:
+    core = (core + core.T) / 2
+    chol, info = torch.linalg.cholesky_ex(core)
+    if int(info) == 0:
+        smallest = float(torch.linalg.eigvalsh(core)[0] - shift)
         b = torch.linalg.solve_triangular(chol, y_shifted.T, upper=False).T
+    else:
+        evals, evecs = torch.linalg.eigh(core)
+        smallest = float(evals[0] - shift)
+        keep = evals > shift
+        logger.warning(
+            "Nyström sketch: the matrix has negative curvature along the sketch (smallest "
+            "eigenvalue of Q^T A Q: %.3g, %d of %d directions dropped). The approximation "
+            "assumes a positive semi-definite matrix; use the Gauss-Newton matrix or a convex "
+            "model.",
+            smallest,
+            int((~keep).sum()),
+            rank,
+        )
+        b = y_shifted @ evecs[:, keep] / torch.sqrt(evals[keep])
     u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
     eigen_vals = torch.clamp(sigma**2 - shift, min=0.0)
-    return LowRankProductRepresentation(eigen_vals, u)
+    return LowRankProductRepresentation(eigen_vals, u), smallest

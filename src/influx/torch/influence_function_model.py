@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Dict, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,17 +33,32 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LossFunction
+from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .iterative import (
     CgOperator,
     LissaOperator,
     _validate_cg_settings,
     _validate_lissa_settings,
 )
+from .low_rank import (
+    LowRankOperator,
+    default_krylov_dimension,
+    lanczos_low_rank,
+    nystroem_low_rank,
+    validate_rank,
+)
 from .operator import DirectSolveOperator, SecondOrderMode, curvature_operator, iterate_batches
 from .preconditioner import Preconditioner
-from .util import BlockMode, BlockStructure, RegularizationType
+from .util import BlockMode, BlockStructure, RegularizationType, regularization_by_block
 
-__all__ = ["DirectInfluence", "CgInfluence", "LissaInfluence"]
+__all__ = [
+    "DirectInfluence",
+    "CgInfluence",
+    "LissaInfluence",
+    "ArnoldiInfluence",
+    "NystroemSketchInfluence",
+    "InverseHarmonicMeanInfluence",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +371,332 @@ class LissaInfluence(TorchComposableInfluence):
             rtol=self.rtol,
             progress=self.progress,
             warn_on_max_iteration=self.warn_on_max_iteration,
+        )
+        return TorchOperatorGradientComposition(
+            op, self._gradient_provider(self.loss, block_name, block_params)
+        )
+
+
+def _require_positive_regularization(
+    regularization: RegularizationType, block_names: List[str], reason: str
+) -> None:
+    """Raise a ValueError naming 'regularization' unless every block gets $\\lambda > 0$."""
+    by_block = regularization_by_block(regularization, block_names)
+    bad = {name: value for name, value in by_block.items() if value is None or value <= 0}
+    if bad:
+        if isinstance(regularization, Mapping):
+            given = ", ".join(f"{name!r}: {value}" for name, value in bad.items())
+            given = f"{{{given}}}"
+        else:
+            given = repr(regularization)
+        raise ValueError(
+            f"Parameter 'regularization' must be positive for every block ({reason}), got {given}."
+        )
+
+
+def _block_sizes(model: TorchComposableInfluence) -> Dict[str, int]:
+    return {name: sum(p.numel() for p in params.values()) for name, params in model._blocks.items()}
+
+
+class ArnoldiInfluence(TorchComposableInfluence):
+    r"""Influence through the top eigenpairs of the curvature (Lanczos / Arnoldi).
+
+    On `fit`, the `rank` eigenpairs of largest magnitude of each block's curvature $C_b$
+    (Hessian or Gauss-Newton matrix of the mean training loss) are computed by the
+    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.low_rank.lanczos_eigenpairs],
+    matrix-free: only curvature-vector products, on the model's device), giving
+    $C_b \approx V D V^\top$. The inverse is then applied by a
+    [LowRankOperator][influx.torch.low_rank.LowRankOperator]:
+
+    * `use_woodbury=False` (default): $V (D + \lambda I)^{-1} V^\top$, which ignores the
+      directions outside the top eigenspace; the influences are paired through the
+      projections $V^\top \nabla_\theta \ell$ (Jacobian-vector products, no per-sample
+      gradients are formed);
+    * `use_woodbury=True`: the exact inverse of $V D V^\top + \lambda I$ (Woodbury), which
+      scales the remaining directions by $1/\lambda$; needs $\lambda > 0$. At `rank` $= P$
+      (or when the omitted eigenvalues are zero) it equals the direct method.
+
+    Changing the regularization (`with_regularization`) reuses the eigenpairs. The Lanczos
+    run of each block is reported in `solver_diagnostics` (method `"lanczos"`, operator
+    applications, largest relative eigen-residual, convergence, eigenvalue range).
+
+    Args:
+        model: the trained model.
+        loss: the loss function (mean reduction).
+        regularization: $\lambda$, a float or a dict keyed by block name; must be positive for
+            every block with `use_woodbury=True`.
+        rank: the number of eigenpairs per block, in $[1, P_b]$ for every block.
+        krylov_dimension: the size of the Lanczos basis; None means
+            $\min(P_b, \max(2\,\text{rank} + 1, 20))$. Larger values converge in fewer
+            restarts but use $O(m P_b)$ memory. Capped at $P_b$ per block.
+        tol: relative tolerance on the eigen-residuals.
+        max_iter: the maximum number of Lanczos restarts; None means $10 P_b$.
+        eigen_computation_on_gpu: accepted for compatibility and ignored: the eigenpairs are
+            always computed in torch on the model's device.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        second_order_mode: `HESSIAN` or `GAUSS_NEWTON`.
+        use_woodbury: exact inverse of the low-rank approximation plus $\lambda I$ (True) or
+            projected inverse (False).
+        progress: show a progress bar over operator applications.
+
+    Example:
+        ```python
+        model = ArnoldiInfluence(net, F.cross_entropy, 0.01, rank=50).fit(train_loader)
+        values = model.influences(x_test, y_test, x_train, y_train)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: RegularizationType = None,
+        rank: int = 10,
+        krylov_dimension: Optional[int] = None,
+        tol: float = 1e-6,
+        max_iter: Optional[int] = None,
+        eigen_computation_on_gpu: bool = False,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        use_woodbury: bool = False,
+        progress: bool = False,
+    ):
+        super().__init__(model, block_structure, regularization)
+        self.loss = loss
+        self.second_order_mode = _check_second_order_mode(second_order_mode)
+        for name, size in _block_sizes(self).items():
+            validate_rank(rank, size, name)
+        if krylov_dimension is not None:
+            if isinstance(krylov_dimension, bool) or not isinstance(krylov_dimension, int):
+                raise TypeError(
+                    "Parameter 'krylov_dimension' must be an int or None, got "
+                    f"{type(krylov_dimension).__name__}."
+                )
+            if krylov_dimension <= rank:
+                raise ValueError(
+                    f"Parameter 'krylov_dimension' must be larger than rank = {rank}, got "
+                    f"{krylov_dimension}."
+                )
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"Parameter 'tol' must be a positive number, got {tol!r}.")
+        if max_iter is not None and (
+            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0
+        ):
+            raise ValueError(
+                f"Parameter 'max_iter' must be a non-negative int or None, got {max_iter!r}."
+            )
+        self.rank = rank
+        self.krylov_dimension = krylov_dimension
+        self.tol = tol
+        self.max_iter = max_iter
+        self.eigen_computation_on_gpu = eigen_computation_on_gpu
+        self.use_woodbury = use_woodbury
+        self.progress = progress
+        if use_woodbury:
+            _require_positive_regularization(regularization, self.block_names, "use_woodbury=True")
+
+    def with_regularization(self, regularization: RegularizationType) -> "ArnoldiInfluence":
+        """A copy with another regularization, reusing the eigenpairs of every block."""
+        if self.use_woodbury:
+            _require_positive_regularization(regularization, self.block_names, "use_woodbury=True")
+        return super().with_regularization(regularization)  # type: ignore[return-value]
+
+    def _create_block(
+        self,
+        block_name: str,
+        block_params: Dict[str, torch.nn.Parameter],
+        data: DataLoader,
+        regularization: Optional[float],
+    ) -> TorchOperatorGradientComposition:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        size = curvature.input_size
+        krylov = (
+            default_krylov_dimension(self.rank, size)
+            if self.krylov_dimension is None
+            else min(self.krylov_dimension, size)
+        )
+        try:
+            approximation = lanczos_low_rank(
+                curvature,
+                self.rank,
+                krylov_dimension=krylov,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                progress=self.progress,
+            )
+        except ValueError as error:
+            raise ValueError(f"Block {block_name!r}: {error}") from error
+        op = LowRankOperator(approximation.representation, regularization, exact=self.use_woodbury)
+        op.diagnostics = approximation.diagnostics
+        logger.debug(
+            "Block %r: %d parameters, %d eigenpairs in %d operator applications.",
+            block_name,
+            size,
+            self.rank,
+            approximation.diagnostics.iterations,
+        )
+        return TorchOperatorGradientComposition(
+            op, self._gradient_provider(self.loss, block_name, block_params)
+        )
+
+
+class NystroemSketchInfluence(TorchComposableInfluence):
+    r"""Influence through a randomized Nyström sketch of the curvature.
+
+    On `fit`, each block's curvature is applied once to `rank` random orthonormal vectors
+    $Q$, and $C_b \approx (C_b Q)(Q^\top C_b Q)^{+}(C_b Q)^\top = V D V^\top$
+    ([randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation]).
+    The inverse of $V D V^\top + \lambda I$ is applied exactly by the Woodbury formula
+    ([LowRankOperator][influx.torch.low_rank.LowRankOperator]), so $\lambda > 0$ is required.
+
+    The sketch assumes a positive semi-definite curvature: it is exact at `rank` $= P_b$ for
+    the Gauss-Newton matrix or the Hessian of a convex model. If the sketch finds negative
+    curvature (an indefinite Hessian, e.g. of a network), a warning is logged, the negative
+    part is dropped and the result cannot match the direct method; prefer
+    `second_order_mode=SecondOrderMode.GAUSS_NEWTON` for non-convex models. Changing the
+    regularization reuses the sketch.
+
+    Args:
+        model: the trained model.
+        loss: the loss function (mean reduction).
+        regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
+        rank: the sketch size per block, in $[1, P_b]$ for every block.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        second_order_mode: `HESSIAN` or `GAUSS_NEWTON`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: RegularizationType,
+        rank: int,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+    ):
+        super().__init__(model, block_structure, regularization)
+        self.loss = loss
+        self.second_order_mode = _check_second_order_mode(second_order_mode)
+        for name, size in _block_sizes(self).items():
+            validate_rank(rank, size, name)
+        _require_positive_regularization(
+            regularization, self.block_names, "the Nyström sketch is inverted by Woodbury"
+        )
+        self.rank = rank
+
+    def with_regularization(self, regularization: RegularizationType) -> "NystroemSketchInfluence":
+        """A copy with another regularization, reusing the sketch of every block."""
+        _require_positive_regularization(
+            regularization, self.block_names, "the Nyström sketch is inverted by Woodbury"
+        )
+        return super().with_regularization(regularization)  # type: ignore[return-value]
+
+    def _create_block(
+        self,
+        block_name: str,
+        block_params: Dict[str, torch.nn.Parameter],
+        data: DataLoader,
+        regularization: Optional[float],
+    ) -> TorchOperatorGradientComposition:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        try:
+            approximation = nystroem_low_rank(curvature, self.rank)
+        except ValueError as error:
+            raise ValueError(f"Block {block_name!r}: {error}") from error
+        if approximation.diagnostics.details["negative_curvature"]:
+            logger.warning(
+                "Block %r: the %s has negative curvature, the Nyström sketch keeps only its "
+                "positive part and cannot be exact.",
+                block_name,
+                self.second_order_mode.name,
+            )
+        op = LowRankOperator(approximation.representation, regularization, exact=True)
+        op.diagnostics = approximation.diagnostics
+        return TorchOperatorGradientComposition(
+            op, self._gradient_provider(self.loss, block_name, block_params)
+        )
+
+
+class InverseHarmonicMeanInfluence(TorchComposableInfluence):
+    r"""Influence with the inverse harmonic mean of rank-one curvatures (DataInf).
+
+    Replaces $(G_b + \lambda I)^{-1}$, the inverse of the damped Gauss-Newton matrix of each
+    block, by the mean of the inverses of its rank-one terms,
+
+    $$
+    \frac{1}{n}\sum_{i=1}^n \left(g_i g_i^\top + \lambda I\right)^{-1}, \qquad
+    g_i = \nabla_{\theta_b} \ell(x_i, y_i),
+    $$
+
+    each applied in closed form (Sherman–Morrison), see
+    [InverseHarmonicMeanOperator][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanOperator].
+    It is an approximation that does not converge to the direct method; its error is small
+    when $\lambda$ is large compared to $\|g_i\|^2$ and grows with the block size, so it is
+    usually used with a layer-wise block structure. `fit` computes nothing: every
+    `influence_factors` / `influences` call makes one pass over the training data, and
+    `with_regularization` is free.
+
+    Args:
+        model: the trained model.
+        loss: the loss function (mean reduction).
+        regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        second_order_mode: only `SecondOrderMode.GAUSS_NEWTON`: the method is defined through
+            the rank-one terms of the Gauss-Newton matrix; `HESSIAN` raises a ValueError.
+        progress: show a progress bar over the training batches.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: RegularizationType,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
+        progress: bool = False,
+    ):
+        super().__init__(model, block_structure, regularization)
+        self.loss = loss
+        mode = _check_second_order_mode(second_order_mode)
+        if mode is not SecondOrderMode.GAUSS_NEWTON:
+            raise ValueError(
+                "Parameter 'second_order_mode' must be SecondOrderMode.GAUSS_NEWTON for "
+                "InverseHarmonicMeanInfluence (it inverts the rank-one terms of the "
+                f"Gauss-Newton matrix), got {mode!r}."
+            )
+        self.second_order_mode = mode
+        _require_positive_regularization(
+            regularization, self.block_names, "each rank-one term needs g g^T + λI invertible"
+        )
+        self.progress = progress
+
+    def with_regularization(
+        self, regularization: RegularizationType
+    ) -> "InverseHarmonicMeanInfluence":
+        """A copy with another regularization (nothing to recompute)."""
+        _require_positive_regularization(
+            regularization, self.block_names, "each rank-one term needs g g^T + λI invertible"
+        )
+        return super().with_regularization(regularization)  # type: ignore[return-value]
+
+    def _create_block(
+        self,
+        block_name: str,
+        block_params: Dict[str, torch.nn.Parameter],
+        data: DataLoader,
+        regularization: Optional[float],
+    ) -> TorchOperatorGradientComposition:
+        op = InverseHarmonicMeanOperator(
+            self.model,
+            self.loss,
+            data,
+            regularization,  # type: ignore[arg-type]
+            block_params,
+            progress=self.progress,
         )
         return TorchOperatorGradientComposition(
             op, self._gradient_provider(self.loss, block_name, block_params)

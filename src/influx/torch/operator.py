@@ -347,3 +347,17 @@ class DirectSolveOperator(TensorOperator):
                 "the unregularized matrix: create a new operator instead."
             )
         return DirectSolveOperator(self._base, regularization)
+
+
+def __getattr__(name: str) -> object:
+    # These operators live in their own modules (which import this one); they are also
+    # reachable here, where the reference API places them.
+    if name == "LowRankOperator":
+        from .low_rank import LowRankOperator
+
+        return LowRankOperator
+    if name == "InverseHarmonicMeanOperator":
+        from .inverse_harmonic_mean import InverseHarmonicMeanOperator
+
+        return InverseHarmonicMeanOperator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
