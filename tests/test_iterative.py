@@ -184,6 +184,26 @@ def test_preconditioner_reduces_iterations(preconditioner, use_block_cg: bool) -
     assert not preconditioner.is_fitted  # CgOperator fitted a copy
 
 
+def test_block_cg_recovers_from_poor_preconditioner() -> None:
+    """A one-sample Jacobi estimate of a dense matrix is a poor preconditioner: rounding makes
+    block CG stagnate, and the restart from the true residual has to recover."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=gen))
+    matrix = (q * torch.logspace(-3, 3, 50)) @ q.T
+    rhs = torch.randn(7, 50, generator=gen)
+    op = CgOperator(
+        MatrixOperator(matrix),
+        0.01,
+        rtol=1e-10,
+        atol=0.0,
+        preconditioner=JacobiPreconditioner(),
+        use_block_cg=True,
+    )
+    x = op.apply(rhs)
+    assert op.diagnostics.converged
+    assert rel_err(x, torch.linalg.solve(matrix + 0.01 * torch.eye(50), rhs.T).T) < 1e-8
+
+
 def test_jacobi_estimate_is_exact_for_diagonal_matrix() -> None:
     diagonal = torch.logspace(0, 2, 10)  # no entry below the floor, 1e-2 * mean
     pre = JacobiPreconditioner(num_samples_estimator=2).fit(
