@@ -184,6 +184,26 @@ def test_preconditioner_reduces_iterations(preconditioner, use_block_cg: bool) -
     assert not preconditioner.is_fitted  # CgOperator fitted a copy
 
 
+def test_block_cg_recovers_from_poor_preconditioner() -> None:
+    """A one-sample Jacobi estimate of a dense matrix is a poor preconditioner: rounding makes
+    block CG stagnate, and the restart from the true residual has to recover."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=gen))
+    matrix = (q * torch.logspace(-3, 3, 50)) @ q.T
+    rhs = torch.randn(7, 50, generator=gen)
+    op = CgOperator(
+        MatrixOperator(matrix),
+        0.01,
+        rtol=1e-10,
+        atol=0.0,
+        preconditioner=JacobiPreconditioner(),
+        use_block_cg=True,
+    )
+    x = op.apply(rhs)
+    assert op.diagnostics.converged
+    assert rel_err(x, torch.linalg.solve(matrix + 0.01 * torch.eye(50), rhs.T).T) < 1e-8
+
+
 def test_jacobi_estimate_is_exact_for_diagonal_matrix() -> None:
     diagonal = torch.logspace(0, 2, 10)  # no entry below the floor, 1e-2 * mean
     pre = JacobiPreconditioner(num_samples_estimator=2).fit(
@@ -467,6 +487,10 @@ def test_lissa_divergence_asks_to_increase_scale() -> None:
 def test_lissa_auto_scale_converges_where_scale_one_diverges() -> None:
     problem, data = scaled_linear_regression()
     lam = 2.0
+    with pytest.raises(ValueError, match="Increase 'scale'"):
+        LissaInfluence(problem.model, problem.loss, lam, scale=1.0).fit(data).influence_factors(
+            problem.x_test, problem.y_test
+        )
     model = LissaInfluence(
         problem.model, problem.loss, lam, maxiter=1000, rtol=1e-8, scale="auto"
     ).fit(data)
@@ -509,6 +533,22 @@ def test_lissa_operator_iterates_loader_repeatedly() -> None:
     op.apply(torch.randn(2, problem.n_params))
     assert data.passes == 4  # 3 batches per pass, 10 iterations
     assert op.diagnostics.iterations == 10 and not op.diagnostics.converged
+
+
+@pytest.mark.parametrize("warn", [True, False])
+def test_lissa_non_convergence_is_logged(trained, caplog, warn: bool) -> None:
+    net, x, y = trained
+    model = LissaInfluence(
+        net, F.cross_entropy, 0.1, maxiter=5, scale=1.2, warn_on_max_iteration=warn
+    ).fit(loader(x, y, N_TRAIN))
+    with caplog.at_level(logging.DEBUG, logger="influx"):
+        model.influence_factors(x[:3], y[:3])
+    diagnostics = model.solver_diagnostics["model"]
+    assert not diagnostics.converged and diagnostics.iterations == 5
+    records = [r for r in caplog.records if "did not converge" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == (logging.WARNING if warn else logging.DEBUG)
+    assert f"relative change {diagnostics.residual:.3g}" in records[0].getMessage()
 
 
 def test_lissa_function_rejects_non_finite() -> None:

@@ -260,6 +260,11 @@ def conjugate_gradient(
     return IterativeSolution(x, iterations, residuals, converged)
 
 
+_RESTART_AFTER = 10
+"""Block CG restarts from the true residual after this many iterations in which the largest
+residual (relative to its tolerance) has not decreased by at least 1%."""
+
+
 def _orthonormal_rows(w: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (as rows) of the row space of `w`, dropping dependent rows.
 
@@ -316,7 +321,9 @@ def block_conjugate_gradient(
     parameters. A right-hand side whose residual satisfies
     $\|r\| \le \max(\text{rtol}\,\|b\|, \text{atol})$ is dropped from the block; the search
     space then comes from the remaining residuals only. Each iteration costs one call of
-    `apply` on at most $\min(N, P)$ rows.
+    `apply` on at most $\min(N, P)$ rows. When rounding errors make the iteration stagnate
+    (the largest residual relative to its tolerance has not decreased by 1% in 10
+    iterations), it restarts from the true residual $B - M X$ (one extra call of `apply`).
 
     Args:
         apply: $V \mapsto V M^\top$ for rows `V` `(K, P)`; $M$ symmetric positive definite.
@@ -345,10 +352,21 @@ def block_conjugate_gradient(
     active = torch.nonzero(r_norm > tol).squeeze(1)
     directions = _orthonormal_rows(precondition(r[active])) if active.numel() else rhs[:0]
 
+    best = float((r_norm / tol).max()) if n else 0.0
+    since_best = 0
     bar = tqdm(total=maxiter, desc="block CG", disable=not progress, leave=False)
     for it in range(1, maxiter + 1):
-        if active.numel() == 0 or directions.shape[0] == 0:
+        if active.numel() == 0:
             break
+        if directions.shape[0] == 0 or since_best >= _RESTART_AFTER:
+            # Restart from the true residual: rounding has cost the directions their
+            # conjugacy (the residual has stagnated), or no independent direction is left.
+            r_a = rhs[active] - apply(x[active])
+            r[active] = r_a
+            directions = _orthonormal_rows(precondition(r_a))
+            since_best = 0
+            if directions.shape[0] == 0:
+                break
         bar.update(1)
         q = apply(directions)  # rows: M s_i
         _check_finite(q)
@@ -365,6 +383,11 @@ def block_conjugate_gradient(
         active = active[keep]
         if active.numel() == 0:
             break
+        current = float((norms[keep] / tol[active]).max())
+        if current < 0.99 * best:
+            best, since_best = current, 0
+        else:
+            since_best += 1
         z = precondition(r_a[keep])
         # Make the new directions M-conjugate to the current ones; a second pass restores
         # the conjugacy lost to rounding ("twice is enough").
