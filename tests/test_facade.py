@@ -69,6 +69,8 @@ METHODS = {
     InversionMethod.Direct: ({}, 1e-8),
     InversionMethod.Cg: ({"rtol": 1e-12, "atol": 1e-14}, 1e-8),
     InversionMethod.Lissa: ({"maxiter": 3000, "scale": "auto", "rtol": 1e-10}, 1e-3),
+    InversionMethod.Arnoldi: ({"rank": 15}, 1e-8),
+    InversionMethod.Nystroem: ({"rank": 15}, 1e-8),
 }
 
 
@@ -153,3 +155,42 @@ def test_registry_errors(linreg: LinearRegression) -> None:
         solve_hvp("newton", fresh, [], torch.ones(2))
     for key in [k for k in InversionRegistry.registry if k[0] is Fresh]:
         del InversionRegistry.registry[key]
+
+
+def test_solve_hvp_inverse_harmonic_mean_matches_its_definition(linreg: LinearRegression) -> None:
+    lam = 0.5
+    g = linreg.grads(linreg.x, linreg.y)
+    eye = torch.eye(linreg.n_params)
+    inverse = torch.stack([torch.linalg.inv(torch.outer(gi, gi) + lam * eye) for gi in g]).mean(0)
+    b = torch.randn(2, linreg.n_params)
+    x, info = solve_hvp(
+        InversionMethod.InverseHarmonicMean,
+        _wrapped(linreg),
+        loader(linreg.x, linreg.y, 9),
+        b,
+        hessian_perturbation=lam,
+    )
+    assert rel_err(x, b @ inverse) < 1e-10
+    assert info["method"] == "inverse_harmonic_mean"
+
+
+def test_arnoldi_at_lower_rank_is_approximate(linreg: LinearRegression) -> None:
+    lam = 0.1
+    b = torch.randn(2, linreg.n_params)
+    expected = torch.linalg.solve(linreg.hessian() + lam * torch.eye(linreg.n_params), b.T).T
+    errors = [
+        rel_err(
+            solve_hvp(
+                "arnoldi",
+                _wrapped(linreg),
+                loader(linreg.x, linreg.y),
+                b,
+                hessian_perturbation=lam,
+                rank=rank,
+                use_woodbury=True,
+            ).x,
+            expected,
+        )
+        for rank in (3, 9, 15)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8

@@ -349,15 +349,20 @@ class DirectSolveOperator(TensorOperator):
         return DirectSolveOperator(self._base, regularization)
 
 
+_ELSEWHERE = {
+    "LowRankOperator": "low_rank",
+    "InverseHarmonicMeanOperator": "inverse_harmonic_mean",
+    "CgOperator": "iterative",
+    "LissaOperator": "iterative",
+}
+
+
 def __getattr__(name: str) -> object:
     # These operators live in their own modules (which import this one); they are also
     # reachable here, where the reference API places them.
-    if name == "LowRankOperator":
-        from .low_rank import LowRankOperator
+    if name in _ELSEWHERE:
+        import importlib
 
-        return LowRankOperator
-    if name == "InverseHarmonicMeanOperator":
-        from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-
-        return InverseHarmonicMeanOperator
+        module = importlib.import_module(f"{__package__}.{_ELSEWHERE[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

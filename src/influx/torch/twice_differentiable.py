@@ -219,3 +219,86 @@ def solve_lissa(
 
     batch_operation = HessianBatchOperation(model.model, model.loss)
     return _solve(LissaOperator(batch_operation, training_data, hessian_perturbation, **kwargs), b)
+
+
+def _solve_low_rank(
+    approximation: Any, b: torch.Tensor, hessian_perturbation: float, exact: bool
+) -> InverseHvpResult:
+    from .low_rank import LowRankOperator
+
+    op = LowRankOperator(approximation.representation, hessian_perturbation, exact=exact)
+    x = op.apply(b)
+    info = dataclasses.asdict(approximation.diagnostics)
+    info["details"] = {**info.get("details", {}), "exact": exact}
+    return InverseHvpResult(x, info)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Arnoldi)
+def solve_arnoldi(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    *,
+    rank: int = 10,
+    krylov_dimension: Union[int, None] = None,
+    tol: float = 1e-6,
+    max_iter: Union[int, None] = None,
+    use_woodbury: bool = False,
+    progress: bool = False,
+) -> InverseHvpResult:
+    r"""$x \approx V (D + \lambda I)^{-1} V^\top b$ from the `rank` eigenpairs $V, D$ of largest
+    magnitude of the Hessian ([lanczos_low_rank][influx.torch.low_rank.lanczos_low_rank]);
+    with `use_woodbury=True` the exact inverse of $V D V^\top + \lambda I$ instead. Exact at
+    full rank."""
+    from .low_rank import lanczos_low_rank
+
+    hessian = HessianOperator(model.model, model.loss, training_data)
+    approximation = lanczos_low_rank(
+        hessian, rank, krylov_dimension, tol=tol, max_iter=max_iter, progress=progress
+    )
+    return _solve_low_rank(approximation, b, hessian_perturbation, exact=use_woodbury)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Nystroem)
+def solve_nystroem(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    *,
+    rank: int = 10,
+    use_woodbury: bool = True,
+) -> InverseHvpResult:
+    r"""$x \approx (\hat H + \lambda I)^{-1} b$ with a randomized Nyström sketch $\hat H$ of rank
+    `rank` of the Hessian ([nystroem_low_rank][influx.torch.low_rank.nystroem_low_rank]),
+    inverted by Woodbury (needs $\lambda > 0$) or, with `use_woodbury=False`, by projection.
+    The Hessian must be positive semi-definite for the sketch to be exact at full rank."""
+    from .low_rank import nystroem_low_rank
+
+    hessian = HessianOperator(model.model, model.loss, training_data)
+    approximation = nystroem_low_rank(hessian, rank)
+    return _solve_low_rank(approximation, b, hessian_perturbation, exact=use_woodbury)
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.InverseHarmonicMean)
+def solve_inverse_harmonic_mean(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    *,
+    progress: bool = False,
+) -> InverseHvpResult:
+    r"""$x = \frac{1}{n}\sum_i (g_i g_i^\top + \lambda I)^{-1} b$, the inverse harmonic mean
+    (DataInf) approximation of the inverse Gauss-Newton matrix; needs $\lambda > 0$
+    ([InverseHarmonicMeanOperator][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanOperator])."""
+    from .inverse_harmonic_mean import InverseHarmonicMeanOperator
+
+    op = InverseHarmonicMeanOperator(
+        model.model, model.loss, training_data, hessian_perturbation, progress=progress
+    )
+    x = op.apply(b)
+    return InverseHvpResult(
+        x, {"method": "inverse_harmonic_mean", "converged": True, "iterations": None}
+    )
