@@ -25,7 +25,13 @@ from .operator import (
     MatrixOperator,
     SecondOrderMode,
 )
-from .util import BlockMode
+from .util import (
+    BlockMode,
+    NestedTorchCatAggregator,
+    TorchCatAggregator,
+    TorchNumpyConverter,
+    torch_dataset_to_dask_array,
+)
 
 __all__ = [
     "BatchOperation",
@@ -40,6 +46,7 @@ __all__ = [
     "InfluenceMode",
     "LowRankProductRepresentation",
     "MatrixOperator",
+    "NestedTorchCatAggregator",
     "NotFittedException",
     "OperatorBilinearForm",
     "SecondOrderMode",
@@ -47,8 +54,11 @@ __all__ = [
     "TensorOperator",
     "TorchBatch",
     "TorchBlockMapper",
+    "TorchCatAggregator",
     "TorchComposableInfluence",
     "TorchGradientProvider",
+    "TorchNumpyConverter",
     "TorchOperatorGradientComposition",
     "UnsupportedInfluenceModeException",
+    "torch_dataset_to_dask_array",
 ]
