@@ -411,3 +411,19 @@ def test_import_influx_torch_does_not_import_dask_or_zarr() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_lists_of_batches_and_loaders_agree(direct64: Any, tmp_path: Path) -> None:
+    """Chunk lengths come from the batch sampler of a DataLoader, or from the data itself."""
+    model, x, y, x_test, y_test = direct64
+    test_batches = [(x_test[i : i + 6], y_test[i : i + 6]) for i in range(0, 13, 6)]
+    train_batches = [(x[i : i + 11], y[i : i + 11]) for i in range(0, 37, 11)]
+    calc = SequentialInfluenceCalculator(model)
+    stored = calc.influences(test_batches, train_batches).to_zarr(
+        tmp_path / "l.zarr", TorchNumpyConverter(), return_stored=True
+    )
+    assert stored is not None
+    assert stored.attrs["influx"]["chunk_lengths"] == [[6, 6, 1], [11, 11, 11, 4]]
+    np.testing.assert_allclose(
+        stored[...], model.influences(x_test, y_test, x, y).numpy(), rtol=1e-10, atol=1e-12
+    )

@@ -230,6 +230,9 @@ class LazyChunkSequence(Generic[TensorType]):
         len_generator: the number of chunks, if known (for progress bars).
         metadata: what the array holds (e.g. `{"quantity": "influence_factors"}`); recorded
             in the zarr attributes by `to_zarr` and checked on resume.
+        chunk_lengths: returns the lengths of all chunks without computing them (or None if
+            unknown), e.g. from a data loader's batch sampler. Without it, `to_zarr` learns
+            them by iterating the generator once without computing.
     """
 
     def __init__(
@@ -237,10 +240,12 @@ class LazyChunkSequence(Generic[TensorType]):
         generator_factory: Callable[[], Iterator[Any]],
         len_generator: Optional[int] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        chunk_lengths: Optional[Callable[[], Optional[List[int]]]] = None,
     ):
         self._chunk_factory = generator_factory
         self.len_generator = len_generator
         self.metadata = dict(metadata or {})
+        self._chunk_lengths = chunk_lengths
 
     def generator_factory(self) -> Iterator[TensorType]:
         """A fresh iterator computing the chunks one after the other."""
@@ -262,6 +267,10 @@ class LazyChunkSequence(Generic[TensorType]):
         return aggregator(self)
 
     def _plan(self) -> Optional[List[int]]:
+        if self._chunk_lengths is not None:
+            hinted = self._chunk_lengths()
+            if hinted is not None:
+                return list(hinted)
         lengths = []
         for item in self._chunk_factory():
             if not isinstance(item, LazyChunk) or item.length is None:
@@ -345,6 +354,9 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         len_outer_generator: the number of rows of chunks, if known (for progress bars).
         metadata: what the array holds (e.g. `{"quantity": "influences", "mode": "up"}`);
             recorded in the zarr attributes by `to_zarr` and checked on resume.
+        chunk_lengths: returns the lengths of the chunks along axes 0 and 1 without
+            computing them (or None if unknown). Without it, `to_zarr` learns them by
+            iterating the rows, and the chunks of the first row, once without computing.
     """
 
     def __init__(
@@ -352,10 +364,12 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         generator_factory: Callable[[], Iterator[Iterable[Any]]],
         len_outer_generator: Optional[int] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        chunk_lengths: Optional[Callable[[], Optional[Tuple[List[int], List[int]]]]] = None,
     ):
         self._row_factory = generator_factory
         self.len_outer_generator = len_outer_generator
         self.metadata = dict(metadata or {})
+        self._chunk_lengths = chunk_lengths
 
     def generator_factory(self) -> Iterator[Iterator[TensorType]]:
         """A fresh iterator over rows; each row is an iterator computing its chunks."""
@@ -379,6 +393,10 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         return aggregator(self)
 
     def _plan(self) -> Optional[Tuple[List[int], List[int]]]:
+        if self._chunk_lengths is not None:
+            hinted = self._chunk_lengths()
+            if hinted is not None:
+                return list(hinted[0]), list(hinted[1])
         row_lengths: List[int] = []
         column_lengths: Optional[List[int]] = None
         for row in self._row_factory():

@@ -169,6 +169,24 @@ def _len_or_none(iterable: Any) -> Optional[int]:
         return None
 
 
+def _batch_lengths(iterable: Any) -> Optional[List[int]]:
+    """Batch sizes of a torch-style DataLoader from its batch sampler, without loading data."""
+    batch_sampler = getattr(iterable, "batch_sampler", None)
+    if batch_sampler is None or getattr(iterable, "dataset", None) is None:
+        return None
+    try:
+        return [len(batch) for batch in batch_sampler]
+    except TypeError:
+        return None
+
+
+def _grid_lengths(rows: Any, columns: Any) -> Optional[Tuple[List[int], List[int]]]:
+    row_lengths, column_lengths = _batch_lengths(rows), _batch_lengths(columns)
+    if row_lengths is None or column_lengths is None:
+        return None
+    return row_lengths, column_lengths
+
+
 def _check_reiterable(iterable: Any, name: str) -> None:
     if not isinstance(iterable, Iterable):
         raise TypeError(
@@ -267,6 +285,7 @@ class SequentialInfluenceCalculator:
             chunks,  # type: ignore[arg-type]
             len_generator=_len_or_none(data_iterable),
             metadata={"quantity": "influence_factors"},
+            chunk_lengths=functools.partial(_batch_lengths, data_iterable),
         )
 
     def influences(
@@ -315,6 +334,7 @@ class SequentialInfluenceCalculator:
             rows,  # type: ignore[arg-type]
             len_outer_generator=_len_or_none(test_data_iterable),
             metadata={"quantity": "influences", "mode": mode.value},
+            chunk_lengths=functools.partial(_grid_lengths, test_data_iterable, train_data_iterable),
         )
 
     def _row_chunks(
