@@ -164,7 +164,7 @@ def test_sequential_with_iterative_method(tmp_path: Path, mode: InfluenceMode) -
     x, y = classification_data(37)
     x_test, y_test = classification_data(13, seed=3)
     cg_cls = influx.torch.CgInfluence
-    model = cg_cls(net, LOSS, regularization=0.1).fit(loader(x, y))
+    model = cg_cls(net, LOSS, regularization=0.1, rtol=1e-10, atol=1e-12).fit(loader(x, y))
     reference = model.influences(x_test, y_test, x, y, mode=mode)
     lazy = SequentialInfluenceCalculator(model).influences(
         loader(x_test, y_test, 5), loader(x, y, 10), mode=mode

@@ -149,7 +149,9 @@ def test_dask_float32_test_on_test_and_zarr(client: Client, tmp_path: Path) -> N
 @pytest.mark.skipif(not hasattr(influx.torch, "CgInfluence"), reason="CgInfluence not available")
 def test_dask_with_iterative_method(client: Client) -> None:
     x, y, x_test, y_test = _data()
-    model = influx.torch.CgInfluence(make_mlp(), LOSS, regularization=0.1).fit(loader(x, y))
+    model = influx.torch.CgInfluence(
+        make_mlp(), LOSS, regularization=0.1, rtol=1e-10, atol=1e-12
+    ).fit(loader(x, y))
     calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
     for mode in MODES:
         reference = model.influences(x_test, y_test, x, y, mode=mode)
