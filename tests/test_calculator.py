@@ -427,3 +427,31 @@ def test_lists_of_batches_and_loaders_agree(direct64: Any, tmp_path: Path) -> No
     np.testing.assert_allclose(
         stored[...], model.influences(x_test, y_test, x, y).numpy(), rtol=1e-10, atol=1e-12
     )
+
+
+def test_to_zarr_keeps_one_chunk_alive(tmp_path: Path) -> None:
+    """Bounded memory: when a chunk is computed, no earlier chunk is still referenced."""
+    import gc
+    import weakref
+
+    refs: List[Any] = []
+    max_alive = {"n": 0}
+
+    def make(i: int, j: int) -> torch.Tensor:
+        gc.collect()
+        max_alive["n"] = max(max_alive["n"], sum(r() is not None for r in refs))
+        tensor = torch.full((4, 5), float(10 * i + j))
+        refs.append(weakref.ref(tensor))
+        return tensor
+
+    def rows() -> Iterator[Any]:
+        for i in range(6):
+            yield influx_array.LazyChunkRow(
+                lambda i=i: (LazyChunk(lambda i=i, j=j: make(i, j), 5) for j in range(7)), 4
+            )
+
+    nested = NestedLazyChunkSequence(rows)
+    stored = nested.to_zarr(tmp_path / "mem.zarr", TorchNumpyConverter(), return_stored=True)
+    assert stored is not None and stored.shape == (24, 35)
+    assert stored[23, 34] == 56.0
+    assert len(refs) == 42 and max_alive["n"] == 0
