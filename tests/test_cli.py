@@ -35,3 +35,36 @@ def test_demo_finds_flipped_labels(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert "Detection AUC" in text
     auc = float(text.split("Detection AUC (flipped vs clean, by harmfulness): ")[1].split()[0])
     assert auc > 0.85
+
+
+def test_write_influences_zarr_resumes_and_checks_metadata(tmp_path: Path) -> None:
+    import torch
+    import zarr
+
+    from conftest import classification_data, loader, make_mlp
+    from influx.cli import write_influences_zarr
+    from influx.torch import DirectInfluence
+
+    x, y = classification_data(30)
+    x_test, y_test = classification_data(9, seed=3)
+    model = DirectInfluence(make_mlp(), torch.nn.functional.cross_entropy, 0.01).fit(loader(x, y))
+    out = tmp_path / "m.zarr"
+    write_influences_zarr(model, x_test, y_test, x, y, out, chunk_size=4, metadata={"seed": 1})
+    stored = zarr.open_array(out, mode="r")
+    np.testing.assert_allclose(stored[...], model.influences(x_test, y_test, x, y).numpy())
+    assert stored.attrs["influx"]["seed"] == 1 and stored.attrs["influx"]["complete"]
+    write_influences_zarr(model, x_test, y_test, x, y, out, chunk_size=4, metadata={"seed": 1})
+    with pytest.raises(ValueError, match="holds seed=1, this computation has seed=2"):
+        write_influences_zarr(model, x_test, y_test, x, y, out, chunk_size=4, metadata={"seed": 2})
+
+
+@pytest.mark.slow
+def test_demo_writes_zarr(tmp_path: Path) -> None:
+    import zarr
+
+    out = tmp_path / "influences.zarr"
+    assert main(["demo", "--no-progress", "--out", str(out)]) == 0
+    stored = zarr.open_array(out, mode="r")
+    assert stored.shape == (597, 1200)
+    assert np.isfinite(stored[...]).all()
+    assert stored.attrs["influx"]["source"] == "influx demo --seed 0"

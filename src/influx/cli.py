@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class DemoReport:
     ranking: np.ndarray
     total_influence: np.ndarray
     is_flipped: np.ndarray
+    model: Any = None
+    data: tuple = ()
 
     def lines(self) -> List[str]:
         top10 = int(round(0.1 * self.n_train))
@@ -171,6 +173,8 @@ def run_demo(
         ranking=order,
         total_influence=total,
         is_flipped=is_flipped,
+        model=model,
+        data=(xs, ys, xt, yt),
     )
     steps.set_postfix_str("done")
     steps.update()
@@ -182,6 +186,50 @@ def _write(values: np.ndarray, out: Path) -> Path:
     if out.suffix != ".npy":
         out = out.with_suffix(".npy")
     np.save(out, values)
+    return out
+
+
+def write_influences_zarr(
+    model: Any,
+    x_test: Any,
+    y_test: Any,
+    x: Any,
+    y: Any,
+    out: Path,
+    chunk_size: int = 256,
+    metadata: Optional[dict] = None,
+    progress: bool = False,
+) -> Path:
+    """Write the influence matrix of a fitted model to a zarr array, chunk by chunk.
+
+    Goes through the
+    [SequentialInfluenceCalculator][influx.calculator.SequentialInfluenceCalculator], so only
+    one chunk is in memory at a time. An interrupted write is completed by the next call
+    with the same data and `metadata` (it resumes); an array written with other `metadata`
+    is an error.
+
+    Args:
+        model: a fitted influence model.
+        x_test: test inputs.
+        y_test: test targets.
+        x: train inputs.
+        y: train targets.
+        out: the zarr path.
+        chunk_size: samples per chunk along both axes.
+        metadata: extra attributes that identify the computation (checked on resume).
+        progress: show a progress bar.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .calculator import SequentialInfluenceCalculator
+    from .torch import TorchNumpyConverter
+
+    lazy = SequentialInfluenceCalculator(model).influences(
+        DataLoader(TensorDataset(x_test, y_test), batch_size=chunk_size),
+        DataLoader(TensorDataset(x, y), batch_size=chunk_size),
+    )
+    lazy.metadata.update(metadata or {})
+    lazy.to_zarr(str(out), TorchNumpyConverter(), resume=True, progress=progress)
     return out
 
 
@@ -220,7 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="influx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="find mislabeled digits by their influence")
-    demo.add_argument("--out", type=Path, default=None, help="write the influence matrix here")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the influence matrix here: a zarr array if PATH ends with .zarr (written "
+        "chunk by chunk, resumable), a .npy file otherwise",
+    )
     demo.add_argument(
         "--plot",
         type=Path,
@@ -233,14 +287,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    to_zarr = args.out is not None and args.out.suffix == ".zarr"
     report = run_demo(
-        seed=args.seed, progress=not args.no_progress, with_matrix=args.out is not None
+        seed=args.seed,
+        progress=not args.no_progress,
+        with_matrix=args.out is not None and not to_zarr,
     )
     for line in report.lines():
         logger.info(line)
-    if args.out is not None and report.influences is not None:
-        path = _write(report.influences, args.out)
-        logger.info("Influence matrix %s written to %s", report.influences.shape, path)
+    if args.out is not None:
+        if to_zarr:
+            x_test, y_test, x, y = report.data
+            path = write_influences_zarr(
+                report.model,
+                x_test,
+                y_test,
+                x,
+                y,
+                out=args.out,
+                metadata={"source": f"influx demo --seed {args.seed}"},
+                progress=not args.no_progress,
+            )
+            shape = (len(x_test), len(x))
+        else:
+            assert report.influences is not None
+            path = _write(report.influences, args.out)
+            shape = report.influences.shape
+        logger.info("Influence matrix %s written to %s", shape, path)
     if not args.no_plot:
         try:
             plot_path = plot_report(report, args.plot)

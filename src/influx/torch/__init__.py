@@ -46,7 +46,13 @@ from .operator import (
 )
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
-from .util import BlockMode
+from .util import (
+    BlockMode,
+    NestedTorchCatAggregator,
+    TorchCatAggregator,
+    TorchNumpyConverter,
+    torch_dataset_to_dask_array,
+)
 from .valuation import (
     HarmfulRanking,
     TopKInfluences,
@@ -75,6 +81,7 @@ __all__ = [
     "LissaOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
+    "NestedTorchCatAggregator",
     "NotFittedException",
     "NystroemPreconditioner",
     "InverseHarmonicMeanBatchOperation",
@@ -92,8 +99,10 @@ __all__ = [
     "TopKInfluences",
     "TorchBatch",
     "TorchBlockMapper",
+    "TorchCatAggregator",
     "TorchComposableInfluence",
     "TorchGradientProvider",
+    "TorchNumpyConverter",
     "TorchOperatorGradientComposition",
     "TorchTensorUtilities",
     "TorchTwiceDifferentiable",
@@ -106,4 +115,5 @@ __all__ = [
     "model_hessian_low_rank",
     "model_hessian_nystroem_approximation",
     "nystroem_low_rank",
+    "torch_dataset_to_dask_array",
 ]

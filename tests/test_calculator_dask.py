@@ -1,0 +1,282 @@
+"""The Dask calculator on a real LocalCluster (worker processes, one thread each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Tuple
+
+import cloudpickle
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+from distributed import Client, LocalCluster
+from torch.utils.data import TensorDataset
+
+import influx.torch
+from conftest import classification_data, loader, make_mlp, rel_err
+from influx import (
+    DaskInfluenceCalculator,
+    DisableClientSingleThreadCheck,
+    InfluenceMode,
+    InvalidDimensionChunksError,
+    ThreadSafetyViolationError,
+    UnalignedChunksError,
+)
+from influx.array import dask_array_to_zarr, zarr_write_status
+from influx.torch import DirectInfluence, TorchNumpyConverter, torch_dataset_to_dask_array
+
+# The helper classes below travel to the worker processes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LOSS = torch.nn.functional.cross_entropy
+MODES = [InfluenceMode.Up, InfluenceMode.Perturbation]
+
+
+class SlowDirectInfluence(DirectInfluence):
+    """DirectInfluence whose influence chunks take `delay` seconds (to kill a worker mid-way)."""
+
+    delay = 0.0
+
+    def influences_from_factors(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().influences_from_factors(*args, **kwargs)
+
+
+class PickleCountingInfluence(DirectInfluence):
+    """Counts how often it is pickled in this process."""
+
+    pickled = 0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        type(self).pickled += 1
+        return dict(self.__dict__)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _data(
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y = classification_data(37)
+    x_test, y_test = classification_data(13, seed=3)
+    return x.to(dtype), y, x_test.to(dtype), y_test
+
+
+def _dask(x: torch.Tensor, y: torch.Tensor, chunk: int) -> Tuple[da.Array, da.Array]:
+    return da.from_array(x.numpy(), chunks=(chunk, -1)), da.from_array(y.numpy(), chunks=chunk)
+
+
+def _fit(cls: type = DirectInfluence, dtype: torch.dtype = torch.float64) -> Any:
+    x, y, _, _ = _data(dtype)
+    return cls(make_mlp().to(dtype), LOSS, regularization=0.01).fit(loader(x, y))
+
+
+@pytest.fixture(scope="module")
+def direct64() -> DirectInfluence:
+    return _fit()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dask_influences_equal_in_memory_float64(
+    client: Client, direct64: DirectInfluence, mode: InfluenceMode
+) -> None:
+    x, y, x_test, y_test = _data()
+    reference = direct64.influences(x_test, y_test, x, y, mode=mode).numpy()
+    calc = DaskInfluenceCalculator(direct64, TorchNumpyConverter(), client)
+    assert calc.n_parameters == direct64.n_parameters
+    dx, dy = _dask(x, y, 10)
+    dx_test, dy_test = _dask(x_test, y_test, 5)
+    values = calc.influences(dx_test, dy_test, dx, dy, mode=mode)
+    assert values.shape == reference.shape and values.chunks[:2] == ((5, 5, 3), (10, 10, 10, 7))
+    assert values.dtype == np.float64
+    np.testing.assert_allclose(values.compute(), reference, rtol=1e-10, atol=1e-12)
+
+    factors = calc.influence_factors(dx_test, dy_test)
+    np.testing.assert_allclose(
+        factors.compute(), direct64.influence_factors(x_test, y_test).numpy(), rtol=1e-10
+    )
+    from_factors = calc.influences_from_factors(factors, dx, dy, mode=mode)
+    np.testing.assert_allclose(from_factors.compute(), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_dask_float32_test_on_test_and_zarr(client: Client, tmp_path: Path) -> None:
+    model = _fit(dtype=torch.float32)
+    x, y, x_test, y_test = _data(torch.float32)
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    dx_test, dy_test = _dask(x_test, y_test, 4)
+    values = calc.influences(dx_test, dy_test)  # test on test
+    assert values.dtype == np.float32
+    reference = model.influences(x_test, y_test)
+    assert rel_err(torch.from_numpy(values.compute()), reference) < 1e-6
+
+    dx, dy = _dask(x, y, 9)
+    values = calc.influences(dx_test, dy_test, dx, dy, mode=InfluenceMode.Perturbation)
+    reference = model.influences(x_test, y_test, x, y, mode=InfluenceMode.Perturbation)
+    path = tmp_path / "p32.zarr"
+    stored = dask_array_to_zarr(values, path, return_stored=True)
+    assert stored is not None and stored.chunks == (4, 9, 5)
+    assert rel_err(torch.from_numpy(zarr.open_array(path)[...]), reference) < 1e-6
+    status = zarr_write_status(path)
+    assert status.complete and status.n_completed_chunks == 4 * 5
+    assert status.metadata["mode"] == "perturbation"
+
+    # resuming a complete array computes nothing
+    before = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
+    dask_array_to_zarr(values, path, resume=True)
+    after = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
+    assert after == before
+
+
+@pytest.mark.skipif(not hasattr(influx.torch, "CgInfluence"), reason="CgInfluence not available")
+def test_dask_with_iterative_method(client: Client) -> None:
+    x, y, x_test, y_test = _data()
+    model = influx.torch.CgInfluence(
+        make_mlp(), LOSS, regularization=0.1, rtol=1e-10, atol=1e-12
+    ).fit(loader(x, y))
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    for mode in MODES:
+        reference = model.influences(x_test, y_test, x, y, mode=mode)
+        values = calc.influences(*_dask(x_test, y_test, 5), *_dask(x, y, 10), mode=mode)
+        assert rel_err(torch.from_numpy(values.compute()), reference) < 1e-6
+
+
+def test_model_is_scattered_once(client: Client) -> None:
+    model = _fit(PickleCountingInfluence)
+    PickleCountingInfluence.pickled = 0
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    after_scatter = PickleCountingInfluence.pickled
+    assert after_scatter >= 1
+    x, y, x_test, y_test = _data()
+    values = calc.influences(*_dask(x_test, y_test, 3), *_dask(x, y, 5))  # 5 x 8 tasks
+    values.compute()
+    assert PickleCountingInfluence.pickled == after_scatter
+
+
+def test_dask_errors(client: Client, direct64: DirectInfluence) -> None:
+    x, y, x_test, y_test = _data()
+    calc = DaskInfluenceCalculator(direct64, TorchNumpyConverter(), client)
+    dx, dy = _dask(x, y, 10)
+    with pytest.raises(InvalidDimensionChunksError, match="'x' must be chunked along its first"):
+        calc.influence_factors(da.from_array(x.numpy(), chunks=(10, 2)), dy)
+    with pytest.raises(UnalignedChunksError, match="'x' and 'y' must have the same chunks"):
+        calc.influence_factors(dx, da.from_array(y.numpy(), chunks=7))
+    with pytest.raises(UnalignedChunksError, match="'x_test' and 'y_test'"):
+        calc.influences(dx, da.from_array(y.numpy(), chunks=7))
+    with pytest.raises(ValueError, match="Parameter 'y' is required when 'x' is given"):
+        calc.influences(dx, dy, dx)
+    with pytest.raises(TypeError, match="'x' must be a dask.array.Array, got Tensor"):
+        calc.influence_factors(x, dy)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="'z_test_factors' must have shape \\(N, 57\\), got \\(37, 5\\)"
+    ):
+        calc.influences_from_factors(dx, dx, dy)
+    with pytest.raises(TypeError, match="'client' must be a distributed.Client"):
+        DaskInfluenceCalculator(direct64, TorchNumpyConverter(), "localhost")  # type: ignore[arg-type]
+
+
+def test_thread_safety_check() -> None:
+    model = _fit()
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as threaded,
+    ):
+        with pytest.raises(
+            ThreadSafetyViolationError, match="not thread-safe.*threads_per_worker=1"
+        ):
+            DaskInfluenceCalculator(model, TorchNumpyConverter(), threaded)
+
+
+def test_disable_client_check_with_synchronous_scheduler(direct64: DirectInfluence) -> None:
+    x, y, x_test, y_test = _data()
+    calc = DaskInfluenceCalculator(direct64, TorchNumpyConverter(), DisableClientSingleThreadCheck)
+    with dask.config.set(scheduler="synchronous"):
+        values = calc.influences(*_dask(x_test, y_test, 6), *_dask(x, y, 11)).compute()
+    np.testing.assert_allclose(
+        values, direct64.influences(x_test, y_test, x, y).numpy(), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_torch_dataset_to_dask_array() -> None:
+    x, y, _, _ = _data()
+    dx, dy = torch_dataset_to_dask_array(TensorDataset(x, y), chunk_size=8)
+    assert dx.chunks == ((8, 8, 8, 8, 5), (5,)) and dx.dtype == np.float32
+    assert dy.dtype == np.int64 and dy.chunks == ((8, 8, 8, 8, 5),)
+    with dask.config.set(scheduler="synchronous"):
+        np.testing.assert_allclose(dx.compute(), x.numpy().astype(np.float32))
+        np.testing.assert_array_equal(dy.compute(), y.numpy())
+    (d64,) = torch_dataset_to_dask_array(TensorDataset(x), 10, resulting_dtype=np.float64)
+    assert d64.dtype == np.float64
+    with pytest.raises(ValueError, match="'chunk_size' must be a positive integer, got 0"):
+        torch_dataset_to_dask_array(TensorDataset(x, y), 0)
+    with pytest.raises(
+        ValueError, match="'total_size' \\(5\\) differs from len\\(dataset\\) \\(37\\)"
+    ):
+        torch_dataset_to_dask_array(TensorDataset(x, y), 4, total_size=5)
+
+
+def test_dask_array_to_zarr_rejects_irregular_chunks(tmp_path: Path) -> None:
+    array = da.ones((10, 4), chunks=((3, 5, 2), (4,)))
+    with pytest.raises(ValueError, match="regular chunks along axis 0"):
+        dask_array_to_zarr(array, tmp_path / "i.zarr")
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_computation(client: Client, tmp_path: Path) -> None:
+    model = _fit(SlowDirectInfluence)
+    model.delay = 0.25
+    x, y, x_test, y_test = _data()
+    reference = model.influences(x_test, y_test, x, y).numpy()
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    values = calc.influences(*_dask(x_test, y_test, 3), *_dask(x, y, 5))  # 5 x 8 blocks
+    path = tmp_path / "killed.zarr"
+    errors: list = []
+
+    def write() -> None:
+        try:
+            dask_array_to_zarr(values, path)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            done = zarr_write_status(path).n_completed_chunks
+        except (FileNotFoundError, ValueError):
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.05)
+    assert 4 <= done < 40, done
+    busy = [addr for addr, keys in client.processing().items() if keys]
+    victim = busy[0] if busy else next(iter(client.scheduler_info()["workers"]))
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)
+    writer.join(timeout=120)
+    assert not writer.is_alive() and not errors, errors
+    status = zarr_write_status(path)
+    assert status.complete and status.n_completed_chunks == 40
+    np.testing.assert_allclose(zarr.open_array(path)[...], reference, rtol=1e-10, atol=1e-12)
+    client.wait_for_workers(2, timeout=120)
