@@ -17,7 +17,8 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
-from .influence_function_model import DirectInfluence
+from .influence_function_model import DirectInfluence, EkfacInfluence
+from .kfac import KroneckerFactoredOperator, NotImplementedLayerRepresentationException
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
@@ -33,14 +34,17 @@ __all__ = [
     "DictBilinearForm",
     "DirectInfluence",
     "DirectSolveOperator",
+    "EkfacInfluence",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
     "HessianBatchOperation",
     "HessianOperator",
     "InfluenceMode",
+    "KroneckerFactoredOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
     "NotFittedException",
+    "NotImplementedLayerRepresentationException",
     "OperatorBilinearForm",
     "SecondOrderMode",
     "TensorDictOperator",
