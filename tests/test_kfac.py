@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import classification_data, loader, make_mlp, rel_err
-from influx import NotFittedException
+from influx import InfluenceMode, NotFittedException
 from influx.torch import (
     BlockMode,
     DirectInfluence,
@@ -341,6 +341,14 @@ def test_by_layer_factors_and_shapes(fitted_mlp, n_test: int) -> None:
     from_factors = model.influences_from_factors_by_layer(factors_by_layer, x, y)
     for name in by_layer:
         assert rel_err(from_factors[name], by_layer[name]) < 1e-12
+    perturbation = model.influences(
+        x_test[:2], y_test[:2], x[:4], y[:4], InfluenceMode.Perturbation
+    )
+    assert perturbation.shape == (2, 4, 5)
+    by_layer_perturbation = model.influences_by_layer(
+        x_test[:2], y_test[:2], x[:4], y[:4], InfluenceMode.Perturbation
+    )
+    assert rel_err(sum(by_layer_perturbation.values()), perturbation) < 1e-12
     symmetric = model.influences(x_test[:3], y_test[:3])
     assert symmetric.shape == (3, 3) and rel_err(symmetric, symmetric.T) < 1e-12
 
@@ -367,6 +375,19 @@ def test_independent_of_batch_size(update_diagonal: bool) -> None:
     ]
     for other in results[1:]:
         assert rel_err(other, results[0]) < 1e-10
+
+
+def test_refit_from_cache_equals_second_pass() -> None:
+    net, x, y = conv_setup()
+    data = loader(x, y, 7)
+    cached = EkfacInfluence(net, True, 0.01).fit(data)
+    tiny = EkfacInfluence(net, True, 0.01, max_cache_mb=0.01).fit(data)  # overflows midway
+    two_passes = EkfacInfluence(net, True, 0.01, max_cache_mb=0).fit(data)
+    for other in (tiny, two_passes):
+        for name in cached.eigenvalues:
+            assert rel_err(other.eigenvalues[name], cached.eigenvalues[name]) < 1e-12
+    with pytest.raises(ValueError, match="'max_cache_mb' must be >= 0, got -1"):
+        EkfacInfluence(net, max_cache_mb=-1)
 
 
 def test_with_regularization_and_explore(fitted_mlp) -> None:

@@ -31,6 +31,7 @@ from .base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradi
 from .functional import LossFunction
 from .kfac import (
     KroneckerFactoredOperator,
+    SignalCache,
     collect_kronecker_factors,
     eigendecompose_factors,
     find_layers,
@@ -174,6 +175,10 @@ class EkfacInfluence(TorchComposableInfluence):
         layers: the module names of the layers to use; None means every module with
             trainable parameters. Parameters of other modules are ignored.
         seed: seed of the label sampling for `fisher="sampled"`.
+        max_cache_mb: with `update_diagonal`, the layers' inputs and output gradients of the
+            first pass are kept in memory up to this size (in MB) so that the refit needs no
+            second pass over the data; beyond it, or with 0, the data is iterated twice. The
+            results are the same either way.
 
     Example:
         ```python
@@ -196,6 +201,7 @@ class EkfacInfluence(TorchComposableInfluence):
         fisher: str = "empirical",
         layers: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
+        max_cache_mb: float = 256.0,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -221,6 +227,13 @@ class EkfacInfluence(TorchComposableInfluence):
         self.update_diagonal = bool(update_diagonal)
         self.progress = progress
         self.seed = seed
+        if isinstance(max_cache_mb, bool) or not isinstance(max_cache_mb, (int, float)):
+            raise TypeError(
+                f"Parameter 'max_cache_mb' must be a number, got {type(max_cache_mb).__name__}."
+            )
+        if not max_cache_mb >= 0:
+            raise ValueError(f"Parameter 'max_cache_mb' must be >= 0, got {max_cache_mb}.")
+        self.max_cache_mb = max_cache_mb
 
     @property
     def method(self) -> str:
@@ -232,8 +245,9 @@ class EkfacInfluence(TorchComposableInfluence):
         if self.fisher == "sampled" and self.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
         specs = self.layer_specs
+        cache = SignalCache(self.max_cache_mb * 2**20 if self.update_diagonal else 0)
         self.kronecker_factors = collect_kronecker_factors(
-            self.model, specs, data, self.loss, self.fisher, generator, self.progress
+            self.model, specs, data, self.loss, self.fisher, generator, self.progress, cache
         )
         self.eigenbases = {
             name: eigendecompose_factors(factors, name)
@@ -249,6 +263,7 @@ class EkfacInfluence(TorchComposableInfluence):
                 self.fisher,
                 generator,
                 self.progress,
+                cached=cache if cache.complete else None,
             )
         else:
             self.eigenvalues = {name: b.kfac_eigenvalues for name, b in self.eigenbases.items()}

@@ -66,6 +66,7 @@ __all__ = [
     "KroneckerFactoredOperator",
     "KroneckerFactors",
     "LayerSpec",
+    "SignalCache",
     "NotImplementedLayerRepresentationException",
     "collect_kronecker_factors",
     "eigendecompose_factors",
@@ -413,6 +414,44 @@ def _batches(
     )
 
 
+LayerSignals = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class SignalCache:
+    r"""Keeps the $(\tilde a, \delta)$ of every batch of the first pass, up to a budget.
+
+    If they fit in `max_bytes`, the EK-FAC refit reuses them instead of a second pass over
+    the data (same values: the signals do not depend on the eigenbasis). Once the budget is
+    exceeded the cache is emptied and stays empty.
+
+    Args:
+        max_bytes: the memory budget.
+    """
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.batches: List[Tuple[int, LayerSignals]] = []
+        self.n_bytes = 0
+        self.overflowed = max_bytes <= 0
+
+    def add(self, n_samples: int, signals: LayerSignals) -> None:
+        if self.overflowed:
+            return
+        self.n_bytes += sum(t.numel() * t.element_size() for pair in signals.values() for t in pair)
+        if self.n_bytes > self.max_bytes:
+            logger.debug(
+                "Signal cache over budget (%d bytes): a second pass is needed.", self.n_bytes
+            )
+            self.batches, self.overflowed = [], True
+            return
+        self.batches.append((n_samples, signals))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every batch of the pass is cached."""
+        return not self.overflowed
+
+
 def collect_kronecker_factors(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
@@ -421,11 +460,15 @@ def collect_kronecker_factors(
     fisher: str = "empirical",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    cache: Optional[SignalCache] = None,
 ) -> "Dict[str, KroneckerFactors]":
     r"""$A$ and $G$ of every layer in one pass over the data (see the module docstring).
 
     Batch contributions are computed in the model's dtype and accumulated in float64, so the
     result does not depend on the batch size beyond rounding.
+
+    Args:
+        cache: if given, the signals of every batch are offered to it (for the EK-FAC refit).
     """
     fisher = validate_fisher(fisher, loss)
     device = next(iter(layers.values())).device
@@ -436,6 +479,8 @@ def collect_kronecker_factors(
     for batch in _batches(data, device, progress, "K-FAC factors"):
         signals = layer_signals(model, layers, batch, loss, fisher, generator)
         n += len(batch)
+        if cache is not None:
+            cache.add(len(batch), signals)
         for name, (a, d) in signals.items():
             a2 = a.reshape(-1, a.shape[-1])
             d2 = d.reshape(-1, d.shape[-1])
@@ -488,6 +533,26 @@ def eigendecompose_factors(factors: KroneckerFactors, name: str = "") -> Kroneck
     return KroneckerEigenbasis(evals_a, evecs_a, evals_g, evecs_g)
 
 
+def _signals(
+    model: torch.nn.Module,
+    layers: "Dict[str, LayerSpec]",
+    data: DataLoader,
+    loss: LossFunction,
+    fisher: str,
+    generator: Optional[torch.Generator],
+    progress: bool,
+    device: torch.device,
+    cached: Optional[SignalCache],
+) -> Iterator[Tuple[int, LayerSignals]]:
+    if cached is not None:
+        if not cached.complete:
+            raise ValueError("Parameter 'cached' must hold the signals of every batch.")
+        yield from cached.batches
+        return
+    for batch in _batches(data, device, progress, "EK-FAC eigenvalues"):
+        yield len(batch), layer_signals(model, layers, batch, loss, fisher, generator)
+
+
 def refit_eigenvalues(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
@@ -497,6 +562,7 @@ def refit_eigenvalues(
     fisher: str = "empirical",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    cached: Optional[SignalCache] = None,
 ) -> "Dict[str, torch.Tensor]":
     r"""The EK-FAC eigenvalues $s_{jk}$ of every layer in a second pass (module docstring).
 
@@ -504,6 +570,9 @@ def refit_eigenvalues(
     $s = \frac{1}{n}\sum_i (Q_G^\top \delta_i)^{\circ 2} \,((Q_A^\top \tilde a_i)^{\circ 2})^\top$,
     and no per-sample gradient is formed; otherwise the per-sample gradients of one batch of
     one layer are formed in the rotated basis.
+
+    Args:
+        cached: the complete signals of the first pass; if given, `data` is not iterated.
 
     Returns:
         per layer, the eigenvalues `(m, k)` in float64.
@@ -514,9 +583,10 @@ def refit_eigenvalues(
     cast: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
     sums: Dict[str, torch.Tensor] = {}
     n = 0
-    for batch in _batches(data, device, progress, "EK-FAC eigenvalues"):
-        signals = layer_signals(model, layers, batch, loss, fisher, generator)
-        n += len(batch)
+    for n_batch, signals in _signals(
+        model, layers, data, loss, fisher, generator, progress, device, cached
+    ):
+        n += n_batch
         for name, (a, d) in signals.items():
             if name not in cast:
                 qa, qg = rotations[name]
