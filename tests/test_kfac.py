@@ -246,6 +246,22 @@ def test_mse_factors_closed_form(linreg) -> None:
     assert rel_err(model.eigenvalues["model"], expected) < 1e-12
 
 
+def assert_refit_is_rotated_fisher(net, x, y, layer: str, weight: bool, bias: bool) -> None:
+    """EK-FAC eigenvalues = diag(Q^T F Q) with F the exact empirical Fisher of the layer: this
+    checks the input expansion (patches, positions, bias column) against torch.func."""
+    model = EkfacInfluence(net, True, 0.1, layers=[layer]).fit(loader(x, y, 6))
+    params = {k: v for k, v in net.named_parameters() if k.startswith(layer + ".")}
+    params = {k: v for k, v in params.items() if v.requires_grad}
+    fisher = exact_fisher(net, F.cross_entropy, params, x, y)
+    basis = model.eigenbases[layer]
+    q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)
+    module = dict(net.named_modules())[layer]
+    m, d = module.weight.shape[0], module.weight[0].numel()
+    inverse_index = torch.argsort(flat_to_matrix_index(m, d, weight, bias))
+    expected = torch.diagonal(q.T @ fisher[inverse_index][:, inverse_index] @ q)
+    assert rel_err(model.eigenvalues[layer].reshape(-1), expected) < 1e-12
+
+
 def test_sequence_inputs_refit_is_diagonal_of_rotated_fisher() -> None:
     """A Linear layer applied at every position of a sequence (N, T, d)."""
     gen = torch.Generator().manual_seed(2)
@@ -255,14 +271,32 @@ def test_sequence_inputs_refit_is_diagonal_of_rotated_fisher() -> None:
     net = torch.nn.Sequential(
         torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(20, 2)
     )
-    model = EkfacInfluence(net, True, 0.1).fit(loader(x, y, 6))
-    params = {k: v for k, v in net.named_parameters() if k.startswith("0.")}
-    fisher = exact_fisher(net, F.cross_entropy, params, x, y)
-    basis = model.eigenbases["0"]
-    q = torch.kron(basis.output_eigenvectors, basis.input_eigenvectors)
-    inverse_index = torch.argsort(flat_to_matrix_index(5, 3, True, True))
-    expected = torch.diagonal(q.T @ fisher[inverse_index][:, inverse_index] @ q)
-    assert rel_err(model.eigenvalues["0"].reshape(-1), expected) < 1e-12
+    assert_refit_is_rotated_fisher(net, x, y, "0", True, True)
+    net[0].weight.requires_grad_(False)  # bias only
+    assert_refit_is_rotated_fisher(net, x, y, "0", False, True)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(padding="same", padding_mode="reflect"),
+        dict(padding=0, dilation=2),
+        dict(padding=2, stride=(2, 1), bias=False),
+    ],
+)
+def test_conv2d_variants_refit_is_diagonal_of_rotated_fisher(conv: dict) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 2, 6, 6, generator=gen)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, kernel_size=3, **conv),
+        torch.nn.Tanh(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 3),
+    )
+    assert_refit_is_rotated_fisher(net, x, y, "0", True, conv.get("bias", True))
 
 
 @pytest.fixture
@@ -499,6 +533,15 @@ def test_bad_arguments() -> None:
         fitted.explore_hessian_regularization(x, y, [0.1, -0.5])
     with pytest.raises(ValueError, match="'data' yielded no batches"):
         EkfacInfluence(net).fit([])
+
+
+def test_nan_is_an_error_naming_the_layer() -> None:
+    x, y = classification_data(n=10)
+    net = make_mlp()
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf in the .* of layer '[02]'"):
+        EkfacInfluence(net, hessian_regularization=0.1).fit(loader(x, y))
 
 
 def test_operator_arguments() -> None:

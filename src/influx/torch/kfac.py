@@ -382,11 +382,6 @@ def layer_signals(
             d_parts.append(spec.output_gradients(g.detach()))
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
         d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=1)
-        if not (torch.isfinite(a).all() and torch.isfinite(d).all()):
-            raise ValueError(
-                f"NaN or Inf in the inputs or output gradients of layer {name!r}: check the "
-                "inputs, the loss and the model's parameters."
-            )
         result[name] = (a, d)
     return result
 
@@ -491,9 +486,20 @@ def collect_kronecker_factors(
             positions[name] += a2.shape[0]
     if n == 0:
         raise ValueError("Parameter 'data' yielded no batches.")
+    for name in layers:  # NaN and Inf propagate into the sums
+        _check_finite_factor(a_sum[name], "inputs", name)
+        _check_finite_factor(g_sum[name], "output gradients", name)
     return {
         name: KroneckerFactors(a_sum[name] / positions[name], g_sum[name] / n, n) for name in layers
     }
+
+
+def _check_finite_factor(factor: torch.Tensor, what: str, layer: str) -> None:
+    if not bool(torch.isfinite(factor).all()):
+        raise ValueError(
+            f"NaN or Inf in the {what} of layer {layer!r}: check the inputs, the loss and the "
+            "model's parameters."
+        )
 
 
 @dataclass
@@ -602,6 +608,8 @@ def refit_eigenvalues(
             sums[name] = term if name not in sums else sums[name] + term
     if n == 0:
         raise ValueError("Parameter 'data' yielded no batches.")
+    for name in layers:
+        _check_finite_factor(sums[name], "refitted eigenvalues", name)
     return {name: sums[name] / n for name in layers}
 
 
