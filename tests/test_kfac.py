@@ -570,3 +570,16 @@ def test_ordered_dict_keys_of_factors(fitted_mlp) -> None:
     assert isinstance(factors, OrderedDict) and list(factors) == ["0", "2"]
     with pytest.raises(ValueError, match="must be keyed by the blocks"):
         model.influences_from_factors_by_layer(OrderedDict([("2", factors["2"])]), x, y)
+
+
+def test_sequential_calculator_matches_influences() -> None:
+    calculator = pytest.importorskip("influx.calculator")
+    from influx.torch.util import NestedTorchCatAggregator  # type: ignore[attr-defined]
+
+    net, x, y = conv_setup()
+    model = EkfacInfluence(net, True, 0.01).fit(loader(x, y, 7))
+    lazy = calculator.SequentialInfluenceCalculator(model).influences(
+        loader(x[:5], y[:5], 2), loader(x, y, 8)
+    )
+    values = lazy.compute(aggregator=NestedTorchCatAggregator())
+    assert rel_err(values, model.influences(x[:5], y[:5], x, y)) < 1e-12
