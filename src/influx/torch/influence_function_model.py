@@ -178,7 +178,19 @@ class EkfacInfluence(TorchComposableInfluence):
         max_cache_mb: with `update_diagonal`, the layers' inputs and output gradients of the
             first pass are kept in memory up to this size (in MB) so that the refit needs no
             second pass over the data; beyond it, or with 0, the data is iterated twice. The
-            results are the same either way.
+            results are the same either way (with `fisher="sampled"`, the cached refit reuses
+            the labels drawn in the first pass instead of drawing new ones).
+
+    Attributes:
+        layer_specs: the layers used, by block name
+            ([LayerSpec][influx.torch.kfac.LayerSpec]).
+        kronecker_factors: after `fit`, $A$ and $G$ of every layer
+            ([KroneckerFactors][influx.torch.kfac.KroneckerFactors], float64).
+        eigenbases: after `fit`, their eigendecompositions
+            ([KroneckerEigenbasis][influx.torch.kfac.KroneckerEigenbasis]).
+        eigenvalues: after `fit`, the eigenvalues $s$ `(m, k)` of every layer in the
+            Kronecker eigenbasis (refitted with `update_diagonal`, else
+            $\lambda_G \lambda_A^\top$).
 
     Example:
         ```python
