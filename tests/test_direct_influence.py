@@ -113,6 +113,8 @@ def test_custom_block_structure_and_full_on_one_layer() -> None:
     full = DirectInfluence(net, F.cross_entropy, 0.1).fit(data).influences(x[:3], y[:3], x, y)
     layer = DirectInfluence(net, F.cross_entropy, 0.1, BlockMode.LAYER_WISE).fit(data)
     assert layer.block_names == ["0"]
+    bare = DirectInfluence(net[0], F.cross_entropy, 0.1, BlockMode.LAYER_WISE)
+    assert bare.block_names == ["model"]
     assert rel_err(layer.influences(x[:3], y[:3], x, y), full) < 1e-12
     custom = OrderedDict([("w", ["0.weight"]), ("b", ["0.bias"])])
     model = DirectInfluence(net, F.cross_entropy, {"w": 0.1, "b": 0.2}, custom).fit(data)

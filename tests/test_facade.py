@@ -194,3 +194,29 @@ def test_arnoldi_at_lower_rank_is_approximate(linreg: LinearRegression) -> None:
         for rank in (3, 9, 15)
     ]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+
+
+def test_solve_hvp_ekfac_is_exact_for_one_linear_layer(linreg: LinearRegression) -> None:
+    """For a single linear layer with MSE, the per-sample gradient is r x^T and EK-FAC's
+    eigenvalue refit on the K-FAC eigenbasis is the Gauss-Newton matrix in that basis; the
+    facade returns the same solution as EkfacInfluence's operator and approximates the
+    Gauss-Newton solve."""
+    from influx.torch import EkfacInfluence
+
+    lam = 0.1
+    b = torch.randn(2, linreg.n_params)
+    x, info = solve_hvp(
+        InversionMethod.Ekfac,
+        _wrapped(linreg),
+        loader(linreg.x, linreg.y, 8),
+        b,
+        hessian_perturbation=lam,
+    )
+    assert info["method"] == "ekfac" and x.shape == b.shape
+    model = EkfacInfluence(
+        linreg.model, update_diagonal=True, hessian_regularization=lam, loss=linreg.loss
+    ).fit(loader(linreg.x, linreg.y, 8))
+    op = model.block_mapper.composable_block_dict["model"].op
+    assert rel_err(x, op.apply(b)) < 1e-12
+    gn = torch.linalg.solve(linreg.gauss_newton() + lam * torch.eye(linreg.n_params), b.T).T
+    assert rel_err(x, gn) < 1.0

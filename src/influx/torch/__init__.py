@@ -21,12 +21,14 @@ from .influence_function_model import (
     ArnoldiInfluence,
     CgInfluence,
     DirectInfluence,
+    EkfacInfluence,
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
 )
 from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation, InverseHarmonicMeanOperator
 from .iterative import CgOperator, LissaOperator
+from .kfac import KroneckerFactoredOperator, NotImplementedLayerRepresentationException
 from .low_rank import (
     LowRankApproximation,
     LowRankBilinearForm,
@@ -70,6 +72,7 @@ __all__ = [
     "DictBilinearForm",
     "DirectInfluence",
     "DirectSolveOperator",
+    "EkfacInfluence",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
     "HarmfulRanking",
@@ -79,6 +82,7 @@ __all__ = [
     "JacobiPreconditioner",
     "LissaInfluence",
     "LissaOperator",
+    "KroneckerFactoredOperator",
     "LowRankProductRepresentation",
     "MatrixOperator",
     "NestedTorchCatAggregator",
@@ -91,6 +95,7 @@ __all__ = [
     "LowRankBilinearForm",
     "LowRankOperator",
     "NystroemSketchInfluence",
+    "NotImplementedLayerRepresentationException",
     "OperatorBilinearForm",
     "Preconditioner",
     "SecondOrderMode",

@@ -302,3 +302,47 @@ def solve_inverse_harmonic_mean(
     return InverseHvpResult(
         x, {"method": "inverse_harmonic_mean", "converged": True, "iterations": None}
     )
+
+
+@InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Ekfac)
+def solve_ekfac(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    hessian_perturbation: float = 0.0,
+    *,
+    update_diagonal: bool = True,
+    progress: bool = False,
+) -> InverseHvpResult:
+    r"""$x \approx (\hat F + \lambda I)^{-1} b$ with the layer-wise Kronecker-factored
+    approximation $\hat F$ (EK-FAC, or K-FAC with `update_diagonal=False`) of the empirical
+    Fisher ([EkfacInfluence][influx.torch.influence_function_model.EkfacInfluence]). Every
+    trainable parameter must belong to a supported layer (`nn.Linear`, `nn.Conv2d`)."""
+    from .influence_function_model import EkfacInfluence
+
+    influence = EkfacInfluence(
+        model.model,
+        update_diagonal=update_diagonal,
+        hessian_regularization=hessian_perturbation,
+        progress=progress,
+        loss=model.loss,
+    ).fit(training_data)
+    blocks = influence.block_mapper.composable_block_dict
+    names = [n for n, p in model.model.named_parameters() if p.requires_grad]
+    covered = [n for block in influence._blocks.values() for n in block]
+    if covered != names:
+        raise ValueError(
+            "InversionMethod.Ekfac needs every trainable parameter in a supported layer, in "
+            f"order; the model has {names}, the layers cover {covered}."
+        )
+    single = b.ndim == 1
+    rows = b.unsqueeze(0) if single else b
+    parts = influence.block_mapper._split_to_blocks(rows.to(influence.device))
+    x = torch.cat([blocks[name].op.apply(part) for name, part in parts.items()], dim=1)
+    info: Dict[str, Any] = {
+        "method": "ekfac" if update_diagonal else "kfac",
+        "converged": True,
+        "iterations": None,
+        "details": {"blocks": list(blocks)},
+    }
+    return InverseHvpResult(x[0] if single else x, info)

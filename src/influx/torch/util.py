@@ -46,7 +46,9 @@ class BlockMode(Enum):
 
     * `FULL`: one block named `"model"` with all trainable parameters.
     * `LAYER_WISE`: one block per module owning parameters, named after the module
-      (e.g. `"0"`, `"fc1"`); the curvature is block-diagonal across layers.
+      (e.g. `"0"`, `"fc1"`); parameters of the top-level module itself (a bare
+      `nn.Linear`, say) form the block `"model"`. The curvature is block-diagonal across
+      layers.
     * `PARAMETER_WISE`: one block per trainable parameter, named after it.
 
     A custom structure is an `OrderedDict[str, List[str]]` mapping block names to parameter
@@ -85,7 +87,7 @@ def block_parameters(
             blocks[name] = {name: p}
     elif block_structure is BlockMode.LAYER_WISE:
         for name, p in params.items():
-            layer = name.rsplit(".", 1)[0] if "." in name else name
+            layer = name.rsplit(".", 1)[0] if "." in name else FULL_BLOCK_NAME
             blocks.setdefault(layer, {})[name] = p
     elif isinstance(block_structure, Mapping):
         for block_name, names in block_structure.items():
