@@ -211,6 +211,12 @@ def create_batch_hvp_function(
     return hvp
 
 
+HESSIAN_CHUNK_BUDGET = 2**16
+"""Default number of (Hessian column, sample) pairs processed at once by
+[hessian][influx.torch.functional.hessian]: enough to keep vectorised kernels busy, few
+enough for the intermediate activations (one copy per pair) to stay small."""
+
+
 def hessian(
     model: torch.nn.Module,
     loss: LossFunction,
@@ -221,15 +227,25 @@ def hessian(
 ) -> torch.Tensor:
     r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
 
-    Built column by column from Hessian-vector products, `chunk_size` columns at a time
-    (default: all at once).
+    Built from Hessian-vector products with the columns of the identity, `chunk_size`
+    columns at a time. The cost is that of $P$ Hessian-vector products whatever the chunk
+    size; the chunk size bounds the intermediate activations, which are those of a batch of
+    `chunk_size` times $N$ samples. The default takes $\max(1, \lfloor 2^{16} / N \rfloor)$
+    columns for a batch of $N$ samples.
     """
     size = sum(p.numel() for p in params.values())
     hvp = create_batch_hvp_function(model, loss, params)
     first = next(iter(params.values()))
-    eye = torch.eye(size, dtype=first.dtype, device=first.device)
-    step = size if chunk_size is None else chunk_size
-    return torch.cat([hvp(params, x, y, eye[i : i + step]) for i in range(0, size, step)])
+    if chunk_size is None:
+        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
+    step = min(size, chunk_size)
+    result = torch.empty(size, size, dtype=first.dtype, device=first.device)
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        basis = torch.zeros(stop - start, size, dtype=first.dtype, device=first.device)
+        basis[:, start:stop].fill_diagonal_(1.0)
+        result[start:stop] = hvp(params, x, y, basis)
+    return result
 
 
 def gauss_newton(per_sample_grads: torch.Tensor) -> torch.Tensor:
