@@ -108,7 +108,7 @@ class HessianBatchOperation(BatchOperation):
         return self._hvp(self.params, batch.x, batch.y, tensor)  # type: ignore[no-any-return]
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:
-        return hessian(self.model, self.loss, self.params, batch.x, batch.y, chunk_size=1024)
+        return hessian(self.model, self.loss, self.params, batch.x, batch.y)
 
 
 class GaussNewtonBatchOperation(BatchOperation):

@@ -44,6 +44,8 @@ __all__ = [
     "nystroem_sketch",
 ]
 
+logger = logging.getLogger(__name__)
+
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
 
@@ -195,26 +197,54 @@ def create_batch_hvp_function(
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
 
-    Reverse-over-forward: $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, the directional
-    derivative being a Jacobian-vector product; vectorised over the rows of `V`. The Hessian
-    is never formed.
+    Forward-over-reverse: $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$, a
+    Jacobian-vector product of the gradient map, vectorised over the rows of `V`; the
+    backward pass depends on the primal values only, so the rows of `V` batch into plain
+    matrix products. Where torch's forward-mode rules fail for the loss (e.g. `mse_loss` in
+    some torch versions), it falls back to reverse-over-forward,
+    $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, with the same result. The Hessian is
+    never formed.
     """
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
 
-    def directional(
+    def forward_over_reverse(
         p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        return jvp(lambda q: batch_loss(q, x, y), (p,), (unflatten(v, p),))[1]
+        def gradient(q: ParamDict) -> ParamDict:
+            return grad(batch_loss)(q, x, y)  # type: ignore[no-any-return]
 
-    def one(p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        g = grad(directional)(p, x, y, v)
+        tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
+        return torch.cat([tangent[n].reshape(-1) for n in names])
+
+    def reverse_over_forward(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        def directional(q: ParamDict) -> torch.Tensor:
+            return jvp(lambda r: batch_loss(r, x, y), (q,), (unflatten(v, q),))[1]
+
+        g = grad(directional)(p)
         return torch.cat([g[n].reshape(-1) for n in names])
 
+    strategy = [forward_over_reverse]
+
     def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        return vmap(one, in_dims=(None, None, None, 0))(p, x, y, vs)
+        try:
+            return vmap(strategy[0], in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
+        except RuntimeError as error:
+            if strategy[0] is reverse_over_forward or "ZeroTensor" not in str(error):
+                raise
+            logger.debug("Forward-over-reverse failed (%s): using reverse-over-forward.", error)
+            strategy[0] = reverse_over_forward
+            return vmap(reverse_over_forward, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
 
     return hvp
+
+
+HESSIAN_CHUNK_BUDGET = 2**17
+"""Default number of (Hessian column, sample) pairs processed at once by
+[hessian][influx.torch.functional.hessian]: enough to keep vectorised kernels busy, few
+enough for the intermediate activations (one copy per pair) to stay small."""
 
 
 def hessian(
@@ -227,15 +257,25 @@ def hessian(
 ) -> torch.Tensor:
     r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
 
-    Built column by column from Hessian-vector products, `chunk_size` columns at a time
-    (default: all at once).
+    Built from Hessian-vector products with the columns of the identity, `chunk_size`
+    columns at a time. The cost is that of $P$ Hessian-vector products whatever the chunk
+    size; the chunk size bounds the intermediate activations, which are those of a batch of
+    `chunk_size` times $N$ samples. The default takes $\max(1, \lfloor 2^{17} / N \rfloor)$
+    columns for a batch of $N$ samples.
     """
     size = sum(p.numel() for p in params.values())
     hvp = create_batch_hvp_function(model, loss, params)
     first = next(iter(params.values()))
-    eye = torch.eye(size, dtype=first.dtype, device=first.device)
-    step = size if chunk_size is None else chunk_size
-    return torch.cat([hvp(params, x, y, eye[i : i + step]) for i in range(0, size, step)])
+    if chunk_size is None:
+        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
+    step = min(size, chunk_size)
+    result = torch.empty(size, size, dtype=first.dtype, device=first.device)
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        basis = torch.zeros(stop - start, size, dtype=first.dtype, device=first.device)
+        basis[:, start:stop].fill_diagonal_(1.0)
+        result[start:stop] = hvp(params, x, y, basis)
+    return result
 
 
 def gauss_newton(per_sample_grads: torch.Tensor) -> torch.Tensor:

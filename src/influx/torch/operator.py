@@ -112,12 +112,15 @@ class AveragingBatchOperator(TensorDictOperator):
         count = 0
         batches = iterate_batches(self.dataloader, self.device)
         for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
-            contribution = per_batch(batch) * len(batch)
-            total = contribution if total is None else total + contribution
+            if total is None:
+                total = per_batch(batch) * len(batch)
+            else:
+                # In place: a dense (P, P) curvature is accumulated without temporaries.
+                total.add_(per_batch(batch), alpha=len(batch))
             count += len(batch)
         if total is None:
             raise ValueError("Parameter 'dataloader' yielded no batches.")
-        return total / count
+        return total.div_(count)
 
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._average(lambda b: self.batch_operation.apply(b, tensor), "batches")
@@ -263,9 +266,8 @@ class DirectSolveOperator(TensorOperator):
             regularized = matrix
             self._base: Optional[torch.Tensor] = None
         else:
-            regularized = matrix + lam * torch.eye(
-                matrix.shape[0], dtype=matrix.dtype, device=matrix.device
-            )
+            regularized = matrix.clone()
+            regularized.diagonal().add_(lam)
             self._base = matrix
         self._size = int(matrix.shape[0])
         self._dtype = matrix.dtype
