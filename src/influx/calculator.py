@@ -288,6 +288,41 @@ class SequentialInfluenceCalculator:
             chunk_lengths=functools.partial(_batch_lengths, data_iterable),
         )
 
+    def self_influences(
+        self,
+        data_iterable: Iterable[Tuple[Any, Any]],
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> LazyChunkSequence:
+        r"""Self-influences $I(z_i, z_i)$ of every point, chunk by chunk: the diagonal of the
+        influence matrix with one factor and one gradient per point, never the matrix.
+
+        Args:
+            data_iterable: a re-iterable of `(x, y)` batches, e.g. a `DataLoader` without
+                shuffling.
+            mode: `InfluenceMode.Up` (chunks of shape `(batch_size,)`) or
+                `InfluenceMode.Perturbation` (`(batch_size, *x.shape[1:])`).
+
+        Returns:
+            A lazy sequence; `compute` concatenates the chunks, `to_zarr` writes a 1-D (or,
+            for `Perturbation`, feature-shaped) array.
+        """
+        mode = _check_mode(mode)
+        _check_reiterable(data_iterable, "data_iterable")
+        model = self.influence_function_model
+        compute = _self_influence_function(model)
+
+        def chunks() -> Iterator[LazyChunk]:
+            for item in data_iterable:
+                x, y = _batch(item, "data_iterable")
+                yield LazyChunk(functools.partial(compute, x, y, mode), _length(x))
+
+        return LazyChunkSequence(
+            chunks,  # type: ignore[arg-type]
+            len_generator=_len_or_none(data_iterable),
+            metadata={"quantity": "self_influences", "mode": mode.value},
+            chunk_lengths=functools.partial(_batch_lengths, data_iterable),
+        )
+
     def influences(
         self,
         test_data_iterable: Iterable[Tuple[Any, Any]],
@@ -394,6 +429,28 @@ class SequentialInfluenceCalculator:
             len_outer_generator=_len_or_none(z_test_factors),
             metadata={"quantity": "influences", "mode": mode.value},
         )
+
+
+def _self_influence_function(model: Any) -> Callable[..., Any]:
+    compute = getattr(model, "self_influences", None)
+    if compute is None:
+        raise TypeError(
+            f"{type(model).__name__} does not compute self-influences: it needs a "
+            "'self_influences(x, y, mode)' method, as every influx influence model has."
+        )
+    return compute  # type: ignore[no-any-return]
+
+
+def _self_influences_task(
+    x: np.ndarray,
+    y: np.ndarray,
+    model: InfluenceFunctionModel,
+    converter: NumpyConverter,
+    mode: InfluenceMode,
+    dtype: np.dtype,
+) -> np.ndarray:
+    result = _self_influence_function(model)(converter.from_numpy(x), converter.from_numpy(y), mode)
+    return np.asarray(converter.to_numpy(result), dtype=dtype)
 
 
 def _numpy_dtype(model: Any, fallback: np.dtype) -> np.dtype:
@@ -650,6 +707,48 @@ class DaskInfluenceCalculator:
         ]
         result = da.concatenate([da.concatenate(row, axis=1) for row in grid], axis=0)
         result.zarr_metadata = {"quantity": "influences", "mode": mode.value}  # type: ignore[attr-defined]
+        return result
+
+    def self_influences(
+        self,
+        x: "dask.array.Array",
+        y: "dask.array.Array",
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> "dask.array.Array":
+        r"""Self-influences $I(z_i, z_i)$, one task per chunk: the diagonal of the influence
+        matrix with one factor and one gradient per point.
+
+        Args:
+            x: inputs, chunked along the first axis only.
+            y: targets, chunked like `x`.
+            mode: `InfluenceMode.Up` or `InfluenceMode.Perturbation`.
+
+        Returns:
+            A dask array of shape `(N,)` (`Up`) or `(N, *x.shape[1:])` (`Perturbation`),
+            with the chunks of `x`.
+
+        Raises:
+            InvalidDimensionChunksError: if `x` or `y` is chunked along another axis.
+            UnalignedChunksError: if `x` and `y` have different chunks.
+        """
+        import dask
+        import dask.array as da
+
+        mode = _check_mode(mode)
+        _self_influence_function(self.influence_function_model)
+        self._check_pair(x, y, ("x", "y"))
+        trailing = tuple(x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
+        task = dask.delayed(_self_influences_task, pure=True)
+        blocks = [
+            da.from_delayed(
+                task(xb, yb, self._model_ref, self.numpy_converter, mode, self._dtype),
+                shape=(n,) + trailing,
+                dtype=self._dtype,
+            )
+            for xb, yb, n in zip(self._blocks(x), self._blocks(y), x.chunks[0])
+        ]
+        result = da.concatenate(blocks, axis=0)
+        result.zarr_metadata = {"quantity": "self_influences", "mode": mode.value}  # type: ignore[attr-defined]
         return result
 
     def influences_from_factors(
