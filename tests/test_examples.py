@@ -23,3 +23,14 @@ def test_misclassified_point(tmp_path: Path) -> None:
 
     out = misclassified_point.main(n_train=300, k=3, out=tmp_path / "fig.png")
     assert out.stat().st_size > 5_000
+
+
+def test_dask_zarr(tmp_path: Path) -> None:
+    import dask_zarr
+    import numpy as np
+    import zarr
+
+    out = dask_zarr.main(n_train=900, n_test=30, chunk=400, out=tmp_path / "m.zarr", n_workers=1)
+    stored = zarr.open_array(str(out), mode="r")
+    assert stored.shape == (30, 900)
+    assert np.isfinite(stored[...]).all()
