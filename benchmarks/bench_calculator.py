@@ -178,7 +178,6 @@ def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, wo
                     import pydvl.influence.torch  # noqa: F401
 
             client.run(warm_up)
-            client.run(_start_worker_sampler)
             dx = da.from_array(x_train, chunks=(TRAIN_CHUNK, -1))
             dy = da.from_array(y_train, chunks=TRAIN_CHUNK)
             dx_test = da.from_array(x_test, chunks=(TEST_CHUNK, -1))
@@ -188,6 +187,8 @@ def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, wo
                 from influx.array import dask_array_to_zarr
 
                 calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+                _warm_workers(calc, dx_test, dy_test, dx, dy)
+                client.run(_start_worker_sampler)
                 start = time.perf_counter()
                 values = calc.influences(dx_test, dy_test, dx, dy)
                 dask_array_to_zarr(values, str(path), overwrite=True)
@@ -195,6 +196,8 @@ def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, wo
                 from pydvl.influence.influence_calculator import DaskInfluenceCalculator
 
                 calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+                _warm_workers(calc, dx_test, dy_test, dx, dy)
+                client.run(_start_worker_sampler)
                 start = time.perf_counter()
                 values = calc.influences(dx_test, dy_test, dx, dy)
                 values.to_zarr(str(path), overwrite=True)
@@ -202,6 +205,14 @@ def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, wo
             result["peak_mb"] = max(client.run(_stop_worker_sampler).values())
     result["path"] = str(path)
     print(json.dumps(result))
+
+
+def _warm_workers(calc: Any, x_test: Any, y_test: Any, x: Any, y: Any) -> None:
+    """With BENCH_WARM=1, compute a few blocks first so that both workers have run torch."""
+    if os.environ.get("BENCH_WARM") != "1":
+        return
+    n_test, n_train = 2 * TEST_CHUNK, 4 * TRAIN_CHUNK
+    calc.influences(x_test[:n_test], y_test[:n_test], x[:n_train], y[:n_train]).compute()
 
 
 def _batches(x: Any, y: Any, size: int) -> List[Tuple[Any, Any]]:
@@ -254,6 +265,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--small-train", type=int, default=5000)
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--schedulers", default="sequential,dask")
     args = parser.parse_args()
     import torch
 
@@ -267,7 +279,7 @@ def main() -> None:
             repeats = args.repeats if n_train == args.n_train else 1
             thread_settings = ("1", "default") if n_train == args.n_train else ("1",)
             for threads in thread_settings:
-                for scheduler in ("sequential", "dask"):
+                for scheduler in args.schedulers.split(","):
                     measured: Dict[str, List[Dict[str, Any]]] = {"influx": [], "reference": []}
                     for _ in range(repeats):
                         for lib in ("influx", "reference"):

@@ -235,10 +235,18 @@ def test_torch_dataset_to_dask_array() -> None:
         torch_dataset_to_dask_array(TensorDataset(x, y), 4, total_size=5)
 
 
-def test_dask_array_to_zarr_rejects_irregular_chunks(tmp_path: Path) -> None:
+def test_dask_array_to_zarr_chunks_and_progress(client: Client, tmp_path: Path) -> None:
     array = da.ones((10, 4), chunks=((3, 5, 2), (4,)))
     with pytest.raises(ValueError, match="regular chunks along axis 0"):
         dask_array_to_zarr(array, tmp_path / "i.zarr")
+    with pytest.raises(ValueError, match="chunked along its first 2 axes only"):
+        dask_array_to_zarr(da.ones((4, 4, 4), chunks=2), tmp_path / "j.zarr")
+    regular = da.arange(40.0, chunks=7).reshape(10, 4).rechunk((3, 4))
+    stored = dask_array_to_zarr(regular, tmp_path / "r.zarr", progress=True, return_stored=True)
+    assert stored is not None and stored.chunks == (3, 4)
+    np.testing.assert_array_equal(stored[...], np.arange(40.0).reshape(10, 4))
+    with pytest.raises(ValueError, match="An array exists at"):
+        dask_array_to_zarr(regular, tmp_path / "r.zarr")
 
 
 @pytest.mark.slow
