@@ -21,6 +21,7 @@ influence model of each library (or, for arguments that are not JSON, a `builder
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib
 import json
@@ -349,6 +350,7 @@ def _interpreter_works(python: str, module: str) -> bool:
     return probe.returncode == 0
 
 
+@functools.cache
 def reference_python() -> Optional[str]:
     """The reference library's interpreter (env INFLUX_REF_PYTHON, default
     /work/venv-ref/bin/python) if it can import pyDVL's torch influence module, else None."""
