@@ -60,7 +60,7 @@ from .low_rank import (
     validate_rank,
 )
 from .operator import DirectSolveOperator, SecondOrderMode, curvature_operator, iterate_batches
-from .preconditioner import Preconditioner
+from .preconditioner import Preconditioner, check_preconditioner
 from .util import (
     BlockMode,
     BlockStructure,
@@ -257,11 +257,7 @@ class CgInfluence(TorchComposableInfluence):
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
     ):
         super().__init__(model, block_structure, regularization)
-        if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
-            raise TypeError(
-                "Parameter 'preconditioner' must be a Preconditioner or None, got "
-                f"{type(preconditioner).__name__}."
-            )
+        check_preconditioner(preconditioner)
         self.loss = loss
         self.rtol = rtol
         self.atol = atol

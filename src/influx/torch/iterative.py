@@ -37,7 +37,7 @@ from ..types import SolverDiagnostics
 from .base import TensorOperator, TorchBatch
 from .batch_operation import BatchOperation
 from .operator import iterate_batches
-from .preconditioner import Preconditioner
+from .preconditioner import Preconditioner, check_preconditioner
 from .util import validate_regularization
 
 __all__ = [
@@ -628,11 +628,7 @@ class CgOperator(TensorOperator):
             )
         validate_regularization(regularization)
         _validate_cg_settings(rtol, atol, maxiter)
-        if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
-            raise TypeError(
-                "Parameter 'preconditioner' must be a Preconditioner or None, got "
-                f"{type(preconditioner).__name__}."
-            )
+        check_preconditioner(preconditioner)
         self.operator = operator
         self._regularization = regularization
         self.rtol = rtol

@@ -250,3 +250,12 @@ class NystroemPreconditioner(Preconditioner):
         coefficients = rhs @ u  # (N, r)
         scaled = coefficients * (smallest / (evals + lam))
         return rhs - coefficients @ u.T + scaled @ u.T
+
+
+def check_preconditioner(preconditioner: Optional[Preconditioner]) -> None:
+    """Raise a TypeError unless `preconditioner` is a Preconditioner or None."""
+    if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
+        raise TypeError(
+            "Parameter 'preconditioner' must be a Preconditioner or None, got "
+            f"{type(preconditioner).__name__}."
+        )
