@@ -60,13 +60,15 @@ class SecondOrderMode(str, Enum):
     GAUSS_NEWTON = "gauss_newton"
 
 
-def iterate_batches(data: Iterable, device: torch.device) -> Iterator[TorchBatch]:
+def iterate_batches(
+    data: Iterable, device: torch.device, name: str = "data"
+) -> Iterator[TorchBatch]:
     """Yield the `(x, y)` batches of a data loader as [TorchBatch][influx.torch.base.TorchBatch]
-    on `device`."""
+    on `device`; `name` is the parameter named in the error for anything but pairs."""
     for index, batch in enumerate(data):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
-                "Parameter 'data' must yield pairs (x, y) of tensors; batch "
+                f"Parameter '{name}' must yield pairs (x, y) of tensors; batch "
                 f"{index} is a {type(batch).__name__}"
                 + (f" of length {len(batch)}." if isinstance(batch, (tuple, list)) else ".")
             )

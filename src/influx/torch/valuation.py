@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..types import InfluenceMode, NotFittedException
-from .base import TorchBatch, TorchComposableInfluence
+from .base import TorchComposableInfluence
+from .operator import iterate_batches
 
 __all__ = [
     "HarmfulRanking",
@@ -78,16 +79,6 @@ def _check_fitted(model: Any) -> TorchComposableInfluence:
     return model
 
 
-def _batches(data: Iterable, name: str, device: torch.device) -> Iterator[TorchBatch]:
-    for index, batch in enumerate(data):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(
-                f"Parameter '{name}' must yield pairs (x, y) of tensors; batch {index} is a "
-                f"{type(batch).__name__}."
-            )
-        yield TorchBatch(batch[0], batch[1]).to(device)
-
-
 def rank_training_points(
     model: TorchComposableInfluence,
     train_data: Iterable[Tuple[torch.Tensor, torch.Tensor]],
@@ -122,7 +113,7 @@ def rank_training_points(
     model = _check_fitted(model)
     blocks = model.block_mapper.composable_block_dict
     summed: Dict[str, torch.Tensor] = {}
-    for batch in _batches(validation_data, "validation_data", model.device):
+    for batch in iterate_batches(validation_data, model.device, "validation_data"):
         for name, block in blocks.items():
             g = block.gradient_provider.flat_grads(batch).sum(dim=0, keepdim=True)
             summed[name] = g + summed[name] if name in summed else g
@@ -130,7 +121,7 @@ def rank_training_points(
         raise ValueError("Parameter 'validation_data' yielded no batches.")
     factors = {name: block.op.apply(summed[name]) for name, block in blocks.items()}
     values = []
-    batches = _batches(train_data, "train_data", model.device)
+    batches = iterate_batches(train_data, model.device, "train_data")
     for batch in tqdm(batches, desc="ranking", disable=not progress, leave=False):
         total = sum(
             block.interactions_from_transformed_grads(factors[name], batch, InfluenceMode.Up)[0]
@@ -181,7 +172,7 @@ def top_k_influences(
         (
             (batch.x, model.influences_from_factors(factors, batch.x, batch.y))
             for batch in tqdm(
-                _batches(train_data, "train_data", model.device),
+                iterate_batches(train_data, model.device, "train_data"),
                 desc="top-k",
                 disable=not progress,
                 leave=False,
