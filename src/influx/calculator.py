@@ -47,7 +47,7 @@ from .array import (
     NestedLazyChunkSequence,
     NumpyConverter,
 )
-from .types import InfluenceFunctionModel, InfluenceMode, _check_mode
+from .types import InfluenceFunctionModel, InfluenceMode, check_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -214,7 +214,7 @@ def _from_factors(
     return model.influences_from_factors(factors(), x, y, mode)
 
 
-def _check_model(model: Any) -> None:
+def check_model(model: Any) -> None:
     if not isinstance(model, InfluenceFunctionModel):
         raise TypeError(
             "Parameter 'influence_function_model' must be an InfluenceFunctionModel, got "
@@ -260,7 +260,7 @@ class SequentialInfluenceCalculator:
     """
 
     def __init__(self, influence_function_model: InfluenceFunctionModel):
-        _check_model(influence_function_model)
+        check_model(influence_function_model)
         self.influence_function_model = influence_function_model
 
     def influence_factors(self, data_iterable: Iterable[Tuple[Any, Any]]) -> LazyChunkSequence:
@@ -306,7 +306,7 @@ class SequentialInfluenceCalculator:
             A lazy sequence; `compute` concatenates the chunks, `to_zarr` writes a 1-D (or,
             for `Perturbation`, feature-shaped) array.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         _check_reiterable(data_iterable, "data_iterable")
         model = self.influence_function_model
         compute = _self_influence_function(model)
@@ -352,7 +352,7 @@ class SequentialInfluenceCalculator:
             A lazy nested sequence: rows of chunks of shape `(test_batch, train_batch)`
             (`Up`) or `(test_batch, train_batch, *x.shape[1:])` (`Perturbation`).
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         _check_reiterable(test_data_iterable, "test_data_iterable")
         _check_reiterable(train_data_iterable, "train_data_iterable")
         model = self.influence_function_model
@@ -411,7 +411,7 @@ class SequentialInfluenceCalculator:
         Returns:
             A lazy nested sequence, as for `influences`.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         _check_reiterable(z_test_factors, "z_test_factors")
         _check_reiterable(train_data_iterable, "train_data_iterable")
 
@@ -527,7 +527,7 @@ class DaskInfluenceCalculator:
         converter: NumpyConverter,
         client: Union["Client", Type[DisableClientSingleThreadCheck]],
     ):
-        _check_model(influence_function_model)
+        check_model(influence_function_model)
         if not isinstance(converter, NumpyConverter):
             raise TypeError(
                 f"Parameter 'converter' must be a NumpyConverter, got {type(converter).__name__}."
@@ -665,7 +665,7 @@ class DaskInfluenceCalculator:
             InvalidDimensionChunksError: if an input is chunked along another axis.
             UnalignedChunksError: if inputs and targets are chunked differently.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         if (x is None) != (y is None):
             missing, given = ("y", "x") if y is None else ("x", "y")
             raise ValueError(
@@ -734,7 +734,7 @@ class DaskInfluenceCalculator:
         import dask
         import dask.array as da
 
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         _self_influence_function(self.influence_function_model)
         self._check_pair(x, y, ("x", "y"))
         trailing = tuple(x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
@@ -780,7 +780,7 @@ class DaskInfluenceCalculator:
             InvalidDimensionChunksError: if an input is chunked along another axis.
             UnalignedChunksError: if `x` and `y` are chunked differently.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         self._check_array(z_test_factors, "z_test_factors")
         if z_test_factors.ndim != 2 or z_test_factors.shape[1] != self.n_parameters:
             raise ValueError(

@@ -49,6 +49,8 @@ from typing import (
     Union,
 )
 
+from .errors import InfluxError, NotFittedException, UnsupportedInfluenceModeException
+
 __all__ = [
     "Batch",
     "BilinearForm",
@@ -62,6 +64,8 @@ __all__ = [
     "OperatorGradientComposition",
     "UnsupportedInfluenceModeException",
     "SolverDiagnostics",
+    "InfluxError",
+    "check_mode",
 ]
 
 TensorType = TypeVar("TensorType")
@@ -115,26 +119,7 @@ class SolverDiagnostics:
     details: Dict[str, Any] = field(default_factory=dict)
 
 
-class NotFittedException(ValueError):
-    """Raised when an influence model is used before [fit][influx.types.InfluenceFunctionModel.fit]."""
-
-    def __init__(self, object_type: type):
-        super().__init__(
-            f"{object_type.__name__} is not fitted: call 'fit' with the training data first."
-        )
-
-
-class UnsupportedInfluenceModeException(ValueError):
-    """Raised for an influence mode that a method cannot compute."""
-
-    def __init__(self, mode: Any):
-        valid = ", ".join(f"InfluenceMode.{m.name}" for m in InfluenceMode)
-        super().__init__(
-            f"Parameter 'mode': unsupported influence mode {mode!r}, expected one of {valid}."
-        )
-
-
-def _check_mode(mode: Any) -> InfluenceMode:
+def check_mode(mode: Any) -> InfluenceMode:
     """Return `mode` as an [InfluenceMode][influx.types.InfluenceMode] or raise."""
     try:
         return InfluenceMode(mode)
@@ -248,7 +233,7 @@ class OperatorGradientComposition(
         for `Up`, and with $\nabla_x\nabla_\theta \ell(\text{right}_j)$ on the right for
         `Perturbation`. If `right_batch` is None, `left_batch` is used on both sides.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         bilinear_form = self.op.as_bilinear_form()
         if mode is InfluenceMode.Up:
             return bilinear_form.grads_inner_prod(  # type: ignore[no-any-return]
@@ -273,7 +258,7 @@ class OperatorGradientComposition(
         (`Up`, shape `(N,)`), or with $\nabla_x\nabla_\theta \ell(z_i)$ on the right
         (`Perturbation`, shape `(N, *x.shape[1:])`): the diagonal of `interactions(batch, None)`
         with one factor and one gradient per sample."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.self_interactions_from_transformed_grads(
             self.transformed_grads(batch), batch, mode
         )
@@ -528,7 +513,7 @@ class ComposableInfluence(
         y: Optional[TensorType] = None,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> TensorType:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
         return self._sum(self.block_mapper.generate_interactions(left, right, mode))
 
@@ -545,7 +530,7 @@ class ComposableInfluence(
 
         The sum over blocks equals `influences`.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
         return self.block_mapper.interactions(left, right, mode)
 
@@ -561,7 +546,7 @@ class ComposableInfluence(
         and the shape `(N, *x.shape[1:])`. Large self-influence marks points the model has
         to bend to fit (outliers, mislabeled samples).
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         batch = self._create_batch(x, y)
         return self._sum(self.block_mapper.self_interactions(batch, mode).values())
 
@@ -570,7 +555,7 @@ class ComposableInfluence(
         self, x: TensorType, y: TensorType, mode: InfluenceMode = InfluenceMode.Up
     ) -> "OrderedDict[str, TensorType]":
         """Self-influences (see `self_influences`) restricted to each block."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.block_mapper.self_interactions(self._create_batch(x, y), mode)
 
     @InfluenceFunctionModel.fit_required
@@ -581,7 +566,7 @@ class ComposableInfluence(
         y: TensorType,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> TensorType:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         blocks = self.block_mapper.generate_interactions_from_transformed_grads(
             z_test_factors, self._create_batch(x, y), mode
         )
@@ -596,7 +581,7 @@ class ComposableInfluence(
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> "OrderedDict[str, TensorType]":
         """Block-wise influences from block-wise pre-computed factors."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.block_mapper.interactions_from_transformed_grads(
             z_test_factors, self._create_batch(x, y), mode
         )

@@ -15,20 +15,33 @@ from .base import (
     TorchGradientProvider,
     TorchOperatorGradientComposition,
 )
-from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
-from .functional import LowRankProductRepresentation
-from .influence_function_model import (
-    ArnoldiInfluence,
-    CgInfluence,
-    DirectInfluence,
-    EkfacInfluence,
-    InverseHarmonicMeanInfluence,
-    LissaInfluence,
-    NystroemSketchInfluence,
+from .batch_operation import (
+    BatchOperation,
+    GaussNewtonBatchOperation,
+    HessianBatchOperation,
+    InverseHarmonicMeanBatchOperation,
 )
-from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation, InverseHarmonicMeanOperator
-from .iterative import CgOperator, LissaOperator
-from .kfac import KroneckerFactoredOperator, NotImplementedLayerRepresentationException
+from .cg import CgOperator
+from .composition import (
+    ArnoldiSolver,
+    CgSolver,
+    Curvature,
+    DirectSolver,
+    FactoredSolver,
+    InverseHarmonicMeanSolver,
+    KroneckerCurvature,
+    LissaSolver,
+    ModeCurvature,
+    NystroemSolver,
+    Solver,
+)
+from .curvature import GaussNewtonOperator, HessianOperator, SecondOrderMode
+from .direct import DirectSolveOperator
+from .functional import LowRankProductRepresentation
+from .inverse_harmonic_mean import InverseHarmonicMeanOperator
+from .kfac import NotImplementedLayerRepresentationException
+from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
+from .lissa import LissaOperator
 from .low_rank import (
     LowRankApproximation,
     LowRankBilinearForm,
@@ -39,14 +52,18 @@ from .low_rank import (
     model_hessian_nystroem_approximation,
     nystroem_low_rank,
 )
-from .operator import (
-    DirectSolveOperator,
-    GaussNewtonOperator,
-    HessianOperator,
-    MatrixOperator,
-    SecondOrderMode,
+from .models import (
+    ArnoldiInfluence,
+    CgInfluence,
+    ComposedInfluence,
+    DirectInfluence,
+    EkfacInfluence,
+    InverseHarmonicMeanInfluence,
+    LissaInfluence,
+    NystroemSketchInfluence,
 )
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (
     BlockMode,
@@ -64,6 +81,20 @@ from .valuation import (
 )
 
 __all__ = [
+    "ArnoldiSolver",
+    "CgSolver",
+    "ComposedInfluence",
+    "Curvature",
+    "DirectSolver",
+    "FactoredSolver",
+    "InverseHarmonicMeanSolver",
+    "KroneckerCurvature",
+    "KroneckerFactoredCurvature",
+    "LissaSolver",
+    "ModeCurvature",
+    "NystroemSolver",
+    "ShiftedOperator",
+    "Solver",
     "ArnoldiInfluence",
     "BatchOperation",
     "BlockMode",

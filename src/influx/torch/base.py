@@ -1,15 +1,20 @@
-r"""The torch implementation of the protocols in [influx.types][influx.types].
+r"""Composition: influence models made of blocks, each an operator with its gradients.
 
 A [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence] splits the model's
 parameters into blocks (see [BlockMode][influx.torch.util.BlockMode]); each block is a
 [TorchOperatorGradientComposition][influx.torch.base.TorchOperatorGradientComposition] of an
 operator $A_b \approx (C_b + \lambda_b I)^{-1}$ and a
-[TorchGradientProvider][influx.torch.base.TorchGradientProvider] restricted to the block.
-The influence of training point $z$ on test point $z'$ is the sum over blocks
+[TorchGradientProvider][influx.torch.gradients.TorchGradientProvider] restricted to the block.
+The operator comes from a [Curvature][influx.torch.composition.Curvature] and a
+[Solver][influx.torch.composition.Solver]. The influence of training point $z$ on test point
+$z'$ is the sum over blocks
 
 $$
 I(z', z) = \sum_b \langle A_b \nabla_{\theta_b} \ell(z'), \nabla_{\theta_b} \ell(z)\rangle .
 $$
+
+This module is also where pyDVL's `influence.torch.base` names live: the batch, the gradient
+provider, the bilinear forms and the operator bases are re-exported from their own modules.
 """
 
 from __future__ import annotations
@@ -18,48 +23,46 @@ import copy
 import functools
 import inspect
 import logging
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..errors import NotFittedException
 from ..types import (
-    Batch,
-    BilinearForm,
     BlockMapper,
     ComposableInfluence,
-    GradientProvider,
     InfluenceMode,
-    Operator,
     OperatorGradientComposition,
     SolverDiagnostics,
-    _check_mode,
+    check_mode,
 )
-from .functional import (
-    LossFunction,
-    create_matrix_jacobian_product_function,
-    create_per_sample_gradient_function,
-    create_per_sample_mixed_derivative_function,
-    flatten_dimensions,
-    get_model_parameters,
+from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
+from .composition import Curvature, Solver
+from .data import TorchBatch
+from .functional import LossFunction
+from .gradients import TorchGradientProvider
+from .low_rank import LowRankBilinearForm
+from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
+from .tensor_operator import (
+    OperatorState,
+    StateContext,
+    TensorDictOperator,
+    TensorOperator,
+    restore_operator,
 )
-from .util import (
-    BlockMode,
-    BlockStructure,
-    RegularizationType,
-    block_parameters,
-    regularization_by_block,
-)
+from .util import BlockMode, BlockStructure, block_parameters
+from .validation import RegularizationType, regularization_by_block
 
 __all__ = [
     "TorchBatch",
     "TorchGradientProvider",
     "OperatorBilinearForm",
     "DictBilinearForm",
+    "LowRankBilinearForm",
     "TensorOperator",
     "TensorDictOperator",
     "TorchOperatorGradientComposition",
@@ -68,304 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TorchBatch(Batch):
-    """Inputs `x` and targets `y` of one batch; their first dimensions must agree."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        for name in ("x", "y"):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"Parameter '{name}' must be a torch.Tensor, got {type(value).__name__}."
-                )
-            if value.ndim == 0:
-                raise ValueError(
-                    f"Parameter '{name}' must have a batch dimension, got a scalar tensor."
-                )
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                "Parameters 'x' and 'y' must have the same number of samples (first "
-                f"dimension), got x with shape {tuple(self.x.shape)} and y with shape "
-                f"{tuple(self.y.shape)}."
-            )
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def to(self, device: torch.device) -> "TorchBatch":
-        """A batch on `device` (self is unchanged)."""
-        return TorchBatch(self.x.to(device), self.y.to(device))
-
-
-def _check_finite(grads: Dict[str, torch.Tensor], what: str, block: Optional[str]) -> None:
-    bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
-    if bad:
-        where = f" in block {block!r}" if block is not None else ""
-        raise ValueError(
-            f"NaN or Inf in the {what}{where} for parameters {bad}: check the inputs, the "
-            "loss and the model's parameters."
-        )
-
-
-class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
-    r"""Per-sample gradients of $\ell_i(\theta) = \text{loss}(f_\theta(x_i), y_i)$ via `torch.func`.
-
-    For parameters $\theta = (\theta_1, \dots, \theta_k)$ (all trainable parameters, or those
-    in `restrict_to`) it computes
-
-    * `grads`: $\{\theta_j: \nabla_{\theta_j} \ell_i\}$, shapes `(N, *theta_j.shape)`;
-    * `flat_grads`: the same flattened and concatenated, shape `(N, P)`;
-    * `mixed_grads`: $\{\theta_j: \nabla_x \nabla_{\theta_j} \ell_i\}$, shapes `(N, F, d_j)`
-      with $F$ the number of input features and $d_j$ the size of $\theta_j$;
-    * `flat_mixed_grads`: shape `(N, F, P)`;
-    * `jacobian_prod`: $(\nabla_\theta \ell_i \cdot g_k)_{ik}$ without forming the gradients.
-
-    Gradients containing NaN or Inf raise a `ValueError` naming the parameters.
-
-    Args:
-        model: the model $f_\theta$.
-        loss: the loss function `loss(prediction, target)` with mean reduction.
-        restrict_to: the parameters to differentiate with respect to, by name; None means all
-            trainable parameters of the model.
-        block_name: a name used in error messages.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-        block_name: Optional[str] = None,
-    ):
-        self.model = model
-        self.loss = loss
-        if restrict_to is None:
-            self.params = get_model_parameters(model)
-        else:
-            self.params = {k: p.detach() for k, p in restrict_to.items()}
-        self.block_name = block_name
-        self._grad_fn = create_per_sample_gradient_function(model, loss, self.params)
-        self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, self.params)
-        self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, self.params)
-
-    @property
-    def input_size(self) -> int:
-        return sum(p.numel() for p in self.params.values())
-
-    def grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
-        result: Dict[str, torch.Tensor] = self._grad_fn(self.params, batch.x, batch.y)
-        _check_finite(result, "per-sample gradients", self.block_name)
-        return result
-
-    def mixed_grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
-        raw: Dict[str, torch.Tensor] = self._mixed_fn(self.params, batch.x, batch.y)
-        n = batch.x.shape[0]
-        n_features = batch.x[0].numel()
-        result = {name: g.reshape(n, n_features, -1) for name, g in raw.items()}
-        _check_finite(result, "per-sample mixed derivatives", self.block_name)
-        return result
-
-    def flat_grads(self, batch: TorchBatch) -> torch.Tensor:
-        return flatten_dimensions(self.grads(batch).values(), shape=(len(batch), -1))
-
-    def flat_mixed_grads(self, batch: TorchBatch) -> torch.Tensor:
-        return torch.cat(list(self.mixed_grads(batch).values()), dim=-1)
-
-    def jacobian_prod(self, batch: TorchBatch, g: torch.Tensor) -> torch.Tensor:
-        if g.ndim != 2 or g.shape[1] != self.input_size:
-            raise ValueError(
-                f"Parameter 'g' must have shape (K, {self.input_size}), got {tuple(g.shape)}."
-            )
-        result: torch.Tensor = self._jac_prod_fn(self.params, batch.x, batch.y, g)
-        _check_finite({"jacobian_prod": result}, "Jacobian products", self.block_name)
-        return result
-
-
-def _perturbation_product(
-    left: torch.Tensor, right_mixed: torch.Tensor, x_shape: Tuple[int, ...]
-) -> torch.Tensor:
-    """$\\langle l_i, m_{jf}\\rangle$ for `left` `(N, P)` and `right_mixed` `(M, F, P)`."""
-    values = torch.einsum("ip,jfp->ijf", left, right_mixed)
-    return values.reshape(left.shape[0], right_mixed.shape[0], *x_shape)
-
-
-class OperatorBilinearForm(BilinearForm[torch.Tensor, TorchBatch, TorchGradientProvider]):
-    r"""The bilinear form $B(u, v) = \langle A u, v\rangle$ of a tensor operator $A$.
-
-    The operator is applied to the left-hand side only: for influences, the (few) test
-    gradients.
-    """
-
-    def __init__(self, operator: "TensorOperator"):
-        self.operator = operator
-
-    def inner_prod(self, left: torch.Tensor, right: Optional[torch.Tensor]) -> torch.Tensor:
-        r"""$\langle A u_i, v_j\rangle$ for the rows of `left` and `right`, `(N_left, N_right)`."""
-        right = left if right is None else right
-        return self.operator.apply(left) @ right.T
-
-    def mixed_grads_inner_prod(
-        self,
-        left: TorchBatch,
-        right: Optional[TorchBatch],
-        gradient_provider: TorchGradientProvider,
-    ) -> torch.Tensor:
-        right = left if right is None else right
-        left_factors = self.operator.apply(gradient_provider.flat_grads(left))
-        right_mixed = gradient_provider.flat_mixed_grads(right)
-        return _perturbation_product(left_factors, right_mixed, tuple(right.x.shape[1:]))
-
-
-class DictBilinearForm(OperatorBilinearForm):
-    r"""Bilinear form of a [TensorDictOperator][influx.torch.base.TensorDictOperator].
-
-    Pairs gradients kept as dictionaries by parameter name, avoiding the flattening of
-    gradients into one vector: $B(u, v) = \sum_k \langle (A u)_k, v_k\rangle$.
-    """
-
-    operator: "TensorDictOperator"
-
-    def __init__(self, operator: "TensorDictOperator"):
-        super().__init__(operator)
-
-    def grads_inner_prod(
-        self,
-        left: TorchBatch,
-        right: Optional[TorchBatch],
-        gradient_provider: TorchGradientProvider,
-    ) -> torch.Tensor:
-        left_grads = gradient_provider.grads(left)
-        right_grads = left_grads if right is None else gradient_provider.grads(right)
-        applied = self.operator.apply_to_dict(left_grads)
-        return self._dict_inner_prod(applied, right_grads)
-
-    @staticmethod
-    def _dict_inner_prod(
-        left: Dict[str, torch.Tensor], right: Dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        total: Optional[torch.Tensor] = None
-        for key, value in left.items():
-            term = value.reshape(value.shape[0], -1) @ right[key].reshape(right[key].shape[0], -1).T
-            total = term if total is None else total + term
-        assert total is not None
-        return total
-
-
-class TensorOperator(Operator[torch.Tensor, OperatorBilinearForm], ABC):
-    """An operator acting on the rows of tensors whose last dimension is `input_size`.
-
-    Subclasses implement `_apply` for a 2-D tensor `(N, input_size)`; `apply` validates the
-    input and also accepts a single vector.
-    """
-
-    @property
-    @abstractmethod
-    def input_size(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
-
-    @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
-
-    diagnostics: Optional[SolverDiagnostics] = None
-    """What the solver reported on the last `apply` (None for operators that do not solve)."""
-
-    @property
-    def regularization(self) -> Optional[float]:
-        """The regularization $\\lambda$ of the operator, if it has one."""
-        return getattr(self, "_regularization", None)
-
-    def with_regularization(self, regularization: Optional[float]) -> "TensorOperator":
-        """A new operator with regularization `regularization`, reusing what does not depend
-        on it (self is unchanged)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} does not support changing its regularization."
-        )
-
-    def _validate_tensor_input(self, tensor: torch.Tensor) -> None:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"Parameter 'tensor' must be a torch.Tensor, got {type(tensor).__name__}."
-            )
-        if tensor.ndim not in (1, 2) or tensor.shape[-1] != self.input_size:
-            raise ValueError(
-                f"Parameter 'tensor' must have shape ({self.input_size},) or "
-                f"(N, {self.input_size}) to match the operator's input size, got "
-                f"{tuple(tensor.shape)}."
-            )
-
-    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Apply the operator to a vector `(P,)` or to every row of a matrix `(N, P)`."""
-        self._validate_tensor_input(tensor)
-        tensor = tensor.to(device=self.device)
-        if tensor.ndim == 1:
-            return self._apply(tensor.unsqueeze(0)).squeeze(0)
-        return self._apply(tensor)
-
-    @abstractmethod
-    def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Apply the operator to every row of a 2-D tensor."""
-
-    def as_bilinear_form(self) -> OperatorBilinearForm:
-        return OperatorBilinearForm(self)
-
-
-class TensorDictOperator(TensorOperator, ABC):
-    """A tensor operator that also acts on dictionaries of tensors by parameter name.
-
-    Inputs must match `input_dict_structure` (shapes without the batch dimension).
-    """
-
-    @property
-    @abstractmethod
-    def input_dict_structure(self) -> Dict[str, Tuple[int, ...]]: ...
-
-    def _validate_mat_dict(self, mat: Dict[str, torch.Tensor]) -> None:
-        structure = self.input_dict_structure
-        if not isinstance(mat, dict) or list(mat) != list(structure):
-            given = list(mat) if isinstance(mat, dict) else type(mat).__name__
-            raise ValueError(
-                f"Parameter 'mat' must be a dict with keys {list(structure)}, got {given}."
-            )
-        batch_sizes = {v.shape[0] for v in mat.values()}
-        for key, shape in structure.items():
-            if tuple(mat[key].shape[1:]) != tuple(shape):
-                raise ValueError(
-                    f"Parameter 'mat': entry {key!r} must have shape (N, *{tuple(shape)}), got "
-                    f"{tuple(mat[key].shape)}."
-                )
-        if len(batch_sizes) != 1:
-            raise ValueError(
-                f"Parameter 'mat': all entries must share the batch dimension, got {batch_sizes}."
-            )
-
-    def apply_to_dict(self, mat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Apply the operator to a dictionary of tensors matching `input_dict_structure`."""
-        self._validate_mat_dict(mat)
-        mat = {k: v.to(self.device) for k, v in mat.items()}
-        return self._apply_to_dict(mat)
-
-    def _apply_to_dict(self, mat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        n = next(iter(mat.values())).shape[0]
-        flat = flatten_dimensions(mat.values(), shape=(n, -1))
-        result = self._apply(flat)
-        sizes = [v[0].numel() for v in mat.values()]
-        return {
-            key: chunk.reshape(mat[key].shape)
-            for key, chunk in zip(mat, torch.split(result, sizes, dim=1))
-        }
-
-    def as_bilinear_form(self) -> OperatorBilinearForm:
-        return DictBilinearForm(self)
 
 
 TorchOperatorType = TypeVar("TorchOperatorType", bound=TensorOperator)
@@ -393,6 +98,12 @@ class TorchOperatorGradientComposition(
             )
         super().__init__(op, gp)
 
+    def to(self, device: torch.device) -> "TorchOperatorGradientComposition":
+        """Move the operator and the gradient provider to `device`; return self."""
+        self.op = self.op.to(device)
+        self.gradient_provider = self.gradient_provider.to(device)
+        return self
+
     def interactions_from_transformed_grads(
         self, left_factors: torch.Tensor, right_batch: TorchBatch, mode: InfluenceMode
     ) -> torch.Tensor:
@@ -400,7 +111,7 @@ class TorchOperatorGradientComposition(
 
         With $\nabla_x \nabla_\theta \ell(\text{right}_j)$ on the right for `Perturbation`.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         size = self.gradient_provider.input_size
         if left_factors.ndim != 2 or left_factors.shape[1] != size:
             raise ValueError(
@@ -411,12 +122,12 @@ class TorchOperatorGradientComposition(
         if mode is InfluenceMode.Up:
             return left_factors @ self.gradient_provider.flat_grads(right_batch).T
         right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
-        return _perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
+        return perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
 
     def self_interactions_from_transformed_grads(
         self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
     ) -> torch.Tensor:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         factors = factors.to(self.op.device)
         if mode is InfluenceMode.Up:
             return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
@@ -429,6 +140,12 @@ class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradie
     """Maps computations over blocks of [TorchOperatorGradientComposition][influx.torch.base.TorchOperatorGradientComposition]."""
 
     composable_block_dict: "OrderedDict[str, TorchOperatorGradientComposition]"
+
+    def to(self, device: torch.device) -> "TorchBlockMapper":
+        """Move every block to `device`; return self."""
+        for block in self.composable_block_dict.values():
+            block.to(device)
+        return self
 
     def _split_to_blocks(self, z: torch.Tensor, dim: int = -1) -> "OrderedDict[str, torch.Tensor]":
         sizes = [block.op.input_size for block in self.composable_block_dict.values()]
@@ -458,6 +175,7 @@ class TorchComposableInfluence(
     """
 
     _settings: Dict[str, Any]
+    _arguments: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -469,6 +187,16 @@ class TorchComposableInfluence(
         """The constructor arguments of this model (without `model` and `loss`): they are
         saved with a fit and checked when it is loaded."""
         return dict(getattr(self, "_settings", {}))
+
+    curvature: Optional[Curvature] = None
+    """The curvature of every block (set by the presets; see
+    [influx.torch.composition][influx.torch.composition])."""
+
+    solver: Optional[Solver] = None
+    """The inverse method of every block."""
+
+    loss: Optional[LossFunction] = None
+    """The training loss `loss(prediction, target)` with mean reduction."""
 
     def __init__(
         self,
@@ -483,9 +211,49 @@ class TorchComposableInfluence(
             )
         self.model = model
         self.block_structure = block_structure
-        self._blocks = block_parameters(model, block_structure)
+        if self.curvature is not None:
+            self._blocks = self.curvature.blocks(model, block_structure)
+        else:
+            self._blocks = block_parameters(model, block_structure)
+        if self.solver is not None:
+            self.solver.check_block_sizes(self.block_sizes)
+        self._set_regularization(regularization)
+
+    def _compose(
+        self,
+        model: torch.nn.Module,
+        loss: Optional[LossFunction],
+        curvature: Curvature,
+        solver: Solver,
+        block_structure: BlockStructure,
+        regularization: RegularizationType,
+    ) -> None:
+        """Set the three parts of every block and initialise (for the presets' constructors)."""
+        self.loss = loss
+        self.curvature = curvature
+        self.solver = solver
+        TorchComposableInfluence.__init__(self, model, block_structure, regularization)
+
+    def __getattr__(self, name: str) -> Any:
+        # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
+        arguments = self.__dict__.get("_arguments")
+        if arguments is not None and name in arguments and name not in ("model", "loss"):
+            return arguments[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _set_regularization(self, regularization: RegularizationType) -> None:
+        by_block = regularization_by_block(regularization, list(self._blocks))
+        if self.solver is not None:
+            self.solver.check_regularization(regularization, list(self._blocks))
         self.regularization = regularization
-        self._regularization_by_block = regularization_by_block(regularization, list(self._blocks))
+        self._regularization_by_block = by_block
+
+    @property
+    def block_sizes(self) -> Dict[str, int]:
+        """The number of parameters of every block, by name."""
+        return {
+            name: sum(p.numel() for p in params.values()) for name, params in self._blocks.items()
+        }
 
     @property
     def solver_diagnostics(self) -> "OrderedDict[str, Optional[SolverDiagnostics]]":
@@ -522,7 +290,6 @@ class TorchComposableInfluence(
         # torch.func.functional_call swaps the module's parameters while it runs.
         return False
 
-    @abstractmethod
     def _create_block(
         self,
         block_name: str,
@@ -530,19 +297,52 @@ class TorchComposableInfluence(
         data: DataLoader,
         regularization: Optional[float],
     ) -> TorchOperatorGradientComposition:
-        """Build one block (operator and gradient provider) from the training data."""
+        """Build one block (operator and gradient provider) from the training data.
+
+        Only called for models without a `curvature` and a `solver`: a subclass either sets
+        both (and the composition builds every block) or overrides this method.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must set 'curvature' and 'solver' or implement _create_block."
+        )
 
     def _create_block_mapper(self, data: DataLoader) -> TorchBlockMapper:
+        reg = self._regularization_by_block
+        if self.curvature is None or self.solver is None:
+            return TorchBlockMapper(
+                OrderedDict(
+                    (name, self._create_block(name, params, data, reg[name]))
+                    for name, params in self._blocks.items()
+                )
+            )
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to fit the curvature.")
+        curvatures = self.curvature.fit(self.model, self.loss, data, self._blocks)
         blocks = OrderedDict(
-            (name, self._create_block(name, params, data, self._regularization_by_block[name]))
+            (
+                name,
+                TorchOperatorGradientComposition(
+                    self.solver.fit(curvatures[name], reg[name], name),
+                    self._gradient_provider(name, params),
+                ),
+            )
             for name, params in self._blocks.items()
         )
         return TorchBlockMapper(blocks)
 
     def _gradient_provider(
-        self, loss: LossFunction, block_name: str, block_params: Dict[str, torch.nn.Parameter]
+        self, block_name: str, block_params: Dict[str, torch.nn.Parameter]
     ) -> TorchGradientProvider:
-        return TorchGradientProvider(self.model, loss, block_params, block_name=block_name)
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required for per-sample gradients.")
+        return TorchGradientProvider(self.model, self.loss, block_params, block_name=block_name)
+
+    def to(self, device: torch.device) -> "TorchComposableInfluence":
+        """Move the model and everything fitted to `device`; return self."""
+        self.model = self.model.to(device)
+        if self.is_fitted:
+            self.block_mapper = self.block_mapper.to(device)
+        return self
 
     def _create_batch(self, x: torch.Tensor, y: torch.Tensor) -> TorchBatch:
         return TorchBatch(x, y).to(self.device)
@@ -559,14 +359,15 @@ class TorchComposableInfluence(
         Args:
             regularization: a float, or a dict keyed by block name.
         """
-        by_block = regularization_by_block(regularization, self.block_names)
         new = copy.copy(self)
-        new.regularization = regularization
+        new._set_regularization(regularization)
+        by_block = new._regularization_by_block
         new._settings = dict(self.settings)
         for key in ("regularization", "hessian_regularization"):
             if key in new._settings:
                 new._settings[key] = regularization
-        new._regularization_by_block = by_block
+            if key in vars(new):
+                setattr(new, key, regularization)
         if self.is_fitted:
             new.block_mapper = TorchBlockMapper(
                 OrderedDict(
@@ -584,10 +385,33 @@ class TorchComposableInfluence(
     def save(self, path: Union[str, Path]) -> Path:
         """Save the fit (factorisations, eigenpairs, factors, ...) with the settings that
         produced it, the model's parameter shapes and a fingerprint of their values, and the
-        library version. See [influx.torch.persistence][influx.torch.persistence]."""
-        from .persistence import save_fit
+        library version, as plain tensors and JSON (see
+        [influx.torch.persistence][influx.torch.persistence]).
 
-        return save_fit(self, path)
+        Raises:
+            NotFittedException: if the model is not fitted.
+        """
+        from .. import __version__
+
+        if not self.is_fitted:
+            raise NotFittedException(type(self))
+        tensors: Dict[str, torch.Tensor] = {}
+        blocks = []
+        for index, (name, block) in enumerate(self.block_mapper.composable_block_dict.items()):
+            flat, spec = block.op.export_state().flatten(f"{index}/")
+            tensors.update(flat)
+            blocks.append({"name": name, "operator": spec, "n_parameters": block.op.input_size})
+        header = {
+            "influx_version": __version__,
+            "class": type(self).__qualname__,
+            "settings": comparable(self.settings),
+            "parameter_shapes": parameter_shapes(self.model),
+            "fingerprint": fingerprint(self.model),
+            "blocks": blocks,
+        }
+        path = write_fit(path, header, tensors)
+        logger.info("Saved the fit of %s to %s", type(self).__name__, path)
+        return path
 
     def load_fit(
         self, path: Union[str, Path], data: Optional[DataLoader] = None
@@ -597,15 +421,73 @@ class TorchComposableInfluence(
         The file must have been made by the same class with the same settings, for a model
         with the same parameter shapes and values. Tensors are loaded onto this model's
         device. Methods whose operators apply the curvature through the training data (CG,
-        LiSSA, ...) need that data again as `data`.
+        LiSSA, ...) need that data again as `data`. Nothing in the file is executed.
 
         Raises:
+            UnsafeFitFileError: for a file that is not a fit of the current format, or holds
+                anything but tensors and plain data.
             ValueError: for a file of another class, other settings, another model shape or
                 other parameter values, or missing `data`.
         """
-        from .persistence import load_fit
+        from .. import __version__
 
-        return load_fit(self, path, data)
+        header, tensors = read_fit(path, map_location=self.device)
+        self._check_fit_header(header, path)
+        if header["influx_version"] != __version__:
+            logger.warning(
+                "The fit in %s was saved by influx %s; this is influx %s.",
+                path,
+                header["influx_version"],
+                __version__,
+            )
+        names = [block["name"] for block in header["blocks"]]
+        if names != self.block_names:
+            raise ValueError(
+                f"The fit in {path} has blocks {names}, this model has {self.block_names}."
+            )
+        blocks: "OrderedDict[str, TorchOperatorGradientComposition]" = OrderedDict()
+        for index, block in enumerate(header["blocks"]):
+            name = block["name"]
+            params = self._blocks[name]
+            context = StateContext(self.model, self.loss, params, data, name)
+            state = OperatorState.unflatten(block["operator"], tensors, f"{index}/")
+            op = restore_operator(state, context)
+            blocks[name] = TorchOperatorGradientComposition(
+                op, self._gradient_provider(name, params)
+            )
+        self.block_mapper = TorchBlockMapper(blocks)
+        self._fitted = True
+        return self
+
+    def _check_fit_header(self, header: Dict[str, Any], path: Union[str, Path]) -> None:
+        expected_class = type(self).__qualname__
+        if header["class"] != expected_class:
+            raise ValueError(
+                f"The fit in {path} was made by {header['class']}, not by {expected_class}."
+            )
+        settings = comparable(self.settings)
+        if header["settings"] != settings:
+            differing = sorted(
+                k
+                for k in set(settings) | set(header["settings"])
+                if settings.get(k) != header["settings"].get(k)
+            )
+            details = ", ".join(
+                f"{k}: saved {header['settings'].get(k)!r}, given {settings.get(k)!r}"
+                for k in differing
+            )
+            raise ValueError(f"The fit in {path} was made with other settings ({details}).")
+        shapes = parameter_shapes(self.model)
+        if header["parameter_shapes"] != shapes:
+            raise ValueError(
+                f"The fit in {path} was made for a model with parameters "
+                f"{header['parameter_shapes']}, this model has {shapes}."
+            )
+        if header["fingerprint"] != fingerprint(self.model):
+            raise ValueError(
+                f"The fit in {path} was made for other parameter values of this model (it was "
+                "retrained or modified since): fit again."
+            )
 
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
         """Fit the curvature of every block to the training data and return self.
@@ -625,23 +507,17 @@ def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:
         if "_settings" not in self.__dict__:
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            self._settings = {
+            self._arguments = {
                 name: value
                 for name, value in list(bound.arguments.items())[1:]
-                if name not in ("model", "loss", "progress")
-                and signature.parameters[name].kind
+                if signature.parameters[name].kind
                 not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            }
+            self._settings = {
+                name: value
+                for name, value in self._arguments.items()
+                if name not in ("model", "loss", "progress")
             }
         init(self, *args, **kwargs)
 
     return wrapper
-
-
-def __getattr__(name: str) -> object:
-    # LowRankBilinearForm lives in influx.torch.low_rank (which imports this module); it is also
-    # reachable here, where the reference API places it.
-    if name == "LowRankBilinearForm":
-        from .low_rank import LowRankBilinearForm
-
-        return LowRankBilinearForm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

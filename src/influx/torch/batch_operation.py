@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import TorchBatch
+from .data import TorchBatch
 from .functional import (
     LossFunction,
     create_batch_hvp_function,
@@ -23,15 +23,18 @@ from .functional import (
     hessian,
     operator_to_dense,
 )
+from .tensor_operator import OperatorState, StateContext, Stateful
+from .validation import validate_regularization
 
 __all__ = [
     "BatchOperation",
     "HessianBatchOperation",
     "GaussNewtonBatchOperation",
+    "InverseHarmonicMeanBatchOperation",
 ]
 
 
-class BatchOperation(ABC):
+class BatchOperation(Stateful, ABC):
     """A linear map defined by one batch of data, on the model's (restricted) parameters.
 
     Args:
@@ -65,6 +68,25 @@ class BatchOperation(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
+
+    def to(self, device: torch.device) -> "BatchOperation":
+        """Move the model and the parameters to `device`; return self."""
+        self.model = self.model.to(device)
+        names = set(self.params)
+        self.params = {n: p.detach() for n, p in self.model.named_parameters() if n in names}
+        self._rebuild()
+        return self
+
+    def _rebuild(self) -> None:
+        """Recreate the functions bound to the model's parameters (after `to`)."""
+
+    def export_state(self) -> OperatorState:
+        return OperatorState(type(self).__name__)
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "BatchOperation":
+        model, loss, params = context.require_model(cls.__name__)
+        return cls(model=model, loss=loss, restrict_to=params, **state.settings)  # type: ignore[call-arg, arg-type]
 
     def apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         """Apply the batch's operator to a vector `(P,)` or the rows of a matrix `(K, P)`."""
@@ -102,7 +124,10 @@ class HessianBatchOperation(BatchOperation):
     ):
         super().__init__(model, restrict_to)
         self.loss = loss
-        self._hvp = create_batch_hvp_function(model, loss, self.params)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._hvp = create_batch_hvp_function(self.model, self.loss, self.params)
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         return self._hvp(self.params, batch.x, batch.y, tensor)  # type: ignore[no-any-return]
@@ -130,7 +155,10 @@ class GaussNewtonBatchOperation(BatchOperation):
     ):
         super().__init__(model, restrict_to)
         self.loss = loss
-        self._grads = create_per_sample_gradient_function(model, loss, self.params)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._grads = create_per_sample_gradient_function(self.model, self.loss, self.params)
 
     def per_sample_grads(self, batch: TorchBatch) -> torch.Tensor:
         """The per-sample gradients of the batch, shape `(|b|, P)`."""
@@ -145,11 +173,59 @@ class GaussNewtonBatchOperation(BatchOperation):
         return gauss_newton(self.per_sample_grads(batch))
 
 
-def __getattr__(name: str) -> object:
-    # InverseHarmonicMeanBatchOperation lives in influx.torch.inverse_harmonic_mean (which imports this module); it is also
-    # reachable here, where the reference API places it.
-    if name == "InverseHarmonicMeanBatchOperation":
-        from .inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
+class InverseHarmonicMeanBatchOperation(GaussNewtonBatchOperation):
+    r"""$v \mapsto \frac{1}{|b|}\sum_{i \in b} (g_i g_i^\top + \lambda I)^{-1} v$ for one batch.
 
-        return InverseHarmonicMeanBatchOperation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    With $G$ `(|b|, P)` the per-sample gradients of the batch, for the rows $v$ of $V$:
+
+    $$
+    \frac{1}{\lambda}\left(v - \frac{1}{|b|}\sum_{i \in b}
+    \frac{g_i^\top v}{\lambda + g_i^\top g_i}\, g_i\right),
+    $$
+
+    two matrix products per batch; the $P \times P$ inverses are never formed. See
+    [influx.torch.inverse_harmonic_mean][influx.torch.inverse_harmonic_mean].
+
+    Args:
+        model: the model.
+        loss: the loss function.
+        regularization: $\lambda > 0$.
+        restrict_to: the parameters; None means all trainable parameters.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: float,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        super().__init__(model, loss, restrict_to)
+        self.regularization = regularization
+
+    @property
+    def regularization(self) -> float:
+        r"""The regularization $\lambda > 0$ of every rank-one term."""
+        return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: float) -> None:
+        validate_regularization(value)
+        if value is None or value <= 0:
+            raise ValueError(
+                "Parameter 'regularization' must be positive for the inverse harmonic mean "
+                f"(each rank-one term g g^T + λI must be invertible), got {value}."
+            )
+        self._regularization = float(value)
+
+    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        grads = self.per_sample_grads(batch)
+        lam = self.regularization
+        weights = (tensor @ grads.T) / (lam + (grads * grads).sum(dim=1))
+        return (tensor - weights @ grads / len(batch)) / lam
+
+    def to_dense(self, batch: TorchBatch) -> torch.Tensor:
+        return BatchOperation.to_dense(self, batch)
+
+    def export_state(self) -> OperatorState:
+        return OperatorState(type(self).__name__, settings={"regularization": self.regularization})

@@ -29,72 +29,19 @@ gradients, and changing $\lambda$ is free.
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..types import SolverDiagnostics
-from .base import TorchBatch
-from .batch_operation import BatchOperation
-from .functional import LossFunction, create_per_sample_gradient_function, flatten_dimensions
-from .operator import AveragingBatchOperator
-from .util import validate_regularization
+from .batch_operation import InverseHarmonicMeanBatchOperation
+from .curvature import AveragingBatchOperator
+from .functional import LossFunction
+from .tensor_operator import OperatorState, StateContext
 
 __all__ = ["InverseHarmonicMeanBatchOperation", "InverseHarmonicMeanOperator"]
-
-
-def _check_positive_regularization(regularization: Optional[float]) -> float:
-    validate_regularization(regularization)
-    if regularization is None or regularization <= 0:
-        raise ValueError(
-            "Parameter 'regularization' must be positive for the inverse harmonic mean (each "
-            f"rank-one term g g^T + λI must be invertible), got {regularization}."
-        )
-    return float(regularization)
-
-
-class InverseHarmonicMeanBatchOperation(BatchOperation):
-    r"""$v \mapsto \frac{1}{|b|}\sum_{i \in b} (g_i g_i^\top + \lambda I)^{-1} v$ for one batch.
-
-    With $G$ `(|b|, P)` the per-sample gradients of the batch, for the rows $v$ of $V$:
-
-    $$
-    \frac{1}{\lambda}\left(v - \frac{1}{|b|}\sum_{i \in b}
-    \frac{g_i^\top v}{\lambda + g_i^\top g_i}\, g_i\right),
-    $$
-
-    two matrix products per batch; the $P \times P$ inverses are never formed.
-
-    Args:
-        model: the model.
-        loss: the loss function.
-        regularization: $\lambda > 0$.
-        restrict_to: the parameters; None means all trainable parameters.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        regularization: float,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-    ):
-        super().__init__(model, restrict_to)
-        self.regularization = _check_positive_regularization(regularization)
-        self.loss = loss
-        self._grads = create_per_sample_gradient_function(model, loss, self.params)
-
-    def per_sample_grads(self, batch: TorchBatch) -> torch.Tensor:
-        """The per-sample gradients of the batch, shape `(|b|, P)`."""
-        grads = self._grads(self.params, batch.x, batch.y)
-        return flatten_dimensions(grads.values(), shape=(len(batch), -1))
-
-    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
-        grads = self.per_sample_grads(batch)
-        lam = self.regularization
-        weights = (tensor @ grads.T) / (lam + (grads * grads).sum(dim=1))
-        return (tensor - weights @ grads / len(batch)) / lam
 
 
 class InverseHarmonicMeanOperator(AveragingBatchOperator):
@@ -104,7 +51,7 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
     A v = \frac{1}{n}\sum_{i=1}^n \left(g_i g_i^\top + \lambda I\right)^{-1} v ,
     $$
 
-    the [InverseHarmonicMeanBatchOperation][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanBatchOperation]
+    the [InverseHarmonicMeanBatchOperation][influx.torch.batch_operation.InverseHarmonicMeanBatchOperation]
     averaged over the batches, each weighted by its size, so the result does not depend on the
     batch size. This operator *is* the approximate inverse: it is applied, not inverted.
 
@@ -117,6 +64,8 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
         progress: show a progress bar over the batches.
     """
 
+    supports_regularization = True
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -126,13 +75,30 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
         progress: bool = False,
     ):
-        self._regularization = _check_positive_regularization(regularization)
-        self._model, self._loss, self._restrict_to = model, loss, restrict_to
         super().__init__(
-            InverseHarmonicMeanBatchOperation(model, loss, self._regularization, restrict_to),
+            InverseHarmonicMeanBatchOperation(model, loss, regularization, restrict_to),
             dataloader,
             progress=progress,
         )
+        self._regularization_changed()
+
+    @property
+    def regularization(self) -> Optional[float]:
+        return self.batch_operation.regularization  # type: ignore[attr-defined, no-any-return]
+
+    def _check_regularization(self, regularization: Optional[float]) -> None:
+        if regularization is None or regularization <= 0:
+            raise ValueError(
+                "Parameter 'regularization' must be positive for the inverse harmonic mean "
+                f"(each rank-one term g g^T + λI must be invertible), got {regularization}."
+            )
+
+    def _regularization_changed(self) -> None:
+        if self._regularization is not None:
+            operation = copy.copy(self.batch_operation)
+            operation.regularization = self._regularization  # type: ignore[attr-defined]
+            self.batch_operation = operation
+        self._regularization = self.regularization
         self.diagnostics = SolverDiagnostics(
             method="inverse_harmonic_mean",
             converged=True,
@@ -141,13 +107,11 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
             details={"regularization": self._regularization},
         )
 
-    def with_regularization(self, regularization: Optional[float]) -> "InverseHarmonicMeanOperator":
-        """The same operator with another $\\lambda > 0$ (nothing to recompute)."""
-        return InverseHarmonicMeanOperator(
-            self._model,
-            self._loss,
-            self.dataloader,
-            regularization,  # type: ignore[arg-type]
-            self._restrict_to,
-            self.progress,
-        )
+    @classmethod
+    def from_state(
+        cls, state: OperatorState, context: StateContext
+    ) -> "InverseHarmonicMeanOperator":
+        new = super().from_state(state, context)
+        assert isinstance(new, InverseHarmonicMeanOperator)
+        new._regularization_changed()
+        return new

@@ -32,13 +32,13 @@ matrices diagonal in the basis $Q$, hence never farther from $F$ than K-FAC.
 The inverse $(Q\,\mathrm{diag}(s)\,Q^\top + \lambda I)^{-1}$ is applied to a gradient
 $V = \tilde W$-shaped matrix without ever forming a $P \times P$ matrix:
 $Q_G \big[(Q_G^\top V Q_A) \oslash (s + \lambda)\big] Q_A^\top$
-(see [KroneckerFactoredOperator][influx.torch.kfac.KroneckerFactoredOperator]).
+(see [KroneckerFactoredOperator][influx.torch.kfac_operator.KroneckerFactoredOperator]).
 
 **Which Fisher.** The gradient signal $\delta$ comes from the model's loss. With
 `fisher="empirical"` (the default) the training labels are used: the factors approximate the
 *empirical Fisher* $\frac{1}{n}\sum_i \nabla_\theta \ell_i \nabla_\theta \ell_i^\top$, which
 is the Gauss-Newton matrix of
-[SecondOrderMode.GAUSS_NEWTON][influx.torch.operator.SecondOrderMode]. With
+[SecondOrderMode.GAUSS_NEWTON][influx.torch.curvature.SecondOrderMode]. With
 `fisher="sampled"` (cross-entropy only) the labels are drawn from the model's predictive
 distribution $\mathrm{softmax}(f_\theta(x))$, one draw per point and pass: the factors then
 approximate the *true Fisher*, in expectation equal to the generalised Gauss-Newton matrix.
@@ -54,16 +54,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..types import SolverDiagnostics
-from .base import TensorDictOperator, TorchBatch
+from ..errors import InfluxError
+from .data import TorchBatch, iterate_batches
 from .functional import LossFunction
-from .operator import iterate_batches
-from .util import validate_regularization
 
 __all__ = [
     "FISHER_TYPES",
     "KroneckerEigenbasis",
-    "KroneckerFactoredOperator",
     "KroneckerFactors",
     "LayerSpec",
     "SignalCache",
@@ -84,7 +81,7 @@ FISHER_TYPES = ("empirical", "sampled")
 SUPPORTED_LAYERS: Tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)
 
 
-class NotImplementedLayerRepresentationException(ValueError):
+class NotImplementedLayerRepresentationException(InfluxError, ValueError):
     """Raised for a trainable layer that has no Kronecker-factored representation.
 
     Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
@@ -611,210 +608,3 @@ def refit_eigenvalues(
     for name in layers:
         _check_finite_factor(sums[name], "refitted eigenvalues", name)
     return {name: sums[name] / n for name in layers}
-
-
-class KroneckerFactoredOperator(TensorDictOperator):
-    r"""$(Q\,\mathrm{diag}(s)\,Q^\top + \lambda I)^{-1}$ for $Q = Q_G \otimes Q_A$, one layer.
-
-    Acts on the layer's flat gradients (weight flattened, then bias, the order of
-    `named_parameters()`), which it lays out as the matrix $V = [W \mid b]$ `(m, k)`; the
-    Kronecker structure is over the row-major flattening of $V$. Applying it costs two small
-    matrix products on each side and never forms a $P \times P$ matrix:
-
-    $$
-    V \mapsto Q_G \left[ \left(Q_G^\top V Q_A\right) \oslash (s + \lambda) \right] Q_A^\top .
-    $$
-
-    For K-FAC $s = \lambda_G \lambda_A^\top$; for EK-FAC $s$ is refitted to the data.
-    Entries with $s_{jk} + \lambda$ at rounding level are treated as zero curvature and get a
-    zero inverse (a pseudo-inverse, with a warning), as for
-    [DirectSolveOperator][influx.torch.operator.DirectSolveOperator].
-
-    Args:
-        input_eigenvectors: $Q_A$ `(k, k)`.
-        output_eigenvectors: $Q_G$ `(m, m)`.
-        eigenvalues: $s$ `(m, k)`, non-negative.
-        regularization: $\lambda \ge 0$ or None.
-        weight_name: the weight's parameter name, None if the weight is not part of the block.
-        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`).
-        bias_name: the bias's parameter name, None if the bias is not part of the block.
-        method: `"ekfac"` or `"kfac"`, reported in `diagnostics`.
-        dtype: the dtype of inputs and results (the eigenvectors are cast to it); default
-            that of the eigenvectors.
-        layer_name: the layer's name, for messages and diagnostics.
-    """
-
-    def __init__(
-        self,
-        input_eigenvectors: torch.Tensor,
-        output_eigenvectors: torch.Tensor,
-        eigenvalues: torch.Tensor,
-        regularization: Optional[float],
-        weight_name: Optional[str],
-        weight_shape: Tuple[int, ...],
-        bias_name: Optional[str] = None,
-        method: str = "ekfac",
-        dtype: Optional[torch.dtype] = None,
-        layer_name: str = "",
-    ):
-        validate_regularization(regularization)
-        k, m = input_eigenvectors.shape[0], output_eigenvectors.shape[0]
-        if input_eigenvectors.shape != (k, k) or output_eigenvectors.shape != (m, m):
-            raise ValueError(
-                "Parameters 'input_eigenvectors' and 'output_eigenvectors' must be square, got "
-                f"{tuple(input_eigenvectors.shape)} and {tuple(output_eigenvectors.shape)}."
-            )
-        if tuple(eigenvalues.shape) != (m, k):
-            raise ValueError(
-                f"Parameter 'eigenvalues' must have shape ({m}, {k}), got "
-                f"{tuple(eigenvalues.shape)}."
-            )
-        if weight_name is None and bias_name is None:
-            raise ValueError("Parameters 'weight_name' and 'bias_name' cannot both be None.")
-        d = int(torch.Size(weight_shape[1:]).numel())
-        expected_k = (d if weight_name is not None else 0) + (1 if bias_name is not None else 0)
-        if weight_shape[0] != m or expected_k != k:
-            raise ValueError(
-                f"Parameter 'weight_shape' {tuple(weight_shape)} does not match factors of sizes "
-                f"m={m}, k={k} (bias {'included' if bias_name else 'excluded'})."
-            )
-        self._regularization = regularization
-        self.method = method
-        self.layer_name = layer_name
-        self.weight_name = weight_name
-        self.bias_name = bias_name
-        self.weight_shape = tuple(weight_shape)
-        self._dtype = dtype or input_eigenvectors.dtype
-        self._device = input_eigenvectors.device
-        self.eigenvalues = eigenvalues.to(torch.float64)
-        self._input_eigenvectors = input_eigenvectors
-        self._output_eigenvectors = output_eigenvectors
-        self._qa = input_eigenvectors.to(self._dtype)
-        self._qg = output_eigenvectors.to(self._dtype)
-        self._m, self._k, self._d = m, k, d
-        self._inverse = self._inverse_eigenvalues().to(self._dtype)
-        self.diagnostics = SolverDiagnostics(
-            method=method,
-            converged=True,
-            details={
-                "layer": layer_name,
-                "factor_shapes": ((k, k), (m, m)),
-                "regularization": regularization,
-                "min_eigenvalue": float(self.eigenvalues.min()),
-                "max_eigenvalue": float(self.eigenvalues.max()),
-                "n_zero_inverse": self._n_zero,
-            },
-        )
-
-    def _inverse_eigenvalues(self) -> torch.Tensor:
-        shifted = self.eigenvalues + (self._regularization or 0.0)
-        tol = float(shifted.abs().max()) * shifted.numel() * torch.finfo(torch.float64).eps
-        keep = shifted > tol
-        self._n_zero = int((~keep).sum())
-        if self._n_zero:
-            logger.warning(
-                "Layer %r: %d of %d Kronecker eigenvalues (plus regularization) are zero up to "
-                "rounding; their inverse is set to zero (pseudo-inverse). Increase the "
-                "regularization to make the curvature invertible.",
-                self.layer_name,
-                self._n_zero,
-                shifted.numel(),
-            )
-        return torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), 0.0)
-
-    @property
-    def input_size(self) -> int:
-        return self._m * self._k
-
-    @property
-    def input_dict_structure(self) -> Dict[str, Tuple[int, ...]]:
-        structure: Dict[str, Tuple[int, ...]] = {}
-        if self.weight_name is not None:
-            structure[self.weight_name] = self.weight_shape
-        if self.bias_name is not None:
-            structure[self.bias_name] = (self._m,)
-        return structure
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def input_eigenvectors(self) -> torch.Tensor:
-        """$Q_A$, as given."""
-        return self._input_eigenvectors
-
-    @property
-    def output_eigenvectors(self) -> torch.Tensor:
-        """$Q_G$, as given."""
-        return self._output_eigenvectors
-
-    def _to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Flat rows `(N, P)` to matrices $[W \\mid b]$ `(N, m, k)`."""
-        n = tensor.shape[0]
-        if self.weight_name is None or self.bias_name is None:
-            return tensor.reshape(n, self._m, self._k)
-        weight = tensor[:, : self._m * self._d].reshape(n, self._m, self._d)
-        bias = tensor[:, self._m * self._d :].reshape(n, self._m, 1)
-        return torch.cat([weight, bias], dim=2)
-
-    def _to_flat(self, matrix: torch.Tensor) -> torch.Tensor:
-        n = matrix.shape[0]
-        if self.weight_name is None or self.bias_name is None:
-            return matrix.reshape(n, -1)
-        return torch.cat([matrix[:, :, : self._d].reshape(n, -1), matrix[:, :, self._d]], dim=1)
-
-    def _scale_in_eigenbasis(self, matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        rotated = self._qg.T @ matrix @ self._qa
-        return self._qg @ (rotated * scale) @ self._qa.T
-
-    def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        matrix = self._to_matrix(tensor.to(self._dtype))
-        return self._to_flat(self._scale_in_eigenbasis(matrix, self._inverse))
-
-    def _apply_to_dict(self, mat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        n = next(iter(mat.values())).shape[0]
-        parts = []
-        if self.weight_name is not None:
-            parts.append(mat[self.weight_name].to(self._dtype).reshape(n, self._m, self._d))
-        if self.bias_name is not None:
-            parts.append(mat[self.bias_name].to(self._dtype).reshape(n, self._m, 1))
-        matrix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        result = self._scale_in_eigenbasis(matrix, self._inverse)
-        out: Dict[str, torch.Tensor] = {}
-        if self.weight_name is not None:
-            out[self.weight_name] = result[:, :, : self._d].reshape(n, *self.weight_shape)
-        if self.bias_name is not None:
-            out[self.bias_name] = result[:, :, -1]
-        return out
-
-    def curvature_matrix(self) -> torch.Tensor:
-        r"""The dense curvature $Q\,\mathrm{diag}(s)\,Q^\top$ `(P, P)` in the flat parameter
-        order, without regularization. For tests and small layers only."""
-        eye = torch.eye(self.input_size, dtype=torch.float64, device=self._device)
-        qa, qg = (
-            self._input_eigenvectors.to(torch.float64),
-            self._output_eigenvectors.to(torch.float64),
-        )
-        matrix = self._to_matrix(eye)
-        rotated = qg.T @ matrix @ qa
-        return self._to_flat(qg @ (rotated * self.eigenvalues) @ qa.T)
-
-    def with_regularization(self, regularization: Optional[float]) -> "KroneckerFactoredOperator":
-        """The same factors with another $\\lambda$ (nothing is recomputed but $1/(s+\\lambda)$)."""
-        return KroneckerFactoredOperator(
-            self._input_eigenvectors,
-            self._output_eigenvectors,
-            self.eigenvalues,
-            regularization,
-            self.weight_name,
-            self.weight_shape,
-            self.bias_name,
-            method=self.method,
-            dtype=self._dtype,
-            layer_name=self.layer_name,
-        )

@@ -22,17 +22,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..types import SolverDiagnostics
-from .base import OperatorBilinearForm, TensorOperator, TorchBatch, TorchGradientProvider
+from .bilinear import OperatorBilinearForm
+from .curvature import SecondOrderMode, curvature_operator
+from .data import TorchBatch
 from .functional import LossFunction, LowRankProductRepresentation, nystroem_sketch
-from .operator import SecondOrderMode, curvature_operator
-from .util import validate_regularization
+from .gradients import TorchGradientProvider
+from .tensor_operator import OperatorState, StateContext, TensorOperator
+from .validation import validate_regularization
 
 __all__ = [
     "LowRankApproximation",
@@ -448,6 +451,9 @@ class LowRankOperator(TensorOperator):
         exact: use the Woodbury formula (True) or the projected inverse (False).
     """
 
+    def _reference(self) -> Any:
+        return self._low_rank_representation.projections
+
     def __init__(
         self,
         low_rank_representation: LowRankProductRepresentation,
@@ -460,17 +466,23 @@ class LowRankOperator(TensorOperator):
                 f"got {type(low_rank_representation).__name__}."
             )
         validate_regularization(regularization)
-        if exact and (regularization is None or regularization <= 0):
+        self._exact = exact
+        self._check_regularization(regularization)
+        self._low_rank_representation = low_rank_representation
+        self._regularization = regularization
+        self._regularization_changed()
+
+    def _check_regularization(self, regularization: Optional[float]) -> None:
+        if self._exact and (regularization is None or regularization <= 0):
             raise ValueError(
                 "Parameter 'regularization' must be positive when exact=True (the Woodbury "
                 f"formula scales directions outside the low-rank span by 1/λ), got "
                 f"{regularization}. Pass a positive value or exact=False."
             )
-        self._low_rank_representation = low_rank_representation
-        self._regularization = regularization
-        self._exact = exact
-        eigen_vals = low_rank_representation.eigen_vals
-        lam = float(regularization or 0.0)
+
+    def _regularization_changed(self) -> None:
+        eigen_vals = self._low_rank_representation.eigen_vals
+        lam = float(self._regularization or 0.0)
         shifted = eigen_vals + lam
         scale = max(float(eigen_vals.abs().max()) if eigen_vals.numel() else 0.0, lam)
         singular = shifted.abs() <= (
@@ -486,11 +498,28 @@ class LowRankOperator(TensorOperator):
                 "; entries that are zero are dropped (pseudo-inverse)" if singular.any() else "",
             )
         safe = torch.where(singular, torch.ones_like(shifted), shifted)
-        if exact:
+        if self._exact:
             # (1/λ)(I - V diag(c) V^T) with c = d / (d + λ); c = 1 drops a singular direction.
-            self._coefficients = torch.where(singular, torch.ones_like(shifted), eigen_vals / safe)
+            self.coefficients = torch.where(singular, torch.ones_like(shifted), eigen_vals / safe)
         else:
-            self._coefficients = torch.where(singular, torch.zeros_like(shifted), 1.0 / safe)
+            self.coefficients = torch.where(singular, torch.zeros_like(shifted), 1.0 / safe)
+
+    def export_state(self) -> OperatorState:
+        return OperatorState(
+            "LowRankOperator",
+            tensors={
+                "eigen_vals": self._low_rank_representation.eigen_vals,
+                "projections": self._low_rank_representation.projections,
+            },
+            settings={"regularization": self._regularization, "exact": self._exact},
+        )
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "LowRankOperator":
+        representation = LowRankProductRepresentation(
+            state.tensors["eigen_vals"], state.tensors["projections"]
+        )
+        return cls(representation, state.settings["regularization"], state.settings["exact"])
 
     @property
     def low_rank_representation(self) -> LowRankProductRepresentation:
@@ -502,18 +531,6 @@ class LowRankOperator(TensorOperator):
         """Whether the Woodbury formula (exact inverse) is used."""
         return self._exact
 
-    @property
-    def input_size(self) -> int:
-        return int(self._low_rank_representation.projections.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self._low_rank_representation.projections.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._low_rank_representation.projections.dtype
-
     def project(self, tensor: torch.Tensor) -> torch.Tensor:
         """$V^\\top b$ for every row $b$ of `tensor` `(N, P)`, shape `(N, r)`."""
         return tensor @ self._low_rank_representation.projections
@@ -521,16 +538,10 @@ class LowRankOperator(TensorOperator):
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.dtype)
         projections = self._low_rank_representation.projections
-        low_rank = (self.project(tensor) * self._coefficients) @ projections.T
+        low_rank = (self.project(tensor) * self.coefficients) @ projections.T
         if self._exact:
             return (tensor - low_rank) / float(self._regularization)  # type: ignore[arg-type]
         return low_rank
-
-    def with_regularization(self, regularization: Optional[float]) -> "LowRankOperator":
-        """The same eigenpairs with another $\\lambda$ (nothing is recomputed)."""
-        new = LowRankOperator(self._low_rank_representation, regularization, self._exact)
-        new.diagnostics = self.diagnostics
-        return new
 
     def as_bilinear_form(self) -> "LowRankBilinearForm":
         return LowRankBilinearForm(self)
@@ -548,12 +559,12 @@ class LowRankBilinearForm(OperatorBilinearForm):
     $$
 
     and $V^\top \nabla_\theta \ell(z')$ is obtained by one Jacobian-vector product per column
-    of $V$ (`jacobian_prod` of [TorchGradientProvider][influx.torch.base.TorchGradientProvider]): the
+    of $V$ (`jacobian_prod` of [TorchGradientProvider][influx.torch.gradients.TorchGradientProvider]): the
     per-sample gradients are never formed, memory is $O(N r)$ instead of $O(N P)$.
     For the exact (Woodbury) inverse, the identity term
     $\frac{1}{\lambda}\langle \nabla_\theta \ell(z), \nabla_\theta \ell(z')\rangle$ needs the
     full gradients, so the gradients are paired directly, as in
-    [OperatorBilinearForm][influx.torch.base.OperatorBilinearForm].
+    [OperatorBilinearForm][influx.torch.bilinear.OperatorBilinearForm].
     """
 
     operator: LowRankOperator
@@ -571,7 +582,7 @@ class LowRankBilinearForm(OperatorBilinearForm):
         op = self.operator
         left_proj = op.project(left.to(op.device, op.dtype))
         right_proj = left_proj if right is None else op.project(right.to(op.device, op.dtype))
-        return (left_proj * op._coefficients) @ right_proj.T
+        return (left_proj * op.coefficients) @ right_proj.T
 
     def grads_inner_prod(
         self,
@@ -590,4 +601,4 @@ class LowRankBilinearForm(OperatorBilinearForm):
         right_proj = (
             left_proj if right is None else gradient_provider.jacobian_prod(right, directions)
         )
-        return (left_proj * op._coefficients) @ right_proj.T
+        return (left_proj * op.coefficients) @ right_proj.T

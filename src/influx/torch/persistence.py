@@ -1,122 +1,82 @@
-r"""Saving and loading fitted influence models.
+r"""The file format of saved fits: plain tensors and JSON, never code.
 
-A fit (the factorised curvature of the direct method, the eigenpairs of the low-rank methods,
-the Kronecker factors of EK-FAC, ...) is often the expensive part. `model.save(path)` writes
-it with
+`model.save(path)` writes one file holding
 
-* the influence model's class and settings (its constructor arguments but the model and
-  the loss),
-* the names and shapes of the model's trainable parameters and a fingerprint of their
-  values,
-* the library version,
+* a JSON header: the format version, the library version, the influence model's class name
+  and settings (its constructor arguments but the model and the loss), the names and shapes of
+  the model's trainable parameters, a fingerprint of their values, and per block the class
+  names and settings of its operators (from a registry of the library's own classes);
+* a flat dict of named tensors: every block's fitted state (factorised curvature, eigenpairs,
+  Kronecker factors, preconditioner, ...).
 
-and `model.load_fit(path)` on a model constructed with the same settings installs it,
-after checking all of the above, onto that model's device. The network itself, the loss and
-the training data are not stored: they are replaced by references that are resolved to the
-loading model's network, loss and (where an operator needs it) `data`.
+The file is written with `torch.save` and read with `torch.load(weights_only=True)`, which
+only accepts tensors and plain containers: a file holding anything else (a pickled callable,
+say) is rejected with an [UnsafeFitFileError][influx.errors.UnsafeFitFileError] before any of
+it is used. The network, the loss and the training data are not stored: `load_fit` takes them
+from the model it is called on (and `data` where an operator needs the training data again).
+Files of format `influx-fit/1` (library 0.1, a pickled object graph) are not read.
 """
 
 from __future__ import annotations
 
-import contextvars
 import enum
 import hashlib
-import io
+import json
 import logging
-import pickle
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
-from torch.utils.data import DataLoader
 
-from .base import TorchComposableInfluence
+from ..errors import UnsafeFitFileError
 
-__all__ = ["load_fit", "save_fit", "FORMAT"]
+__all__ = [
+    "FORMAT",
+    "comparable",
+    "fingerprint",
+    "parameter_shapes",
+    "read_fit",
+    "read_fit_info",
+    "write_fit",
+]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "influx-fit/1"
-
-_SAVE_REFERENCES: contextvars.ContextVar[Dict[int, str]] = contextvars.ContextVar(
-    "influx_save_references"
-)
-_LOAD_REFERENCES: contextvars.ContextVar[Dict[str, Any]] = contextvars.ContextVar(
-    "influx_load_references"
-)
+FORMAT = "influx-fit/2"
+"""The format written by `save`; `load_fit` reads only this one."""
 
 
-def _resolve_reference(name: str) -> Any:
-    references = _LOAD_REFERENCES.get({})
-    if name not in references or references[name] is None:
-        if name == "data":
-            raise ValueError(
-                "Parameter 'data' is required: this model's operators apply the curvature "
-                "through the training data, pass the training data loader to load_fit."
-            )
-        raise ValueError(f"Cannot resolve the reference to the {name} while loading the fit.")
-    return references[name]
-
-
-def _pickler_base() -> type:
-    try:
-        import cloudpickle
-
-        return cloudpickle.Pickler  # type: ignore[no-any-return]
-    except ImportError:  # pragma: no cover - cloudpickle comes with dask
-        return pickle.Pickler
-
-
-def _make_pickle_module() -> types.SimpleNamespace:
-    base = _pickler_base()
-
-    class ReferencePickler(base):  # type: ignore[valid-type, misc]
-        def reducer_override(self, obj: Any) -> Any:
-            name = _SAVE_REFERENCES.get({}).get(id(obj))
-            if name is not None:
-                return _resolve_reference, (name,)
-            if isinstance(obj, DataLoader):
-                return _resolve_reference, ("data",)
-            parent = getattr(super(), "reducer_override", None)
-            return parent(obj) if parent is not None else NotImplemented
-
-    return types.SimpleNamespace(
-        Pickler=ReferencePickler,
-        Unpickler=pickle.Unpickler,
-        load=pickle.load,
-        loads=pickle.loads,
-        dump=pickle.dump,
-        dumps=pickle.dumps,
-        __name__="influx_pickle",
-    )
-
-
-def _comparable(value: Any) -> Any:
-    """A plain, comparable form of a setting."""
+def comparable(value: Any) -> Any:
+    """A plain, JSON-serialisable and comparable form of a setting."""
     if isinstance(value, enum.Enum):
         return f"{type(value).__name__}.{value.name}"
     if isinstance(value, Mapping):
-        return {str(k): _comparable(v) for k, v in value.items()}
+        return {str(k): comparable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_comparable(v) for v in value]
+        return [comparable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if callable(value) and not hasattr(value, "__dict__"):
+        return getattr(value, "__qualname__", type(value).__qualname__)
     state = getattr(value, "__dict__", None)
     plain = (
-        {k: _comparable(v) for k, v in sorted(state.items()) if not k.startswith("_")}
+        {k: comparable(v) for k, v in sorted(state.items()) if not k.startswith("_")}
         if isinstance(state, dict)
         else {}
     )
     return {"type": type(value).__qualname__, **plain}
 
 
-def _parameter_shapes(model: torch.nn.Module) -> Dict[str, list]:
+def parameter_shapes(model: torch.nn.Module) -> Dict[str, list]:
+    """The shapes of the model's trainable parameters, by name."""
     return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
+def fingerprint(model: torch.nn.Module) -> str:
+    """A SHA-256 digest of the names and values of the model's trainable parameters."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -125,116 +85,76 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_fit(influence_model: TorchComposableInfluence, path: Union[str, Path]) -> Path:
-    """Save the fit of `influence_model` to `path` (see the module's description).
-
-    Raises:
-        NotFittedException: if the model is not fitted.
-    """
-    from .. import __version__
-    from ..types import NotFittedException
-
-    if not influence_model.is_fitted:
-        raise NotFittedException(type(influence_model))
+def write_fit(
+    path: Union[str, Path], header: Dict[str, Any], tensors: Dict[str, torch.Tensor]
+) -> Path:
+    """Write a fit file: `header` (JSON-serialisable) and `tensors` (plain tensors)."""
     path = Path(path)
-    references = {id(influence_model.model): "model"}
-    loss = getattr(influence_model, "loss", None)
-    if loss is not None:
-        references[id(loss)] = "loss"
-    token = _SAVE_REFERENCES.set(references)
-    try:
-        blocks = io.BytesIO()
-        torch.save(influence_model.block_mapper, blocks, pickle_module=_make_pickle_module())
-    finally:
-        _SAVE_REFERENCES.reset(token)
-    header = {
-        "format": FORMAT,
-        "influx_version": __version__,
-        "class": type(influence_model).__qualname__,
-        "settings": _comparable(influence_model.settings),
-        "parameter_shapes": _parameter_shapes(influence_model.model),
-        "fingerprint": _fingerprint(influence_model.model),
+    content = {
+        "header": json.dumps({"format": FORMAT, **header}),
+        "tensors": {k: v.detach() for k, v in tensors.items()},
     }
-    torch.save({"header": header, "blocks": blocks.getvalue()}, path)
-    logger.info("Saved the fit of %s to %s", type(influence_model).__name__, path)
+    torch.save(content, path)
     return path
 
 
-def load_fit(
-    influence_model: TorchComposableInfluence,
-    path: Union[str, Path],
-    data: Optional[DataLoader] = None,
-) -> TorchComposableInfluence:
-    """Install the fit saved at `path` into `influence_model` and return it.
+def read_fit(
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The header and the tensors of a fit file, loaded without executing anything.
 
     Raises:
-        ValueError: if the file is not a saved fit, or was made by another class, with other
-            settings, for another model shape or other parameter values; or if `data` is
-            needed and missing.
+        ValueError: if there is no file at `path`.
+        UnsafeFitFileError: if the file is not a fit of this format, or holds anything but
+            tensors and plain data.
     """
-    from .. import __version__
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Parameter 'path': no file at {path}.")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        header = content["header"]
-        if header.get("format") != FORMAT:
-            raise KeyError("format")
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(
-            f"Parameter 'path': {path} is not a fit saved by influx ({error})."
+        content = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every unreadable file gets the same message
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UnsafeFitFileError(
+            f"Parameter 'path': {path} is not a fit saved by influx {FORMAT} (it holds "
+            f"something other than tensors and plain data, and is not loaded: {first_line})."
         ) from None
-    expected_class = type(influence_model).__qualname__
-    if header["class"] != expected_class:
-        raise ValueError(
-            f"The fit in {path} was made by {header['class']}, not by {expected_class}."
-        )
-    settings = _comparable(influence_model.settings)
-    if header["settings"] != settings:
-        differing = sorted(
-            k
-            for k in set(settings) | set(header["settings"])
-            if settings.get(k) != header["settings"].get(k)
-        )
-        details = ", ".join(
-            f"{k}: saved {header['settings'].get(k)!r}, given {settings.get(k)!r}"
-            for k in differing
-        )
-        raise ValueError(f"The fit in {path} was made with other settings ({details}).")
-    shapes = _parameter_shapes(influence_model.model)
-    if header["parameter_shapes"] != shapes:
-        raise ValueError(
-            f"The fit in {path} was made for a model with parameters "
-            f"{header['parameter_shapes']}, this model has {shapes}."
-        )
-    if header["fingerprint"] != _fingerprint(influence_model.model):
-        raise ValueError(
-            f"The fit in {path} was made for other parameter values of this model (it was "
-            "retrained or modified since): fit again."
-        )
-    if header["influx_version"] != __version__:
-        logger.warning(
-            "The fit in %s was saved by influx %s; this is influx %s.",
-            path,
-            header["influx_version"],
-            __version__,
-        )
-    references = {
-        "model": influence_model.model,
-        "loss": getattr(influence_model, "loss", None),
-        "data": data,
-    }
-    token = _LOAD_REFERENCES.set(references)
+    header_text = content.get("header") if isinstance(content, dict) else None
+    tensors = content.get("tensors") if isinstance(content, dict) else None
     try:
-        block_mapper = torch.load(
-            io.BytesIO(content["blocks"]),
-            map_location=influence_model.device,
-            weights_only=False,
+        header = json.loads(header_text) if isinstance(header_text, str) else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(tensors, dict):
+        raise UnsafeFitFileError(f"Parameter 'path': {path} is not a fit saved by influx.")
+    if header.get("format") != FORMAT:
+        raise UnsafeFitFileError(
+            f"Parameter 'path': {path} has format {header.get('format')!r}, expected {FORMAT!r} "
+            "(fits saved by influx 0.1 cannot be read: fit again and save)."
         )
-    finally:
-        _LOAD_REFERENCES.reset(token)
-    influence_model.block_mapper = block_mapper
-    influence_model._fitted = True
-    return influence_model
+    if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise UnsafeFitFileError(f"Parameter 'path': {path} holds entries that are not tensors.")
+    return header, tensors
+
+
+def read_fit_info(path: Union[str, Path]) -> Dict[str, Any]:
+    """What a fit file holds, without loading the model: keys `"class"`, `"settings"`,
+    `"blocks"` (name, operator class and number of parameters of each), `"n_parameters"`,
+    `"fingerprint"`, `"version"` and `"format"`."""
+    header, _ = read_fit(path)
+    return {
+        "class": header["class"],
+        "settings": header["settings"],
+        "blocks": [
+            {
+                "name": block["name"],
+                "operator": block["operator"]["class"],
+                "n_parameters": block["n_parameters"],
+            }
+            for block in header["blocks"]
+        ],
+        "n_parameters": sum(block["n_parameters"] for block in header["blocks"]),
+        "fingerprint": header["fingerprint"],
+        "version": header["influx_version"],
+        "format": header["format"],
+    }

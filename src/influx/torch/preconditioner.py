@@ -24,23 +24,16 @@ from typing import Optional
 
 import torch
 
-from .base import TensorOperator
 from .functional import LowRankProductRepresentation, randomized_nystroem_approximation
-from .util import validate_regularization
+from .tensor_operator import OperatorState, StateContext, Stateful, TensorOperator
+from .validation import check_positive_int, validate_regularization
 
 __all__ = ["Preconditioner", "JacobiPreconditioner", "NystroemPreconditioner"]
 
 logger = logging.getLogger(__name__)
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Parameter '{name}' must be a positive int, got {type(value).__name__}.")
-    if value <= 0:
-        raise ValueError(f"Parameter '{name}' must be a positive int, got {value}.")
-
-
-class Preconditioner(ABC):
+class Preconditioner(Stateful, ABC):
     r"""An approximation $P^{-1}$ of $(A + \lambda I)^{-1}$ for a curvature operator $A$.
 
     Call [fit][influx.torch.preconditioner.Preconditioner.fit] with the operator and the
@@ -116,6 +109,15 @@ class Preconditioner(ABC):
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to the rows of a 2-D tensor."""
 
+    def to(self, device: torch.device) -> "Preconditioner":
+        """Move the fitted tensors to `device`; return self."""
+        for key, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, key, value.to(device))
+            elif isinstance(value, LowRankProductRepresentation):
+                setattr(self, key, value.to(device))
+        return self
+
 
 class JacobiPreconditioner(Preconditioner):
     r"""Diagonal (Jacobi) preconditioner with a stochastic estimate of the diagonal.
@@ -142,7 +144,7 @@ class JacobiPreconditioner(Preconditioner):
     """Entries of $\\hat d$ below this fraction of its mean absolute value are raised to it."""
 
     def __init__(self, num_samples_estimator: int = 1):
-        _check_positive_int(num_samples_estimator, "num_samples_estimator")
+        check_positive_int(num_samples_estimator, "num_samples_estimator")
         self.num_samples_estimator = num_samples_estimator
         self._diagonal: Optional[torch.Tensor] = None
 
@@ -177,6 +179,25 @@ class JacobiPreconditioner(Preconditioner):
         assert self._diagonal is not None
         return rhs / (self._diagonal + (self._regularization or 0.0))
 
+    def export_state(self) -> OperatorState:
+        if self._diagonal is None:
+            raise ValueError("JacobiPreconditioner is not fitted: nothing to export.")
+        return OperatorState(
+            "JacobiPreconditioner",
+            tensors={"diagonal": self._diagonal},
+            settings={
+                "num_samples_estimator": self.num_samples_estimator,
+                "regularization": self._regularization,
+            },
+        )
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "JacobiPreconditioner":
+        new = cls(state.settings["num_samples_estimator"])
+        new._diagonal = state.tensors["diagonal"]
+        new._regularization = state.settings["regularization"]
+        return new
+
 
 class NystroemPreconditioner(Preconditioner):
     r"""Randomized Nyström preconditioner (Frangella, Tropp and Udell, 2023).
@@ -201,7 +222,7 @@ class NystroemPreconditioner(Preconditioner):
     """
 
     def __init__(self, rank: int):
-        _check_positive_int(rank, "rank")
+        check_positive_int(rank, "rank")
         self._rank = rank
         self._low_rank: Optional[LowRankProductRepresentation] = None
 
@@ -250,6 +271,27 @@ class NystroemPreconditioner(Preconditioner):
         coefficients = rhs @ u  # (N, r)
         scaled = coefficients * (smallest / (evals + lam))
         return rhs - coefficients @ u.T + scaled @ u.T
+
+    def export_state(self) -> OperatorState:
+        if self._low_rank is None:
+            raise ValueError("NystroemPreconditioner is not fitted: nothing to export.")
+        return OperatorState(
+            "NystroemPreconditioner",
+            tensors={
+                "eigen_vals": self._low_rank.eigen_vals,
+                "projections": self._low_rank.projections,
+            },
+            settings={"rank": self._rank, "regularization": self._regularization},
+        )
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "NystroemPreconditioner":
+        new = cls(state.settings["rank"])
+        new._low_rank = LowRankProductRepresentation(
+            state.tensors["eigen_vals"], state.tensors["projections"]
+        )
+        new._regularization = state.settings["regularization"]
+        return new
 
 
 def check_preconditioner(preconditioner: Optional[Preconditioner]) -> None:

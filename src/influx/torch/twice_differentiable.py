@@ -9,7 +9,7 @@ operator's [SolverDiagnostics][influx.types.SolverDiagnostics] become the result
 import dataclasses
 import logging
 import warnings
-from typing import Any, Dict, Generator, List, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,9 +17,24 @@ from tqdm.auto import tqdm
 
 from ..inversion import InversionMethod, InversionRegistry
 from ..twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
-from .base import TensorOperator
+from .batch_operation import HessianBatchOperation
+from .composition import (
+    ArnoldiSolver,
+    CgSolver,
+    Curvature,
+    DirectSolver,
+    FactoredSolver,
+    InverseHarmonicMeanSolver,
+    KroneckerCurvature,
+    LissaSolver,
+    ModeCurvature,
+    NystroemSolver,
+    Solver,
+)
+from .curvature import SecondOrderMode
+from .data import TorchBatch
 from .functional import LossFunction, flatten_dimensions
-from .operator import DirectSolveOperator, HessianOperator
+from .util import BlockMode
 
 __all__ = ["TorchTensorUtilities", "TorchTwiceDifferentiable"]
 
@@ -76,9 +91,6 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):  # type: igno
         return flatten_dimensions(grads)
 
     def hessian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from .base import TorchBatch
-        from .batch_operation import HessianBatchOperation
-
         return HessianBatchOperation(self.model, self.loss).to_dense(
             TorchBatch(x, y).to(self.device)
         )
@@ -167,10 +179,53 @@ class TorchTensorUtilities(TensorUtilities[torch.Tensor, TorchTwiceDifferentiabl
         return result
 
 
-def _solve(op: TensorOperator, b: torch.Tensor) -> InverseHvpResult:
-    x = op.apply(b)
-    info: Dict[str, Any] = dataclasses.asdict(op.diagnostics) if op.diagnostics is not None else {}
-    return InverseHvpResult(x, info)
+def _solve(
+    model: TorchTwiceDifferentiable,
+    training_data: DataLoader,
+    b: torch.Tensor,
+    regularization: float,
+    curvature: Curvature,
+    solver: Solver,
+    name: str,
+) -> InverseHvpResult:
+    """Apply the composition of `curvature` and `solver` over all trainable parameters."""
+    blocks = curvature.blocks(model.model, BlockMode.FULL)
+    names = [n for n, p in model.model.named_parameters() if p.requires_grad]
+    covered = [n for block in blocks.values() for n in block]
+    if covered != names:
+        raise ValueError(
+            f"InversionMethod.{name} needs every trainable parameter in a supported layer, in "
+            f"order; the model has {names}, the layers cover {covered}."
+        )
+    curvatures = curvature.fit(model.model, model.loss, training_data, blocks)
+    single = b.ndim == 1
+    rows = (b.unsqueeze(0) if single else b).to(model.device)
+    sizes = [sum(p.numel() for p in block.values()) for block in blocks.values()]
+    if rows.ndim != 2 or rows.shape[1] != sum(sizes):
+        raise ValueError(
+            f"Parameter 'b' must have shape ({sum(sizes)},) or (N, {sum(sizes)}), got "
+            f"{tuple(b.shape)}."
+        )
+    parts, diagnostics = [], []
+    for (block_name, block_curvature), part in zip(curvatures.items(), rows.split(sizes, dim=1)):
+        op = solver.fit(block_curvature, regularization, block_name)
+        parts.append(op.apply(part))
+        diagnostics.append(op.diagnostics)
+    x = torch.cat(parts, dim=1)
+    info: Dict[str, Any] = (
+        dataclasses.asdict(diagnostics[0]) if len(diagnostics) == 1 and diagnostics[0] else {}
+    )
+    if len(diagnostics) > 1:
+        info = {
+            "method": diagnostics[0].method if diagnostics[0] else name.lower(),
+            "converged": all(d is None or d.converged for d in diagnostics),
+            "iterations": None,
+            "details": {"blocks": list(curvatures)},
+        }
+    return InverseHvpResult(x[0] if single else x, info)
+
+
+_HESSIAN = ModeCurvature(SecondOrderMode.HESSIAN)
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Direct)
@@ -181,9 +236,8 @@ def solve_direct(
     hessian_perturbation: float = 0.0,
 ) -> InverseHvpResult:
     r"""$x = (H + \lambda I)^{-1} b$ with the dense Hessian, factorised
-    ([DirectSolveOperator][influx.torch.operator.DirectSolveOperator])."""
-    hessian = HessianOperator(model.model, model.loss, training_data).to_dense()
-    return _solve(DirectSolveOperator(hessian, hessian_perturbation), b)
+    ([DirectSolveOperator][influx.torch.direct.DirectSolveOperator])."""
+    return _solve(model, training_data, b, hessian_perturbation, _HESSIAN, DirectSolver(), "Direct")
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Cg)
@@ -195,12 +249,11 @@ def solve_cg(
     **kwargs: Any,
 ) -> InverseHvpResult:
     r"""$x \approx (H + \lambda I)^{-1} b$ by conjugate gradient on Hessian-vector products
-    ([CgOperator][influx.torch.iterative.CgOperator]; `kwargs` are its parameters: `rtol`,
+    ([CgOperator][influx.torch.cg.CgOperator]; `kwargs` are its parameters: `rtol`,
     `atol`, `maxiter`, `preconditioner`, `use_block_cg`, ...)."""
-    from .iterative import CgOperator
-
-    hessian = HessianOperator(model.model, model.loss, training_data)
-    return _solve(CgOperator(hessian, hessian_perturbation, **kwargs), b)
+    if "use_block_cg" in kwargs:
+        kwargs["solve_simultaneously"] = kwargs.pop("use_block_cg")
+    return _solve(model, training_data, b, hessian_perturbation, _HESSIAN, CgSolver(**kwargs), "Cg")
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Lissa)
@@ -212,25 +265,11 @@ def solve_lissa(
     **kwargs: Any,
 ) -> InverseHvpResult:
     r"""$x \approx (H + \lambda I)^{-1} b$ by the LiSSA iteration over mini-batches of
-    `training_data` ([LissaOperator][influx.torch.iterative.LissaOperator]; `kwargs` are its
+    `training_data` ([LissaOperator][influx.torch.lissa.LissaOperator]; `kwargs` are its
     parameters: `maxiter`, `dampen`, `scale`, `rtol`, ...)."""
-    from .batch_operation import HessianBatchOperation
-    from .iterative import LissaOperator
-
-    batch_operation = HessianBatchOperation(model.model, model.loss)
-    return _solve(LissaOperator(batch_operation, training_data, hessian_perturbation, **kwargs), b)
-
-
-def _solve_low_rank(
-    approximation: Any, b: torch.Tensor, hessian_perturbation: float, exact: bool
-) -> InverseHvpResult:
-    from .low_rank import LowRankOperator
-
-    op = LowRankOperator(approximation.representation, hessian_perturbation, exact=exact)
-    x = op.apply(b)
-    info = dataclasses.asdict(approximation.diagnostics)
-    info["details"] = {**info.get("details", {}), "exact": exact}
-    return InverseHvpResult(x, info)
+    return _solve(
+        model, training_data, b, hessian_perturbation, _HESSIAN, LissaSolver(**kwargs), "Lissa"
+    )
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Arnoldi)
@@ -251,13 +290,8 @@ def solve_arnoldi(
     magnitude of the Hessian ([lanczos_low_rank][influx.torch.low_rank.lanczos_low_rank]);
     with `use_woodbury=True` the exact inverse of $V D V^\top + \lambda I$ instead. Exact at
     full rank."""
-    from .low_rank import lanczos_low_rank
-
-    hessian = HessianOperator(model.model, model.loss, training_data)
-    approximation = lanczos_low_rank(
-        hessian, rank, krylov_dimension, tol=tol, max_iter=max_iter, progress=progress
-    )
-    return _solve_low_rank(approximation, b, hessian_perturbation, exact=use_woodbury)
+    solver = ArnoldiSolver(rank, krylov_dimension, tol, max_iter, use_woodbury, progress)
+    return _solve(model, training_data, b, hessian_perturbation, _HESSIAN, solver, "Arnoldi")
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Nystroem)
@@ -268,17 +302,14 @@ def solve_nystroem(
     hessian_perturbation: float = 0.0,
     *,
     rank: int = 10,
-    use_woodbury: bool = True,
+    seed: Optional[int] = None,
 ) -> InverseHvpResult:
     r"""$x \approx (\hat H + \lambda I)^{-1} b$ with a randomized Nyström sketch $\hat H$ of rank
     `rank` of the Hessian ([nystroem_low_rank][influx.torch.low_rank.nystroem_low_rank]),
-    inverted by Woodbury (needs $\lambda > 0$) or, with `use_woodbury=False`, by projection.
-    The Hessian must be positive semi-definite for the sketch to be exact at full rank."""
-    from .low_rank import nystroem_low_rank
-
-    hessian = HessianOperator(model.model, model.loss, training_data)
-    approximation = nystroem_low_rank(hessian, rank)
-    return _solve_low_rank(approximation, b, hessian_perturbation, exact=use_woodbury)
+    inverted by Woodbury (needs $\lambda > 0$). The Hessian must be positive semi-definite for
+    the sketch to be exact at full rank."""
+    solver = NystroemSolver(rank, seed)
+    return _solve(model, training_data, b, hessian_perturbation, _HESSIAN, solver, "Nystroem")
 
 
 @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.InverseHarmonicMean)
@@ -293,14 +324,11 @@ def solve_inverse_harmonic_mean(
     r"""$x = \frac{1}{n}\sum_i (g_i g_i^\top + \lambda I)^{-1} b$, the inverse harmonic mean
     (DataInf) approximation of the inverse Gauss-Newton matrix; needs $\lambda > 0$
     ([InverseHarmonicMeanOperator][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanOperator])."""
-    from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-
-    op = InverseHarmonicMeanOperator(
-        model.model, model.loss, training_data, hessian_perturbation, progress=progress
-    )
-    x = op.apply(b)
-    return InverseHvpResult(
-        x, {"method": "inverse_harmonic_mean", "converged": True, "iterations": None}
+    curvature = ModeCurvature(SecondOrderMode.GAUSS_NEWTON)
+    solver = InverseHarmonicMeanSolver(progress)
+    solver.check_regularization(hessian_perturbation, ["model"])
+    return _solve(
+        model, training_data, b, hessian_perturbation, curvature, solver, "InverseHarmonicMean"
     )
 
 
@@ -316,33 +344,9 @@ def solve_ekfac(
 ) -> InverseHvpResult:
     r"""$x \approx (\hat F + \lambda I)^{-1} b$ with the layer-wise Kronecker-factored
     approximation $\hat F$ (EK-FAC, or K-FAC with `update_diagonal=False`) of the empirical
-    Fisher ([EkfacInfluence][influx.torch.influence_function_model.EkfacInfluence]). Every
+    Fisher ([KroneckerCurvature][influx.torch.composition.KroneckerCurvature]). Every
     trainable parameter must belong to a supported layer (`nn.Linear`, `nn.Conv2d`)."""
-    from .influence_function_model import EkfacInfluence
-
-    influence = EkfacInfluence(
-        model.model,
-        update_diagonal=update_diagonal,
-        hessian_regularization=hessian_perturbation,
-        progress=progress,
-        loss=model.loss,
-    ).fit(training_data)
-    blocks = influence.block_mapper.composable_block_dict
-    names = [n for n, p in model.model.named_parameters() if p.requires_grad]
-    covered = [n for block in influence._blocks.values() for n in block]
-    if covered != names:
-        raise ValueError(
-            "InversionMethod.Ekfac needs every trainable parameter in a supported layer, in "
-            f"order; the model has {names}, the layers cover {covered}."
-        )
-    single = b.ndim == 1
-    rows = b.unsqueeze(0) if single else b
-    parts = influence.block_mapper._split_to_blocks(rows.to(influence.device))
-    x = torch.cat([blocks[name].op.apply(part) for name, part in parts.items()], dim=1)
-    info: Dict[str, Any] = {
-        "method": "ekfac" if update_diagonal else "kfac",
-        "converged": True,
-        "iterations": None,
-        "details": {"blocks": list(blocks)},
-    }
-    return InverseHvpResult(x[0] if single else x, info)
+    curvature = KroneckerCurvature(update_diagonal, progress=progress)
+    return _solve(
+        model, training_data, b, hessian_perturbation, curvature, FactoredSolver(), "Ekfac"
+    )

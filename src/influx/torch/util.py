@@ -6,7 +6,6 @@ dask is imported only inside [torch_dataset_to_dask_array][influx.torch.util.tor
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Type, Union
@@ -23,6 +22,7 @@ from ..array import (
     NumpyConverter,
     SequenceAggregator,
 )
+from .validation import RegularizationType, regularization_by_block, validate_regularization
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -61,7 +61,6 @@ class BlockMode(Enum):
 
 
 BlockStructure = Union[BlockMode, "OrderedDict[str, List[str]]"]
-RegularizationType = Optional[Union[float, Mapping[str, Optional[float]]]]
 
 FULL_BLOCK_NAME = "model"
 
@@ -109,41 +108,6 @@ def block_parameters(
             f"got {type(block_structure).__name__}."
         )
     return blocks
-
-
-def validate_regularization(value: Optional[float], name: str = "regularization") -> None:
-    """Raise a ValueError unless `value` is None or a finite non-negative number."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Parameter '{name}' must be a float or None, got {type(value).__name__}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"Parameter '{name}' must be a non-negative number, got {value}.")
-
-
-def regularization_by_block(
-    regularization: RegularizationType, block_names: List[str]
-) -> Dict[str, Optional[float]]:
-    """Expand a float or a dict keyed by block name into one value per block.
-
-    Blocks missing from a dict get no regularization (None).
-
-    Raises:
-        ValueError: for negative values or keys that are not block names (the message lists
-            the valid names).
-    """
-    if isinstance(regularization, Mapping):
-        unknown = [k for k in regularization if k not in block_names]
-        if unknown:
-            raise ValueError(
-                f"Parameter 'regularization' names unknown blocks {unknown}; valid block names "
-                f"are {block_names}."
-            )
-        for k, v in regularization.items():
-            validate_regularization(v, f"regularization[{k!r}]")
-        return {name: regularization.get(name) for name in block_names}
-    validate_regularization(regularization)
-    return {name: regularization for name in block_names}
 
 
 class TorchNumpyConverter(NumpyConverter[torch.Tensor]):

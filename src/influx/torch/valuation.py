@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..types import InfluenceMode, NotFittedException
 from .base import TorchComposableInfluence
-from .operator import iterate_batches
+from .data import iterate_batches
 
 __all__ = [
     "HarmfulRanking",

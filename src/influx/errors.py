@@ -1,0 +1,47 @@
+"""The exceptions of influx.
+
+Every exception the library raises on purpose derives from
+[InfluxError][influx.errors.InfluxError], so that `except InfluxError` catches them all; each
+also keeps the built-in base it always had (most are `ValueError`s), so existing handlers keep
+working. Nothing here imports a numerical framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "InfluxError",
+    "NotFittedException",
+    "UnsupportedInfluenceModeException",
+    "UnsafeFitFileError",
+]
+
+
+class InfluxError(Exception):
+    """The base of every exception raised by influx on purpose."""
+
+
+class NotFittedException(InfluxError, ValueError):
+    """Raised when an influence model is used before [fit][influx.types.InfluenceFunctionModel.fit]."""
+
+    def __init__(self, object_type: type):
+        super().__init__(
+            f"{object_type.__name__} is not fitted: call 'fit' with the training data first."
+        )
+
+
+class UnsupportedInfluenceModeException(InfluxError, ValueError):
+    """Raised for an influence mode that a method cannot compute."""
+
+    def __init__(self, mode: Any):
+        valid = "InfluenceMode.Up, InfluenceMode.Perturbation"
+        super().__init__(
+            f"Parameter 'mode': unsupported influence mode {mode!r}, expected one of {valid}."
+        )
+
+
+class UnsafeFitFileError(InfluxError, ValueError):
+    """Raised when a file given to `load_fit` is not a fit saved by influx, or holds anything
+    but plain tensors and JSON (for example a pickled callable): such a file is never
+    executed."""

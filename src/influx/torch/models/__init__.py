@@ -1,0 +1,25 @@
+"""The influence models: presets of the block composition with the names of pyDVL's models.
+
+Each is a [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence] whose
+`curvature` and `solver` are fixed by its constructor arguments;
+[ComposedInfluence][influx.torch.models.composed.ComposedInfluence] takes any valid pair.
+"""
+
+from .cg import CgInfluence
+from .composed import ComposedInfluence
+from .direct import DirectInfluence
+from .ekfac import EkfacInfluence
+from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
+from .lissa import LissaInfluence
+from .low_rank import ArnoldiInfluence, NystroemSketchInfluence
+
+__all__ = [
+    "ArnoldiInfluence",
+    "CgInfluence",
+    "ComposedInfluence",
+    "DirectInfluence",
+    "EkfacInfluence",
+    "InverseHarmonicMeanInfluence",
+    "LissaInfluence",
+    "NystroemSketchInfluence",
+]

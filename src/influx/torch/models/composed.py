@@ -1,0 +1,62 @@
+r"""Any curvature with any inverse method."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import TorchComposableInfluence
+from ..composition import Curvature, Solver
+from ..functional import LossFunction
+from ..util import BlockMode, BlockStructure
+from ..validation import RegularizationType
+
+__all__ = ["ComposedInfluence"]
+
+
+class ComposedInfluence(TorchComposableInfluence):
+    r"""Influence with a chosen curvature and a chosen inverse method for every block.
+
+    $$
+    I(z', z) = \sum_b \nabla_{\theta_b} \ell(z')^\top A_b \nabla_{\theta_b} \ell(z), \qquad
+    A_b \approx (C_b + \lambda_b I)^{-1},
+    $$
+
+    with $C_b$ from `curvature` and $A_b$ from `solver` (see
+    [influx.torch.composition][influx.torch.composition]). The named models
+    (`DirectInfluence`, `CgInfluence`, ...) are presets of this composition.
+
+    Args:
+        model: the trained model.
+        loss: the loss `loss(prediction, target)` with mean reduction.
+        curvature: e.g. `ModeCurvature(SecondOrderMode.GENERALIZED_GAUSS_NEWTON)` or
+            `KroneckerCurvature(update_diagonal=True)`.
+        solver: e.g. `CgSolver(preconditioner=JacobiPreconditioner())`, `ArnoldiSolver(rank=20)`.
+        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+            `OrderedDict[str, List[str]]` (ignored by curvatures with their own blocks, such as
+            the Kronecker curvature's layers).
+
+    Example:
+        ```python
+        model = ComposedInfluence(
+            net, F.cross_entropy, KroneckerCurvature(), CgSolver(rtol=1e-8), regularization=0.01
+        ).fit(train_loader)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        curvature: Curvature,
+        solver: Solver,
+        regularization: RegularizationType = None,
+        block_structure: BlockStructure = BlockMode.FULL,
+    ):
+        if not isinstance(curvature, Curvature):
+            raise TypeError(
+                f"Parameter 'curvature' must be a Curvature, got {type(curvature).__name__}."
+            )
+        if not isinstance(solver, Solver):
+            raise TypeError(f"Parameter 'solver' must be a Solver, got {type(solver).__name__}.")
+        self._compose(model, loss, curvature, solver, block_structure, regularization)

@@ -1,0 +1,127 @@
+r"""Influence through low-rank approximations of the curvature: Lanczos and Nyström."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..base import TorchComposableInfluence
+from ..composition import ArnoldiSolver, ModeCurvature, NystroemSolver
+from ..curvature import SecondOrderMode, check_second_order_mode
+from ..functional import LossFunction
+from ..util import BlockMode, BlockStructure
+from ..validation import RegularizationType
+
+__all__ = ["ArnoldiInfluence", "NystroemSketchInfluence"]
+
+
+class ArnoldiInfluence(TorchComposableInfluence):
+    r"""Influence through the top eigenpairs of the curvature (Lanczos / Arnoldi).
+
+    On `fit`, the `rank` eigenpairs of largest magnitude of each block's curvature $C_b$
+    (Hessian or Gauss-Newton matrix of the mean training loss) are computed by the
+    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.low_rank.lanczos_eigenpairs],
+    matrix-free: only curvature-vector products, on the model's device), giving
+    $C_b \approx V D V^\top$. The inverse is then applied by a
+    [LowRankOperator][influx.torch.low_rank.LowRankOperator]:
+
+    * `use_woodbury=False` (default): $V (D + \lambda I)^{-1} V^\top$, which ignores the
+      directions outside the top eigenspace; the influences are paired through the
+      projections $V^\top \nabla_\theta \ell$ (Jacobian-vector products, no per-sample
+      gradients are formed);
+    * `use_woodbury=True`: the exact inverse of $V D V^\top + \lambda I$ (Woodbury), which
+      scales the remaining directions by $1/\lambda$; needs $\lambda > 0$. At `rank` $= P$
+      (or when the omitted eigenvalues are zero) it equals the direct method.
+
+    Changing the regularization (`with_regularization`) reuses the eigenpairs. The Lanczos
+    run of each block is reported in `solver_diagnostics` (method `"lanczos"`, operator
+    applications, largest relative eigen-residual, convergence, eigenvalue range).
+
+    Args:
+        model: the trained model.
+        loss: the loss function (mean reduction).
+        regularization: $\lambda$, a float or a dict keyed by block name; must be positive for
+            every block with `use_woodbury=True`.
+        rank: the number of eigenpairs per block, in $[1, P_b]$ for every block.
+        krylov_dimension: the size of the Lanczos basis; None means
+            $\min(P_b, \max(2\,\text{rank} + 1, 20))$. Larger values converge in fewer
+            restarts but use $O(m P_b)$ memory. Capped at $P_b$ per block.
+        tol: relative tolerance on the eigen-residuals.
+        max_iter: the maximum number of Lanczos restarts; None means $10 P_b$.
+        eigen_computation_on_gpu: accepted for compatibility and ignored: the eigenpairs are
+            always computed in torch on the model's device.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        use_woodbury: exact inverse of the low-rank approximation plus $\lambda I$ (True) or
+            projected inverse (False).
+        progress: show a progress bar over operator applications.
+
+    Example:
+        ```python
+        model = ArnoldiInfluence(net, F.cross_entropy, 0.01, rank=50).fit(train_loader)
+        values = model.influences(x_test, y_test, x_train, y_train)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: RegularizationType = None,
+        rank: int = 10,
+        krylov_dimension: Optional[int] = None,
+        tol: float = 1e-6,
+        max_iter: Optional[int] = None,
+        eigen_computation_on_gpu: bool = False,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        use_woodbury: bool = False,
+        progress: bool = False,
+    ):
+        self.second_order_mode = check_second_order_mode(second_order_mode)
+        curvature = ModeCurvature(self.second_order_mode)
+        solver = ArnoldiSolver(rank, krylov_dimension, tol, max_iter, use_woodbury, progress)
+        self._compose(model, loss, curvature, solver, block_structure, regularization)
+
+
+class NystroemSketchInfluence(TorchComposableInfluence):
+    r"""Influence through a randomized Nyström sketch of the curvature.
+
+    On `fit`, each block's curvature is applied once to `rank` random orthonormal vectors
+    $Q$, and $C_b \approx (C_b Q)(Q^\top C_b Q)^{+}(C_b Q)^\top = V D V^\top$
+    ([randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation]).
+    The inverse of $V D V^\top + \lambda I$ is applied exactly by the Woodbury formula
+    ([LowRankOperator][influx.torch.low_rank.LowRankOperator]), so $\lambda > 0$ is required.
+
+    The sketch assumes a positive semi-definite curvature: it is exact at `rank` $= P_b$ for
+    the Gauss-Newton matrix or the Hessian of a convex model. If the sketch finds negative
+    curvature (an indefinite Hessian, e.g. of a network), a warning is logged, the negative
+    part is dropped and the result cannot match the direct method; prefer
+    `second_order_mode=SecondOrderMode.GAUSS_NEWTON` for non-convex models. Changing the
+    regularization reuses the sketch.
+
+    Args:
+        model: the trained model.
+        loss: the loss function (mean reduction).
+        regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
+        rank: the sketch size per block, in $[1, P_b]$ for every block.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        seed: seed of the random sketch; the same seed gives the same sketch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        regularization: RegularizationType,
+        rank: int,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        seed: Optional[int] = None,
+    ):
+        self.second_order_mode = check_second_order_mode(second_order_mode)
+        curvature = ModeCurvature(self.second_order_mode)
+        solver = NystroemSolver(rank, seed)
+        self._compose(model, loss, curvature, solver, block_structure, regularization)
