@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from .base import TorchComposableInfluence
 
-__all__ = ["load_fit", "save_fit", "FORMAT"]
+__all__ = ["load_fit", "read_fit_info", "save_fit", "FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ def save_fit(influence_model: TorchComposableInfluence, path: Union[str, Path]) 
         "settings": _comparable(influence_model.settings),
         "parameter_shapes": _parameter_shapes(influence_model.model),
         "fingerprint": _fingerprint(influence_model.model),
+        "blocks": {
+            name: sum(p.numel() for p in params.values())
+            for name, params in influence_model._blocks.items()
+        },
     }
     torch.save({"header": header, "blocks": blocks.getvalue()}, path)
     logger.info("Saved the fit of %s to %s", type(influence_model).__name__, path)
@@ -238,3 +242,43 @@ def load_fit(
     influence_model.block_mapper = block_mapper
     influence_model._fitted = True
     return influence_model
+
+
+def read_fit_info(path: Union[str, Path]) -> Dict[str, Any]:
+    """What the fit saved at `path` holds, read without the network or the fitted operators.
+
+    Returns:
+        A dict with the keys `"class"` (the influence model's class name), `"settings"` (its
+        constructor arguments but the model and the loss), `"blocks"` (block name to number of
+        parameters, None if the file does not record it), `"n_parameters"`, `"fingerprint"`
+        (of the parameter values), `"version"` (of influx that saved it) and `"format"`.
+
+    Raises:
+        ValueError: if there is no file at `path` or it is not a fit saved by influx.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Parameter 'path': no file at {path}.")
+    try:
+        header = torch.load(path, map_location="cpu", weights_only=True)["header"]
+        if header.get("format") != FORMAT:
+            raise KeyError("format")
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(
+            f"Parameter 'path': {path} is not a fit saved by influx ({error})."
+        ) from None
+    n_parameters = 0
+    for shape in header["parameter_shapes"].values():
+        size = 1
+        for dim in shape:
+            size *= int(dim)
+        n_parameters += size
+    return {
+        "class": header["class"],
+        "settings": header["settings"],
+        "blocks": header.get("blocks"),
+        "n_parameters": n_parameters,
+        "fingerprint": header["fingerprint"],
+        "version": header["influx_version"],
+        "format": header["format"],
+    }
