@@ -157,11 +157,12 @@ class _ChunkBudgetReached(Exception):
     """Raised by the converter once the chunk budget of a run is spent."""
 
 
-def _budget_converter(budget: Optional[int]) -> Any:
+def _counting_converter(budget: Optional[int], bar: Any) -> Any:
+    """A torch-to-numpy converter that advances `bar` per chunk and stops after `budget`."""
     from ..torch.util import TorchNumpyConverter
 
-    class BudgetConverter(TorchNumpyConverter):
-        """Converts chunks to numpy, at most `budget` of them."""
+    class CountingConverter(TorchNumpyConverter):
+        """Converts chunks to numpy, at most `budget` of them, counting them on `bar`."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -171,9 +172,10 @@ def _budget_converter(budget: Optional[int]) -> Any:
             if budget is not None and self.converted >= budget:
                 raise _ChunkBudgetReached()
             self.converted += 1
+            bar.update(1)
             return super().to_numpy(x)
 
-    return BudgetConverter()
+    return CountingConverter()
 
 
 def run_matrix(args: argparse.Namespace) -> int:
@@ -243,19 +245,30 @@ def _write_sequentially(
         data_loader(test, args.batch_size), data_loader(prepared.train, args.batch_size)
     )
     lazy.metadata.update(metadata)
-    converter = _budget_converter(args.max_chunks)
-    try:
-        lazy.to_zarr(
-            str(args.out),
-            converter,
-            overwrite=args.overwrite,
-            resume=not args.overwrite,
-            progress=args.progress,
-        )
-    except _ChunkBudgetReached:
-        logger.info("Stopped after %d chunks (--max-chunks).", converter.converted)
-        return True
+    from tqdm.auto import tqdm
+
+    n_chunks = _n_batches(test, args.batch_size) * _n_batches(prepared.train, args.batch_size)
+    done = 0 if args.overwrite or not args.out.exists() else _done_chunks(args.out)
+    with tqdm(total=n_chunks, initial=done, desc="chunks", disable=not args.progress) as bar:
+        converter = _counting_converter(args.max_chunks, bar)
+        try:
+            lazy.to_zarr(
+                str(args.out), converter, overwrite=args.overwrite, resume=not args.overwrite
+            )
+        except _ChunkBudgetReached:
+            logger.info("Stopped after %d chunks (--max-chunks).", converter.converted)
+            return True
     return False
+
+
+def _n_batches(dataset: Any, batch_size: int) -> int:
+    return -(-len(dataset) // batch_size)
+
+
+def _done_chunks(out: Path) -> int:
+    from ..array import zarr_write_status
+
+    return zarr_write_status(str(out)).n_completed_chunks
 
 
 def _write_on_dask(
