@@ -26,7 +26,7 @@ from influx.cli.loading import load_data, resolve_object
 from influx.cli.matrix import recorded_command
 from influx.cli.methods import METHODS, parse_options
 from influx.cli.rank import write_ranking
-from influx.torch import DirectInfluence, rank_training_points
+from influx.torch import CgInfluence, DirectInfluence, rank_training_points
 from influx.torch.persistence import _fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,7 @@ def _api_model(
     )
 
 
+@pytest.mark.slow
 def test_documented_example_matches_the_api(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,6 +201,7 @@ def test_documented_example_matches_the_api(
     assert status["created by"] == shlex.join(commands[3])
 
 
+@pytest.mark.slow
 def test_matrix_interrupted_resumes_to_the_in_memory_matrix(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -297,6 +299,48 @@ def test_usage_errors_exit_2_naming_the_argument(project: Path) -> None:
     if importlib.util.find_spec("pyarrow") is None:
         parquet = _one_line_error(rank(out="ranking.parquet"), "--out")
         assert "needs pyarrow" in parquet
+
+
+def test_rank_with_options_matches_the_api_method(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """In this process: `--method cg --option ...` ranks as CgInfluence with those settings,
+    and `--fit-out` saves a fit that `info` describes."""
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.delitem(sys.modules, "cli_test_net", raising=False)
+    args = ["rank", "--model", "cli_test_net:make_net", "--weights", "weights.pt"]
+    args += ["--train", "train.pt", "--validation", "cli_test_net:test_set", "--top", "3"]
+    args += ["--method", "cg", "--regularization", "0.05", "--option", "rtol=1e-12"]
+    args += ["--option", "atol=1e-14", "--batch-size", "8", "--out", "r.json"]
+    assert main([*args, "--fit-out", "cg.fit"]) == 0
+    out = capsys.readouterr().out
+    assert "CgInfluence (--method cg, lambda = 0.05)" in out
+    assert "model: cg, converged" in out
+    records = json.loads((project / "r.json").read_text())
+    sys.modules.pop("cli_test_net", None)
+
+    module = import_file(project / "cli_test_net.py", "cli_test_net_rank")
+    train = torch.load(project / "train.pt", weights_only=True)
+    train_loader = DataLoader(
+        TensorDataset(train["inputs"].double(), train["labels"].long()), batch_size=8
+    )
+    net = module.make_net()
+    net.load_state_dict(torch.load(project / "weights.pt", weights_only=True))
+    model = CgInfluence(
+        net.eval(), torch.nn.functional.cross_entropy, 0.05, rtol=1e-12, atol=1e-14
+    ).fit(train_loader)
+    expected = rank_training_points(
+        model, train_loader, DataLoader(module.test_set(), batch_size=8)
+    )
+    assert [r["index"] for r in records] == expected.indices.tolist()
+    np.testing.assert_allclose(
+        [r["influence"] for r in records], expected.values[expected.indices], rtol=1e-8
+    )
+    assert main(["info", "cg.fit"]) == 0
+    info = fields(capsys.readouterr().out)
+    assert info["class"] == "CgInfluence" and info["rtol"] == "1e-12"
+    assert info["regularization"] == "0.05" and info["parameters"] == "26"
 
 
 def test_computation_error_exits_1_traceback_with_debug(
@@ -402,6 +446,7 @@ def test_options_recorded_command_and_json_ranking(tmp_path: Path) -> None:
         "rtol": 1e-9,
         "fisher": "true_fisher",
     }
+    assert all(isinstance(m.model_class(), type) for m in METHODS.values())
     with pytest.raises(UsageError, match=r"^--option: expected KEY=VALUE"):
         parse_options(["rank"])
     argv: List[str] = ["matrix", "--out", "a b.zarr", "--max-chunks", "3", "--no-progress"]

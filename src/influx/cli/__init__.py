@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, NoReturn, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .. import __version__
 from .common import UsageError
@@ -54,21 +54,13 @@ EPILOG = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors name the subcommand and exit with code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the `influx` command with all its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", help="show the traceback of an error and debug messages"
     )
-    parser = _Parser(prog="influx", description=DESCRIPTION, epilog=EPILOG)
+    parser = argparse.ArgumentParser(prog="influx", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"influx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [common]
