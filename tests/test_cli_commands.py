@@ -459,3 +459,12 @@ def test_options_recorded_command_and_json_ranking(tmp_path: Path) -> None:
         {"rank": 2, "index": 0, "influence": 0.5},
         {"rank": 3, "index": 1, "influence": 1.5},
     ]
+
+
+def test_parquet_ranking(tmp_path: Path) -> None:
+    parquet = pytest.importorskip("pyarrow.parquet")
+    out = write_ranking([1, 0], [0.25, -1.0], tmp_path / "r.parquet")
+    assert parquet.read_table(out).to_pylist() == [
+        {"rank": 1, "index": 1, "influence": -1.0},
+        {"rank": 2, "index": 0, "influence": 0.25},
+    ]

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from .common import UsageError, echo
 from .fitting import (
@@ -62,7 +62,7 @@ def add_rank_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
         default=None,
         metavar="FILE",
         help="write the full ranking (rank, index, influence; most harmful first) to a .csv, "
-        ".json or .parquet file (parquet needs pyarrow)",
+        ".json or .parquet file (parquet needs pyarrow, or pandas with fastparquet)",
     )
     group.add_argument(
         "--fit-out",
@@ -85,12 +85,21 @@ def _check_out(out: Path) -> None:
         raise UsageError(
             "--out", f"expected a file ending in {', '.join(OUT_FORMATS)}, got '{out}'"
         )
-    if out.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+    if out.suffix == ".parquet" and _parquet_writer() is None:
         raise UsageError(
             "--out", "writing .parquet needs pyarrow (pip install pyarrow); use .csv or .json"
         )
     if not out.parent.exists():
         raise UsageError("--out", f"no such directory: '{out.parent}'")
+
+
+def _parquet_writer() -> Optional[str]:
+    """The installed library that writes parquet: pyarrow, or pandas with fastparquet."""
+    if importlib.util.find_spec("pyarrow") is not None:
+        return "pyarrow"
+    if importlib.util.find_spec("pandas") and importlib.util.find_spec("fastparquet"):
+        return "pandas"
+    return None
 
 
 def write_ranking(order: List[int], values: List[float], out: Path) -> Path:
@@ -112,17 +121,20 @@ def write_ranking(order: List[int], values: List[float], out: Path) -> Path:
         records = [{"rank": r, "index": i, "influence": v} for r, i, v in rows]
         out.write_text(json.dumps(records, indent=0) + "\n")
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        columns = {
+            "rank": [r for r, _, _ in rows],
+            "index": [i for _, i, _ in rows],
+            "influence": [v for _, _, v in rows],
+        }
+        if _parquet_writer() == "pyarrow":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        table = pa.table(
-            {
-                "rank": [r for r, _, _ in rows],
-                "index": [i for _, i, _ in rows],
-                "influence": [v for _, _, v in rows],
-            }
-        )
-        pq.write_table(table, out)
+            pq.write_table(pa.table(columns), out)
+        else:
+            import pandas as pd
+
+            pd.DataFrame(columns).to_parquet(out, engine="fastparquet", index=False)
     return out
 
 
