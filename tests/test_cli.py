@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influx.cli import _auc, main
+from influx.cli import detection_auc, main
 
 
 def test_auc_matches_pairwise_definition() -> None:
@@ -18,7 +18,7 @@ def test_auc_matches_pairwise_definition() -> None:
     pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
         len(pos) * len(neg)
     )
-    assert _auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
+    assert detection_auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
 
 
 @pytest.mark.slow

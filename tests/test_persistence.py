@@ -131,3 +131,29 @@ def test_every_model_saves_and_loads(name: str, tmp_path: Path) -> None:
         loaded = make().load_fit(path, data=data)
     torch.manual_seed(0)
     assert torch.equal(loaded.influences(x[:3], y[:3], x, y), expected)
+
+
+def test_read_fit_info_without_the_network(tmp_path: Path) -> None:
+    from influx import __version__
+    from influx.torch.persistence import fingerprint, read_fit_info
+
+    net = make_mlp()
+    model = _fitted(net, regularization=0.1, block_structure=BlockMode.LAYER_WISE)
+    info = read_fit_info(model.save(tmp_path / "fit.pt"))
+    assert set(info) >= {"class", "settings", "blocks", "n_parameters", "fingerprint", "version"}
+    assert info["class"] == "DirectInfluence"
+    assert info["settings"]["regularization"] == 0.1
+    sizes = {
+        name: sum(p.numel() for p in params.values()) for name, params in model._blocks.items()
+    }
+    assert info["blocks"] == sizes and len(sizes) == 2
+    assert info["n_parameters"] == model.n_parameters == sum(p.numel() for p in net.parameters())
+    assert info["fingerprint"] == fingerprint(net)
+    assert info["version"] == __version__
+    with pytest.raises(ValueError, match="Parameter 'path': no file at"):
+        read_fit_info(tmp_path / "missing.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(
+        ValueError, match="Parameter 'path': .*other.pt is not a fit saved by influx"
+    ):
+        read_fit_info(tmp_path / "other.pt")

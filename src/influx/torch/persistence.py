@@ -138,21 +138,25 @@ def read_fit(
 
 
 def read_fit_info(path: Union[str, Path]) -> Dict[str, Any]:
-    """What a fit file holds, without loading the model: keys `"class"`, `"settings"`,
-    `"blocks"` (name, operator class and number of parameters of each), `"n_parameters"`,
-    `"fingerprint"`, `"version"` and `"format"`."""
+    """What a fit file holds, without the network or the fitted operators.
+
+    Returns:
+        A dict with the keys `"class"` (the influence model's class name), `"settings"` (its
+        constructor arguments but the model and the loss), `"blocks"` (block name to number of
+        parameters), `"operators"` (block name to the class of its operator),
+        `"n_parameters"`, `"fingerprint"` (of the parameter values), `"version"` (of influx
+        that saved it) and `"format"`.
+
+    Raises:
+        ValueError: if there is no file at `path`.
+        UnsafeFitFileError: if it is not a fit saved by influx (a `ValueError` too).
+    """
     header, _ = read_fit(path)
     return {
         "class": header["class"],
         "settings": header["settings"],
-        "blocks": [
-            {
-                "name": block["name"],
-                "operator": block["operator"]["class"],
-                "n_parameters": block["n_parameters"],
-            }
-            for block in header["blocks"]
-        ],
+        "blocks": {block["name"]: block["n_parameters"] for block in header["blocks"]},
+        "operators": {block["name"]: block["operator"]["class"] for block in header["blocks"]},
         "n_parameters": sum(block["n_parameters"] for block in header["blocks"]),
         "fingerprint": header["fingerprint"],
         "version": header["influx_version"],

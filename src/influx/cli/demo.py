@@ -1,10 +1,9 @@
-"""The `influx` command line: `python -m influx demo` finds mislabeled digits by influence.
+"""`influx demo`: find mislabeled digits by their influence.
 
 The demo trains a small MLP on sklearn's bundled digits data with a known 10% of the training
 labels flipped, computes the influence of every training point on a held-out set with
-[DirectInfluence][influx.torch.influence_function_model.DirectInfluence], ranks the training
-points from most harmful (most negative total influence on the held-out loss) to most helpful
-and reports how many flipped labels the ranking finds.
+`DirectInfluence`, ranks the training points from most harmful (most negative total influence
+on the held-out loss) to most helpful and reports how many flipped labels the ranking finds.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class DemoReport:
         ]
 
 
-def _auc(scores: np.ndarray, positives: np.ndarray) -> float:
+def detection_auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for the boolean labels `positives` (ties: 1/2)."""
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(len(scores), dtype=float)
@@ -100,8 +99,8 @@ def run_demo(
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
-    from .torch import DirectInfluence
-    from .torch.valuation import rank_training_points
+    from ..torch import DirectInfluence
+    from ..torch.valuation import rank_training_points
 
     start = time.perf_counter()
     steps = tqdm(total=4, desc="demo", disable=not progress)
@@ -167,7 +166,7 @@ def run_demo(
         test_accuracy=accuracy,
         hits_top10=int(is_flipped[top10].sum()),
         hits_top20=int(is_flipped[top20].sum()),
-        auc=_auc(-total, is_flipped),
+        auc=detection_auc(-total, is_flipped),
         seconds=time.perf_counter() - start,
         influences=values,
         ranking=order,
@@ -221,8 +220,8 @@ def write_influences_zarr(
     """
     from torch.utils.data import DataLoader, TensorDataset
 
-    from .calculator import SequentialInfluenceCalculator
-    from .torch import TorchNumpyConverter
+    from ..calculator import SequentialInfluenceCalculator
+    from ..torch import TorchNumpyConverter
 
     lazy = SequentialInfluenceCalculator(model).influences(
         DataLoader(TensorDataset(x_test, y_test), batch_size=chunk_size),
@@ -264,10 +263,21 @@ def plot_report(report: DemoReport, path: Path) -> Path:
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="influx", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="find mislabeled digits by their influence")
+DEMO_DESCRIPTION = (
+    "Train a small MLP on sklearn's digits with 10% of the training labels flipped, rank the "
+    "training points by their influence on held-out points (DirectInfluence) and report how "
+    "many flipped labels the ranking finds."
+)
+
+
+def add_demo_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Register the `demo` subcommand on the subparsers `sub`."""
+    demo = sub.add_parser(
+        "demo",
+        help="find mislabeled digits by their influence",
+        description=DEMO_DESCRIPTION,
+        parents=list(parents),
+    )
     demo.add_argument(
         "--out",
         type=Path,
@@ -282,11 +292,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="write the plots to this PNG (default: influx-demo.png; needs matplotlib)",
     )
     demo.add_argument("--no-plot", action="store_true", help="do not write the plots")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and the model")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    demo.set_defaults(run=run_demo_command)
 
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Run `influx demo` with the parsed arguments `args`."""
     to_zarr = args.out is not None and args.out.suffix == ".zarr"
     report = run_demo(
         seed=args.seed,
