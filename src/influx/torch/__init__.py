@@ -17,6 +17,7 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LowRankProductRepresentation
+from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .influence_function_model import (
     ArnoldiInfluence,
     CgInfluence,
@@ -42,6 +43,7 @@ from .low_rank import (
 from .operator import (
     DirectSolveOperator,
     GaussNewtonOperator,
+    GeneralizedGaussNewtonOperator,
     HessianOperator,
     MatrixOperator,
     SecondOrderMode,
@@ -75,6 +77,8 @@ __all__ = [
     "EkfacInfluence",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
+    "GeneralizedGaussNewtonBatchOperation",
+    "GeneralizedGaussNewtonOperator",
     "HarmfulRanking",
     "HessianBatchOperation",
     "HessianOperator",

@@ -36,6 +36,7 @@ from .base import (
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
 from .functional import LossFunction
+from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .iterative import (
     CgOperator,
@@ -119,7 +120,8 @@ class DirectInfluence(TorchComposableInfluence):
         regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature, `SecondOrderMode.HESSIAN` or `GAUSS_NEWTON`.
+        second_order_mode: the curvature, `SecondOrderMode.HESSIAN`, `GAUSS_NEWTON` or
+            `GENERALIZED_GAUSS_NEWTON`.
 
     Example:
         ```python
@@ -221,7 +223,7 @@ class CgInfluence(TorchComposableInfluence):
         precompute_grad: with `SecondOrderMode.GAUSS_NEWTON`, compute the per-sample training
             gradients of each block once in `fit` and keep them in memory ($n \times P_b$
             numbers), so that every CG iteration is two matrix products instead of a pass over
-            the data. No effect with `SecondOrderMode.HESSIAN`.
+            the data. No effect with the other modes.
         preconditioner: a [Preconditioner][influx.torch.preconditioner.Preconditioner]; a copy
             is fitted to every block.
         solve_simultaneously: solve all right-hand sides together with block CG.
@@ -229,7 +231,8 @@ class CgInfluence(TorchComposableInfluence):
             not reached within `maxiter` iterations; if False, log it at debug level.
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature, `SecondOrderMode.HESSIAN` or `GAUSS_NEWTON`.
+        second_order_mode: the curvature, `SecondOrderMode.HESSIAN`, `GAUSS_NEWTON` or
+            `GENERALIZED_GAUSS_NEWTON`.
 
     Example:
         ```python
@@ -336,7 +339,8 @@ class LissaInfluence(TorchComposableInfluence):
             not reached within `maxiter` iterations; if False, log it at debug level.
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature, `SecondOrderMode.HESSIAN` or `GAUSS_NEWTON`.
+        second_order_mode: the curvature, `SecondOrderMode.HESSIAN`, `GAUSS_NEWTON` or
+            `GENERALIZED_GAUSS_NEWTON`.
     """
 
     def __init__(
@@ -374,6 +378,10 @@ class LissaInfluence(TorchComposableInfluence):
         batch_operation: BatchOperation
         if self.second_order_mode is SecondOrderMode.GAUSS_NEWTON:
             batch_operation = GaussNewtonBatchOperation(self.model, self.loss, block_params)
+        elif self.second_order_mode is SecondOrderMode.GENERALIZED_GAUSS_NEWTON:
+            batch_operation = GeneralizedGaussNewtonBatchOperation(
+                self.model, self.loss, block_params
+            )
         else:
             batch_operation = HessianBatchOperation(self.model, self.loss, block_params)
         op = LissaOperator(
@@ -449,7 +457,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
         eigen_computation_on_gpu: accepted for compatibility and ignored: the eigenpairs are
             always computed in torch on the model's device.
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
-        second_order_mode: `HESSIAN` or `GAUSS_NEWTON`.
+        second_order_mode: `HESSIAN`, `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
         use_woodbury: exact inverse of the low-rank approximation plus $\lambda I$ (True) or
             projected inverse (False).
         progress: show a progress bar over operator applications.
@@ -579,7 +587,7 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
         rank: the sketch size per block, in $[1, P_b]$ for every block.
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
-        second_order_mode: `HESSIAN` or `GAUSS_NEWTON`.
+        second_order_mode: `HESSIAN`, `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
     """
 
     def __init__(
