@@ -48,7 +48,12 @@ from .operator import (
     MatrixOperator,
     SecondOrderMode,
 )
-from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+from .preconditioner import (
+    EkfacPreconditioner,
+    JacobiPreconditioner,
+    NystroemPreconditioner,
+    Preconditioner,
+)
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (
     BlockMode,
@@ -75,6 +80,7 @@ __all__ = [
     "DirectInfluence",
     "DirectSolveOperator",
     "EkfacInfluence",
+    "EkfacPreconditioner",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
     "GeneralizedGaussNewtonBatchOperation",

@@ -71,7 +71,9 @@ __all__ = [
     "collect_kronecker_factors",
     "eigendecompose_factors",
     "find_layers",
+    "fit_kronecker_curvature",
     "layer_signals",
+    "layers_for_parameters",
     "refit_eigenvalues",
     "validate_fisher",
 ]
@@ -274,6 +276,39 @@ def find_layers(
         raise ValueError(
             "Parameter 'model' has no trainable Linear or Conv2d layer (requires_grad=True)."
         )
+    return result
+
+
+def layers_for_parameters(
+    model: torch.nn.Module, parameter_names: Iterable[str]
+) -> "Dict[str, LayerSpec]":
+    """The supported layers holding some of the named parameters, in `named_modules()` order.
+
+    A `Linear` or (non-grouped) `Conv2d` layer is included if its weight or its bias is among
+    `parameter_names`; its spec covers exactly those of the two that are. Parameters of other
+    modules are left out without error (the caller treats them otherwise).
+
+    Args:
+        model: the model.
+        parameter_names: full parameter names, as in `model.named_parameters()`.
+
+    Returns:
+        the layer specs by block name (module name, or `"model"` for the model itself).
+    """
+    wanted = set(parameter_names)
+    result: Dict[str, LayerSpec] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        weight = prefix + "weight" if prefix + "weight" in wanted else None
+        bias = prefix + "bias" if module.bias is not None and prefix + "bias" in wanted else None
+        if weight is None and bias is None:
+            continue
+        block_name = name or ROOT_LAYER_NAME
+        result[block_name] = LayerSpec(block_name, module, weight, bias)
     return result
 
 
@@ -818,3 +853,47 @@ class KroneckerFactoredOperator(TensorDictOperator):
             dtype=self._dtype,
             layer_name=self.layer_name,
         )
+
+
+def fit_kronecker_curvature(
+    model: torch.nn.Module,
+    layers: "Dict[str, LayerSpec]",
+    data: DataLoader,
+    loss: LossFunction,
+    fisher: str = "empirical",
+    update_diagonal: bool = True,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    max_cache_mb: float = 256.0,
+) -> "Tuple[Dict[str, KroneckerFactors], Dict[str, KroneckerEigenbasis], Dict[str, torch.Tensor]]":
+    r"""K-FAC or EK-FAC for the given layers: factors, their eigenbases and the eigenvalues.
+
+    One pass collects the factors ([collect_kronecker_factors][influx.torch.kfac.collect_kronecker_factors]),
+    which are eigendecomposed in float64; with `update_diagonal` the eigenvalues are refitted
+    ([refit_eigenvalues][influx.torch.kfac.refit_eigenvalues]) from the signals of the first
+    pass if they fit in `max_cache_mb`, else with a second pass. Without it the eigenvalues
+    are the K-FAC products $\lambda_G \lambda_A^\top$.
+
+    Returns:
+        per layer, the factors, the eigenbases and the eigenvalues `(m, k)` (float64).
+    """
+    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal else 0)
+    factors = collect_kronecker_factors(
+        model, layers, data, loss, fisher, generator, progress, cache
+    )
+    bases = {name: eigendecompose_factors(f, name) for name, f in factors.items()}
+    if update_diagonal:
+        eigenvalues = refit_eigenvalues(
+            model,
+            layers,
+            bases,
+            data,
+            loss,
+            fisher,
+            generator,
+            progress,
+            cached=cache if cache.complete else None,
+        )
+    else:
+        eigenvalues = {name: b.kfac_eigenvalues for name, b in bases.items()}
+    return factors, bases, eigenvalues
