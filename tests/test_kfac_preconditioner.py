@@ -27,7 +27,7 @@ from influx.torch import (
     SecondOrderMode,
 )
 from influx.torch import preconditioner as preconditioner_module
-from influx.torch.kfac_preconditioner import KroneckerBlockInverse
+from influx.torch.kfac_preconditioner import KroneckerBlockInverse, fit_kronecker_block_inverse
 from influx.torch.preconditioner import check_preconditioner
 
 F = torch.nn.functional
@@ -323,6 +323,32 @@ def test_copies_and_pickles(mlp) -> None:
 def test_bad_parameters(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         EkfacPreconditioner(**kwargs)
+
+
+def test_float32_model(mlp) -> None:
+    net, x, y = mlp
+    net32 = copy.deepcopy(net).float()
+    data32 = loader(x.float(), y, 32)
+    expected = cg(net, F.cross_entropy, 0.05, mode=GGN).fit(loader(x, y, 32))
+    model = CgInfluence(
+        net32,
+        F.cross_entropy,
+        0.05,
+        rtol=1e-6,
+        preconditioner=EkfacPreconditioner(),
+        second_order_mode=GGN,
+    ).fit(data32)
+    factors = model.influence_factors(x[:3].float(), y[:3])
+    assert factors.dtype == torch.float32
+    assert rel_err(factors.double(), expected.influence_factors(x[:3], y[:3])) < 1e-4
+
+
+def test_fit_function_checks_its_options() -> None:
+    operator = MatrixOperator(torch.eye(3))
+    with pytest.raises(
+        ValueError, match=r"'fallback' must be one of \['jacobi', 'identity'\], got 'x'"
+    ):
+        fit_kronecker_block_inverse(operator, fallback="x")
 
 
 def test_sampled_fisher_needs_cross_entropy() -> None:

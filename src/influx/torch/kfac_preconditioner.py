@@ -207,7 +207,12 @@ def fit_kronecker_block_inverse(
             for the probes and a fresh generator for the labels.
         progress: show progress bars over the batches.
         max_cache_mb: memory for the signals of the first pass, saving the refit's pass.
+
+    Raises:
+        ValueError: for an unknown `fisher` or `fallback`, or `fisher="sampled"` with a loss
+            that is not the cross-entropy.
     """
+    validate_kronecker_options(fisher, fallback)
     size = operator.input_size
     device, dtype = operator.device, operator.dtype
     generator = None if seed is None else torch.Generator().manual_seed(seed)
