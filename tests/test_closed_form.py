@@ -72,7 +72,8 @@ def test_direct_influences_match_closed_form(
     linreg: LinearRegression, mode: SecondOrderMode
 ) -> None:
     lam = 0.05
-    curvature = linreg.hessian() if mode is SecondOrderMode.HESSIAN else linreg.gauss_newton()
+    # A linear model: its generalized Gauss-Newton matrix is its Hessian.
+    curvature = linreg.gauss_newton() if mode is SecondOrderMode.GAUSS_NEWTON else linreg.hessian()
     inverse = torch.linalg.inv(curvature + lam * torch.eye(linreg.n_params))
     g_test = linreg.grads(linreg.x_test, linreg.y_test)
     g_train = linreg.grads(linreg.x, linreg.y)

@@ -132,7 +132,9 @@ def test_unsupported_mode(fitted) -> None:
         model.influences(x[:2], y[:2], x, y, mode="sideways")  # type: ignore[arg-type]
     assert model.influences(x[:2], y[:2], x, y, mode="up").shape == (2, 60)  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match=r"'second_order_mode' must be one of \['HESSIAN', 'GAUSS_NEWTON'\]"
+        ValueError,
+        match=r"'second_order_mode' must be one of "
+        r"\['HESSIAN', 'GAUSS_NEWTON', 'GENERALIZED_GAUSS_NEWTON'\], got 'fisher'",
     ):
         DirectInfluence(make_mlp(), F.cross_entropy, 0.1, second_order_mode="fisher")  # type: ignore[arg-type]
     assert SecondOrderMode("gauss_newton") is SecondOrderMode.GAUSS_NEWTON

@@ -35,9 +35,15 @@ from .composition import (
     NystroemSolver,
     Solver,
 )
-from .curvature import GaussNewtonOperator, HessianOperator, SecondOrderMode
+from .curvature import (
+    GaussNewtonOperator,
+    GeneralizedGaussNewtonOperator,
+    HessianOperator,
+    SecondOrderMode,
+)
 from .direct import DirectSolveOperator
 from .functional import LowRankProductRepresentation
+from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import NotImplementedLayerRepresentationException
 from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
@@ -62,7 +68,12 @@ from .models import (
     LissaInfluence,
     NystroemSketchInfluence,
 )
-from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+from .preconditioner import (
+    EkfacPreconditioner,
+    JacobiPreconditioner,
+    NystroemPreconditioner,
+    Preconditioner,
+)
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (
@@ -106,6 +117,9 @@ __all__ = [
     "EkfacInfluence",
     "GaussNewtonBatchOperation",
     "GaussNewtonOperator",
+    "GeneralizedGaussNewtonBatchOperation",
+    "GeneralizedGaussNewtonOperator",
+    "EkfacPreconditioner",
     "HarmfulRanking",
     "HessianBatchOperation",
     "HessianOperator",

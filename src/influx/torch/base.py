@@ -79,7 +79,7 @@ TorchOperatorType = TypeVar("TorchOperatorType", bound=TensorOperator)
 class TorchOperatorGradientComposition(
     OperatorGradientComposition[torch.Tensor, TorchBatch, TensorOperator, TorchGradientProvider]
 ):
-    """One block: a [TensorOperator][influx.torch.base.TensorOperator] with the gradient
+    """One block: a [TensorOperator][influx.torch.tensor_operator.TensorOperator] with the gradient
     provider restricted to the same parameters.
 
     Args:

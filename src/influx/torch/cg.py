@@ -277,13 +277,13 @@ class CgOperator(TensorOperator):
     r"""Applies $(A + \lambda I)^{-1}$ by (preconditioned) conjugate gradient.
 
     For every row $b$ of the input it solves $(A + \lambda I)x = b$ for a symmetric positive
-    definite curvature operator $A$ (a [HessianOperator][influx.torch.operator.HessianOperator],
-    a [GaussNewtonOperator][influx.torch.operator.GaussNewtonOperator], a
-    [MatrixOperator][influx.torch.operator.MatrixOperator], ...), stopping when
+    definite curvature operator $A$ (a [HessianOperator][influx.torch.curvature.HessianOperator],
+    a [GaussNewtonOperator][influx.torch.curvature.GaussNewtonOperator], a
+    [MatrixOperator][influx.torch.tensor_operator.MatrixOperator], ...), stopping when
     $\|b - (A + \lambda I)x\| \le \max(\text{rtol}\,\|b\|, \text{atol})$. Each iteration
     applies $A$ once to all unconverged right-hand sides (see
-    [conjugate_gradient][influx.torch.iterative.conjugate_gradient] and
-    [block_conjugate_gradient][influx.torch.iterative.block_conjugate_gradient]).
+    [conjugate_gradient][influx.torch.cg.conjugate_gradient] and
+    [block_conjugate_gradient][influx.torch.cg.block_conjugate_gradient]).
 
     After every `apply`, `diagnostics` holds a
     [SolverDiagnostics][influx.types.SolverDiagnostics] with method `"cg"` or `"block_cg"`,

@@ -40,14 +40,8 @@ from .curvature import (
 from .direct import DirectSolveOperator
 from .functional import LossFunction
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-from .kfac import (
-    SignalCache,
-    collect_kronecker_factors,
-    eigendecompose_factors,
-    find_layers,
-    refit_eigenvalues,
-    validate_fisher,
-)
+from .kfac import fit_kronecker_curvature, validate_fisher
+from .kfac_layers import find_layers
 from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
 from .lissa import LissaOperator
 from .low_rank import (
@@ -214,32 +208,17 @@ class KroneckerCurvature(Curvature):
         generator = None
         if fisher == "sampled" and self.seed is not None:
             generator = torch.Generator(device=device).manual_seed(self.seed)
-        cache = SignalCache(self.max_cache_mb * 2**20 if self.update_diagonal else 0)
-        factors = collect_kronecker_factors(
+        factors, bases, eigenvalues = fit_kronecker_curvature(
             model,
             specs,
             data,  # type: ignore[arg-type]
             loss,
             fisher,
+            self.update_diagonal,
             generator,
             self.progress,
-            cache,  # type: ignore[arg-type]
+            self.max_cache_mb,
         )
-        bases = {name: eigendecompose_factors(f, name) for name, f in factors.items()}
-        if self.update_diagonal:
-            eigenvalues = refit_eigenvalues(
-                model,
-                specs,
-                bases,
-                data,  # type: ignore[arg-type]
-                loss,
-                fisher,
-                generator,
-                self.progress,
-                cached=cache if cache.complete else None,
-            )
-        else:
-            eigenvalues = {name: b.kfac_eigenvalues for name, b in bases.items()}
         dtype = next(iter(blocks[next(iter(blocks))].values())).dtype
         result: "OrderedDict[str, TensorOperator]" = OrderedDict()
         for name in blocks:

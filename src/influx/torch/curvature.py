@@ -32,6 +32,7 @@ from .batch_operation import (
 )
 from .data import TorchBatch, iterate_batches
 from .functional import LossFunction
+from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .tensor_operator import OperatorState, StateContext, TensorDictOperator, restore_operator
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "AveragingBatchOperator",
     "HessianOperator",
     "GaussNewtonOperator",
+    "GeneralizedGaussNewtonOperator",
     "PrecomputedGaussNewtonOperator",
     "check_second_order_mode",
     "curvature_operator",
@@ -54,10 +56,16 @@ class SecondOrderMode(str, Enum):
     * `GAUSS_NEWTON`: the Gauss-Newton matrix (empirical Fisher)
       $\\frac{1}{n}\\sum_i \\nabla_\\theta \\ell_i \\nabla_\\theta \\ell_i^\\top$, positive
       semi-definite even away from a minimum.
+    * `GENERALIZED_GAUSS_NEWTON`: the generalized Gauss-Newton matrix
+      $\\frac{1}{n}\\sum_b |b|\\, J_b^\\top \\nabla^2_z L_b\\, J_b$ with $J_b$ the Jacobian of
+      the model's outputs on batch $b$ and $\\nabla^2_z L_b$ the Hessian of the batch loss with
+      respect to them (see [influx.torch.generalized_gauss_newton][]): the Hessian of the
+      loss with the model linearised, positive semi-definite for cross-entropy and MSE.
     """
 
     HESSIAN = "hessian"
     GAUSS_NEWTON = "gauss_newton"
+    GENERALIZED_GAUSS_NEWTON = "generalized_gauss_newton"
 
 
 def check_second_order_mode(mode: SecondOrderMode) -> SecondOrderMode:
@@ -186,6 +194,31 @@ class GaussNewtonOperator(AveragingBatchOperator):
         super().__init__(GaussNewtonBatchOperation(model, loss, restrict_to), dataloader)
 
 
+class GeneralizedGaussNewtonOperator(AveragingBatchOperator):
+    r"""The generalized Gauss-Newton matrix of the mean training loss.
+
+    $$G v = \frac{1}{n}\sum_b |b|\, J_b^\top \nabla^2_z L_b(z_b)\, J_b v ,$$
+
+    applied through Jacobian-vector and vector-Jacobian products, never forming $J_b$ (see
+    [GeneralizedGaussNewtonBatchOperation][influx.torch.generalized_gauss_newton.GeneralizedGaussNewtonBatchOperation]).
+
+    Args:
+        model: the model.
+        loss: the loss function (mean reduction).
+        dataloader: the training data.
+        restrict_to: the parameters; None means all trainable parameters.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        dataloader: DataLoader,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        super().__init__(GeneralizedGaussNewtonBatchOperation(model, loss, restrict_to), dataloader)
+
+
 def curvature_operator(
     mode: SecondOrderMode,
     model: torch.nn.Module,
@@ -193,7 +226,7 @@ def curvature_operator(
     dataloader: DataLoader,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
 ) -> AveragingBatchOperator:
-    """The Hessian or Gauss-Newton operator, as `mode` says.
+    """The Hessian, Gauss-Newton or generalized Gauss-Newton operator, as `mode` says.
 
     Raises:
         ValueError: for a mode that is not a [SecondOrderMode][influx.torch.curvature.SecondOrderMode].
@@ -201,6 +234,8 @@ def curvature_operator(
     mode = check_second_order_mode(mode)
     if mode is SecondOrderMode.HESSIAN:
         return HessianOperator(model, loss, dataloader, restrict_to)
+    if mode is SecondOrderMode.GENERALIZED_GAUSS_NEWTON:
+        return GeneralizedGaussNewtonOperator(model, loss, dataloader, restrict_to)
     return GaussNewtonOperator(model, loss, dataloader, restrict_to)
 
 

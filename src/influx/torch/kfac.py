@@ -48,15 +48,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..errors import InfluxError
 from .data import TorchBatch, iterate_batches
 from .functional import LossFunction
+from .kfac_layers import (
+    ROOT_LAYER_NAME,
+    SUPPORTED_LAYERS,
+    LayerSpec,
+    NotImplementedLayerRepresentationException,
+    find_layers,
+    layers_for_parameters,
+)
 
 __all__ = [
     "FISHER_TYPES",
@@ -68,6 +75,10 @@ __all__ = [
     "collect_kronecker_factors",
     "eigendecompose_factors",
     "find_layers",
+    "fit_kronecker_curvature",
+    "layers_for_parameters",
+    "ROOT_LAYER_NAME",
+    "SUPPORTED_LAYERS",
     "layer_signals",
     "refit_eigenvalues",
     "validate_fisher",
@@ -77,205 +88,6 @@ logger = logging.getLogger(__name__)
 
 FISHER_TYPES = ("empirical", "sampled")
 """The values of the `fisher` option: training labels, or labels sampled from the model."""
-
-SUPPORTED_LAYERS: Tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)
-
-
-class NotImplementedLayerRepresentationException(InfluxError, ValueError):
-    """Raised for a trainable layer that has no Kronecker-factored representation.
-
-    Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
-    layer's parameters (`requires_grad_(False)`) or restrict the model to supported layers
-    (the `layers` argument of [EkfacInfluence][influx.torch.influence_function_model.EkfacInfluence])
-    to leave it out.
-    """
-
-    def __init__(self, module_id: str, reason: Optional[str] = None):
-        self.module_id = module_id
-        detail = reason or (
-            "only torch.nn.Linear and torch.nn.Conv2d have a Kronecker-factored representation"
-        )
-        super().__init__(
-            f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "
-            "restrict the model to supported layers with 'layers'."
-        )
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    r"""A supported layer and how its parameters map to the matrix $\tilde W = [W \mid b]$.
-
-    Attributes:
-        name: the module name in `model.named_modules()` (the block name).
-        module: the layer.
-        weight_name: the full parameter name of the weight if it is trainable, else None.
-        bias_name: the full parameter name of the bias if it exists and is trainable, else None.
-    """
-
-    name: str
-    module: torch.nn.Module
-    weight_name: Optional[str]
-    bias_name: Optional[str]
-
-    @property
-    def device(self) -> torch.device:
-        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return weight.device
-
-    @property
-    def out_dim(self) -> int:
-        """$m$: output features (Linear) or output channels (Conv2d)."""
-        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return int(weight.shape[0])
-
-    @property
-    def in_dim(self) -> int:
-        """$d$: the number of columns of the weight as a matrix (`in_channels * kh * kw` for
-        a convolution)."""
-        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return int(weight[0].numel())
-
-    @property
-    def weight_shape(self) -> Tuple[int, ...]:
-        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return tuple(weight.shape)
-
-    @property
-    def input_factor_dim(self) -> int:
-        r"""The size of $\tilde a$: $d$ if the weight is trainable, plus one for a bias."""
-        return (self.in_dim if self.weight_name else 0) + (1 if self.bias_name else 0)
-
-    @property
-    def parameter_names(self) -> List[str]:
-        """The trainable parameters of the layer, in `named_parameters()` order."""
-        return [n for n in (self.weight_name, self.bias_name) if n is not None]
-
-    def expanded_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        r"""$\tilde a$ of every position, shape `(N, T, input_factor_dim)`."""
-        n = inputs.shape[0]
-        parts: List[torch.Tensor] = []
-        if self.weight_name is not None:
-            if isinstance(self.module, torch.nn.Conv2d):
-                patches = _unfold_conv2d_input(self.module, inputs)
-            else:
-                patches = inputs.reshape(n, -1, self.in_dim)
-            parts.append(patches)
-            positions = patches.shape[1]
-        else:
-            positions = self._positions_of_input(inputs)
-        if self.bias_name is not None:
-            parts.append(inputs.new_ones(n, positions, 1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-    def _positions_of_input(self, inputs: torch.Tensor) -> int:
-        if isinstance(self.module, torch.nn.Conv2d):
-            return int(_unfold_conv2d_input(self.module, inputs[:1]).shape[1])
-        return int(inputs[0].numel() // self.in_dim)
-
-    def output_gradients(self, grad_output: torch.Tensor) -> torch.Tensor:
-        r"""$\delta$ of every position, shape `(N, T, out_dim)`."""
-        n = grad_output.shape[0]
-        if isinstance(self.module, torch.nn.Conv2d):
-            return grad_output.reshape(n, self.out_dim, -1).transpose(1, 2)
-        return grad_output.reshape(n, -1, self.out_dim)
-
-
-def _unfold_conv2d_input(module: torch.nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
-    """The input patches of a convolution, `(N, L, in_channels * kh * kw)`."""
-    padding = module.padding
-    if module.padding_mode != "zeros" or isinstance(padding, str):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        inputs = torch.nn.functional.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0, 0)
-    patches = torch.nn.functional.unfold(
-        inputs,
-        kernel_size=module.kernel_size,
-        dilation=module.dilation,
-        padding=padding,  # type: ignore[arg-type]
-        stride=module.stride,
-    )
-    return patches.transpose(1, 2)
-
-
-def _layer_spec(name: str, module: torch.nn.Module, block_name: str) -> Optional[LayerSpec]:
-    """The spec of a layer with trainable direct parameters, None if it has none."""
-    trainable = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if not trainable:
-        return None
-    label = f"{block_name!r} ({type(module).__name__})"
-    if not isinstance(module, SUPPORTED_LAYERS):
-        raise NotImplementedLayerRepresentationException(label)
-    if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
-        raise NotImplementedLayerRepresentationException(
-            label, f"grouped convolutions (groups={module.groups}) are not supported"
-        )
-    prefix = f"{name}." if name else ""
-    names = {n for n, _ in trainable}
-    return LayerSpec(
-        name=block_name,
-        module=module,
-        weight_name=prefix + "weight" if "weight" in names else None,
-        bias_name=prefix + "bias" if "bias" in names else None,
-    )
-
-
-ROOT_LAYER_NAME = "model"
-"""The block name of a model that is itself a single layer (its module name is empty)."""
-
-
-def find_layers(
-    model: torch.nn.Module, layers: Optional[Sequence[str]] = None
-) -> "Dict[str, LayerSpec]":
-    """The layers with trainable parameters, by module name, in `named_modules()` order.
-
-    Frozen parameters are ignored; a layer whose parameters are all frozen is left out.
-
-    Args:
-        model: the model.
-        layers: the module names to use; None means every module with trainable parameters.
-
-    Raises:
-        NotImplementedLayerRepresentationException: for a selected layer with trainable
-            parameters that is not a Linear or a (non-grouped) Conv2d.
-        ValueError: for unknown names, selected layers without trainable parameters, or no
-            layer at all.
-    """
-    modules = dict(model.named_modules())
-    if layers is not None:
-        if isinstance(layers, str):
-            raise TypeError(
-                f"Parameter 'layers' must be a sequence of module names, got the string {layers!r}."
-            )
-        unknown = [name for name in layers if name not in modules and name != ROOT_LAYER_NAME]
-        if unknown:
-            valid = [n or ROOT_LAYER_NAME for n, m in modules.items() if _has_trainable(m)]
-            raise ValueError(
-                f"Parameter 'layers' names unknown modules {unknown}; modules with trainable "
-                f"parameters are {valid}."
-            )
-    result: Dict[str, LayerSpec] = {}
-    for name, module in modules.items():
-        block_name = name or ROOT_LAYER_NAME
-        if layers is not None and block_name not in layers and name not in layers:
-            continue
-        spec = _layer_spec(name, module, block_name)
-        if spec is None:
-            if layers is not None:
-                raise ValueError(
-                    f"Parameter 'layers': module {block_name!r} has no trainable parameters of "
-                    "its own."
-                )
-            continue
-        result[block_name] = spec
-    if not result:
-        raise ValueError(
-            "Parameter 'model' has no trainable Linear or Conv2d layer (requires_grad=True)."
-        )
-    return result
-
-
-def _has_trainable(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
 def validate_fisher(fisher: str, loss: LossFunction) -> str:
@@ -608,3 +420,47 @@ def refit_eigenvalues(
     for name in layers:
         _check_finite_factor(sums[name], "refitted eigenvalues", name)
     return {name: sums[name] / n for name in layers}
+
+
+def fit_kronecker_curvature(
+    model: torch.nn.Module,
+    layers: "Dict[str, LayerSpec]",
+    data: DataLoader,
+    loss: LossFunction,
+    fisher: str = "empirical",
+    update_diagonal: bool = True,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    max_cache_mb: float = 256.0,
+) -> "Tuple[Dict[str, KroneckerFactors], Dict[str, KroneckerEigenbasis], Dict[str, torch.Tensor]]":
+    r"""K-FAC or EK-FAC for the given layers: factors, their eigenbases and the eigenvalues.
+
+    One pass collects the factors ([collect_kronecker_factors][influx.torch.kfac.collect_kronecker_factors]),
+    which are eigendecomposed in float64; with `update_diagonal` the eigenvalues are refitted
+    ([refit_eigenvalues][influx.torch.kfac.refit_eigenvalues]) from the signals of the first
+    pass if they fit in `max_cache_mb`, else with a second pass. Without it the eigenvalues
+    are the K-FAC products $\lambda_G \lambda_A^\top$.
+
+    Returns:
+        per layer, the factors, the eigenbases and the eigenvalues `(m, k)` (float64).
+    """
+    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal else 0)
+    factors = collect_kronecker_factors(
+        model, layers, data, loss, fisher, generator, progress, cache
+    )
+    bases = {name: eigendecompose_factors(f, name) for name, f in factors.items()}
+    if update_diagonal:
+        eigenvalues = refit_eigenvalues(
+            model,
+            layers,
+            bases,
+            data,
+            loss,
+            fisher,
+            generator,
+            progress,
+            cached=cache if cache.complete else None,
+        )
+    else:
+        eigenvalues = {name: b.kfac_eigenvalues for name, b in bases.items()}
+    return factors, bases, eigenvalues

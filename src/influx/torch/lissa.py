@@ -108,7 +108,7 @@ def lissa(
     $\|h_{t+1} - h_t\| / \|h_{t+1}\|$ falls below `rtol`.
 
     The iteration is declared divergent (and a
-    [LissaDivergenceError][influx.torch.iterative.LissaDivergenceError] raised) when $h$
+    [LissaDivergenceError][influx.torch.lissa.LissaDivergenceError] raised) when $h$
     becomes NaN or Inf, or when $\|h_t\| > 10\,(t+1)\,\|b\|$: as long as every step is a
     contraction or an isometry, $\|h_t\| \le (t+1)\|b\|$, so growth beyond that bound means
     that the scale is too small for the curvature.
@@ -185,7 +185,7 @@ class LissaOperator(TensorOperator):
     (A + \lambda I)^{-1} b \approx \frac{h_T}{s},
     $$
 
-    with dampening $d$ and scale $s$ (see [lissa][influx.torch.iterative.lissa]). The scale
+    with dampening $d$ and scale $s$ (see [lissa][influx.torch.lissa.lissa]). The scale
     must exceed half the largest eigenvalue of $A_b + \lambda I$ for every batch, or the
     iteration diverges (a `ValueError` asking to increase `scale`); larger scales converge
     more slowly. With `scale="auto"`, the largest eigenvalue $\mu_{\max}$ of $A_b$ is

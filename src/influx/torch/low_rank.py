@@ -319,7 +319,7 @@ def lanczos_low_rank(
     progress: bool = False,
 ) -> LowRankApproximation:
     """The `rank` eigenpairs of largest magnitude of a symmetric operator (e.g. a
-    [HessianOperator][influx.torch.operator.HessianOperator]), on the operator's device.
+    [HessianOperator][influx.torch.curvature.HessianOperator]), on the operator's device.
 
     See [lanczos_eigenpairs][influx.torch.low_rank.lanczos_eigenpairs] for the method and the
     parameters.
@@ -350,7 +350,7 @@ def nystroem_low_rank(
 
     Args:
         operator: a symmetric positive semi-definite operator, e.g. a
-            [GaussNewtonOperator][influx.torch.operator.GaussNewtonOperator].
+            [GaussNewtonOperator][influx.torch.curvature.GaussNewtonOperator].
         rank: the sketch size $r \in [1, P]$.
         generator: random generator for the test matrix, for reproducibility.
     """

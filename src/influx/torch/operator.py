@@ -13,6 +13,7 @@ from .cg import CgOperator
 from .curvature import (
     AveragingBatchOperator,
     GaussNewtonOperator,
+    GeneralizedGaussNewtonOperator,
     HessianOperator,
     PrecomputedGaussNewtonOperator,
     SecondOrderMode,
@@ -31,6 +32,7 @@ __all__ = [
     "CgOperator",
     "DirectSolveOperator",
     "GaussNewtonOperator",
+    "GeneralizedGaussNewtonOperator",
     "HessianOperator",
     "InverseHarmonicMeanOperator",
     "KroneckerFactoredCurvature",

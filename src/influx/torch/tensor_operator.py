@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, TypeVar
 
 import torch
 
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _REGISTRY: Dict[str, Any] = {}
+_Op = TypeVar("_Op", bound="TensorOperator")
 
 
 def stateful_classes() -> Dict[str, Any]:
@@ -224,7 +225,7 @@ class TensorOperator(Stateful, Operator[torch.Tensor, OperatorBilinearForm], ABC
         """The regularization $\\lambda$ of the operator, if it has one."""
         return self._regularization
 
-    def with_regularization(self, regularization: Optional[float]) -> "TensorOperator":
+    def with_regularization(self: _Op, regularization: Optional[float]) -> _Op:
         """A copy with regularization `regularization`, reusing everything fitted that does
         not depend on it (self is unchanged).
 
@@ -250,7 +251,7 @@ class TensorOperator(Stateful, Operator[torch.Tensor, OperatorBilinearForm], ABC
     def _regularization_changed(self) -> None:
         """Recompute what depends on $\\lambda$ after `with_regularization` (on the copy)."""
 
-    def to(self, device: torch.device) -> "TensorOperator":
+    def to(self: _Op, device: torch.device) -> _Op:
         """Move the operator (its tensors and nested operators) to `device`; return self."""
         move_attributes(self, torch.device(device))
         return self

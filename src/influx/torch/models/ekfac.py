@@ -53,7 +53,7 @@ class EkfacInfluence(TorchComposableInfluence):
     Args:
         model: the trained model. Layers with trainable parameters that are neither `Linear`
             nor `Conv2d` raise
-            [NotImplementedLayerRepresentationException][influx.torch.kfac.NotImplementedLayerRepresentationException]
+            [NotImplementedLayerRepresentationException][influx.torch.kfac_layers.NotImplementedLayerRepresentationException]
             unless frozen or left out with `layers`.
         update_diagonal: refit the eigenvalues (EK-FAC) instead of using the products of the
             factors' eigenvalues (K-FAC). One more pass over the data.
@@ -76,7 +76,7 @@ class EkfacInfluence(TorchComposableInfluence):
 
     Attributes:
         layer_specs: the layers used, by block name
-            ([LayerSpec][influx.torch.kfac.LayerSpec]).
+            ([LayerSpec][influx.torch.kfac_layers.LayerSpec]).
         curvature: the [KroneckerCurvature][influx.torch.composition.KroneckerCurvature]
             fitted on `fit`; `ComposedInfluence(model, loss, KroneckerCurvature(), CgSolver())`
             inverts the same curvature by CG instead.

@@ -1,0 +1,105 @@
+r"""The generalized Gauss-Newton matrix of one batch, applied through JVP and VJP.
+
+For a model $f_\theta$ with outputs $z_b = f_\theta(x_b)$ on a batch $b$ and the batch loss
+$L_b(z) = \text{loss}(z, y_b)$ (the loss function's own mean reduction), the generalized
+Gauss-Newton (GGN) matrix of the batch is
+
+$$
+G_b = J_b^\top \, \nabla^2_z L_b(z_b) \, J_b , \qquad J_b = \frac{\partial z_b}{\partial \theta},
+$$
+
+with $J_b$ the Jacobian of all the batch's outputs with respect to the (restricted)
+parameters. It is the Hessian of the loss with the model linearised at $\theta$: the Hessian
+$\nabla^2_\theta L_b$ minus the terms with the second derivatives of the model. For a loss
+that is convex in the outputs (cross-entropy, MSE) $\nabla^2_z L_b \succeq 0$ and so
+$G_b \succeq 0$, even away from a minimum; for a model linear in $\theta$ it equals the
+Hessian. Averaged over a data loader with the weights $|b|$ (see
+[AveragingBatchOperator][influx.torch.curvature.AveragingBatchOperator]) it is the GGN of the
+mean training loss, whatever the batch size.
+
+A product $G_b v$ is computed in three steps, never forming $J_b$: a Jacobian-vector product
+$u = J_b v$ (forward mode), a Hessian-vector product $w = \nabla^2_z L_b \, u$ of the loss in
+the output space, and a vector-Jacobian product $J_b^\top w$ (reverse mode); the rows of
+$V$ are vectorised with `vmap`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from .batch_operation import BatchOperation
+from .data import TorchBatch
+from .functional import HESSIAN_CHUNK_BUDGET, LossFunction, operator_to_dense, unflatten
+
+__all__ = ["GeneralizedGaussNewtonBatchOperation"]
+
+ParamDict = Dict[str, torch.Tensor]
+
+
+class GeneralizedGaussNewtonBatchOperation(BatchOperation):
+    r"""$V \mapsto V G_b$ with the generalized Gauss-Newton matrix of the batch,
+
+    $$G_b = J_b^\top \, \nabla^2_z L_b(z_b) \, J_b ,$$
+
+    see the [module description][influx.torch.generalized_gauss_newton]. Parameters of the
+    model outside `restrict_to` (and buffers) are held fixed.
+
+    Args:
+        model: the model; its outputs are what the loss is applied to.
+        loss: the loss function `loss(outputs, targets)`, mean reduction.
+        restrict_to: the parameters; the operator is the corresponding sub-matrix.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
+    ):
+        super().__init__(model, restrict_to)
+        self.loss = loss
+
+    def _output_function(self, x: torch.Tensor) -> Callable[[ParamDict], torch.Tensor]:
+        """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
+        restricted = set(self.params)
+        fixed = {
+            name: t.detach()
+            for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+            if name not in restricted
+        }
+
+        def outputs(p: ParamDict) -> torch.Tensor:
+            return functional_call(self.model, {**fixed, **p}, (x,))  # type: ignore[no-any-return]
+
+        return outputs
+
+    def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        outputs = self._output_function(batch.x)
+        params = self.params
+        forward = vjp(outputs, params)
+        z, pullback = forward[0], forward[1]
+
+        def push_forward(v: torch.Tensor) -> torch.Tensor:
+            return jvp(outputs, (params,), (unflatten(v, params),))[1]  # type: ignore[no-any-return]
+
+        def output_loss(out: torch.Tensor) -> torch.Tensor:
+            return self.loss(out, batch.y)
+
+        loss_hvp = vjp(grad(output_loss), z.detach())[1]
+        tangents = vmap(push_forward)(tensor.to(self.dtype))
+        # The output Hessian is symmetric: its vector-Jacobian product is its product.
+        (curved,) = vmap(loss_hvp)(tangents)
+        (pulled,) = vmap(pullback)(curved)
+        rows = tensor.shape[0]
+        return torch.cat([pulled[name].reshape(rows, -1) for name in params], dim=1)
+
+    def to_dense(self, batch: TorchBatch) -> torch.Tensor:
+        """The matrix `(P, P)` of the batch's GGN, from products with the columns of the
+        identity, at most $\\max(1, \\lfloor 2^{17} / |b| \\rfloor)$ at a time."""
+        chunk = max(1, HESSIAN_CHUNK_BUDGET // max(1, len(batch)))
+        return operator_to_dense(
+            lambda t: self._apply(batch, t), self.input_size, self.dtype, self.device, chunk
+        )
