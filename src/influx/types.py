@@ -62,6 +62,7 @@ __all__ = [
     "OperatorGradientComposition",
     "UnsupportedInfluenceModeException",
     "SolverDiagnostics",
+    "check_mode",
 ]
 
 TensorType = TypeVar("TensorType")
@@ -134,7 +135,7 @@ class UnsupportedInfluenceModeException(ValueError):
         )
 
 
-def _check_mode(mode: Any) -> InfluenceMode:
+def check_mode(mode: Any) -> InfluenceMode:
     """Return `mode` as an [InfluenceMode][influx.types.InfluenceMode] or raise."""
     try:
         return InfluenceMode(mode)
@@ -248,7 +249,7 @@ class OperatorGradientComposition(
         for `Up`, and with $\nabla_x\nabla_\theta \ell(\text{right}_j)$ on the right for
         `Perturbation`. If `right_batch` is None, `left_batch` is used on both sides.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         bilinear_form = self.op.as_bilinear_form()
         if mode is InfluenceMode.Up:
             return bilinear_form.grads_inner_prod(  # type: ignore[no-any-return]
@@ -273,7 +274,7 @@ class OperatorGradientComposition(
         (`Up`, shape `(N,)`), or with $\nabla_x\nabla_\theta \ell(z_i)$ on the right
         (`Perturbation`, shape `(N, *x.shape[1:])`): the diagonal of `interactions(batch, None)`
         with one factor and one gradient per sample."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.self_interactions_from_transformed_grads(
             self.transformed_grads(batch), batch, mode
         )
@@ -528,7 +529,7 @@ class ComposableInfluence(
         y: Optional[TensorType] = None,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> TensorType:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
         return self._sum(self.block_mapper.generate_interactions(left, right, mode))
 
@@ -545,7 +546,7 @@ class ComposableInfluence(
 
         The sum over blocks equals `influences`.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
         return self.block_mapper.interactions(left, right, mode)
 
@@ -561,7 +562,7 @@ class ComposableInfluence(
         and the shape `(N, *x.shape[1:])`. Large self-influence marks points the model has
         to bend to fit (outliers, mislabeled samples).
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         batch = self._create_batch(x, y)
         return self._sum(self.block_mapper.self_interactions(batch, mode).values())
 
@@ -570,7 +571,7 @@ class ComposableInfluence(
         self, x: TensorType, y: TensorType, mode: InfluenceMode = InfluenceMode.Up
     ) -> "OrderedDict[str, TensorType]":
         """Self-influences (see `self_influences`) restricted to each block."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.block_mapper.self_interactions(self._create_batch(x, y), mode)
 
     @InfluenceFunctionModel.fit_required
@@ -581,7 +582,7 @@ class ComposableInfluence(
         y: TensorType,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> TensorType:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         blocks = self.block_mapper.generate_interactions_from_transformed_grads(
             z_test_factors, self._create_batch(x, y), mode
         )
@@ -596,7 +597,7 @@ class ComposableInfluence(
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> "OrderedDict[str, TensorType]":
         """Block-wise influences from block-wise pre-computed factors."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         return self.block_mapper.interactions_from_transformed_grads(
             z_test_factors, self._create_batch(x, y), mode
         )

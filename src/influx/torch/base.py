@@ -37,7 +37,7 @@ from ..types import (
     Operator,
     OperatorGradientComposition,
     SolverDiagnostics,
-    _check_mode,
+    check_mode,
 )
 from .functional import (
     LossFunction,
@@ -400,7 +400,7 @@ class TorchOperatorGradientComposition(
 
         With $\nabla_x \nabla_\theta \ell(\text{right}_j)$ on the right for `Perturbation`.
         """
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         size = self.gradient_provider.input_size
         if left_factors.ndim != 2 or left_factors.shape[1] != size:
             raise ValueError(
@@ -416,7 +416,7 @@ class TorchOperatorGradientComposition(
     def self_interactions_from_transformed_grads(
         self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
     ) -> torch.Tensor:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         factors = factors.to(self.op.device)
         if mode is InfluenceMode.Up:
             return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
@@ -519,8 +519,10 @@ class TorchComposableInfluence(
 
     @property
     def is_thread_safe(self) -> bool:
-        # torch.func.functional_call swaps the module's parameters while it runs.
-        return False
+        """True: computations evaluate the model on per-thread structure-only copies of the
+        module (see [functional_forward][influx.torch.functional.functional_forward]) and
+        never modify the fitted state, so threads can share a fitted model."""
+        return True
 
     @abstractmethod
     def _create_block(
