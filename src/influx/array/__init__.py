@@ -23,9 +23,9 @@ lengths, the library version and whether the write is `complete`; see
 [zarr_write_status][influx.array.zarr_write_status].
 
 The package has four modules, each importable on its own:
-[chunks][influx.array.chunks] (lazy chunks, converters),
-[lazy][influx.array.lazy] (the lazy sequences and their aggregators), [zarr_writer][influx.array.zarr_writer]
-(chunk-by-chunk zarr output, also from dask arrays) and [status][influx.array.status] (the
+`influx.array.chunks` (lazy chunks, converters),
+`influx.array.lazy` (the lazy sequences and their aggregators), `influx.array.zarr_writer`
+(chunk-by-chunk zarr output, also from dask arrays) and `influx.array.status` (the
 on-disk record of a write). zarr and dask are imported only when needed: importing this
 package is cheap.
 """

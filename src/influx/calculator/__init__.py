@@ -17,11 +17,11 @@ $T$ inverse-Hessian solves) and pairs them with the gradients of every train chu
 would solve $T \cdot R$ times. If the factors are needed for several train sets, compute them
 once with `influence_factors` and use `influences_from_factors`.
 
-The package's modules: [sequential][influx.calculator.sequential],
-[dask_calculator][influx.calculator.dask_calculator] (with
-[model_handles][influx.calculator.model_handles] and
-[worker_plugin][influx.calculator.worker_plugin], how tasks reach the model) and
-[checks][influx.calculator.checks] (the input checks and their exceptions). dask and
+The package's modules: `influx.calculator.sequential`,
+`influx.calculator.dask_calculator` (with
+`influx.calculator.model_handles` and
+`influx.calculator.worker_plugin`, how tasks reach the model) and
+`influx.calculator.checks` (the input checks and their exceptions). dask and
 distributed are imported only when the Dask calculator is used.
 """
 

@@ -1,7 +1,7 @@
 """Small torch helpers: block structures and regularization checks.
 
 The torch-side converters for the calculators (numpy conversion, aggregators, dask arrays
-from torch datasets) live in [influx.torch.array_converters][influx.torch.array_converters]
+from torch datasets) live in `influx.torch.array_converters`
 and are re-exported here under pyDVL's path; importing this module imports neither dask nor
 zarr.
 """
