@@ -2,8 +2,10 @@
 models that cannot be loaded on a worker, and several threads per worker.
 
 Every test bounds its waits with generous timeouts on futures (a hang fails the test instead
-of stalling the suite); none asserts on time. Tests that scale the session's cluster down or
-kill a worker leave it with 2 workers again.
+of stalling the suite); none asserts on time. The tests that scale the session's cluster down
+to one worker or kill a worker run one after the other (the killed worker's replacement is
+the single worker to which the next one adds a second); the cluster has 2 workers again when
+the module is done.
 """
 
 from __future__ import annotations
@@ -105,17 +107,22 @@ def _wait_for_start(started_dir: Path) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def one_worker(dask_client: Client) -> Iterator[Client]:
-    """The session's cluster scaled down to one worker; two workers again afterwards."""
-    cluster: Any = dask_client.cluster
-    cluster.scale(1)
-    _wait_for_n_workers(dask_client, 1)
+@pytest.fixture(scope="module")
+def elastic(dask_client: Client) -> Iterator[Client]:
+    """The session's cluster, given two workers again when this module's tests are done."""
     try:
         yield dask_client
     finally:
-        cluster.scale(2)
+        dask_client.cluster.scale(2)  # type: ignore[union-attr]
         dask_client.wait_for_workers(2, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def one_worker(elastic: Client) -> Client:
+    """The session's cluster scaled down to one worker."""
+    elastic.cluster.scale(1)  # type: ignore[union-attr]
+    _wait_for_n_workers(elastic, 1)
+    return elastic
 
 
 def _gated(tmp_path: Path) -> Tuple[GatedDirectInfluence, Path, Path]:
@@ -124,24 +131,6 @@ def _gated(tmp_path: Path) -> Tuple[GatedDirectInfluence, Path, Path]:
     started.mkdir()
     model.started_dir, model.gate_file = str(started), str(gate)
     return model, started, gate
-
-
-def test_a_worker_joins_mid_computation(one_worker: Client, tmp_path: Path) -> None:
-    client = one_worker
-    model, started, gate = _gated(tmp_path)
-    x, y, x_test, y_test = _data()
-    gate.touch()
-    reference = model.influences(x_test, y_test, x, y).numpy()
-    gate.unlink()
-    with DaskInfluenceCalculator(model, TorchNumpyConverter(), client) as calc:
-        values = calc.influences(*_dask(x_test, y_test, 3), *_dask(x, y, 5))  # 4 x 8 blocks
-        future = client.compute(values)
-        _wait_for_start(started)
-        client.cluster.scale(2)  # type: ignore[union-attr]
-        client.wait_for_workers(2, timeout=TIMEOUT)
-        gate.touch()
-        result = future.result(timeout=TIMEOUT)
-    np.testing.assert_allclose(result, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_the_only_worker_dies_mid_computation(one_worker: Client, tmp_path: Path) -> None:
@@ -161,6 +150,24 @@ def test_the_only_worker_dies_mid_computation(one_worker: Client, tmp_path: Path
         (address,) = client.scheduler_info(n_workers=-1)["workers"]
         pid = client.run(os.getpid, workers=[address])[address]
         os.kill(pid, signal.SIGKILL)
+        gate.touch()
+        result = future.result(timeout=TIMEOUT)
+    np.testing.assert_allclose(result, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_a_worker_joins_mid_computation(one_worker: Client, tmp_path: Path) -> None:
+    client = one_worker
+    model, started, gate = _gated(tmp_path)
+    x, y, x_test, y_test = _data()
+    gate.touch()
+    reference = model.influences(x_test, y_test, x, y).numpy()
+    gate.unlink()
+    with DaskInfluenceCalculator(model, TorchNumpyConverter(), client) as calc:
+        values = calc.influences(*_dask(x_test, y_test, 3), *_dask(x, y, 5))  # 4 x 8 blocks
+        future = client.compute(values)
+        _wait_for_start(started)
+        client.cluster.scale(2)  # type: ignore[union-attr]
+        client.wait_for_workers(2, timeout=TIMEOUT)
         gate.touch()
         result = future.result(timeout=TIMEOUT)
     np.testing.assert_allclose(result, reference, rtol=1e-10, atol=1e-12)

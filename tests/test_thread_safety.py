@@ -117,6 +117,7 @@ def test_pickle_and_save_while_another_thread_computes(
 @pytest.mark.parametrize("name", NAMES)
 def test_two_threads_give_the_results_of_one(fitted: Dict[str, Any], name: str) -> None:
     model = fitted[name]
+    assert model.is_thread_safe
     x, y = classification_data(40)
     tests = [classification_data(5, seed=s) for s in (3, 4, 5, 6)]
     alone = [model.influences(xt, yt, x, y) for xt, yt in tests]
