@@ -27,7 +27,7 @@ from distributed import Client
 
 from helpers import classification_data, loader, make_mlp
 from influx import DaskInfluenceCalculator, InfluenceMode, SequentialInfluenceCalculator
-from influx.calculator.model_handles import InstalledModel
+from influx.calculator.model_handles import InstalledModel, ModelNotInstalledError
 from influx.calculator.worker_plugin import ModelInstaller, ModelLoadError
 from influx.torch import DirectInfluence, NestedTorchCatAggregator, TorchNumpyConverter
 
@@ -192,6 +192,17 @@ def test_a_model_that_cannot_be_loaded_on_the_workers_raises(dask_client: Client
         future = dask_client.compute(calc.influence_factors(*_dask(x_test, y_test, 4)))
         with pytest.raises(ModelLoadError, match="this model cannot be loaded here"):
             future.result(timeout=TIMEOUT)
+
+
+def test_results_of_a_closed_calculator_raise(dask_client: Client) -> None:
+    model = _fit()
+    x, y, x_test, y_test = _data()
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), dask_client)
+    values = calc.influence_factors(*_dask(x_test, y_test, 4))
+    calc.close()
+    calc.close()  # closing twice is harmless
+    with pytest.raises(ModelNotInstalledError, match="is not installed on worker .* closed"):
+        dask_client.compute(values).result(timeout=TIMEOUT)
 
 
 def test_a_model_that_cannot_be_serialised_is_rejected(dask_client: Client) -> None:

@@ -173,3 +173,29 @@ def test_functional_forward_keeps_tied_weights_and_follows_structure_changes() -
     net[1] = torch.nn.ReLU()
     expected = torch.relu(x @ weight.T) @ weight.T
     torch.testing.assert_close(functional_forward(net, {"0.weight": weight}, (x,)), expected)
+
+
+def test_functional_forward_on_parametrized_and_recurrent_modules() -> None:
+    """Modules that refuse pickling (parametrizations) or keep their own lists of weights
+    (recurrent layers) are evaluated with the given tensors."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    net = torch.nn.Sequential(weight_norm(torch.nn.Linear(4, 3)), torch.nn.Tanh())
+    x = torch.randn(5, 4)
+    tensors = {n: p.detach() for n, p in net.named_parameters()}
+    torch.testing.assert_close(functional_forward(net, tensors, (x,)), net(x), rtol=0, atol=0)
+    scaled = dict(
+        tensors,
+        **{
+            "0.parametrizations.weight.original0": 2
+            * tensors["0.parametrizations.weight.original0"]
+        },
+    )
+    expected = torch.tanh(2 * (x @ net[0].weight.T) + net[0].bias)
+    torch.testing.assert_close(functional_forward(net, scaled, (x,)), expected)
+
+    gru = torch.nn.GRU(3, 2, batch_first=True)
+    sequences = torch.randn(2, 4, 3)
+    zeros = {n: torch.zeros_like(p) for n, p in gru.named_parameters()}
+    output, _ = functional_forward(gru, zeros, (sequences,))
+    torch.testing.assert_close(output, torch.zeros(2, 4, 2), rtol=0, atol=0)

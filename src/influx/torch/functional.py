@@ -119,12 +119,12 @@ def _structure_copy(module: torch.nn.Module, memo: Dict[int, Any]) -> torch.nn.M
     """
     if id(module) in memo:
         return memo[id(module)]  # type: ignore[no-any-return]
-    shell = copy.copy(module)
+    cls = type(module)
+    shell = cls.__new__(cls)  # no __init__, no __getstate__ (parametrized modules refuse it)
     memo[id(module)] = shell
     state = shell.__dict__
-    for key, value in list(state.items()):
-        if isinstance(value, (dict, list, set)):
-            state[key] = copy.copy(value)
+    for key, value in module.__dict__.items():
+        state[key] = copy.copy(value) if isinstance(value, (dict, list, set)) else value
     for kind in ("_parameters", "_buffers"):
         tensors = state[kind]
         for name, tensor in tensors.items():
@@ -156,7 +156,17 @@ def _thread_structure_copy(
     copies = _STRUCTURE_COPIES.copies
     entry = copies.get(model)
     if entry is None or entry[0] != signature:
-        shell = _structure_copy(model, {})
+        try:
+            shell = _structure_copy(model, {})
+        except Exception as error:  # a module type that cannot be rebuilt from its state
+            logger.warning(
+                "Cannot copy the structure of %s (%s: %s): evaluating the module itself, whose "
+                "parameters are swapped while a computation runs (not thread-safe).",
+                type(model).__name__,
+                type(error).__name__,
+                error,
+            )
+            shell = model
         entry = (signature, shell, list(shell.modules()))
         copies[model] = entry
     _, shell, shell_modules = entry
