@@ -67,7 +67,7 @@ class DisableClientSingleThreadCheck:
     [DaskInfluenceCalculator][influx.calculator.DaskInfluenceCalculator] to skip the check
     that a non-thread-safe model runs on single-threaded workers, e.g. to debug with the
     synchronous scheduler (`dask.config.set(scheduler="synchronous")`). The model is then
-    embedded once in each graph instead of being scattered.
+    embedded once in each graph instead of being installed on the workers by a plugin.
     """
 
     @staticmethod
