@@ -196,6 +196,21 @@ def test_functional_forward_on_parametrized_and_recurrent_modules() -> None:
 
     gru = torch.nn.GRU(3, 2, batch_first=True)
     sequences = torch.randn(2, 4, 3)
+    before, _ = gru(sequences)
     zeros = {n: torch.zeros_like(p) for n, p in gru.named_parameters()}
     output, _ = functional_forward(gru, zeros, (sequences,))
     torch.testing.assert_close(output, torch.zeros(2, 4, 2), rtol=0, atol=0)
+    torch.testing.assert_close(gru(sequences)[0], before, rtol=0, atol=0)  # gru unchanged
+
+
+def test_hooks_of_the_module_apply_as_registered() -> None:
+    net = make_mlp()
+    tensors = {n: p.detach() for n, p in net.named_parameters()}
+    x = torch.randn(4, 5)
+    calls: List[int] = []
+    functional_forward(net, tensors, (x,))  # the copy exists before the hook is registered
+    handle = net[0].register_forward_hook(lambda *args: calls.append(1))
+    functional_forward(net, tensors, (x,))
+    handle.remove()
+    functional_forward(net, tensors, (x,))
+    assert calls == [1]

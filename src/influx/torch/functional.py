@@ -114,7 +114,7 @@ def _structure_copy(module: torch.nn.Module, memo: Dict[int, Any]) -> torch.nn.M
 
     Submodules are copied recursively, parameters and buffers are replaced by placeholders
     (shared objects stay shared, so tied weights stay tied), and the containers of the module
-    (hook dictionaries and the like) are copied, so that swapping tensors into the copy never
+    are copied (but for its hook registries), so that swapping tensors into the copy never
     changes the original.
     """
     if id(module) in memo:
@@ -124,7 +124,11 @@ def _structure_copy(module: torch.nn.Module, memo: Dict[int, Any]) -> torch.nn.M
     memo[id(module)] = shell
     state = shell.__dict__
     for key, value in module.__dict__.items():
-        state[key] = copy.copy(value) if isinstance(value, (dict, list, set)) else value
+        # Containers the forward pass may write (tensor dicts, weight lists of recurrent
+        # layers) are the copy's own; hook registries stay shared, so that hooks added to or
+        # removed from the module apply to the copy as they would to the module.
+        own = isinstance(value, (dict, list, set)) and "hooks" not in key
+        state[key] = copy.copy(value) if own else value
     for kind in ("_parameters", "_buffers"):
         tensors = state[kind]
         for name, tensor in tensors.items():
