@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influx.cli import _auc, plot_report, run_demo, write_influences_zarr
+from influx.cli import _auc, plot_report, run_demo
 
 
 def test_auc_matches_pairwise_definition() -> None:
@@ -25,6 +25,8 @@ def test_demo_smoke(tmp_path: Path) -> None:
     """The demo once, with a smaller network and shorter training than the command's
     defaults: it finds the flipped labels, and its matrix, zarr and plot outputs are written."""
     import zarr
+
+    from influx.cli import write_influences_zarr
 
     report = run_demo(hidden=8, epochs=60, progress=False, with_matrix=True)
     assert report.n_train == 1200 and report.n_test == 597 and report.n_flipped == 120
@@ -48,6 +50,7 @@ def test_write_influences_zarr_resumes_and_checks_metadata(tmp_path: Path) -> No
     import zarr
 
     from helpers import classification_data, loader, make_mlp
+    from influx.cli import write_influences_zarr
     from influx.torch import DirectInfluence
 
     x, y = classification_data(30)
