@@ -1,7 +1,8 @@
 """A test-by-train influence matrix on a Dask cluster, written to zarr chunk by chunk.
 
-Digits are tiled with small noise to a training set of `n_train` points; a 2-worker
-`distributed.LocalCluster` computes the `n_test x n_train` influence matrix block by block
+Digits are tiled with small noise to a training set of `n_train` points; a
+`distributed.LocalCluster` (2 workers with 2 threads each, or the cluster of a given client)
+computes the `n_test x n_train` influence matrix block by block
 (each test chunk's influence factors once, reused for every training chunk) and every block
 is written to a zarr array as soon as it is computed, so the matrix never sits in memory.
 The write is resumable: running the example again completes an interrupted array. At the end
@@ -11,8 +12,10 @@ column chunks (`top_k_from_array`). Run: `python examples/dask_zarr.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Optional
 
 import dask.array as da
 import numpy as np
@@ -35,8 +38,13 @@ def main(
     chunk: int = 2_000,
     out: Path = Path("influences.zarr"),
     n_workers: int = 2,
+    client: Optional[Client] = None,
 ) -> Path:
-    """Run the example and return the path of the zarr array."""
+    """Run the example and return the path of the zarr array.
+
+    Without `client`, a local cluster of `n_workers` worker processes (2 threads each) is
+    started for the example and closed at the end.
+    """
     x, y, x_test, y_test = digits(1200)
     net = train_mlp(x, y)
     model = DirectInfluence(net, torch.nn.functional.cross_entropy, regularization=0.01)
@@ -52,13 +60,20 @@ def main(
     dx_test = da.from_array(x_test.numpy()[:n_test], chunks=(test_chunk, -1))
     dy_test = da.from_array(y_test.numpy()[:n_test], chunks=test_chunk)
 
-    with (
-        LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=2,
+                    processes=True,
+                    dashboard_address=None,
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+        calculator = stack.enter_context(
+            DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+        )
         values = calculator.influences(dx_test, dy_test, dx, dy)
         logger.info(
             "Writing a %s matrix (%.0f MB) in %s blocks to %s",

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch.utils.data import DataLoader, TensorDataset
 
 import influx.array as influx_array
+import influx.array.zarr_writer as zarr_writer
 import influx.torch
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx import InfluenceMode, SequentialInfluenceCalculator, UnsupportedInfluenceModeException
 from influx.array import (
     LazyChunk,
@@ -146,6 +148,29 @@ def test_factors_and_influences_from_factors(direct64: Any, tmp_path: Path) -> N
         assert [len(row) for row in nested] == [4, 4, 4, 4]
 
 
+def test_factors_from_a_data_loader_of_a_single_tensor(direct64: Any) -> None:
+    """A DataLoader over TensorDataset(factors) yields one-element lists: accepted as pyDVL
+    accepts them."""
+    model, x, y, x_test, y_test = direct64
+    calc = SequentialInfluenceCalculator(model)
+    factors = model.influence_factors(x_test, y_test)
+    factor_loader = DataLoader(TensorDataset(factors), batch_size=5)
+    assert isinstance(next(iter(factor_loader)), list)
+    for mode in MODES:
+        values = calc.influences_from_factors(factor_loader, loader(x, y, 10), mode=mode)
+        np.testing.assert_allclose(
+            values.compute(aggregator=NestedTorchCatAggregator()).numpy(),
+            model.influences(x_test, y_test, x, y, mode=mode).numpy(),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    pairs = [(factors[:5], factors[:5])]
+    with pytest.raises(
+        ValueError, match="'z_test_factors' must yield factor chunks .* got a tuple of 2"
+    ):
+        calc.influences_from_factors(pairs, loader(x, y, 10)).compute()
+
+
 def test_nothing_computed_until_asked_and_factors_once_per_test_chunk(direct64: Any) -> None:
     model, x, y, x_test, y_test = direct64
     calc, counting = _counting_calculator(model)
@@ -222,7 +247,7 @@ def test_chunk_written_without_marker_is_recomputed(
     model, x, y, x_test, y_test = direct64
     path = tmp_path / "half.zarr"
     reference = model.influences(x_test, y_test, x, y)
-    original = influx_array._write_marker
+    original = zarr_writer.write_marker
     calls = {"n": 0}
 
     def crash_on_fourth(*args: Any) -> None:
@@ -231,13 +256,13 @@ def test_chunk_written_without_marker_is_recomputed(
             raise KeyboardInterrupt  # data of chunk (0, 3) written, marker not
         original(*args)
 
-    monkeypatch.setattr(influx_array, "_write_marker", crash_on_fourth)
+    monkeypatch.setattr(zarr_writer, "write_marker", crash_on_fourth)
     lazy = SequentialInfluenceCalculator(model).influences(
         loader(x_test, y_test, 5), loader(x, y, 10)
     )
     with pytest.raises(KeyboardInterrupt):
         lazy.to_zarr(path, TorchNumpyConverter())
-    monkeypatch.setattr(influx_array, "_write_marker", original)
+    monkeypatch.setattr(zarr_writer, "write_marker", original)
     assert zarr_write_status(path).missing_chunks[0] == (0, 3)
 
     # corrupt the unmarked chunk's data: resuming must rewrite it
@@ -398,6 +423,7 @@ def test_sequential_errors(direct64: Any) -> None:
 def test_import_influx_torch_does_not_import_dask_or_zarr() -> None:
     code = (
         "import sys, influx, influx.torch, influx.array, influx.calculator\n"
+        "import influx.torch.util, influx.influence_calculator\n"
         "influx.SequentialInfluenceCalculator\n"
         "heavy = [m for m in ('dask', 'distributed', 'zarr') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -430,15 +456,14 @@ def test_lists_of_batches_and_loaders_agree(direct64: Any, tmp_path: Path) -> No
 
 
 def test_to_zarr_keeps_one_chunk_alive(tmp_path: Path) -> None:
-    """Bounded memory: when a chunk is computed, no earlier chunk is still referenced."""
-    import gc
+    """Bounded memory: when a chunk is computed, no earlier chunk is still referenced (freed
+    by reference counting alone, without waiting for the cycle collector)."""
     import weakref
 
     refs: List[Any] = []
     max_alive = {"n": 0}
 
     def make(i: int, j: int) -> torch.Tensor:
-        gc.collect()
         max_alive["n"] = max(max_alive["n"], sum(r() is not None for r in refs))
         tensor = torch.full((4, 5), float(10 * i + j))
         refs.append(weakref.ref(tensor))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influx.cli import detection_auc, main
+from influx.cli import detection_auc, plot_report, run_demo
 
 
 def test_auc_matches_pairwise_definition() -> None:
@@ -21,27 +21,35 @@ def test_auc_matches_pairwise_definition() -> None:
     assert detection_auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
 
 
-@pytest.mark.slow
-def test_demo_finds_flipped_labels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO")
-    out = tmp_path / "influences.npy"
-    png = tmp_path / "demo.png"
-    assert main(["demo", "--no-progress", "--out", str(out), "--plot", str(png)]) == 0
-    assert png.stat().st_size > 10_000
-    values = np.load(out)
-    assert values.shape == (597, 1200)
-    assert np.isfinite(values).all()
-    text = caplog.text
-    assert "Detection AUC" in text
-    auc = float(text.split("Detection AUC (flipped vs clean, by harmfulness): ")[1].split()[0])
-    assert auc > 0.85
+def test_demo_smoke(tmp_path: Path) -> None:
+    """The demo once, with a smaller network and shorter training than the command's
+    defaults: it finds the flipped labels, and its matrix, zarr and plot outputs are written."""
+    import zarr
+
+    from influx.cli import write_influences_zarr
+
+    report = run_demo(hidden=8, epochs=60, progress=False, with_matrix=True)
+    assert report.n_train == 1200 and report.n_test == 597 and report.n_flipped == 120
+    assert report.auc > 0.85
+    assert report.influences is not None and report.influences.shape == (597, 1200)
+    assert np.isfinite(report.influences).all()
+    assert any("Detection AUC" in line for line in report.lines())
+    x_test, y_test, x, y = report.data
+    out = write_influences_zarr(
+        report.model, x_test, y_test, x, y, tmp_path / "m.zarr", metadata={"source": "demo"}
+    )
+    stored = zarr.open_array(out, mode="r")
+    assert stored.shape == (597, 1200) and stored.attrs["influx"]["source"] == "demo"
+    np.testing.assert_allclose(stored[...], report.influences, rtol=1e-10, atol=1e-12)
+    pytest.importorskip("matplotlib")
+    assert plot_report(report, tmp_path / "demo.png").stat().st_size > 10_000
 
 
 def test_write_influences_zarr_resumes_and_checks_metadata(tmp_path: Path) -> None:
     import torch
     import zarr
 
-    from conftest import classification_data, loader, make_mlp
+    from helpers import classification_data, loader, make_mlp
     from influx.cli import write_influences_zarr
     from influx.torch import DirectInfluence
 
@@ -56,15 +64,3 @@ def test_write_influences_zarr_resumes_and_checks_metadata(tmp_path: Path) -> No
     write_influences_zarr(model, x_test, y_test, x, y, out, chunk_size=4, metadata={"seed": 1})
     with pytest.raises(ValueError, match="holds seed=1, this computation has seed=2"):
         write_influences_zarr(model, x_test, y_test, x, y, out, chunk_size=4, metadata={"seed": 2})
-
-
-@pytest.mark.slow
-def test_demo_writes_zarr(tmp_path: Path) -> None:
-    import zarr
-
-    out = tmp_path / "influences.zarr"
-    assert main(["demo", "--no-progress", "--out", str(out)]) == 0
-    stored = zarr.open_array(out, mode="r")
-    assert stored.shape == (597, 1200)
-    assert np.isfinite(stored[...]).all()
-    assert stored.attrs["influx"]["source"] == "influx demo --seed 0"

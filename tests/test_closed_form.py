@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LinearRegression, loader, rel_err
+from helpers import LinearRegression, loader, rel_err
 from influx import InfluenceMode
 from influx.torch import (
     DirectInfluence,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx.errors import InfluxError, UnsafeFitFileError
 from influx.torch import (
     ArnoldiInfluence,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, hessian, vmap
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx.torch import BlockMode, DirectInfluence, SecondOrderMode
 
 F = torch.nn.functional

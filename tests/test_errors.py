@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import classification_data, loader, make_mlp
+from helpers import classification_data, loader, make_mlp
 from influx import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
 from influx.torch import (
     BlockMode,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,12 +26,14 @@ def test_misclassified_point(tmp_path: Path) -> None:
     assert out.stat().st_size > 5_000
 
 
-def test_dask_zarr(tmp_path: Path) -> None:
+def test_dask_zarr(tmp_path: Path, dask_client: Any) -> None:
     import dask_zarr
     import numpy as np
     import zarr
 
-    out = dask_zarr.main(n_train=900, n_test=30, chunk=400, out=tmp_path / "m.zarr", n_workers=1)
+    out = dask_zarr.main(
+        n_train=900, n_test=30, chunk=400, out=tmp_path / "m.zarr", client=dask_client
+    )
     stored = zarr.open_array(str(out), mode="r")
     assert stored.shape == (30, 900)
     assert np.isfinite(stored[...]).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import LinearRegression, loader, rel_err
+from helpers import LinearRegression, loader, rel_err
 from influx.inversion import InversionMethod, InversionRegistry, solve_hvp
 from influx.torch.twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from influx.twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable

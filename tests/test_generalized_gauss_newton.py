@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx.torch import (
     ArnoldiInfluence,
     BlockMode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import classification_data, make_mlp, rel_err
+from helpers import classification_data, make_mlp, rel_err
 from influx.torch.functional import get_model_parameters, hessian
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import LinearRegression, loader, make_mlp, rel_err
+from helpers import LinearRegression, loader, make_mlp, rel_err
 from influx.torch import (
     BlockMode,
     CgInfluence,

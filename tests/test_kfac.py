@@ -10,7 +10,7 @@ import torch
 from torch.func import grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx import InfluenceMode, NotFittedException
 from influx.torch import (
     BlockMode,

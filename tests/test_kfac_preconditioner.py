@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx.torch import (
     BlockMode,
     CgInfluence,

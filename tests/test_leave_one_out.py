@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from conftest import loader
+from helpers import loader
 from influx.torch import DirectInfluence
 
 F = torch.nn.functional

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import classification_data, loader, make_mlp
+from helpers import classification_data, loader, make_mlp
 from influx import InfluenceMode, NotFittedException
 from influx.torch import BlockMode, DirectInfluence, SecondOrderMode
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import dask.array as da
 import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
-from conftest import classification_data, loader, make_mlp
+from helpers import classification_data, loader, make_mlp
 from influx import DaskInfluenceCalculator, InfluenceMode, SequentialInfluenceCalculator
 from influx.array import dask_array_to_zarr
 from influx.torch import BlockMode, DirectInfluence, TorchCatAggregator, TorchNumpyConverter
@@ -43,22 +42,9 @@ def test_sequential_self_influences_equal_diagonal(fitted, mode: InfluenceMode, 
     assert attrs["quantity"] == "self_influences" and attrs["mode"] == mode.value
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    cluster = LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
-    )
-    client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-
-
-def test_dask_self_influences_equal_diagonal(fitted, client: Client, tmp_path: Path) -> None:
+def test_dask_self_influences_equal_diagonal(fitted, dask_client: Client, tmp_path: Path) -> None:
     model, x, y = fitted
-    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+    calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), dask_client)
     dx = da.from_array(x.numpy(), chunks=(8, -1))
     dy = da.from_array(y.numpy(), chunks=8)
     for mode in InfluenceMode:

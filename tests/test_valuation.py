@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import classification_data, loader, make_mlp, rel_err
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx import NotFittedException
 from influx.torch import BlockMode, DirectInfluence
 from influx.torch.valuation import rank_training_points, top_k_from_array, top_k_influences

@@ -287,8 +287,10 @@ class TorchComposableInfluence(
 
     @property
     def is_thread_safe(self) -> bool:
-        # torch.func.functional_call swaps the module's parameters while it runs.
-        return False
+        """True: computations evaluate the model on per-thread structure-only copies of the
+        module (see [functional_forward][influx.torch.functional.functional_forward]) and
+        never modify the fitted state, so threads can share a fitted model."""
+        return True
 
     def _create_block(
         self,

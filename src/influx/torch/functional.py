@@ -5,6 +5,15 @@ vectorised with `vmap`, never computed in a Python loop over samples. Parameters
 passed as dictionaries `name -> tensor`, as returned by
 [get_model_parameters][influx.torch.functional.get_model_parameters].
 
+The user's module is never touched: every functional evaluation goes through
+[functional_forward][influx.torch.functional.functional_forward], which runs the forward pass
+of a structure-only copy of the module (one per thread, whose parameters are placeholders
+replaced by the given tensors). A fitted influence model can therefore be pickled, saved or
+used from another thread while it computes. torch keeps the state of forward-mode
+differentiation (`jvp`) per process, not per thread: the functions built on it (mixed
+derivatives, Jacobian products, Hessian-vector products) run one thread at a time, the
+reverse-mode ones (per-sample gradients) in parallel.
+
 For a model $f_\theta$ and a loss $\ell$, with $\ell_i(\theta) = \ell(f_\theta(x_i), y_i)$
 and the batch loss $L(\theta) = \frac{1}{n}\sum_i \ell_i(\theta)$ (the loss function's own
 mean reduction):
@@ -17,9 +26,12 @@ mean reduction):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
@@ -29,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LossFunction",
     "flatten_dimensions",
+    "functional_forward",
     "get_model_parameters",
     "create_batch_loss_function",
     "create_per_sample_loss_function",
@@ -43,8 +56,6 @@ __all__ = [
     "randomized_nystroem_approximation",
     "nystroem_sketch",
 ]
-
-logger = logging.getLogger(__name__)
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
@@ -77,6 +88,146 @@ def flatten_dimensions(
     return torch.cat([t.reshape(target) for t in tensors], dim=concat_at)
 
 
+StructureSignature = Tuple[Tuple[str, type, Tuple[str, ...], Tuple[str, ...]], ...]
+
+
+def _structure_signature(model: torch.nn.Module) -> StructureSignature:
+    """The module tree as names and types of submodules and of their parameters and buffers."""
+    return tuple(
+        (name, type(module), tuple(module._parameters), tuple(module._buffers))
+        for name, module in model.named_modules(remove_duplicate=False)
+    )
+
+
+def _placeholder(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A tensor without storage (device `meta`) with the shape and dtype of `tensor`."""
+    if tensor is None:
+        return None
+    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
+
+
+def _structure_copy(module: torch.nn.Module, memo: Dict[int, Any]) -> torch.nn.Module:
+    """A copy of `module` sharing its code and settings but none of its tensors.
+
+    Submodules are copied recursively, parameters and buffers are replaced by placeholders
+    (shared objects stay shared, so tied weights stay tied), and the containers of the module
+    are copied (but for its hook registries), so that swapping tensors into the copy never
+    changes the original.
+    """
+    if id(module) in memo:
+        return memo[id(module)]  # type: ignore[no-any-return]
+    cls = type(module)
+    shell = cls.__new__(cls)  # no __init__, no __getstate__ (parametrized modules refuse it)
+    memo[id(module)] = shell
+    state = shell.__dict__
+    for key, value in module.__dict__.items():
+        # Containers the forward pass may write (tensor dicts, weight lists of recurrent
+        # layers) are the copy's own; hook registries stay shared, so that hooks added to or
+        # removed from the module apply to the copy as they would to the module.
+        own = isinstance(value, (dict, list, set)) and "hooks" not in key
+        state[key] = copy.copy(value) if own else value
+    for kind in ("_parameters", "_buffers"):
+        tensors = state[kind]
+        for name, tensor in tensors.items():
+            if tensor is not None and id(tensor) not in memo:
+                memo[id(tensor)] = _placeholder(tensor)
+            tensors[name] = None if tensor is None else memo[id(tensor)]
+    children = state["_modules"]
+    for name, child in children.items():
+        children[name] = None if child is None else _structure_copy(child, memo)
+    return shell
+
+
+class _StructureCopies(threading.local):
+    """Per thread: the structure-only copy of each module, with the module's structure when
+    the copy was made. Keys are weak: a copy goes when its module goes."""
+
+    def __init__(self) -> None:
+        self.copies: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[StructureSignature, torch.nn.Module, List[torch.nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+_STRUCTURE_COPIES = _StructureCopies()
+
+
+def _thread_structure_copy(
+    model: torch.nn.Module, signature: StructureSignature
+) -> torch.nn.Module:
+    """This thread's structure-only copy of `model` (built on first use, rebuilt if the
+    module's structure changed), with the train/eval flags of `model`'s submodules."""
+    copies = _STRUCTURE_COPIES.copies
+    entry = copies.get(model)
+    if entry is None or entry[0] != signature:
+        try:
+            shell = _structure_copy(model, {})
+        except Exception as error:  # a module type that cannot be rebuilt from its state
+            logger.warning(
+                "Cannot copy the structure of %s (%s: %s): evaluating the module itself, whose "
+                "parameters are swapped while a computation runs (not thread-safe).",
+                type(model).__name__,
+                type(error).__name__,
+                error,
+            )
+            shell = model
+        entry = (signature, shell, list(shell.modules()))
+        copies[model] = entry
+    _, shell, shell_modules = entry
+    for original, duplicate in zip(model.modules(), shell_modules):
+        duplicate.training = original.training
+    return shell
+
+
+def functional_forward(
+    model: torch.nn.Module,
+    tensors: ParamDict,
+    args: Tuple[Any, ...],
+    signature: Optional[StructureSignature] = None,
+) -> Any:
+    r"""$f_\theta(\text{args})$ with the parameters and buffers in `tensors`, without touching
+    `model`.
+
+    The forward pass runs on this thread's structure-only copy of `model` (see the module
+    docstring), through `torch.func.functional_call`, so it composes with `grad`, `vmap` and
+    `jvp`. The user's module is never modified (only its train/eval flags are read), and
+    several threads can evaluate the same module at once.
+
+    Args:
+        model: the module whose forward pass is evaluated.
+        tensors: every parameter and buffer of `model` by name (tied parameters under one of
+            their names).
+        args: the positional arguments of the forward pass.
+        signature: the module's structure when the caller read its tensors (computed if
+            None); a copy made for another structure is rebuilt.
+    """
+    if signature is None:
+        signature = _structure_signature(model)
+    return functional_call(_thread_structure_copy(model, signature), tensors, args)
+
+
+_FORWARD_MODE_LOCK = threading.RLock()
+"""Held while a function that uses forward-mode derivatives (`torch.func.jvp`) runs: torch
+keeps the levels of forward-mode AD in process-wide state, so two threads must not use them
+at the same time. Reverse-mode functions (per-sample gradients) run concurrently."""
+
+
+class ForwardModeSerialised:
+    """Wraps a function that uses forward-mode derivatives so that one thread at a time runs
+    it (see the module docstring); any other function runs in parallel with it.
+
+    Args:
+        function: the function to wrap.
+    """
+
+    def __init__(self, function: Callable[..., Any]):
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _FORWARD_MODE_LOCK:
+            return self.function(*args, **kwargs)
+
+
 def _with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDict], ParamDict]:
     """Merge trainable `params` with the model's other parameters and buffers."""
     restricted = set(params)
@@ -100,9 +251,10 @@ def create_batch_loss_function(
     Parameters of the model not in `params` (and buffers) are held fixed.
     """
     merge = _with_frozen(params, model)
+    signature = _structure_signature(model)
 
     def batch_loss(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss(functional_call(model, merge(p), (x,)), y)
+        return loss(functional_forward(model, merge(p), (x,), signature), y)
 
     return batch_loss
 
@@ -154,7 +306,7 @@ def create_per_sample_mixed_derivative_function(
         directions = torch.eye(x.numel(), dtype=x.dtype, device=x.device).reshape(-1, *x.shape)
         return vmap(grad(directional), in_dims=(None, 0))(p, directions)  # type: ignore[no-any-return]
 
-    return vmap(one_sample, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+    return ForwardModeSerialised(vmap(one_sample, in_dims=(None, 0, 0)))
 
 
 def create_matrix_jacobian_product_function(
@@ -179,7 +331,7 @@ def create_matrix_jacobian_product_function(
     def product(p: ParamDict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return vmap(one_direction, in_dims=(None, None, None, 0), out_dims=1)(p, x, y, g)
 
-    return product
+    return ForwardModeSerialised(product)
 
 
 def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
@@ -238,7 +390,7 @@ def create_batch_hvp_function(
             strategy[0] = reverse_over_forward
             return vmap(reverse_over_forward, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
 
-    return hvp
+    return ForwardModeSerialised(hvp)
 
 
 HESSIAN_CHUNK_BUDGET = 2**17

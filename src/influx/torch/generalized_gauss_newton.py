@@ -28,11 +28,18 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .batch_operation import BatchOperation
 from .data import TorchBatch
-from .functional import HESSIAN_CHUNK_BUDGET, LossFunction, operator_to_dense, unflatten
+from .functional import (
+    HESSIAN_CHUNK_BUDGET,
+    ForwardModeSerialised,
+    LossFunction,
+    functional_forward,
+    operator_to_dense,
+    unflatten,
+)
 
 __all__ = ["GeneralizedGaussNewtonBatchOperation"]
 
@@ -72,11 +79,15 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         }
 
         def outputs(p: ParamDict) -> torch.Tensor:
-            return functional_call(self.model, {**fixed, **p}, (x,))  # type: ignore[no-any-return]
+            return functional_forward(self.model, {**fixed, **p}, (x,))  # type: ignore[no-any-return]
 
         return outputs
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        # jvp: one thread at a time per process (see influx.torch.functional).
+        return ForwardModeSerialised(self._products)(batch, tensor)  # type: ignore[no-any-return]
+
+    def _products(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         outputs = self._output_function(batch.x)
         params = self.params
         forward = vjp(outputs, params)

@@ -178,7 +178,8 @@ class LissaOperator(TensorOperator):
     r"""Applies $(A + \lambda I)^{-1}$ approximately by LiSSA, one mini-batch per iteration.
 
     Starting from $h_0 = b$, with the curvature $A_{b_t}$ of the $t$-th mini-batch (the data
-    loader is iterated again and again, in its own order):
+    loader is iterated again and again, in its own order; every application starts a fresh
+    pass, so the operator holds no iteration state and repeated applications agree):
 
     $$
     h_{t+1} = b + (1 - d)\, h_t - \frac{(A_{b_t} + \lambda I)\, h_t}{s}, \qquad
@@ -275,7 +276,6 @@ class LissaOperator(TensorOperator):
         self.largest_eigenvalue = None
         """With `scale="auto"`: the estimated largest eigenvalue of the batch curvature."""
         self.diagnostics = None
-        self._batches: Optional[Iterator[TorchBatch]] = None
         self._scale_value = float(scale) if not self.auto_scale else 0.0
 
     @property
@@ -312,12 +312,12 @@ class LissaOperator(TensorOperator):
 
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.dtype)
-        if self._batches is None:
-            self._batches = endless_batches(self.data, self.device)
+        # A fresh pass over the data per application: the operator keeps no iteration state,
+        # so it can be pickled or used from several threads at any time.
         scale = self.scale
         result = lissa(
             self.batch_operation.apply,
-            self._batches,
+            endless_batches(self.data, self.device),
             tensor,
             regularization=self._regularization,
             maxiter=self.maxiter,
@@ -348,7 +348,6 @@ class LissaOperator(TensorOperator):
     def _regularization_changed(self) -> None:
         # An automatic scale is recomputed from the stored eigenvalue estimate.
         self.diagnostics = None
-        self._batches = None
 
     def export_state(self) -> OperatorState:
         return OperatorState(
