@@ -28,6 +28,7 @@ from .validation import validate_regularization
 
 __all__ = [
     "BatchOperation",
+    "LossBatchOperation",
     "HessianBatchOperation",
     "GaussNewtonBatchOperation",
     "InverseHarmonicMeanBatchOperation",
@@ -105,14 +106,12 @@ class BatchOperation(Stateful, ABC):
         )
 
 
-class HessianBatchOperation(BatchOperation):
-    r"""$V \mapsto V \nabla^2_\theta L_b(\theta)$ with $L_b = \text{loss}(f_\theta(x_b), y_b)$.
-
-    Hessian-vector products are computed forward-over-reverse, all rows at once.
+class LossBatchOperation(BatchOperation):
+    """A batch operation defined by the model and the training loss on a batch.
 
     Args:
         model: the model.
-        loss: the loss function, mean over the batch.
+        loss: the loss function `loss(outputs, targets)`, mean over the batch.
         restrict_to: the parameters; the operator is the corresponding sub-matrix.
     """
 
@@ -125,6 +124,14 @@ class HessianBatchOperation(BatchOperation):
         super().__init__(model, restrict_to)
         self.loss = loss
         self._rebuild()
+
+
+class HessianBatchOperation(LossBatchOperation):
+    r"""$V \mapsto V \nabla^2_\theta L_b(\theta)$ with $L_b = \text{loss}(f_\theta(x_b), y_b)$.
+
+    Hessian-vector products are computed forward-over-reverse, all rows at once. Arguments
+    as for [LossBatchOperation][influx.torch.batch_operation.LossBatchOperation].
+    """
 
     def _rebuild(self) -> None:
         self._hvp = create_batch_hvp_function(self.model, self.loss, self.params)
@@ -136,26 +143,13 @@ class HessianBatchOperation(BatchOperation):
         return hessian(self.model, self.loss, self.params, batch.x, batch.y)
 
 
-class GaussNewtonBatchOperation(BatchOperation):
+class GaussNewtonBatchOperation(LossBatchOperation):
     r"""$V \mapsto V G_b$ with the Gauss-Newton (empirical Fisher) matrix of the batch
 
     $$G_b = \frac{1}{|b|}\sum_{i \in b} \nabla_\theta \ell_i \nabla_\theta \ell_i^\top .$$
 
-    Args:
-        model: the model.
-        loss: the loss function.
-        restrict_to: the parameters; the operator is the corresponding sub-matrix.
+    Arguments as for [LossBatchOperation][influx.torch.batch_operation.LossBatchOperation].
     """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-    ):
-        super().__init__(model, restrict_to)
-        self.loss = loss
-        self._rebuild()
 
     def _rebuild(self) -> None:
         self._grads = create_per_sample_gradient_function(self.model, self.loss, self.params)

@@ -25,17 +25,16 @@ $V$ are vectorised with `vmap`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .batch_operation import BatchOperation
+from .batch_operation import LossBatchOperation
 from .data import TorchBatch
 from .functional import (
     HESSIAN_CHUNK_BUDGET,
     ForwardModeSerialised,
-    LossFunction,
     functional_forward,
     operator_to_dense,
     unflatten,
@@ -46,7 +45,7 @@ __all__ = ["GeneralizedGaussNewtonBatchOperation"]
 ParamDict = Dict[str, torch.Tensor]
 
 
-class GeneralizedGaussNewtonBatchOperation(BatchOperation):
+class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
     r"""$V \mapsto V G_b$ with the generalized Gauss-Newton matrix of the batch,
 
     $$G_b = J_b^\top \, \nabla^2_z L_b(z_b) \, J_b ,$$
@@ -59,15 +58,6 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         loss: the loss function `loss(outputs, targets)`, mean reduction.
         restrict_to: the parameters; the operator is the corresponding sub-matrix.
     """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-    ):
-        super().__init__(model, restrict_to)
-        self.loss = loss
 
     def _output_function(self, x: torch.Tensor) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
