@@ -584,3 +584,23 @@ def test_sequential_calculator_matches_influences() -> None:
     )
     values = lazy.compute(aggregator=NestedTorchCatAggregator())
     assert rel_err(values, model.influences(x[:5], y[:5], x, y)) < 1e-12
+
+
+class _CountingLoader:
+    """A data loader that counts the passes made over it."""
+
+    def __init__(self, loader) -> None:  # type: ignore[no-untyped-def]
+        self.loader, self.passes = loader, 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.passes += 1
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("fisher, passes", [("empirical", 1), ("sampled", 2)])
+def test_sampled_fisher_refit_draws_fresh_labels(fisher: str, passes: int) -> None:
+    net = make_mlp()
+    x, y = classification_data()
+    data = _CountingLoader(loader(x, y))
+    EkfacInfluence(net, True, 0.1, fisher=fisher, seed=0).fit(data)  # type: ignore[arg-type]
+    assert data.passes == passes

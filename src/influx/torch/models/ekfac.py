@@ -69,10 +69,10 @@ class EkfacInfluence(TorchComposableInfluence):
         seed: seed of the label sampling for `fisher="sampled"`.
         max_cache_mb: with `update_diagonal`, the layers' inputs and output gradients of the
             first pass are kept in memory up to this size (in MB) so that the refit needs no
-            second pass over the data; beyond it, or with 0, the data is iterated twice. With
-            `fisher="empirical"` the results are the same either way; with `fisher="sampled"`
-            the cached refit reuses the labels drawn in the first pass (eigenbasis and
-            eigenvalues fitted to the same draws), a second pass draws new ones.
+            second pass over the data; beyond it, or with 0, the data is iterated twice (the
+            results are the same either way). With `fisher="sampled"` the refit always makes a
+            second pass, drawing new labels: fitting the eigenbasis and the eigenvalues to the
+            same draws would make the approximation noisier.
 
     Attributes:
         layer_specs: the layers used, by block name
