@@ -41,6 +41,7 @@ from ..types import (
     check_mode,
 )
 from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
+from .blocks import BlockMode, BlockStructure, block_parameters
 from .composition import Curvature, Solver
 from .data import TorchBatch
 from .functional import LossFunction
@@ -54,7 +55,6 @@ from .tensor_operator import (
     TensorOperator,
     restore_operator,
 )
-from .util import BlockMode, BlockStructure, block_parameters
 from .validation import RegularizationType, regularization_by_block
 
 __all__ = [

@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .batch_operation import GaussNewtonBatchOperation
+from .blocks import BlockStructure, block_parameters
 from .cg import CgOperator
 from .curvature import (
     AveragingBatchOperator,
@@ -54,7 +55,6 @@ from .low_rank import (
 )
 from .preconditioner import Preconditioner, check_preconditioner
 from .tensor_operator import TensorOperator
-from .util import BlockStructure, block_parameters
 from .validation import (
     require_positive_regularization,
     validate_cg_settings,

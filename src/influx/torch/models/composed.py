@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import Curvature, Solver
 from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["ComposedInfluence"]

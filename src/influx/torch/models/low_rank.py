@@ -7,10 +7,10 @@ from typing import Optional
 import torch
 
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import ArnoldiSolver, ModeCurvature, NystroemSolver
 from ..curvature import SecondOrderMode, check_second_order_mode
 from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["ArnoldiInfluence", "NystroemSketchInfluence"]
