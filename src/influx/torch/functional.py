@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ __all__ = [
     "LossFunction",
     "flatten_dimensions",
     "get_model_parameters",
+    "hvp",
+    "create_hvp_function",
+    "create_empirical_loss_function",
     "create_batch_loss_function",
     "create_per_sample_loss_function",
     "create_per_sample_gradient_function",
@@ -41,10 +45,29 @@ __all__ = [
     "operator_to_dense",
     "LowRankProductRepresentation",
     "randomized_nystroem_approximation",
+    "model_hessian_nystroem_approximation",
+    "operator_nystroem_approximation",
+    "operator_spectral_approximation",
     "nystroem_sketch",
 ]
 
-logger = logging.getLogger(__name__)
+# Defined in modules that import this one; reachable here, where the reference API has them.
+_ELSEWHERE = {
+    "create_hvp_function": "data_functional",
+    "create_empirical_loss_function": "data_functional",
+    "operator_nystroem_approximation": "data_functional",
+    "operator_spectral_approximation": "data_functional",
+    "model_hessian_nystroem_approximation": "low_rank",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        import importlib
+
+        module = importlib.import_module(f"{__package__}.{_ELSEWHERE[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
@@ -92,13 +115,38 @@ def _with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDi
     return merge
 
 
+def _at_call_time(
+    model: torch.nn.Module,
+    make: Callable[[ParamDict], Callable[..., Any]],
+) -> Callable[..., Any]:
+    """A function `(params, x, y, *rest)` that builds `make(params)` for the parameters it is
+    called with (the reference API's form, where the parameters are not known in advance).
+    Inputs and targets are moved to the model's device."""
+
+    def call(p: ParamDict, x: torch.Tensor, y: torch.Tensor, *rest: Any) -> Any:
+        device = _model_device(model)
+        return make(p)(p, x.to(device), y.to(device), *rest)
+
+    return call
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def create_batch_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto L(\theta)$, the loss of the batch as a function of `params`.
 
-    Parameters of the model not in `params` (and buffers) are held fixed.
+    Parameters of the model not in `params` (and buffers) are held fixed. Without `params`
+    (the reference API's form), the parameters are those the returned function is called
+    with.
     """
+    if params is None:
+        return _at_call_time(model, lambda p: create_batch_loss_function(model, loss, p))
     merge = _with_frozen(params, model)
 
     def batch_loss(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,23 +168,27 @@ def _create_single_sample_loss_function(
 
 
 def create_per_sample_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch."""
+    if params is None:
+        return _at_call_time(model, lambda p: create_per_sample_loss_function(model, loss, p))
     single = _create_single_sample_loss_function(model, loss, params)
     return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
 def create_per_sample_gradient_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
     r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`."""
+    if params is None:
+        return _at_call_time(model, lambda p: create_per_sample_gradient_function(model, loss, p))
     single = _create_single_sample_loss_function(model, loss, params)
     return vmap(grad(single), in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
 def create_per_sample_mixed_derivative_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
     r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_x \nabla_\theta \ell_i)_i\}$.
 
@@ -145,6 +197,8 @@ def create_per_sample_mixed_derivative_function(
     $\theta$ is one backward pass; both are vectorised over features and samples. Each value
     has shape `(N, F, *p.shape)` with $F$ the number of input features.
     """
+    if params is None:
+        return _at_call_time(model, lambda p: create_per_sample_mixed_derivative_function(model, loss, p))
     single = _create_single_sample_loss_function(model, loss, params)
 
     def one_sample(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> ParamDict:
@@ -158,13 +212,40 @@ def create_per_sample_mixed_derivative_function(
 
 
 def create_matrix_jacobian_product_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x, y, g) \mapsto (\nabla_\theta \ell_i \cdot g_k)_{ik}$, shape `(N, K)`.
+    model: torch.nn.Module, loss: LossFunction, g: Union[torch.Tensor, ParamDict]
+) -> Callable[..., torch.Tensor]:
+    r"""Products of per-sample gradients with the rows of a matrix $G$ `(K, P)`.
 
-    Uses forward-mode derivatives (one Jacobian-vector product per row of `g`, `(K, P)`),
-    so the `(N, P)` matrix of per-sample gradients is never formed.
+    Uses forward-mode derivatives (one Jacobian-vector product per row of $G$), so the
+    `(N, P)` matrix of per-sample gradients is never formed. Two forms:
+
+    * `g` a tensor $G$ (the reference API's form): returns
+      $(\theta, x, y) \mapsto (g_k \cdot \nabla_\theta \ell_i)_{ki}$, shape `(K, N)`, with
+      the columns of $G$ in the order of the trainable parameters of the model;
+    * `g` a dict of parameters: returns
+      $(\theta, x, y, G) \mapsto (\nabla_\theta \ell_i \cdot g_k)_{ik}$, shape `(N, K)`,
+      differentiating with respect to those parameters only.
+
+    Raises:
+        TypeError: if `g` is neither a tensor nor a dict of tensors.
     """
+    if isinstance(g, torch.Tensor):
+        matrix = g
+
+        def product_with_fixed_matrix(
+            p: ParamDict, x: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
+            device = _model_device(model)
+            function = create_matrix_jacobian_product_function(model, loss, p)
+            return function(p, x.to(device), y.to(device), matrix.to(device)).T
+
+        return product_with_fixed_matrix
+    if not isinstance(g, Mapping):
+        raise TypeError(
+            "Parameter 'g' must be a torch.Tensor (K, P) or a dict of parameters, got "
+            f"{type(g).__name__}."
+        )
+    params = dict(g)
     per_sample_loss = create_per_sample_loss_function(model, loss, params)
     names = list(params)
     shapes = [params[n].shape for n in names]
@@ -192,19 +273,99 @@ def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
     }
 
 
-def create_batch_hvp_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
+def hvp(
+    func: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    vec: ParamDict,
+    reverse_only: bool = True,
+) -> ParamDict:
+    r"""The Hessian-vector product $\nabla^2 f(\theta)\, v$ of a scalar function of a
+    dictionary of parameters.
 
-    Forward-over-reverse: $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$, a
-    Jacobian-vector product of the gradient map, vectorised over the rows of `V`; the
-    backward pass depends on the primal values only, so the rows of `V` batch into plain
-    matrix products. Where torch's forward-mode rules fail for the loss (e.g. `mse_loss` in
-    some torch versions), it falls back to reverse-over-forward,
-    $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, with the same result. The Hessian is
-    never formed.
+    With `reverse_only=True`, reverse-over-reverse: the vector-Jacobian product of the
+    gradient map, $v \mapsto v^\top \nabla(\nabla f)$ (the Hessian is symmetric). Otherwise
+    forward-over-reverse, $\frac{d}{dt}\nabla f(\theta + t v)\big|_{t=0}$, falling back to
+    reverse-over-reverse where torch's forward-mode rules fail for an operation of `func`.
+
+    Args:
+        func: $f$, a scalar function of a dict of tensors.
+        params: $\theta$, the point at which the Hessian is taken.
+        vec: $v$, a dict with the keys and shapes of `params`.
+        reverse_only: use reverse mode only.
+
+    Returns:
+        $\nabla^2 f(\theta) v$ as a dict shaped like `params`.
     """
+    if not reverse_only:
+        try:
+            return jvp(grad(func), (params,), (vec,))[1]  # type: ignore[no-any-return]
+        except (RuntimeError, NotImplementedError) as error:
+            logger.debug("Forward-over-reverse failed (%s): using reverse mode.", error)
+    _, vjp_fn = vjp(grad(func), params)
+    return vjp_fn(vec)[0]  # type: ignore[no-any-return]
+
+
+def create_batch_hvp_function(
+    model: torch.nn.Module,
+    loss: LossFunction,
+    reverse_only: Union[bool, ParamDict] = True,
+    params: Optional[ParamDict] = None,
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y, v) \mapsto \nabla^2_\theta L(\theta)\, v$, Hessian-vector products of
+    the loss of a batch, for a vector `v` `(P,)` or for every row of a matrix `V` `(K, P)`.
+
+    Two strategies, vectorised over the rows of `V`; the Hessian is never formed:
+
+    * forward-over-reverse, $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$,
+      a Jacobian-vector product of the gradient map (the default when parameters are given);
+    * reverse-over-reverse, $H v = \nabla_\theta (\nabla_\theta L \cdot v)$ through a
+      vector-Jacobian product of the gradient map (with `reverse_only=True`, the default of
+      the reference API's form). It needs only the backward rules of the model and the loss.
+
+    Forward-mode rules are missing or wrong for some layers and losses in some torch versions
+    (e.g. a `Conv1d` bias alone with `smooth_l1_loss` in float32); any failure of the
+    forward-over-reverse product switches the returned function to reverse-over-reverse for
+    good, with the same result.
+
+    Two forms:
+
+    * `create_batch_hvp_function(model, loss, reverse_only=True)` (the reference API's form):
+      the products are taken with respect to the parameters the function is called with;
+    * `create_batch_hvp_function(model, loss, params)` or `(..., params=params)`: with respect
+      to `params`, the model's other parameters and buffers held fixed.
+
+    Args:
+        model: the model.
+        loss: the loss function (mean reduction).
+        reverse_only: use reverse-over-reverse from the start (a dict of parameters passed
+            here is taken as `params`).
+        params: the parameters to differentiate with respect to.
+    """
+    if isinstance(reverse_only, Mapping):
+        if params is not None:
+            raise TypeError(
+                "Parameter 'params' was given twice: as the third positional argument and by "
+                "keyword."
+            )
+        return _create_rows_hvp_function(model, loss, dict(reverse_only), reverse_only=False)
+    if params is not None:
+        return _create_rows_hvp_function(model, loss, params, reverse_only=bool(reverse_only))
+
+    def hvp_at_call_time(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor
+    ) -> torch.Tensor:
+        device = _model_device(model)
+        function = _create_rows_hvp_function(model, loss, p, reverse_only=bool(reverse_only))
+        rows = vec.to(device).reshape(-1, vec.shape[-1])
+        return function(p, x.to(device), y.to(device), rows).reshape(vec.shape)
+
+    return hvp_at_call_time
+
+
+def _create_rows_hvp_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict, reverse_only: bool
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Hessian-vector products with the rows of `V` `(K, P)` with respect to `params`."""
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
 
@@ -217,28 +378,33 @@ def create_batch_hvp_function(
         tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
         return torch.cat([tangent[n].reshape(-1) for n in names])
 
-    def reverse_over_forward(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
+    def reverse_over_reverse(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor
     ) -> torch.Tensor:
-        def directional(q: ParamDict) -> torch.Tensor:
-            return jvp(lambda r: batch_loss(r, x, y), (q,), (unflatten(v, q),))[1]
+        _, pullback = vjp(lambda q: grad(batch_loss)(q, x, y), p)
 
-        g = grad(directional)(p)
-        return torch.cat([g[n].reshape(-1) for n in names])
+        def one_row(v: torch.Tensor) -> torch.Tensor:
+            product = pullback(unflatten(v, p))[0]
+            return torch.cat([product[n].reshape(-1) for n in names])
 
-    strategy = [forward_over_reverse]
+        return vmap(one_row)(vs)  # type: ignore[no-any-return]
 
-    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        try:
-            return vmap(strategy[0], in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
-        except RuntimeError as error:
-            if strategy[0] is reverse_over_forward or "ZeroTensor" not in str(error):
-                raise
-            logger.debug("Forward-over-reverse failed (%s): using reverse-over-forward.", error)
-            strategy[0] = reverse_over_forward
-            return vmap(reverse_over_forward, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
+    use_reverse = [reverse_only]
 
-    return hvp
+    def rows_hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        if not use_reverse[0]:
+            try:
+                return vmap(forward_over_reverse, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
+            except (RuntimeError, NotImplementedError) as error:
+                logger.debug(
+                    "Forward-over-reverse Hessian-vector product failed (%s): using "
+                    "reverse-over-reverse from now on.",
+                    error,
+                )
+                use_reverse[0] = True
+        return reverse_over_reverse(p, x, y, vs)
+
+    return rows_hvp
 
 
 HESSIAN_CHUNK_BUDGET = 2**17
@@ -250,19 +416,65 @@ enough for the intermediate activations (one copy per pair) to stay small."""
 def hessian(
     model: torch.nn.Module,
     loss: LossFunction,
+    data_loader: Union[Iterable, ParamDict],
+    use_hessian_avg: Union[bool, torch.Tensor] = True,
+    track_gradients: Union[bool, torch.Tensor] = False,
+    restrict_to: Optional[ParamDict] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    r"""The Hessian of the mean loss, shape `(P, P)`, over a data loader or over one batch.
+
+    Two forms:
+
+    * `hessian(model, loss, data_loader, use_hessian_avg=True, track_gradients=False,
+      restrict_to=None)` (the reference API's form): the Hessian of the mean loss over all
+      $n$ points of the loader, $\frac{1}{n}\sum_b |b|\, \nabla^2_\theta L_b(\theta)$ with
+      respect to `restrict_to` (default: all trainable parameters). `use_hessian_avg` chooses
+      between averaging per-batch Hessians and differentiating the whole empirical loss in
+      the reference API; both are the same matrix and are computed the same way here.
+      `track_gradients=True` keeps the result differentiable with respect to the parameters.
+    * `hessian(model, loss, params, x, y, chunk_size=None)`: the Hessian of the loss of the
+      batch `(x, y)` with respect to `params`.
+
+    The matrix is built from Hessian-vector products with the columns of the identity,
+    `chunk_size` columns at a time. The cost is that of $P$ products whatever the chunk size;
+    the chunk size bounds the intermediate activations, which are those of a batch of
+    `chunk_size` times $N$ samples. The default takes $\max(1, \lfloor 2^{17} / N \rfloor)$
+    columns for a batch of $N$ samples.
+    """
+    if not isinstance(data_loader, Mapping):
+        from .data_functional import data_hessian
+
+        return data_hessian(
+            model,
+            loss,
+            data_loader,
+            track_gradients=bool(track_gradients),
+            restrict_to=restrict_to,
+            chunk_size=chunk_size,
+        )
+    if not isinstance(use_hessian_avg, torch.Tensor) or not isinstance(
+        track_gradients, torch.Tensor
+    ):
+        raise TypeError(
+            "hessian(model, loss, params, x, y): parameters 'x' and 'y' must be tensors, got "
+            f"{type(use_hessian_avg).__name__} and {type(track_gradients).__name__}."
+        )
+    return _batch_hessian(
+        model, loss, dict(data_loader), use_hessian_avg, track_gradients, chunk_size
+    )
+
+
+def _batch_hessian(
+    model: torch.nn.Module,
+    loss: LossFunction,
     params: ParamDict,
     x: torch.Tensor,
     y: torch.Tensor,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
-
-    Built from Hessian-vector products with the columns of the identity, `chunk_size`
-    columns at a time. The cost is that of $P$ Hessian-vector products whatever the chunk
-    size; the chunk size bounds the intermediate activations, which are those of a batch of
-    `chunk_size` times $N$ samples. The default takes $\max(1, \lfloor 2^{17} / N \rfloor)$
-    columns for a batch of $N$ samples.
-    """
+    """The Hessian of the loss of one batch with respect to `params`, by chunks of columns."""
     size = sum(p.numel() for p in params.values())
     hvp = create_batch_hvp_function(model, loss, params)
     first = next(iter(params.values()))
@@ -278,9 +490,36 @@ def hessian(
     return result
 
 
-def gauss_newton(per_sample_grads: torch.Tensor) -> torch.Tensor:
-    r"""$\frac{1}{n} G^\top G$ for the per-sample gradient matrix $G$ `(n, P)`."""
-    return per_sample_grads.T @ per_sample_grads / per_sample_grads.shape[0]
+def gauss_newton(
+    model: Union[torch.nn.Module, torch.Tensor],
+    loss: Optional[LossFunction] = None,
+    data_loader: Optional[Iterable] = None,
+    restrict_to: Optional[ParamDict] = None,
+) -> torch.Tensor:
+    r"""The Gauss-Newton matrix (empirical Fisher) $\frac{1}{n}\sum_{i=1}^n \nabla_\theta
+    \ell_i \nabla_\theta \ell_i^\top$, shape `(P, P)`.
+
+    Two forms:
+
+    * `gauss_newton(model, loss, data_loader, restrict_to=None)` (the reference API's form):
+      over all $n$ points of the loader, with respect to `restrict_to` (default: all
+      trainable parameters), accumulated batch by batch;
+    * `gauss_newton(per_sample_grads)`: $\frac{1}{n} G^\top G$ for a matrix $G$ `(n, P)` of
+      per-sample gradients.
+
+    Raises:
+        TypeError: for a model without a loss and a data loader.
+    """
+    if isinstance(model, torch.Tensor):
+        return model.T @ model / model.shape[0]
+    if loss is None or data_loader is None:
+        raise TypeError(
+            "gauss_newton(model, loss, data_loader): parameters 'loss' and 'data_loader' are "
+            "required with a model."
+        )
+    from .data_functional import data_gauss_newton
+
+    return data_gauss_newton(model, loss, data_loader, restrict_to)
 
 
 def operator_to_dense(
@@ -321,16 +560,24 @@ class LowRankProductRepresentation:
     def device(self) -> torch.device:
         return self.projections.device
 
-    def to(self, device: torch.device) -> "LowRankProductRepresentation":
-        """A copy on `device` (the representation itself is unchanged)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projections.dtype
+
+    def to(self, device: Union[torch.device, str]) -> "LowRankProductRepresentation":
+        """A copy on `device` (the representation itself is unchanged), as for a tensor."""
         return LowRankProductRepresentation(self.eigen_vals.to(device), self.projections.to(device))
 
 
+ShiftFunction = Callable[[torch.Tensor], Union[torch.Tensor, float]]
+
+
 def randomized_nystroem_approximation(
-    mat_mat_prod: Callable[[torch.Tensor], torch.Tensor],
+    mat_mat_prod: Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
     input_dim: int,
     rank: int,
     input_type: torch.dtype,
+    shift_func: Optional[Union[ShiftFunction, torch.device, str]] = None,
     mat_vec_device: Optional[torch.device] = None,
     generator: Optional[torch.Generator] = None,
 ) -> LowRankProductRepresentation:
@@ -346,11 +593,16 @@ def randomized_nystroem_approximation(
     a warning is logged and only the positive part of $Q^\top A Q$ is used (the result then
     approximates neither $A$ nor its positive part exactly).
 
+    A `rank` larger than $P$ is clipped to $P$ with a logged warning.
+
     Args:
-        mat_mat_prod: $X \mapsto A X$ for a matrix $X$ `(P, k)`.
+        mat_mat_prod: $X \mapsto A X$ for a matrix $X$ `(P, k)`, or the matrix $A$ itself.
         input_dim: $P$.
         rank: $r$, the number of eigenpairs.
         input_type: dtype of the test matrix.
+        shift_func: $Y \mapsto \nu$, the shift for the sketch $Y = AQ$; None means
+            $\sqrt{P}\,\epsilon\,\|Y\|$. (A device given here, in the position of earlier
+            versions, is taken as `mat_vec_device`.)
         mat_vec_device: device of the test matrix.
         generator: optional random generator, for reproducibility.
 
@@ -358,8 +610,17 @@ def randomized_nystroem_approximation(
         The eigenvalues (descending, non-negative) and orthonormal eigenvectors; fewer than
         `rank` of them if negative curvature was found.
     """
+    if isinstance(shift_func, (torch.device, str)):
+        shift_func, mat_vec_device = None, torch.device(shift_func)
+    if isinstance(mat_mat_prod, torch.Tensor):
+        matrix = mat_mat_prod
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            return matrix @ x
+
+        mat_mat_prod = product
     representation, _ = nystroem_sketch(
-        mat_mat_prod, input_dim, rank, input_type, mat_vec_device, generator
+        mat_mat_prod, input_dim, rank, input_type, mat_vec_device, generator, shift_func
     )
     return representation
 
@@ -371,14 +632,23 @@ def nystroem_sketch(
     input_type: torch.dtype,
     mat_vec_device: Optional[torch.device] = None,
     generator: Optional[torch.Generator] = None,
+    shift_func: Optional[ShiftFunction] = None,
 ) -> Tuple[LowRankProductRepresentation, float]:
     """[randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation],
     also returning the smallest eigenvalue of $Q^\top A Q$ (negative: negative curvature
     was detected along the sketch)."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"Parameter 'rank' must be an int, got {type(rank).__name__}.")
-    if not 0 < rank <= input_dim:
+    if rank < 1:
         raise ValueError(f"Parameter 'rank' must be in [1, {input_dim}], got {rank}.")
+    if rank > input_dim:
+        logger.warning(
+            "Parameter 'rank' (%d) exceeds the dimension %d of the matrix: using rank %d.",
+            rank,
+            input_dim,
+            input_dim,
+        )
+        rank = input_dim
     omega = torch.randn(
         input_dim, rank, dtype=input_type, device=mat_vec_device, generator=generator
     )
@@ -389,7 +659,10 @@ def nystroem_sketch(
             "The operator returned NaN or Inf in the Nyström sketch: check the model, the loss "
             "and the data."
         )
-    shift = math.sqrt(input_dim) * torch.finfo(y.dtype).eps * torch.linalg.norm(y)
+    if shift_func is None:
+        shift = math.sqrt(input_dim) * torch.finfo(y.dtype).eps * torch.linalg.norm(y)
+    else:
+        shift = torch.as_tensor(shift_func(y), dtype=y.dtype, device=y.device)
     y_shifted = y + shift * q
     core = q.T @ y_shifted
     core = (core + core.T) / 2

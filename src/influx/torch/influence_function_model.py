@@ -527,15 +527,16 @@ class ArnoldiInfluence(TorchComposableInfluence):
             self.second_order_mode, self.model, self.loss, data, block_params
         )
         size = curvature.input_size
+        rank = min(self.rank, size)
         krylov = (
-            default_krylov_dimension(self.rank, size)
+            default_krylov_dimension(rank, size)
             if self.krylov_dimension is None
             else min(self.krylov_dimension, size)
         )
         try:
             approximation = lanczos_low_rank(
                 curvature,
-                self.rank,
+                rank,
                 krylov_dimension=krylov,
                 tol=self.tol,
                 max_iter=self.max_iter,
@@ -549,7 +550,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
             "Block %r: %d parameters, %d eigenpairs in %d operator applications.",
             block_name,
             size,
-            self.rank,
+            rank,
             approximation.diagnostics.iterations,
         )
         return TorchOperatorGradientComposition(
@@ -619,7 +620,7 @@ class NystroemSketchInfluence(TorchComposableInfluence):
             self.second_order_mode, self.model, self.loss, data, block_params
         )
         try:
-            approximation = nystroem_low_rank(curvature, self.rank)
+            approximation = nystroem_low_rank(curvature, min(self.rank, curvature.input_size))
         except ValueError as error:
             raise ValueError(f"Block {block_name!r}: {error}") from error
         if approximation.diagnostics.details["negative_curvature"]:
