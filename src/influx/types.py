@@ -70,6 +70,7 @@ BatchType = TypeVar("BatchType", bound="Batch")
 GradientProviderType = TypeVar("GradientProviderType", bound="GradientProvider")
 OperatorType = TypeVar("OperatorType", bound="Operator")
 CompositionType = TypeVar("CompositionType", bound="OperatorGradientComposition")
+OperatorGradientCompositionType = CompositionType
 BlockMapperType = TypeVar("BlockMapperType", bound="BlockMapper")
 BilinearFormType = TypeVar("BilinearFormType", bound="BilinearForm")
 

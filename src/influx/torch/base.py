@@ -150,9 +150,31 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         else:
             self.params = {k: p.detach() for k, p in restrict_to.items()}
         self.block_name = block_name
-        self._grad_fn = create_per_sample_gradient_function(model, loss, self.params)
-        self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, self.params)
-        self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, self.params)
+        self._build_functions()
+
+    def _build_functions(self) -> None:
+        self._grad_fn = create_per_sample_gradient_function(self.model, self.loss, self.params)
+        self._mixed_fn = create_per_sample_mixed_derivative_function(
+            self.model, self.loss, self.params
+        )
+        self._jac_prod_fn = create_matrix_jacobian_product_function(
+            self.model, self.loss, self.params
+        )
+
+    def to(self, device: Union[torch.device, str]) -> "TorchGradientProvider":
+        """Move the model and the parameters to `device`; return self."""
+        self.model.to(device)
+        self.params = {name: p.to(device) for name, p in self.params.items()}
+        self._build_functions()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
 
     @property
     def input_size(self) -> int:
@@ -204,6 +226,11 @@ class OperatorBilinearForm(BilinearForm[torch.Tensor, TorchBatch, TorchGradientP
 
     def __init__(self, operator: "TensorOperator"):
         self.operator = operator
+
+    def to(self, device: Union[torch.device, str]) -> "OperatorBilinearForm":
+        """Move the operator to `device`; return self."""
+        self.operator.to(device)
+        return self
 
     def inner_prod(self, left: torch.Tensor, right: Optional[torch.Tensor]) -> torch.Tensor:
         r"""$\langle A u_i, v_j\rangle$ for the rows of `left` and `right`, `(N_left, N_right)`."""
@@ -281,8 +308,23 @@ class TensorOperator(Operator[torch.Tensor, OperatorBilinearForm], ABC):
 
     @property
     def regularization(self) -> Optional[float]:
-        """The regularization $\\lambda$ of the operator, if it has one."""
+        """The regularization $\\lambda$ of the operator, if it has one.
+
+        Setting it changes this operator in place to what `with_regularization` returns
+        (reusing what does not depend on $\\lambda$)."""
         return getattr(self, "_regularization", None)
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        replacement = self.with_regularization(value)
+        vars(self).update(vars(replacement))
+
+    def to(self, device: Union[torch.device, str]) -> "TensorOperator":
+        """Move the operator's tensors (and the model, data-dependent parts and
+        preconditioner it holds) to `device`; return self."""
+        from .compat import move_to_device
+
+        return move_to_device(self, device)
 
     def with_regularization(self, regularization: Optional[float]) -> "TensorOperator":
         """A new operator with regularization `regularization`, reusing what does not depend
@@ -393,6 +435,12 @@ class TorchOperatorGradientComposition(
             )
         super().__init__(op, gp)
 
+    def to(self, device: Union[torch.device, str]) -> "TorchOperatorGradientComposition":
+        """Move the operator and the gradient provider to `device`; return self."""
+        self.op = self.op.to(device)
+        self.gradient_provider = self.gradient_provider.to(device)
+        return self
+
     def interactions_from_transformed_grads(
         self, left_factors: torch.Tensor, right_batch: TorchBatch, mode: InfluenceMode
     ) -> torch.Tensor:
@@ -429,6 +477,12 @@ class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradie
     """Maps computations over blocks of [TorchOperatorGradientComposition][influx.torch.base.TorchOperatorGradientComposition]."""
 
     composable_block_dict: "OrderedDict[str, TorchOperatorGradientComposition]"
+
+    def to(self, device: Union[torch.device, str]) -> "TorchBlockMapper":
+        """Move every block to `device`; return self."""
+        for block in self.composable_block_dict.values():
+            block.to(device)
+        return self
 
     def _split_to_blocks(self, z: torch.Tensor, dim: int = -1) -> "OrderedDict[str, torch.Tensor]":
         sizes = [block.op.input_size for block in self.composable_block_dict.values()]
@@ -516,6 +570,14 @@ class TorchComposableInfluence(
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def to(self, device: Union[torch.device, str]) -> "TorchComposableInfluence":
+        """Move the model and, if fitted, every block (operators, factorisations, gradient
+        providers) to `device`; return self. Inputs are moved to the model's device on use."""
+        self.model.to(device)
+        if self.is_fitted:
+            self.block_mapper.to(device)
+        return self
 
     @property
     def is_thread_safe(self) -> bool:

@@ -7,8 +7,9 @@ over a data loader, weighting each batch by its number of points.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -66,11 +67,64 @@ class BatchOperation(ABC):
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
+    def _build_functions(self) -> None:
+        """(Re)build the functions of the parameters, e.g. after moving them."""
+
+    def to(self, device: Union[torch.device, str]) -> "BatchOperation":
+        """Move the model and the parameters to `device`; return self."""
+        self.model.to(device)
+        self.params = {name: p.to(device) for name, p in self.params.items()}
+        self._build_functions()
+        return self
+
     def apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         """Apply the batch's operator to a vector `(P,)` or the rows of a matrix `(K, P)`."""
+        batch = batch.to(self.device)
+        tensor = tensor.to(self.device)
         if tensor.ndim == 1:
             return self._apply(batch, tensor.unsqueeze(0)).squeeze(0)
         return self._apply(batch, tensor)
+
+    def apply_to_dict(
+        self, batch: TorchBatch, mat: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Apply the batch's operator to a dict of tensors by parameter name.
+
+        The entries have the shapes of `input_dict_structure`, optionally with a leading batch
+        dimension shared by all of them; the result has the same keys and shapes.
+
+        Raises:
+            ValueError: for other keys or shapes.
+        """
+        structure = self.input_dict_structure
+        if not isinstance(mat, dict) or list(mat) != list(structure):
+            given = list(mat) if isinstance(mat, dict) else type(mat).__name__
+            raise ValueError(
+                f"Parameter 'mat' must be a dict with keys {list(structure)}, got {given}."
+            )
+        unbatched = all(tuple(mat[k].shape) == shape for k, shape in structure.items())
+        rows = {k: v.unsqueeze(0) for k, v in mat.items()} if unbatched else mat
+        leading = {v.shape[0] for v in rows.values()}
+        bad = [k for k, shape in structure.items() if tuple(rows[k].shape[1:]) != shape]
+        if bad or len(leading) != 1:
+            raise ValueError(
+                f"Parameter 'mat' must have the shapes {structure}, each with or without a "
+                f"common leading batch dimension, got "
+                f"{ {k: tuple(v.shape) for k, v in mat.items()} }."
+            )
+        n = leading.pop()
+        flat = torch.cat([v.reshape(n, -1) for v in rows.values()], dim=1)
+        result = self.apply(batch, flat)
+        sizes = [math.prod(shape) for shape in structure.values()]
+        pieces = torch.split(result, sizes, dim=1)
+        out = {
+            k: piece.reshape(n, *shape) for (k, shape), piece in zip(structure.items(), pieces)
+        }
+        return {k: v.squeeze(0) for k, v in out.items()} if unbatched else out
+
+    def _apply_to_mat(self, batch: TorchBatch, mat: torch.Tensor) -> torch.Tensor:
+        """Apply to the rows of a 2-D tensor `(K, P)`."""
+        return self._apply(batch, mat)
 
     @abstractmethod
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
@@ -102,7 +156,10 @@ class HessianBatchOperation(BatchOperation):
     ):
         super().__init__(model, restrict_to)
         self.loss = loss
-        self._hvp = create_batch_hvp_function(model, loss, self.params)
+        self._build_functions()
+
+    def _build_functions(self) -> None:
+        self._hvp = create_batch_hvp_function(self.model, self.loss, self.params)
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         return self._hvp(self.params, batch.x, batch.y, tensor)  # type: ignore[no-any-return]
@@ -130,7 +187,10 @@ class GaussNewtonBatchOperation(BatchOperation):
     ):
         super().__init__(model, restrict_to)
         self.loss = loss
-        self._grads = create_per_sample_gradient_function(model, loss, self.params)
+        self._build_functions()
+
+    def _build_functions(self) -> None:
+        self._grads = create_per_sample_gradient_function(self.model, self.loss, self.params)
 
     def per_sample_grads(self, batch: TorchBatch) -> torch.Tensor:
         """The per-sample gradients of the batch, shape `(|b|, P)`."""
@@ -138,8 +198,25 @@ class GaussNewtonBatchOperation(BatchOperation):
         return flatten_dimensions(grads.values(), shape=(len(batch), -1))
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
-        g = self.per_sample_grads(batch)
-        return (tensor @ g.T) @ g / len(batch)
+        return self._rank_one_mvp(self.per_sample_grads(batch), tensor)
+
+    @staticmethod
+    def _rank_one_mvp(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r"""$\frac{1}{N}\sum_i x_i x_i^\top v_k$ for the rows $x_i$ of `x` `(N, P)` and $v_k$
+        of `v` `(K, P)`, shape `(K, P)`."""
+        return (v @ x.T) @ x / x.shape[0]
+
+    @staticmethod
+    def _generate_rank_one_mvp(
+        x: Iterable[torch.Tensor], v: Iterable[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """[_rank_one_mvp][influx.torch.batch_operation.GaussNewtonBatchOperation._rank_one_mvp]
+        for vectors given in pieces (one tensor per parameter, leading dimensions `N` and
+        `K`), returned in the same pieces."""
+        xs, vs = list(x), list(v)
+        n = xs[0].shape[0]
+        coefficients = sum(vi.reshape(vi.shape[0], -1) @ xi.reshape(n, -1).T for xi, vi in zip(xs, vs)) / n
+        return [(coefficients @ xi.reshape(n, -1)).reshape(vi.shape) for xi, vi in zip(xs, vs)]
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:
         return gauss_newton(self.per_sample_grads(batch))

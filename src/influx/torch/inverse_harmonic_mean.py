@@ -29,7 +29,7 @@ gradients, and changing $\lambda$ is free.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -81,9 +81,21 @@ class InverseHarmonicMeanBatchOperation(BatchOperation):
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
-        self.regularization = _check_positive_regularization(regularization)
+        self._regularization = _check_positive_regularization(regularization)
         self.loss = loss
-        self._grads = create_per_sample_gradient_function(model, loss, self.params)
+        self._build_functions()
+
+    def _build_functions(self) -> None:
+        self._grads = create_per_sample_gradient_function(self.model, self.loss, self.params)
+
+    @property
+    def regularization(self) -> float:
+        """$\\lambda > 0$; it may be changed (nothing is recomputed)."""
+        return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: float) -> None:
+        self._regularization = _check_positive_regularization(value)
 
     def per_sample_grads(self, batch: TorchBatch) -> torch.Tensor:
         """The per-sample gradients of the batch, shape `(|b|, P)`."""
@@ -91,10 +103,37 @@ class InverseHarmonicMeanBatchOperation(BatchOperation):
         return flatten_dimensions(grads.values(), shape=(len(batch), -1))
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
-        grads = self.per_sample_grads(batch)
-        lam = self.regularization
-        weights = (tensor @ grads.T) / (lam + (grads * grads).sum(dim=1))
-        return (tensor - weights @ grads / len(batch)) / lam
+        return self._inverse_rank_one_update(
+            self.per_sample_grads(batch), tensor, self.regularization
+        )
+
+    @staticmethod
+    def _inverse_rank_one_update(
+        x: torch.Tensor, v: torch.Tensor, regularization: float
+    ) -> torch.Tensor:
+        r"""$\frac{1}{N}\sum_i (x_i x_i^\top + \lambda I)^{-1} v_k$ for the rows $x_i$ of `x`
+        `(N, P)` and $v_k$ of `v` `(K, P)` (Sherman-Morrison), shape `(K, P)`."""
+        weights = (v @ x.T) / (regularization + (x * x).sum(dim=1))
+        return (v - weights @ x / x.shape[0]) / regularization
+
+    @staticmethod
+    def _generate_inverse_rank_one_updates(
+        x: Iterable[torch.Tensor], v: Iterable[torch.Tensor], regularization: float
+    ) -> List[torch.Tensor]:
+        """[_inverse_rank_one_update][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanBatchOperation._inverse_rank_one_update]
+        for vectors given in pieces (one tensor per parameter, leading dimensions `N` and
+        `K`), returned in the same pieces."""
+        xs, vs = list(x), list(v)
+        n = xs[0].shape[0]
+        flat_x = [xi.reshape(n, -1) for xi in xs]
+        flat_v = [vi.reshape(vi.shape[0], -1) for vi in vs]
+        inner = sum(vi @ xi.T for xi, vi in zip(flat_x, flat_v))
+        norms = sum((xi * xi).sum(dim=1) for xi in flat_x)
+        weights = inner / (regularization + norms) / n
+        return [
+            ((vi - weights @ xi) / regularization).reshape(v_orig.shape)
+            for xi, vi, v_orig in zip(flat_x, flat_v, vs)
+        ]
 
 
 class InverseHarmonicMeanOperator(AveragingBatchOperator):

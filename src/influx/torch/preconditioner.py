@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -103,6 +103,23 @@ class Preconditioner(ABC):
             return new.fit(self._operator, regularization)
         new._regularization = regularization
         return new
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        validate_regularization(value)
+        if self.modify_regularization_requires_fit:
+            raise NotImplementedError(
+                f"{type(self).__name__} must be refitted for another regularization: call "
+                "'fit' or 'with_regularization'."
+            )
+        self._regularization = value
+
+    def to(self, device: Union[torch.device, str]) -> "Preconditioner":
+        """Move the fitted quantities (and the operator they came from) to `device`; return
+        self."""
+        from .compat import move_to_device
+
+        return move_to_device(self, device)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to a vector `(P,)` or to every row of a matrix `(N, P)`."""

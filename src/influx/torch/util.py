@@ -1,6 +1,13 @@
 """Small torch helpers: block structures, regularization checks, numpy conversion,
 aggregators of lazy chunk sequences and dask arrays from torch datasets.
 
+The helpers of the reference API's `util` module that live elsewhere are reachable here too:
+[flatten_dimensions][influx.torch.functional.flatten_dimensions] and
+[get_model_parameters][influx.torch.functional.get_model_parameters] (from
+`influx.torch.functional`), [SecondOrderMode][influx.torch.operator.SecondOrderMode] (from
+`influx.torch.operator`) and the tensor-structure helpers of
+[influx.torch.compat][influx.torch.compat].
+
 dask is imported only inside [torch_dataset_to_dask_array][influx.torch.util.torch_dataset_to_dask_array].
 """
 
@@ -24,21 +31,67 @@ from ..array import (
     SequenceAggregator,
 )
 
+from .functional import flatten_dimensions, get_model_parameters
+
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
 
 __all__ = [
     "BlockMode",
     "BlockStructure",
+    "EkfacRepresentation",
+    "LossType",
+    "ModelInfoMixin",
+    "ModelParameterDictBuilder",
     "NestedTorchCatAggregator",
     "RegularizationType",
+    "SecondOrderMode",
     "TorchCatAggregator",
+    "TorchLinalgEighException",
     "TorchNumpyConverter",
+    "TorchTensorContainerType",
+    "align_structure",
+    "align_with_model",
     "block_parameters",
+    "empirical_cross_entropy_loss_fn",
+    "flatten_dimensions",
+    "get_model_parameters",
     "regularization_by_block",
+    "reshape_vector_to_tensors",
+    "safe_torch_linalg_eigh",
+    "to_model_device",
     "torch_dataset_to_dask_array",
     "validate_regularization",
 ]
+
+_IN_COMPAT = {
+    "EkfacRepresentation",
+    "LossType",
+    "ModelInfoMixin",
+    "ModelParameterDictBuilder",
+    "TorchLinalgEighException",
+    "TorchTensorContainerType",
+    "align_structure",
+    "align_with_model",
+    "empirical_cross_entropy_loss_fn",
+    "reshape_vector_to_tensors",
+    "safe_torch_linalg_eigh",
+    "to_model_device",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # These helpers live in modules that import this one; they are reachable here, where the
+    # reference API places them.
+    if name in _IN_COMPAT:
+        from . import compat
+
+        return getattr(compat, name)
+    if name == "SecondOrderMode":
+        from .operator import SecondOrderMode
+
+        return SecondOrderMode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BlockMode(Enum):
