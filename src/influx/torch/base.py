@@ -249,6 +249,9 @@ class OperatorBilinearForm(BilinearForm[torch.Tensor, TorchBatch, TorchGradientP
         return _perturbation_product(left_factors, right_mixed, tuple(right.x.shape[1:]))
 
 
+OperatorBilinearFormType = TypeVar("OperatorBilinearFormType", bound=OperatorBilinearForm)
+
+
 class DictBilinearForm(OperatorBilinearForm):
     r"""Bilinear form of a [TensorDictOperator][influx.torch.base.TensorDictOperator].
 

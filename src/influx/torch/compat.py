@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import (
@@ -36,7 +37,9 @@ from typing import (
 )
 
 import torch
+from torch.utils.data import DataLoader
 
+from ..types import InfluenceFunctionModel
 from .functional import get_model_parameters
 from .util import FULL_BLOCK_NAME, BlockMode, block_parameters
 
@@ -45,6 +48,7 @@ __all__ = [
     "LossType",
     "ModelInfoMixin",
     "ModelParameterDictBuilder",
+    "TorchInfluenceFunctionModel",
     "TorchLinalgEighException",
     "TorchTensorContainerType",
     "align_structure",
@@ -370,3 +374,46 @@ def move_to_device(obj: T, device: DeviceType, seen: Optional[Dict[int, Any]] = 
         if moved is not value:
             object.__setattr__(obj, name, moved)
     return obj
+
+
+class TorchInfluenceFunctionModel(InfluenceFunctionModel[torch.Tensor, DataLoader], ABC):
+    """A base for torch influence models that are not assembled from blocks of parameters: it
+    holds the model and the loss and reports the model's device, dtype and parameters.
+
+    The influence models of this library derive from
+    [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence] instead; this base
+    is for user-defined models written against the reference API.
+
+    Args:
+        model: the model.
+        loss: the loss function `loss(prediction, target)`.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: LossType):
+        self.model = model
+        self.loss = loss
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def model_device(self) -> torch.device:
+        return _model_device(self.model)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def model_params(self) -> Dict[str, torch.Tensor]:
+        """The trainable parameters by name, detached."""
+        return get_model_parameters(self.model)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def to(self, device: DeviceType) -> "TorchInfluenceFunctionModel":
+        """Move the model (and every other tensor attribute) to `device`; return self."""
+        return move_to_device(self, device)

@@ -35,6 +35,7 @@ from .base import (
     TorchOperatorGradientComposition,
 )
 from .batch_operation import BatchOperation, GaussNewtonBatchOperation, HessianBatchOperation
+from .compat import TorchInfluenceFunctionModel
 from .functional import LossFunction
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .iterative import (
@@ -77,6 +78,7 @@ __all__ = [
     "NystroemSketchInfluence",
     "InverseHarmonicMeanInfluence",
     "EkfacInfluence",
+    "TorchInfluenceFunctionModel",
 ]
 
 logger = logging.getLogger(__name__)
