@@ -518,7 +518,9 @@ def test_rank_larger_than_a_block_is_clipped_with_a_warning(trained, direct, cls
     )
     assert rel_err(model.influences(x[:5], y[:5], x, y), expected) < 1e-8
     with caplog.at_level(logging.WARNING, logger="influx.torch.functional"):
-        sketch = randomized_nystroem_approximation(torch.eye(4, dtype=torch.float64), 4, 9, torch.float64)
+        sketch = randomized_nystroem_approximation(
+            torch.eye(4, dtype=torch.float64), 4, 9, torch.float64
+        )
     assert sketch.eigen_vals.shape == (4,)
     assert "'rank' (9) exceeds the dimension 4" in caplog.text
 

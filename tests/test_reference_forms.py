@@ -23,7 +23,6 @@ from influx.torch.batch_operation import (
     PointAveraging,
 )
 from influx.torch.functional import (
-    LowRankProductRepresentation,
     create_batch_hvp_function,
     create_batch_loss_function,
     create_empirical_loss_function,
@@ -41,7 +40,7 @@ from influx.torch.functional import (
     randomized_nystroem_approximation,
 )
 from influx.torch.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
-from influx.torch.operator import MatrixOperator, SecondOrderMode
+from influx.torch.operator import MatrixOperator
 from influx.torch.util import (
     BlockMode,
     EkfacRepresentation,

@@ -11,7 +11,7 @@ is loaded from `influx.torch.kfac` on first access.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .types import (
     ComposableInfluence,
@@ -21,14 +21,8 @@ from .types import (
     UnsupportedInfluenceModeException,
 )
 
-__all__ = [
-    "ComposableInfluence",
-    "InfluenceFunctionModel",
-    "InfluenceMode",
-    "NotFittedException",
-    "NotImplementedLayerRepresentationException",
-    "UnsupportedInfluenceModeException",
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from .torch.kfac import NotImplementedLayerRepresentationException
 
 
 def __getattr__(name: str) -> Any:
@@ -37,3 +31,13 @@ def __getattr__(name: str) -> Any:
 
         return NotImplementedLayerRepresentationException
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ComposableInfluence",
+    "InfluenceFunctionModel",
+    "InfluenceMode",
+    "NotFittedException",
+    "NotImplementedLayerRepresentationException",
+    "UnsupportedInfluenceModeException",
+]

@@ -41,9 +41,9 @@ from typing import (
     Any,
     Callable,
     Dict,
-    ItemsView,
     Generator,
     Generic,
+    ItemsView,
     Iterable,
     Optional,
     TypeVar,
@@ -71,7 +71,9 @@ BatchType = TypeVar("BatchType", bound="Batch")
 GradientProviderType = TypeVar("GradientProviderType", bound="GradientProvider")
 OperatorType = TypeVar("OperatorType", bound="Operator")
 CompositionType = TypeVar("CompositionType", bound="OperatorGradientComposition")
-OperatorGradientCompositionType = CompositionType
+OperatorGradientCompositionType = TypeVar(
+    "OperatorGradientCompositionType", bound="OperatorGradientComposition"
+)
 BlockMapperType = TypeVar("BlockMapperType", bound="BlockMapper")
 BilinearFormType = TypeVar("BilinearFormType", bound="BilinearForm")
 

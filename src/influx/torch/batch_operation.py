@@ -71,6 +71,7 @@ class BatchOperation(ABC):
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
+    @abstractmethod
     def _build_functions(self) -> None:
         """(Re)build the functions of the parameters, e.g. after moving them."""
 
@@ -121,9 +122,7 @@ class BatchOperation(ABC):
         result = self.apply(batch, flat)
         sizes = [math.prod(shape) for shape in structure.values()]
         pieces = torch.split(result, sizes, dim=1)
-        out = {
-            k: piece.reshape(n, *shape) for (k, shape), piece in zip(structure.items(), pieces)
-        }
+        out = {k: piece.reshape(n, *shape) for (k, shape), piece in zip(structure.items(), pieces)}
         return {k: v.squeeze(0) for k, v in out.items()} if unbatched else out
 
     def _apply_to_mat(self, batch: TorchBatch, mat: torch.Tensor) -> torch.Tensor:
@@ -219,7 +218,8 @@ class GaussNewtonBatchOperation(BatchOperation):
         `K`), returned in the same pieces."""
         xs, vs = list(x), list(v)
         n = xs[0].shape[0]
-        coefficients = sum(vi.reshape(vi.shape[0], -1) @ xi.reshape(n, -1).T for xi, vi in zip(xs, vs)) / n
+        products = [vi.reshape(vi.shape[0], -1) @ xi.reshape(n, -1).T for xi, vi in zip(xs, vs)]
+        coefficients = torch.stack(products).sum(dim=0) / n
         return [(coefficients @ xi.reshape(n, -1)).reshape(vi.shape) for xi, vi in zip(xs, vs)]
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:

@@ -150,7 +150,9 @@ def align_structure(
     )
 
 
-def align_with_model(x: TorchTensorContainerType, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def align_with_model(
+    x: TorchTensorContainerType, model: torch.nn.Module
+) -> Dict[str, torch.Tensor]:
     """`x` as a dict keyed by the model's trainable parameters, with their shapes; see
     [align_structure][influx.torch.compat.align_structure]."""
     return align_structure(get_model_parameters(model, detach=False), x)
@@ -305,13 +307,13 @@ class ModelParameterDictBuilder:
             ValueError: for a value that is not a BlockMode.
         """
         if not isinstance(block_mode, BlockMode):
-            raise ValueError(
-                f"Parameter 'block_mode' must be a BlockMode, got {block_mode!r}."
-            )
+            raise ValueError(f"Parameter 'block_mode' must be a BlockMode, got {block_mode!r}.")
         blocks = block_parameters(self.model, block_mode)
         return OrderedDict(
-            ("" if name == FULL_BLOCK_NAME and block_mode is BlockMode.FULL else name,
-             OrderedDict((k, self._value(p)) for k, p in params.items()))
+            (
+                "" if name == FULL_BLOCK_NAME and block_mode is BlockMode.FULL else name,
+                OrderedDict((k, self._value(p)) for k, p in params.items()),
+            )
             for name, params in blocks.items()
         )
 

@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 ParamDict = Dict[str, torch.Tensor]
 
 
-def _pairs(data_loader: Iterable, device: torch.device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(
+    data_loader: Iterable, device: torch.device
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     for index, batch in enumerate(data_loader):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
@@ -64,7 +66,9 @@ def _pairs(data_loader: Iterable, device: torch.device) -> Iterator[Tuple[torch.
 
 
 def _weighted_mean(
-    data_loader: Iterable, device: torch.device, per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    data_loader: Iterable,
+    device: torch.device,
+    per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """$\\frac{1}{n}\\sum_b |b|\\, g(x_b, y_b)$ over the loader."""
     total: Optional[torch.Tensor] = None

@@ -20,12 +20,41 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .data_functional import (
+        create_empirical_loss_function,
+        create_hvp_function,
+        operator_nystroem_approximation,
+        operator_spectral_approximation,
+    )
+    from .low_rank import model_hessian_nystroem_approximation
+
 logger = logging.getLogger(__name__)
+
+
+# Defined in modules that import this one; reachable here, where the reference API has them.
+_ELSEWHERE = {
+    "create_hvp_function": "data_functional",
+    "create_empirical_loss_function": "data_functional",
+    "operator_nystroem_approximation": "data_functional",
+    "operator_spectral_approximation": "data_functional",
+    "model_hessian_nystroem_approximation": "low_rank",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        import importlib
+
+        module = importlib.import_module(f"{__package__}.{_ELSEWHERE[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LossFunction",
@@ -50,24 +79,6 @@ __all__ = [
     "operator_spectral_approximation",
     "nystroem_sketch",
 ]
-
-# Defined in modules that import this one; reachable here, where the reference API has them.
-_ELSEWHERE = {
-    "create_hvp_function": "data_functional",
-    "create_empirical_loss_function": "data_functional",
-    "operator_nystroem_approximation": "data_functional",
-    "operator_spectral_approximation": "data_functional",
-    "model_hessian_nystroem_approximation": "low_rank",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ELSEWHERE:
-        import importlib
-
-        module = importlib.import_module(f"{__package__}.{_ELSEWHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
@@ -198,7 +209,9 @@ def create_per_sample_mixed_derivative_function(
     has shape `(N, F, *p.shape)` with $F$ the number of input features.
     """
     if params is None:
-        return _at_call_time(model, lambda p: create_per_sample_mixed_derivative_function(model, loss, p))
+        return _at_call_time(
+            model, lambda p: create_per_sample_mixed_derivative_function(model, loss, p)
+        )
     single = _create_single_sample_loss_function(model, loss, params)
 
     def one_sample(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> ParamDict:
@@ -301,7 +314,7 @@ def hvp(
             return jvp(grad(func), (params,), (vec,))[1]  # type: ignore[no-any-return]
         except (RuntimeError, NotImplementedError) as error:
             logger.debug("Forward-over-reverse failed (%s): using reverse mode.", error)
-    _, vjp_fn = vjp(grad(func), params)
+    vjp_fn = vjp(grad(func), params)[1]
     return vjp_fn(vec)[0]  # type: ignore[no-any-return]
 
 
@@ -381,7 +394,7 @@ def _create_rows_hvp_function(
     def reverse_over_reverse(
         p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor
     ) -> torch.Tensor:
-        _, pullback = vjp(lambda q: grad(batch_loss)(q, x, y), p)
+        pullback = vjp(lambda q: grad(batch_loss)(q, x, y), p)[1]
 
         def one_row(v: torch.Tensor) -> torch.Tensor:
             product = pullback(unflatten(v, p))[0]
@@ -611,7 +624,8 @@ def randomized_nystroem_approximation(
         `rank` of them if negative curvature was found.
     """
     if isinstance(shift_func, (torch.device, str)):
-        shift_func, mat_vec_device = None, torch.device(shift_func)
+        mat_vec_device = torch.device(shift_func)
+        shift_func = None
     if isinstance(mat_mat_prod, torch.Tensor):
         matrix = mat_mat_prod
 

@@ -127,8 +127,8 @@ class InverseHarmonicMeanBatchOperation(BatchOperation):
         n = xs[0].shape[0]
         flat_x = [xi.reshape(n, -1) for xi in xs]
         flat_v = [vi.reshape(vi.shape[0], -1) for vi in vs]
-        inner = sum(vi @ xi.T for xi, vi in zip(flat_x, flat_v))
-        norms = sum((xi * xi).sum(dim=1) for xi in flat_x)
+        inner = torch.stack([vi @ xi.T for xi, vi in zip(flat_x, flat_v)]).sum(dim=0)
+        norms = torch.stack([(xi * xi).sum(dim=1) for xi in flat_x]).sum(dim=0)
         weights = inner / (regularization + norms) / n
         return [
             ((vi - weights @ xi) / regularization).reshape(v_orig.shape)

@@ -56,6 +56,16 @@ class Preconditioner(ABC):
         """The regularization $\\lambda$ the preconditioner is set up for."""
         return self._regularization
 
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        validate_regularization(value)
+        if self.modify_regularization_requires_fit:
+            raise NotImplementedError(
+                f"{type(self).__name__} must be refitted for another regularization: call "
+                "'fit' or 'with_regularization'."
+            )
+        self._regularization = value
+
     @property
     @abstractmethod
     def modify_regularization_requires_fit(self) -> bool:
@@ -103,16 +113,6 @@ class Preconditioner(ABC):
             return new.fit(self._operator, regularization)
         new._regularization = regularization
         return new
-
-    @regularization.setter
-    def regularization(self, value: Optional[float]) -> None:
-        validate_regularization(value)
-        if self.modify_regularization_requires_fit:
-            raise NotImplementedError(
-                f"{type(self).__name__} must be refitted for another regularization: call "
-                "'fit' or 'with_regularization'."
-            )
-        self._regularization = value
 
     def to(self, device: Union[torch.device, str]) -> "Preconditioner":
         """Move the fitted quantities (and the operator they came from) to `device`; return

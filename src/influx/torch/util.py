@@ -30,39 +30,27 @@ from ..array import (
     NumpyConverter,
     SequenceAggregator,
 )
-
 from .functional import flatten_dimensions, get_model_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
 
-__all__ = [
-    "BlockMode",
-    "BlockStructure",
-    "EkfacRepresentation",
-    "LossType",
-    "ModelInfoMixin",
-    "ModelParameterDictBuilder",
-    "NestedTorchCatAggregator",
-    "RegularizationType",
-    "SecondOrderMode",
-    "TorchCatAggregator",
-    "TorchLinalgEighException",
-    "TorchNumpyConverter",
-    "TorchTensorContainerType",
-    "align_structure",
-    "align_with_model",
-    "block_parameters",
-    "empirical_cross_entropy_loss_fn",
-    "flatten_dimensions",
-    "get_model_parameters",
-    "regularization_by_block",
-    "reshape_vector_to_tensors",
-    "safe_torch_linalg_eigh",
-    "to_model_device",
-    "torch_dataset_to_dask_array",
-    "validate_regularization",
-]
+    from .compat import (
+        EkfacRepresentation,
+        LossType,
+        ModelInfoMixin,
+        ModelParameterDictBuilder,
+        TorchLinalgEighException,
+        TorchTensorContainerType,
+        align_structure,
+        align_with_model,
+        empirical_cross_entropy_loss_fn,
+        reshape_vector_to_tensors,
+        safe_torch_linalg_eigh,
+        to_model_device,
+    )
+    from .operator import SecondOrderMode
+
 
 _IN_COMPAT = {
     "EkfacRepresentation",
@@ -92,6 +80,35 @@ def __getattr__(name: str) -> Any:
 
         return SecondOrderMode
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BlockMode",
+    "BlockStructure",
+    "EkfacRepresentation",
+    "LossType",
+    "ModelInfoMixin",
+    "ModelParameterDictBuilder",
+    "NestedTorchCatAggregator",
+    "RegularizationType",
+    "SecondOrderMode",
+    "TorchCatAggregator",
+    "TorchLinalgEighException",
+    "TorchNumpyConverter",
+    "TorchTensorContainerType",
+    "align_structure",
+    "align_with_model",
+    "block_parameters",
+    "empirical_cross_entropy_loss_fn",
+    "flatten_dimensions",
+    "get_model_parameters",
+    "regularization_by_block",
+    "reshape_vector_to_tensors",
+    "safe_torch_linalg_eigh",
+    "to_model_device",
+    "torch_dataset_to_dask_array",
+    "validate_regularization",
+]
 
 
 class BlockMode(Enum):
