@@ -8,10 +8,11 @@ working. Nothing here imports a numerical framework.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 __all__ = [
     "InfluxError",
+    "NotImplementedLayerRepresentationException",
     "NotFittedException",
     "UnsupportedInfluenceModeException",
     "UnsafeFitFileError",
@@ -45,3 +46,23 @@ class UnsafeFitFileError(InfluxError, ValueError):
     """Raised when a file given to `load_fit` is not a fit saved by influx, or holds anything
     but plain tensors and JSON (for example a pickled callable): such a file is never
     executed."""
+
+
+class NotImplementedLayerRepresentationException(InfluxError, ValueError):
+    """Raised for a trainable layer that has no Kronecker-factored representation.
+
+    Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
+    layer's parameters (`requires_grad_(False)`) or restrict the model to supported layers
+    (the `layers` argument of [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence])
+    to leave it out.
+    """
+
+    def __init__(self, module_id: str, reason: Optional[str] = None):
+        self.module_id = module_id
+        detail = reason or (
+            "only torch.nn.Linear and torch.nn.Conv2d have a Kronecker-factored representation"
+        )
+        super().__init__(
+            f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "
+            "restrict the model to supported layers with 'layers'."
+        )

@@ -48,7 +48,6 @@ from .curvature import (
     SecondOrderMode,
 )
 from .direct import DirectSolveOperator
-from .functional import LowRankProductRepresentation
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import NotImplementedLayerRepresentationException
@@ -80,6 +79,7 @@ from .preconditioner import (
     NystroemPreconditioner,
     Preconditioner,
 )
+from .sketch import LowRankProductRepresentation
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .valuation import (

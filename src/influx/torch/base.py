@@ -40,11 +40,16 @@ from ..types import (
     SolverDiagnostics,
     check_mode,
 )
-from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
+from .autodiff import LossFunction
+from .bilinear import (
+    DictBilinearForm,
+    OperatorBilinearForm,
+    OperatorBilinearFormType,
+    perturbation_product,
+)
 from .blocks import BlockMode, BlockStructure, block_parameters
 from .composition import Curvature, Solver
 from .data import TorchBatch
-from .functional import LossFunction
 from .gradients import TorchGradientProvider
 from .low_rank import LowRankBilinearForm
 from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
@@ -62,6 +67,7 @@ __all__ = [
     "TorchGradientProvider",
     "OperatorBilinearForm",
     "DictBilinearForm",
+    "OperatorBilinearFormType",
     "LowRankBilinearForm",
     "TensorOperator",
     "TensorDictOperator",

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .autodiff import LossFunction
 from .batch_operation import GaussNewtonBatchOperation
 from .blocks import BlockStructure, block_parameters
 from .cg import CgOperator
@@ -39,7 +40,6 @@ from .curvature import (
     curvature_operator,
 )
 from .direct import DirectSolveOperator
-from .functional import LossFunction
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import fit_kronecker_curvature, validate_fisher
 from .kfac_layers import find_layers

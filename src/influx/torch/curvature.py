@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .autodiff import LossFunction
 from .batch_operation import (
     BatchOperation,
     GaussNewtonBatchOperation,
@@ -32,7 +33,6 @@ from .batch_operation import (
     LossBatchOperation,
 )
 from .data import TorchBatch, iterate_batches
-from .functional import LossFunction
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .tensor_operator import OperatorState, StateContext, TensorDictOperator, restore_operator
 

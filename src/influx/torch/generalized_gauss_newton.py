@@ -30,15 +30,10 @@ from typing import Callable, Dict
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from .autodiff import HESSIAN_CHUNK_BUDGET, operator_to_dense, unflatten
 from .batch_operation import LossBatchOperation
 from .data import TorchBatch
-from .functional import (
-    HESSIAN_CHUNK_BUDGET,
-    ForwardModeSerialised,
-    functional_forward,
-    operator_to_dense,
-    unflatten,
-)
+from .stateless import ForwardModeSerialised, functional_forward
 
 __all__ = ["GeneralizedGaussNewtonBatchOperation"]
 

@@ -13,8 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from ..types import GradientProvider
-from .data import TorchBatch
-from .functional import (
+from .autodiff import (
     LossFunction,
     create_matrix_jacobian_product_function,
     create_per_sample_gradient_function,
@@ -22,6 +21,7 @@ from .functional import (
     flatten_dimensions,
     get_model_parameters,
 )
+from .data import TorchBatch
 from .validation import check_finite
 
 __all__ = ["TorchGradientProvider"]
@@ -67,6 +67,16 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         self._grad_fn = create_per_sample_gradient_function(model, loss, self.params)
         self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, self.params)
         self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, self.params)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the block's parameters."""
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the block's parameters."""
+        return next(iter(self.params.values())).dtype
 
     @property
     def input_size(self) -> int:

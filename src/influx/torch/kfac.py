@@ -54,8 +54,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .autodiff import LossFunction
 from .data import TorchBatch, iterate_batches
-from .functional import LossFunction
 from .kfac_layers import (
     ROOT_LAYER_NAME,
     SUPPORTED_LAYERS,

@@ -23,21 +23,22 @@ import copy
 import logging
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .functional import LowRankProductRepresentation, randomized_nystroem_approximation
 from .kfac_preconditioner import (
     KroneckerBlockInverse,
     fit_kronecker_block_inverse,
     validate_kronecker_options,
 )
+from .sketch import LowRankProductRepresentation, randomized_nystroem_approximation
 from .tensor_operator import (
     OperatorState,
     StateContext,
     Stateful,
     TensorOperator,
+    move_to_device,
     restore_operator,
 )
 from .validation import check_positive_int, validate_regularization
@@ -67,6 +68,16 @@ class Preconditioner(Stateful, ABC):
     def regularization(self) -> Optional[float]:
         """The regularization $\\lambda$ the preconditioner is set up for."""
         return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        validate_regularization(value)
+        if self.modify_regularization_requires_fit:
+            raise NotImplementedError(
+                f"{type(self).__name__} must be refitted for another regularization: call "
+                "'fit' or 'with_regularization'."
+            )
+        self._regularization = value
 
     @property
     @abstractmethod
@@ -116,6 +127,11 @@ class Preconditioner(Stateful, ABC):
         new._regularization = regularization
         return new
 
+    def to(self, device: Union[torch.device, str]) -> "Preconditioner":
+        """Move the fitted quantities (and the operator they came from) to `device`; return
+        self."""
+        return move_to_device(self, device)
+
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to a vector `(P,)` or to every row of a matrix `(N, P)`."""
         if not self.is_fitted:
@@ -127,15 +143,6 @@ class Preconditioner(Stateful, ABC):
     @abstractmethod
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to the rows of a 2-D tensor."""
-
-    def to(self, device: torch.device) -> "Preconditioner":
-        """Move the fitted tensors to `device`; return self."""
-        for key, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, key, value.to(device))
-            elif isinstance(value, LowRankProductRepresentation):
-                setattr(self, key, value.to(device))
-        return self
 
 
 class JacobiPreconditioner(Preconditioner):

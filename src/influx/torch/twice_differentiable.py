@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..inversion import InversionMethod, InversionRegistry
 from ..twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
+from .autodiff import LossFunction, flatten_dimensions
 from .batch_operation import HessianBatchOperation
 from .blocks import BlockMode
 from .composition import (
@@ -34,7 +35,6 @@ from .composition import (
 )
 from .curvature import SecondOrderMode
 from .data import TorchBatch
-from .functional import LossFunction, flatten_dimensions
 
 __all__ = ["TorchTensorUtilities", "TorchTwiceDifferentiable"]
 

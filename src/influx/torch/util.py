@@ -14,10 +14,41 @@ from .array_converters import (
     TorchNumpyConverter,
     torch_dataset_to_dask_array,
 )
+from .autodiff import flatten_dimensions, get_model_parameters
 from .blocks import FULL_BLOCK_NAME, BlockMode, BlockStructure, block_parameters
+from .compat import (
+    EkfacRepresentation,
+    LossType,
+    ModelInfoMixin,
+    ModelParameterDictBuilder,
+    TorchLinalgEighException,
+    TorchTensorContainerType,
+    align_structure,
+    align_with_model,
+    empirical_cross_entropy_loss_fn,
+    reshape_vector_to_tensors,
+    safe_torch_linalg_eigh,
+    to_model_device,
+)
+from .curvature import SecondOrderMode
 from .validation import RegularizationType, regularization_by_block, validate_regularization
 
 __all__ = [
+    "EkfacRepresentation",
+    "LossType",
+    "ModelInfoMixin",
+    "ModelParameterDictBuilder",
+    "SecondOrderMode",
+    "TorchLinalgEighException",
+    "TorchTensorContainerType",
+    "align_structure",
+    "align_with_model",
+    "empirical_cross_entropy_loss_fn",
+    "flatten_dimensions",
+    "get_model_parameters",
+    "reshape_vector_to_tensors",
+    "safe_torch_linalg_eigh",
+    "to_model_device",
     "BlockMode",
     "BlockStructure",
     "FULL_BLOCK_NAME",

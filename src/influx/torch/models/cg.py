@@ -6,11 +6,11 @@ from typing import Optional
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..blocks import BlockMode, BlockStructure
 from ..composition import CgSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
 from ..preconditioner import Preconditioner
 from ..validation import RegularizationType
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..blocks import BlockMode, BlockStructure
 from ..composition import Curvature, Solver
-from ..functional import LossFunction
 from ..validation import RegularizationType
 
 __all__ = ["ComposedInfluence"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..blocks import BlockMode, BlockStructure
 from ..composition import DirectSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
 from ..validation import RegularizationType
 
 __all__ = ["DirectInfluence"]

@@ -8,9 +8,9 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ...types import InfluenceMode
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..composition import FactoredSolver, KroneckerCurvature
-from ..functional import LossFunction
 from ..kfac import KroneckerEigenbasis, KroneckerFactors, LayerSpec, find_layers, validate_fisher
 from ..kfac_operator import KroneckerFactoredCurvature
 from ..validation import RegularizationType, validate_regularization

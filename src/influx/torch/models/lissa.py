@@ -6,11 +6,11 @@ from typing import Union
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..blocks import BlockMode, BlockStructure
 from ..composition import LissaSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
 from ..validation import RegularizationType
 
 __all__ = ["LissaInfluence"]
