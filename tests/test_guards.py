@@ -9,10 +9,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import classification_data, loader, make_mlp, rel_err
 from torch.utils.data import DataLoader, TensorDataset
 
-
+from helpers import classification_data, loader, make_mlp, rel_err
 from influx.calculator import SequentialInfluenceCalculator
 from influx.errors import (
     InfluxError,
@@ -152,7 +151,9 @@ def test_loss_coupling_the_samples_of_a_batch_is_refused(problem) -> None:
 
 def test_dropout_or_batch_norm_in_training_mode_is_refused(problem) -> None:
     _, x, y = problem
-    dropout = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(0.2), torch.nn.Linear(4, 3))
+    dropout = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.Dropout(0.2), torch.nn.Linear(4, 3)
+    )
     with pytest.raises(ValueError, match=r"training mode .*1 \(Dropout\).*Call model.eval\(\)"):
         CgInfluence(dropout, F.cross_entropy, 0.1).fit(loader(x, y))
     batch_norm = torch.nn.Sequential(
@@ -192,9 +193,9 @@ def test_ekfac_loss_as_second_positional_argument_is_a_type_error(problem) -> No
 
 def test_cg_nonconvergence_raises_with_diagnostics(problem) -> None:
     net, x, y = problem
-    model = CgInfluence(
-        net, F.cross_entropy, 1e-3, maxiter=2, on_nonconvergence="raise"
-    ).fit(loader(x, y))
+    model = CgInfluence(net, F.cross_entropy, 1e-3, maxiter=2, on_nonconvergence="raise").fit(
+        loader(x, y)
+    )
     with pytest.raises(NonConvergenceError, match="CG did not converge") as info:
         model.influence_factors(x[:3], y[:3])
     assert isinstance(info.value, InfluxError)

@@ -141,9 +141,7 @@ def non_finite_error(
                     f"{' and '.join(bad)}: remove or impute those samples"
                 )
                 break
-            if loss_function is not None and not is_finite(
-                loss_function(params, batch.x, batch.y)
-            ):
+            if loss_function is not None and not is_finite(loss_function(params, batch.x, batch.y)):
                 where = (
                     f"the loss of batch {index} of 'data' is the first that is NaN or Inf: check "
                     "its samples and the loss"

@@ -357,9 +357,7 @@ def check_eval_mode(model: torch.nn.Module) -> None:
             custom[:5],
         )
     else:
-        logger.debug(
-            "The model is in training mode; its layers behave the same in eval mode."
-        )
+        logger.debug("The model is in training mode; its layers behave the same in eval mode.")
 
 
 def check_batch_for_model(
@@ -444,7 +442,9 @@ def check_loss_decomposes(
     batch $\{z_i\}$. That is meaningful only if $L(\text{batch}) = \frac1n\sum_i
     \ell_i$; a loss (or model) that couples the samples of a batch breaks it.
     """
-    if per_sample_losses.numel() < 2 or not (is_finite(batch_loss) and is_finite(per_sample_losses)):
+    if per_sample_losses.numel() < 2 or not (
+        is_finite(batch_loss) and is_finite(per_sample_losses)
+    ):
         return  # non-finite values are reported by the checks of the fitted state
     mean = per_sample_losses.mean()
     eps = torch.finfo(per_sample_losses.dtype).eps

@@ -15,12 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
-from ..types import SolverDiagnostics
-
 import torch
 from tqdm.auto import tqdm
 
-from ..types import InfluenceMode, NotFittedException
+from ..types import InfluenceMode, NotFittedException, SolverDiagnostics
 from .base import TorchComposableInfluence
 from .data import TorchBatch, iterate_batches
 from .validation import check_ordered
@@ -88,9 +86,7 @@ def _check_fitted(model: Any) -> TorchComposableInfluence:
     return model
 
 
-def _batches(
-    model: TorchComposableInfluence, data: Iterable, name: str
-) -> Iterator[TorchBatch]:
+def _batches(model: TorchComposableInfluence, data: Iterable, name: str) -> Iterator[TorchBatch]:
     """The batches of `data` as the model computes on them (device, compute dtype, checks)."""
     for batch in iterate_batches(data, model.device, name):
         yield model._create_batch(batch.x, batch.y)
