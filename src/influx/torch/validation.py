@@ -314,10 +314,8 @@ def check_ordered(data: Any, name: str) -> None:
 
 
 _STOCHASTIC_OR_COUPLED = (
-    torch.nn.modules.dropout._DropoutNd,
-    torch.nn.AlphaDropout,
-    torch.nn.modules.batchnorm._BatchNorm,
-    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.modules.dropout._DropoutNd,  # every dropout, also alpha dropout
+    torch.nn.modules.batchnorm._BatchNorm,  # batch statistics in training mode
 )
 
 
