@@ -13,7 +13,10 @@ from typing import Any, Optional
 __all__ = [
     "InfluxError",
     "NotImplementedLayerRepresentationException",
+    "NonConvergenceError",
+    "NonFiniteCurvatureError",
     "NotFittedException",
+    "UnorderedDataError",
     "UnsupportedInfluenceModeException",
     "UnsafeFitFileError",
 ]
@@ -66,3 +69,28 @@ class NotImplementedLayerRepresentationException(InfluxError, ValueError):
             f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "
             "restrict the model to supported layers with 'layers'."
         )
+
+
+class NonConvergenceError(InfluxError, RuntimeError):
+    """Raised by an iterative solver created with `on_nonconvergence="raise"` when a
+    right-hand side did not reach the tolerance.
+
+    Attributes:
+        diagnostics: the [SolverDiagnostics][influx.types.SolverDiagnostics] of the solve
+            (iterations, achieved residual, per right-hand side figures).
+    """
+
+    def __init__(self, message: str, diagnostics: Any = None):
+        super().__init__(message)
+        self.diagnostics = diagnostics
+
+
+class NonFiniteCurvatureError(InfluxError, ValueError):
+    """Raised when the fitted curvature (or its factorisation) of a block holds NaN or Inf:
+    influences computed from it would be meaningless."""
+
+
+class UnorderedDataError(InfluxError, ValueError):
+    """Raised when a call that returns training indices gets a data loader whose order is
+    not fixed (a shuffling or otherwise random sampler): the indices would point at the
+    wrong samples."""

@@ -41,7 +41,7 @@ from .tensor_operator import (
     move_to_device,
     restore_operator,
 )
-from .validation import check_positive_int, validate_regularization
+from .validation import check_positive_int, check_seed, make_generator, validate_regularization
 
 __all__ = [
     "Preconditioner",
@@ -164,14 +164,17 @@ class JacobiPreconditioner(Preconditioner):
 
     Args:
         num_samples_estimator: the number $k$ of random vectors.
+        seed: seed of the random vectors; the same seed gives the same diagonal estimate.
     """
 
     FLOOR_FRACTION = 1e-2
     """Entries of $\\hat d$ below this fraction of its mean absolute value are raised to it."""
 
-    def __init__(self, num_samples_estimator: int = 1):
+    def __init__(self, num_samples_estimator: int = 1, seed: Optional[int] = None):
         check_positive_int(num_samples_estimator, "num_samples_estimator")
+        check_seed(seed)
         self.num_samples_estimator = num_samples_estimator
+        self.seed = seed
         self._diagonal: Optional[torch.Tensor] = None
 
     @property
@@ -189,9 +192,13 @@ class JacobiPreconditioner(Preconditioner):
 
     def _fit(self, operator: TensorOperator, regularization: Optional[float]) -> None:
         size = operator.input_size
-        signs = torch.randint(0, 2, (self.num_samples_estimator, size), device=operator.device).to(
-            operator.dtype
-        )
+        signs = torch.randint(
+            0,
+            2,
+            (self.num_samples_estimator, size),
+            device=operator.device,
+            generator=make_generator(self.seed, operator.device),
+        ).to(operator.dtype)
         z = 2 * signs - 1
         estimate = (z * operator.apply(z)).mean(dim=0)
         if not bool(torch.isfinite(estimate).all()):
@@ -213,13 +220,14 @@ class JacobiPreconditioner(Preconditioner):
             tensors={"diagonal": self._diagonal},
             settings={
                 "num_samples_estimator": self.num_samples_estimator,
+                "seed": self.seed,
                 "regularization": self._regularization,
             },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState, context: StateContext) -> "JacobiPreconditioner":
-        new = cls(state.settings["num_samples_estimator"])
+        new = cls(state.settings["num_samples_estimator"], state.settings.get("seed"))
         new._diagonal = state.tensors["diagonal"]
         new._regularization = state.settings["regularization"]
         return new
@@ -245,11 +253,14 @@ class NystroemPreconditioner(Preconditioner):
 
     Args:
         rank: the rank $r$ of the approximation.
+        seed: seed of the random sketch; the same seed gives the same preconditioner.
     """
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, seed: Optional[int] = None):
         check_positive_int(rank, "rank")
+        check_seed(seed)
         self._rank = rank
+        self.seed = seed
         self._low_rank: Optional[LowRankProductRepresentation] = None
 
     @property
@@ -283,6 +294,7 @@ class NystroemPreconditioner(Preconditioner):
             rank,
             operator.dtype,
             mat_vec_device=operator.device,
+            generator=make_generator(self.seed, operator.device),
         )
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -307,12 +319,16 @@ class NystroemPreconditioner(Preconditioner):
                 "eigen_vals": self._low_rank.eigen_vals,
                 "projections": self._low_rank.projections,
             },
-            settings={"rank": self._rank, "regularization": self._regularization},
+            settings={
+                "rank": self._rank,
+                "seed": self.seed,
+                "regularization": self._regularization,
+            },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState, context: StateContext) -> "NystroemPreconditioner":
-        new = cls(state.settings["rank"])
+        new = cls(state.settings["rank"], state.settings.get("seed"))
         new._low_rank = LowRankProductRepresentation(
             state.tensors["eigen_vals"], state.tensors["projections"]
         )
