@@ -74,6 +74,7 @@ from .preconditioner import (
     NystroemPreconditioner,
     Preconditioner,
 )
+from .task import SupervisedTask, Task
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (
@@ -92,6 +93,8 @@ from .valuation import (
 )
 
 __all__ = [
+    "Task",
+    "SupervisedTask",
     "ArnoldiSolver",
     "CgSolver",
     "ComposedInfluence",

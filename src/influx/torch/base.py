@@ -122,7 +122,8 @@ class TorchOperatorGradientComposition(
         if mode is InfluenceMode.Up:
             return left_factors @ self.gradient_provider.flat_grads(right_batch).T
         right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
-        return perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
+        shape = self.gradient_provider.perturbation_shape(right_batch)
+        return perturbation_product(left_factors, right_mixed, shape)
 
     def self_interactions_from_transformed_grads(
         self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
@@ -133,7 +134,7 @@ class TorchOperatorGradientComposition(
             return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
         mixed = self.gradient_provider.flat_mixed_grads(batch)
         values = torch.einsum("ip,ifp->if", factors, mixed)
-        return values.reshape(len(batch), *batch.x.shape[1:])
+        return values.reshape(len(batch), *self.gradient_provider.perturbation_shape(batch))
 
 
 class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
@@ -346,8 +347,11 @@ class TorchComposableInfluence(
             self.block_mapper = self.block_mapper.to(device)
         return self
 
-    def _create_batch(self, x: torch.Tensor, y: torch.Tensor) -> TorchBatch:
+    def _create_batch(self, x: Any, y: Any) -> TorchBatch:
         return TorchBatch(x, y).to(self.device)
+
+    def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
+        return self._create_batch(x, y).as_test()
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)

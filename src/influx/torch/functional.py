@@ -26,20 +26,49 @@ mean reduction):
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
-import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Tuple,
+)
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils import _pytree as pytree
+
+from .model_call import (
+    LossFunction,
+    LossOrTask,
+    TaskLike,
+    call_model,
+    is_data_dependent_control_flow,
+    is_task,
+    model_outputs,
+    perturbation_entry,
+    task_objective,
+)
+from .structure_copy import StructureSignature, structure_signature, thread_structure_copy
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LossFunction",
+    "LossOrTask",
+    "TaskLike",
+    "FunctionalModel",
+    "PerSampleGradients",
+    "call_model",
+    "model_outputs",
+    "is_task",
+    "task_objective",
+    "perturbation_entry",
     "flatten_dimensions",
     "functional_forward",
     "get_model_parameters",
@@ -57,7 +86,6 @@ __all__ = [
     "nystroem_sketch",
 ]
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
 
 
@@ -88,102 +116,12 @@ def flatten_dimensions(
     return torch.cat([t.reshape(target) for t in tensors], dim=concat_at)
 
 
-StructureSignature = Tuple[Tuple[str, type, Tuple[str, ...], Tuple[str, ...]], ...]
-
-
-def _structure_signature(model: torch.nn.Module) -> StructureSignature:
-    """The module tree as names and types of submodules and of their parameters and buffers."""
-    return tuple(
-        (name, type(module), tuple(module._parameters), tuple(module._buffers))
-        for name, module in model.named_modules(remove_duplicate=False)
-    )
-
-
-def _placeholder(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A tensor without storage (device `meta`) with the shape and dtype of `tensor`."""
-    if tensor is None:
-        return None
-    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
-    return empty
-
-
-def _structure_copy(module: torch.nn.Module, memo: Dict[int, Any]) -> torch.nn.Module:
-    """A copy of `module` sharing its code and settings but none of its tensors.
-
-    Submodules are copied recursively, parameters and buffers are replaced by placeholders
-    (shared objects stay shared, so tied weights stay tied), and the containers of the module
-    are copied (but for its hook registries), so that swapping tensors into the copy never
-    changes the original.
-    """
-    if id(module) in memo:
-        return memo[id(module)]  # type: ignore[no-any-return]
-    cls = type(module)
-    shell = cls.__new__(cls)  # no __init__, no __getstate__ (parametrized modules refuse it)
-    memo[id(module)] = shell
-    state = shell.__dict__
-    for key, value in module.__dict__.items():
-        # Containers the forward pass may write (tensor dicts, weight lists of recurrent
-        # layers) are the copy's own; hook registries stay shared, so that hooks added to or
-        # removed from the module apply to the copy as they would to the module.
-        own = isinstance(value, (dict, list, set)) and "hooks" not in key
-        state[key] = copy.copy(value) if own else value
-    for kind in ("_parameters", "_buffers"):
-        tensors = state[kind]
-        for name, tensor in tensors.items():
-            if tensor is not None and id(tensor) not in memo:
-                memo[id(tensor)] = _placeholder(tensor)
-            tensors[name] = None if tensor is None else memo[id(tensor)]
-    children = state["_modules"]
-    for name, child in children.items():
-        children[name] = None if child is None else _structure_copy(child, memo)
-    return shell
-
-
-class _StructureCopies(threading.local):
-    """Per thread: the structure-only copy of each module, with the module's structure when
-    the copy was made. Keys are weak: a copy goes when its module goes."""
-
-    def __init__(self) -> None:
-        self.copies: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[StructureSignature, torch.nn.Module, List[torch.nn.Module]]]" = weakref.WeakKeyDictionary()
-
-
-_STRUCTURE_COPIES = _StructureCopies()
-
-
-def _thread_structure_copy(
-    model: torch.nn.Module, signature: StructureSignature
-) -> torch.nn.Module:
-    """This thread's structure-only copy of `model` (built on first use, rebuilt if the
-    module's structure changed), with the train/eval flags of `model`'s submodules."""
-    copies = _STRUCTURE_COPIES.copies
-    entry = copies.get(model)
-    if entry is None or entry[0] != signature:
-        try:
-            shell = _structure_copy(model, {})
-        except Exception as error:  # a module type that cannot be rebuilt from its state
-            logger.warning(
-                "Cannot copy the structure of %s (%s: %s): evaluating the module itself, whose "
-                "parameters are swapped while a computation runs (not thread-safe).",
-                type(model).__name__,
-                type(error).__name__,
-                error,
-            )
-            shell = model
-        entry = (signature, shell, list(shell.modules()))
-        copies[model] = entry
-    _, shell, shell_modules = entry
-    for original, duplicate in zip(model.modules(), shell_modules):
-        duplicate.training = original.training
-    return shell
-
-
 def functional_forward(
     model: torch.nn.Module,
     tensors: ParamDict,
     args: Tuple[Any, ...],
     signature: Optional[StructureSignature] = None,
+    kwargs: Optional[Dict[str, Any]] = None,
 ) -> Any:
     r"""$f_\theta(\text{args})$ with the parameters and buffers in `tensors`, without touching
     `model`.
@@ -200,10 +138,11 @@ def functional_forward(
         args: the positional arguments of the forward pass.
         signature: the module's structure when the caller read its tensors (computed if
             None); a copy made for another structure is rebuilt.
+        kwargs: the keyword arguments of the forward pass.
     """
     if signature is None:
-        signature = _structure_signature(model)
-    return functional_call(_thread_structure_copy(model, signature), tensors, args)
+        signature = structure_signature(model)
+    return functional_call(thread_structure_copy(model, signature), tensors, args, kwargs)
 
 
 _FORWARD_MODE_LOCK = threading.RLock()
@@ -243,92 +182,194 @@ def _with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDi
     return merge
 
 
+class FunctionalModel:
+    """A module evaluated with given parameters: calling it runs
+    [functional_forward][influx.torch.functional.functional_forward] (positional and keyword
+    arguments are passed on); other attributes are read from the module (e.g. `config`).
+
+    Args:
+        model: the module.
+        tensors: its parameters and buffers by name.
+        signature: the module's structure when `tensors` were read (computed if None).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tensors: ParamDict,
+        signature: Optional[StructureSignature] = None,
+    ):
+        self.module = model
+        self.tensors = tensors
+        self.signature = structure_signature(model) if signature is None else signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_forward(self.module, self.tensors, args, self.signature, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["module"], name)
+
+
 def create_batch_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto L(\theta)$, the loss of the batch as a function of `params`.
 
-    Parameters of the model not in `params` (and buffers) are held fixed.
+    Parameters of the model not in `params` (and buffers) are held fixed. `x` and `y` are
+    tensors or structures of tensors; `loss` is a function `loss(outputs, y)` or a
+    [Task][influx.torch.task.Task], whose `measurement` is used if `measurement` is True.
     """
     merge = _with_frozen(params, model)
-    signature = _structure_signature(model)
+    signature = structure_signature(model)
+    objective = task_objective(loss, measurement)
 
-    def batch_loss(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss(functional_forward(model, merge(p), (x,), signature), y)
+    def batch_loss(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
+        return objective(FunctionalModel(model, merge(p), signature), x, y)
 
     return batch_loss
 
 
-def _create_single_sample_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x_i, y_i) \mapsto \ell_i(\theta)$ for one sample without batch dimension."""
-    batch_loss = create_batch_loss_function(model, loss, params)
+def _unsqueeze(value: Any) -> Any:
+    return pytree.tree_map(lambda t: t.unsqueeze(0), value)
 
-    def single(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return batch_loss(p, x.unsqueeze(0), y.unsqueeze(0))
+
+def _create_single_sample_loss_function(
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
+    r"""$(\theta, x_i, y_i) \mapsto \ell_i(\theta)$ for one sample without batch dimension."""
+    batch_loss = create_batch_loss_function(model, loss, params, measurement)
+
+    def single(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
+        return batch_loss(p, _unsqueeze(x), _unsqueeze(y))
 
     return single
 
 
 def create_per_sample_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch."""
-    single = _create_single_sample_loss_function(model, loss, params)
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
     return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
+class PerSampleGradients:
+    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`.
+
+    One `vmap` over the samples of the batch. A model that `vmap` cannot map (one that
+    branches on the values of its inputs, e.g. `if mask.all():`) is detected on the first
+    call, logged once, and from then on differentiated one sample at a time: the same values,
+    at the cost of a Python loop.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool
+    ):
+        self._single = _create_single_sample_loss_function(model, loss, params, measurement)
+        self._vectorised = vmap(grad(self._single), in_dims=(None, 0, 0))
+        self._model_name = type(model).__name__
+        self.looping = False
+
+    def __call__(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
+        if not self.looping:
+            try:
+                return self._vectorised(p, x, y)  # type: ignore[no-any-return]
+            except RuntimeError as error:
+                if not is_data_dependent_control_flow(error):
+                    raise
+                self.looping = True
+                logger.warning(
+                    "Per-sample gradients: %s branches on the values of its inputs, which vmap "
+                    "cannot map; computing them one sample at a time (same values, slower). "
+                    "See 'Your own model' in the documentation for models without the branch.",
+                    self._model_name,
+                )
+        return self.loop(p, x, y)
+
+    def loop(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
+        """The per-sample gradients by a loop over the samples."""
+        n = int(pytree.tree_leaves(x)[0].shape[0])
+        gradient = grad(self._single)
+        rows = [
+            gradient(
+                p, pytree.tree_map(lambda t, i=i: t[i], x), pytree.tree_map(lambda t, i=i: t[i], y)
+            )
+            for i in range(n)
+        ]
+        return {name: torch.stack([row[name] for row in rows]) for name in p}
+
+
 def create_per_sample_gradient_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
-    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`."""
-    single = _create_single_sample_loss_function(model, loss, params)
-    return vmap(grad(single), in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], ParamDict]:
+    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`.
+
+    Vectorised with `vmap` (see [PerSampleGradients][influx.torch.functional.PerSampleGradients]
+    for models that branch on their inputs). With `measurement`, the gradients of the task's
+    measurement.
+    """
+    return PerSampleGradients(model, loss, params, measurement)
 
 
 def create_per_sample_mixed_derivative_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], ParamDict]:
     r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_x \nabla_\theta \ell_i)_i\}$.
 
     Reverse-over-forward: for each input feature $f$ the directional derivative
     $\partial_{x_f} \ell_i$ is a Jacobian-vector product, and its gradient with respect to
     $\theta$ is one backward pass; both are vectorised over features and samples. Each value
-    has shape `(N, F, *p.shape)` with $F$ the number of input features.
+    has shape `(N, F, *p.shape)` with $F$ the number of input features. For structured inputs
+    the derivative is taken with respect to one tensor of `x` (see
+    [perturbation_entry][influx.torch.functional.perturbation_entry]), the others held fixed.
     """
-    single = _create_single_sample_loss_function(model, loss, params)
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
 
-    def one_sample(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> ParamDict:
+    def one_sample(
+        p: ParamDict, entry: torch.Tensor, rest: List[Any], spec: Any, index: int, y: Any
+    ) -> ParamDict:
+        def with_entry(value: torch.Tensor) -> Any:
+            return pytree.tree_unflatten(rest[:index] + [value] + rest[index + 1 :], spec)
+
         def directional(q: ParamDict, direction: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda xx: single(q, xx, y), (x,), (direction,))[1]
+            return jvp(lambda xx: single(q, with_entry(xx), y), (entry,), (direction,))[1]
 
-        directions = torch.eye(x.numel(), dtype=x.dtype, device=x.device).reshape(-1, *x.shape)
+        directions = torch.eye(entry.numel(), dtype=entry.dtype, device=entry.device).reshape(
+            -1, *entry.shape
+        )
         return vmap(grad(directional), in_dims=(None, 0))(p, directions)  # type: ignore[no-any-return]
 
-    return ForwardModeSerialised(vmap(one_sample, in_dims=(None, 0, 0)))
+    def mixed(p: ParamDict, x: Any, y: Any) -> ParamDict:
+        index, _ = perturbation_entry(x, loss)
+        flat, spec = pytree.tree_flatten(x)
+        entry = flat[index]
+
+        def per_sample(pp: ParamDict, e: torch.Tensor, others: List[Any], yy: Any) -> ParamDict:
+            return one_sample(pp, e, others, spec, index, yy)
+
+        return vmap(per_sample, in_dims=(None, 0, 0, 0))(p, entry, flat, y)  # type: ignore[no-any-return]
+
+    return ForwardModeSerialised(mixed)
 
 
 def create_matrix_jacobian_product_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y, g) \mapsto (\nabla_\theta \ell_i \cdot g_k)_{ik}$, shape `(N, K)`.
 
     Uses forward-mode derivatives (one Jacobian-vector product per row of `g`, `(K, P)`),
     so the `(N, P)` matrix of per-sample gradients is never formed.
     """
-    per_sample_loss = create_per_sample_loss_function(model, loss, params)
+    per_sample_loss = create_per_sample_loss_function(model, loss, params, measurement)
     names = list(params)
     shapes = [params[n].shape for n in names]
     sizes = [math.prod(s) for s in shapes]
 
-    def one_direction(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
-    ) -> torch.Tensor:
+    def one_direction(p: ParamDict, x: Any, y: Any, direction: torch.Tensor) -> torch.Tensor:
         tangent = {n: t.reshape(s) for n, t, s in zip(names, torch.split(direction, sizes), shapes)}
         return jvp(lambda q: per_sample_loss(q, x, y), (p,), (tangent,))[1]
 
-    def product(p: ParamDict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def product(p: ParamDict, x: Any, y: Any, g: torch.Tensor) -> torch.Tensor:
         return vmap(one_direction, in_dims=(None, None, None, 0), out_dims=1)(p, x, y, g)
 
     return ForwardModeSerialised(product)
@@ -345,8 +386,8 @@ def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
 
 
 def create_batch_hvp_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict
+) -> Callable[[ParamDict, Any, Any, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
 
     Forward-over-reverse: $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$, a
@@ -360,18 +401,14 @@ def create_batch_hvp_function(
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
 
-    def forward_over_reverse(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def forward_over_reverse(p: ParamDict, x: Any, y: Any, v: torch.Tensor) -> torch.Tensor:
         def gradient(q: ParamDict) -> ParamDict:
             return grad(batch_loss)(q, x, y)  # type: ignore[no-any-return]
 
         tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
         return torch.cat([tangent[n].reshape(-1) for n in names])
 
-    def reverse_over_forward(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def reverse_over_forward(p: ParamDict, x: Any, y: Any, v: torch.Tensor) -> torch.Tensor:
         def directional(q: ParamDict) -> torch.Tensor:
             return jvp(lambda r: batch_loss(r, x, y), (q,), (unflatten(v, q),))[1]
 
@@ -380,7 +417,7 @@ def create_batch_hvp_function(
 
     strategy = [forward_over_reverse]
 
-    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    def hvp(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
         try:
             return vmap(strategy[0], in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
         except RuntimeError as error:
@@ -401,10 +438,10 @@ enough for the intermediate activations (one copy per pair) to stay small."""
 
 def hessian(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     params: ParamDict,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: Any,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
@@ -419,7 +456,8 @@ def hessian(
     hvp = create_batch_hvp_function(model, loss, params)
     first = next(iter(params.values()))
     if chunk_size is None:
-        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
+        n = int(pytree.tree_leaves(x)[0].shape[0])
+        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, n))
     step = min(size, chunk_size)
     result = torch.empty(size, size, dtype=first.dtype, device=first.device)
     for start in range(0, size, step):

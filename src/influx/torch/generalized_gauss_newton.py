@@ -25,7 +25,7 @@ $V$ are vectorised with `vmap`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -35,8 +35,11 @@ from .data import TorchBatch
 from .functional import (
     HESSIAN_CHUNK_BUDGET,
     ForwardModeSerialised,
+    FunctionalModel,
     LossFunction,
-    functional_forward,
+    call_model,
+    is_task,
+    model_outputs,
     operator_to_dense,
     unflatten,
 )
@@ -67,9 +70,16 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
+        if is_task(loss):
+            raise TypeError(
+                "Parameter 'loss': the generalized Gauss-Newton matrix separates the model's "
+                "outputs from the loss and needs a function loss(outputs, y), got a task "
+                f"({type(loss).__name__}); use the Hessian or the empirical Fisher "
+                "(SecondOrderMode.GAUSS_NEWTON) with a task."
+            )
         self.loss = loss
 
-    def _output_function(self, x: torch.Tensor) -> Callable[[ParamDict], torch.Tensor]:
+    def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
         restricted = set(self.params)
         fixed = {
@@ -79,7 +89,8 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         }
 
         def outputs(p: ParamDict) -> torch.Tensor:
-            return functional_forward(self.model, {**fixed, **p}, (x,))  # type: ignore[no-any-return]
+            forward = FunctionalModel(self.model, {**fixed, **p})
+            return model_outputs(call_model(forward, x))  # type: ignore[no-any-return]
 
         return outputs
 
