@@ -26,7 +26,7 @@ import logging
 from abc import ABC
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -42,10 +42,11 @@ from ..types import (
 )
 from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
 from .composition import Curvature, Solver
-from .data import TorchBatch
-from .functional import LossFunction
+from .data import TorchBatch, leaves, normalise_structure
+from .functional import LossOrTask
 from .gradients import TorchGradientProvider
 from .low_rank import LowRankBilinearForm
+from .model_call import perturbation_entry
 from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
 from .tensor_operator import (
     OperatorState,
@@ -196,7 +197,7 @@ class TorchComposableInfluence(
     solver: Optional[Solver] = None
     """The inverse method of every block."""
 
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     """The training loss `loss(prediction, target)` with mean reduction."""
 
     def __init__(
@@ -223,7 +224,7 @@ class TorchComposableInfluence(
     def _compose(
         self,
         model: torch.nn.Module,
-        loss: Optional[LossFunction],
+        loss: Optional[LossOrTask],
         curvature: Curvature,
         solver: Solver,
         block_structure: BlockStructure,
@@ -352,6 +353,17 @@ class TorchComposableInfluence(
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         return self._create_batch(x, y).as_test()
+
+    def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
+        """The shape of one sample of the input that `InfluenceMode.Perturbation`
+        differentiates: `x.shape[1:]` for a tensor, or the shape of the entry of a structured
+        `x` chosen by the task (see [perturbation_entry][influx.torch.model_call.perturbation_entry]).
+        Perturbation influences have shape `(N_test, N, *perturbation_shape(x))`."""
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to choose the perturbed input.")
+        structure = normalise_structure(x)
+        index, _ = perturbation_entry(structure, self.loss)
+        return tuple(leaves(structure)[index].shape[1:])
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)

@@ -14,7 +14,7 @@ import torch
 
 from .data import TorchBatch
 from .functional import (
-    LossFunction,
+    LossOrTask,
     create_batch_hvp_function,
     create_per_sample_gradient_function,
     flatten_dimensions,
@@ -119,7 +119,7 @@ class HessianBatchOperation(BatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
@@ -150,7 +150,7 @@ class GaussNewtonBatchOperation(BatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
@@ -196,7 +196,7 @@ class InverseHarmonicMeanBatchOperation(GaussNewtonBatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         regularization: float,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):

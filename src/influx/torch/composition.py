@@ -38,7 +38,7 @@ from .curvature import (
     curvature_operator,
 )
 from .direct import DirectSolveOperator
-from .functional import LossFunction
+from .functional import LossOrTask
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import fit_kronecker_curvature, validate_fisher
 from .kfac_layers import find_layers
@@ -98,7 +98,7 @@ class Curvature(ABC):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -125,7 +125,7 @@ class ModeCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -198,7 +198,7 @@ class KroneckerCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":

@@ -31,7 +31,7 @@ from .batch_operation import (
     HessianBatchOperation,
 )
 from .data import TorchBatch, iterate_batches
-from .functional import LossFunction
+from .functional import LossOrTask
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .tensor_operator import OperatorState, StateContext, TensorDictOperator, restore_operator
 
@@ -165,7 +165,7 @@ class HessianOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
@@ -187,7 +187,7 @@ class GaussNewtonOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
@@ -212,7 +212,7 @@ class GeneralizedGaussNewtonOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
@@ -222,7 +222,7 @@ class GeneralizedGaussNewtonOperator(AveragingBatchOperator):
 def curvature_operator(
     mode: SecondOrderMode,
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     dataloader: DataLoader,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
 ) -> AveragingBatchOperator:

@@ -25,7 +25,7 @@ $V$ are vectorised with `vmap`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, cast
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -37,6 +37,7 @@ from .functional import (
     ForwardModeSerialised,
     FunctionalModel,
     LossFunction,
+    LossOrTask,
     call_model,
     is_task,
     model_outputs,
@@ -66,7 +67,7 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
@@ -77,7 +78,7 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
                 f"({type(loss).__name__}); use the Hessian or the empirical Fisher "
                 "(SecondOrderMode.GAUSS_NEWTON) with a task."
             )
-        self.loss = loss
+        self.loss: LossFunction = cast(LossFunction, loss)
 
     def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from ..types import SolverDiagnostics
 from .batch_operation import InverseHarmonicMeanBatchOperation
 from .curvature import AveragingBatchOperator
-from .functional import LossFunction
+from .functional import LossOrTask
 from .tensor_operator import OperatorState, StateContext
 
 __all__ = ["InverseHarmonicMeanBatchOperation", "InverseHarmonicMeanOperator"]
@@ -69,7 +69,7 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         regularization: float,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,

@@ -32,7 +32,7 @@ from ..types import SolverDiagnostics
 from .bilinear import OperatorBilinearForm
 from .curvature import SecondOrderMode, curvature_operator
 from .data import TorchBatch
-from .functional import LossFunction, LowRankProductRepresentation, nystroem_sketch
+from .functional import LossOrTask, LowRankProductRepresentation, nystroem_sketch
 from .gradients import TorchGradientProvider
 from .tensor_operator import OperatorState, StateContext, TensorOperator
 from .validation import validate_regularization
@@ -383,7 +383,7 @@ def nystroem_low_rank(
 
 def model_hessian_low_rank(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     training_data: DataLoader,
     rank: int = 10,
     krylov_dimension: Optional[int] = None,
@@ -408,7 +408,7 @@ def model_hessian_low_rank(
 
 def model_hessian_nystroem_approximation(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     training_data: DataLoader,
     rank: int,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,

@@ -27,7 +27,7 @@ import torch
 
 from ..types import Operator, SolverDiagnostics
 from .bilinear import DictBilinearForm, OperatorBilinearForm
-from .functional import LossFunction, flatten_dimensions
+from .functional import LossOrTask, flatten_dimensions
 from .validation import validate_regularization
 
 __all__ = [
@@ -57,7 +57,7 @@ class StateContext:
     through the data (CG, LiSSA, ...), the training data."""
 
     model: Optional[torch.nn.Module] = None
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     params: Optional[Mapping[str, torch.Tensor]] = None
     data: Optional[Iterable] = None
     block_name: Optional[str] = None
@@ -73,7 +73,7 @@ class StateContext:
 
     def require_model(
         self, what: str
-    ) -> Tuple[torch.nn.Module, LossFunction, Mapping[str, torch.Tensor]]:
+    ) -> Tuple[torch.nn.Module, LossOrTask, Mapping[str, torch.Tensor]]:
         """The model, loss and block parameters, or a ValueError naming `what`."""
         if self.model is None or self.loss is None or self.params is None:
             raise ValueError(f"{what} needs the model, the loss and the block's parameters.")
