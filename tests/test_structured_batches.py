@@ -8,7 +8,7 @@ every entry point; a task's measurement replaces the loss on the test side only.
 from __future__ import annotations
 
 from collections import UserDict
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import pytest
@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import influx.torch as it
 from influx.calculator import SequentialInfluenceCalculator
-from influx.torch.array_converters import NestedTorchCatAggregator, TorchCatAggregator
 from influx.torch import SupervisedTask, Task
+from influx.torch.array_converters import NestedTorchCatAggregator, TorchCatAggregator
 from influx.torch.util import TorchNumpyConverter
 from influx.types import InfluenceMode
 
