@@ -287,16 +287,24 @@ class PerSampleGradients:
         return self.loop(p, x, y)
 
     def loop(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
-        """The per-sample gradients by a loop over the samples."""
+        """The per-sample gradients by a loop over the samples, each a plain backward pass
+        (with respect to copies of the parameters that require gradients)."""
         n = int(pytree.tree_leaves(x)[0].shape[0])
-        gradient = grad(self._single)
-        rows = [
-            gradient(
-                p, pytree.tree_map(lambda t, i=i: t[i], x), pytree.tree_map(lambda t, i=i: t[i], y)
-            )
-            for i in range(n)
-        ]
-        return {name: torch.stack([row[name] for row in rows]) for name in p}
+        names = list(p)
+        rows = []
+        with torch.enable_grad():
+            for i in range(n):
+                leaves = {name: p[name].detach().requires_grad_(True) for name in names}
+                x_i = pytree.tree_map(lambda t, i=i: t[i], x)
+                y_i = pytree.tree_map(lambda t, i=i: t[i], y)
+                value = self._single(leaves, x_i, y_i)
+                grads = torch.autograd.grad(
+                    value, [leaves[name] for name in names], allow_unused=True
+                )
+                rows.append(
+                    [torch.zeros_like(p[n_]) if g is None else g for n_, g in zip(names, grads)]
+                )
+        return {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(names)}
 
 
 def create_per_sample_gradient_function(
