@@ -100,7 +100,8 @@ def main(repeats: int = 5, readme: bool = False) -> Dict[str, float]:
         path = ROOT / "benchmarks" / "README.md"
         text = path.read_text()
         start = text.index(MARKER)
-        end = text.index("\n\n", text.index("| influx (2-D mask)", start)) + 1
+        last_row = text.find("| influx (2-D mask)", start)
+        end = start + len(MARKER) + 1 if last_row < 0 else text.index("\n", last_row) + 1
         path.write_text(text[:start] + table + text[end:])
     return {name: times["loop"] / seconds for name, seconds in times.items()}
 
