@@ -401,3 +401,36 @@ def test_model_that_vmap_cannot_map_falls_back(caplog: pytest.LogCaptureFixture)
     # Influences through the fallback equal those from the reference gradients.
     values = model.influences((x, mask), y, (x, mask), y)
     assert values.shape == (6, 6) and bool(torch.isfinite(values).all())
+
+
+def test_generalized_gauss_newton_and_kfac_with_dict_inputs(data: Tuple[Any, ...]) -> None:
+    from influx.torch import (
+        ComposedInfluence,
+        DirectSolver,
+        FactoredSolver,
+        KroneckerCurvature,
+        ModeCurvature,
+        SecondOrderMode,
+    )
+
+    x, y, x_test, y_test = data
+    cx, cx_test = _concat(x), _concat(x_test)
+    parts = {
+        "ggn": (ModeCurvature(SecondOrderMode.GENERALIZED_GAUSS_NEWTON), DirectSolver()),
+        "kfac": (KroneckerCurvature(update_diagonal=False), FactoredSolver()),
+    }
+    for curvature, solver in parts.values():
+        structured = ComposedInfluence(DictNet(), LOSS, curvature, solver, regularization=0.1)
+        flat = ComposedInfluence(ConcatNet(), LOSS, curvature, solver, regularization=0.1)
+        structured.fit(_dict_loader(x, y))
+        flat.fit(_concat_loader(x, y))
+        _close(structured.influences(x_test, y_test, x, y), flat.influences(cx_test, y_test, cx, y))
+
+
+def test_top_k_with_dict_inputs(data: Tuple[Any, ...]) -> None:
+    x, y, x_test, y_test = data
+    structured, flat = _fitted_pair("direct", data)
+    top = it.top_k_influences(structured, x_test, y_test, _dict_loader(x, y, mapping=True), k=3)
+    reference = it.top_k_influences(flat, _concat(x_test), y_test, _concat_loader(x, y), k=3)
+    torch.testing.assert_close(top.helpful_indices, reference.helpful_indices)
+    _close(top.harmful_values, reference.harmful_values)

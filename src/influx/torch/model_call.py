@@ -22,7 +22,6 @@ __all__ = [
     "call_model",
     "is_data_dependent_control_flow",
     "is_task",
-    "loss_name",
     "model_outputs",
     "perturbation_entry",
     "task_objective",
@@ -69,11 +68,6 @@ def is_task(loss: Any) -> bool:
     """Whether `loss` is a task (with `loss`, `measurement` and `perturbation_input`) rather
     than a function `loss(outputs, y)`."""
     return isinstance(loss, TaskLike)
-
-
-def loss_name(loss: Any) -> str:
-    """A printable name of a loss function or task."""
-    return str(getattr(loss, "__name__", type(loss).__name__))
 
 
 def task_objective(
