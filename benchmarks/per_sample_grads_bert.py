@@ -10,7 +10,8 @@ warm-up):
 - `influx (4-D mask)`: `TorchGradientProvider.flat_grads` with the example's task, which hands
   the model a 4-D additive attention mask: one `vmap` call over the batch;
 - `influx (2-D mask)`: the same with `F.cross_entropy` on the 2-D padding mask, on which the
-  model branches (`mask.all()`), so influx computes the gradients one sample at a time.
+  model branches (`mask.all()`), so influx falls back to one forward pass per chunk of samples
+  and vectorised backward passes.
 
 The three results are checked to agree (float64, 1e-10). Needs `transformers`.
 Run: `PYTHONPATH=src python benchmarks/per_sample_grads_bert.py [--readme]`.

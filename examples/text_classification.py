@@ -11,7 +11,7 @@ Batches are dicts `{"input_ids", "attention_mask"}`, passed to the model as keyw
 arguments; its `SequenceClassifierOutput` is reduced to its logits before the loss. The task
 below hands the model a 4-D additive attention mask instead of the 2-D padding mask: the
 model then has no branch on the mask's values and per-sample gradients are one `vmap` call
-(with the 2-D mask they are computed one sample at a time, with the same values).
+(with the 2-D mask influx falls back to slower passes, with the same values).
 
 Needs `transformers` (`pip install influx[hf]`). Run: `python examples/text_classification.py`.
 """

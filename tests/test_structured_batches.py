@@ -396,7 +396,7 @@ def test_model_that_vmap_cannot_map_falls_back(caplog: pytest.LogCaptureFixture)
     with caplog.at_level("WARNING"):
         grads = provider.flat_grads(it.TorchBatch((x, mask), y))
         provider.flat_grads(it.TorchBatch((x, mask), y))
-    assert sum("one sample at a time" in r.message for r in caplog.records) == 1
+    assert sum("one sample at a time" in r.message for r in caplog.records) == 1  # a task
     _close(grads, torch.stack([reference(i) for i in range(6)]))
     # Influences through the fallback equal those from the reference gradients.
     values = model.influences((x, mask), y, (x, mask), y)
@@ -434,3 +434,55 @@ def test_top_k_with_dict_inputs(data: Tuple[Any, ...]) -> None:
     reference = it.top_k_influences(flat, _concat(x_test), y_test, _concat_loader(x, y), k=3)
     torch.testing.assert_close(top.helpful_indices, reference.helpful_indices)
     _close(top.harmful_values, reference.harmful_values)
+
+
+class MaskedMean(torch.nn.Module):
+    """Mean over the unmasked positions, with a shortcut when nothing is masked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.all():
+            return self.linear(x.mean(1))
+        weights = mask[..., None].to(x.dtype)
+        return self.linear((x * weights).sum(1) / weights.sum(1))
+
+
+def test_chunked_fallback_for_a_loss_function(caplog: pytest.LogCaptureFixture) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(21, 4, 3, generator=gen)
+    mask = torch.ones(21, 4, dtype=torch.bool)
+    mask[::2, 3:] = False
+    y = torch.randint(0, 3, (21,), generator=gen)
+    net = MaskedMean()
+
+    def reference(loss: Callable[..., torch.Tensor]) -> torch.Tensor:
+        rows = []
+        for i in range(21):
+            value = loss(net(x[i : i + 1], mask[i : i + 1]), y[i : i + 1])
+            rows.append(
+                torch.cat(
+                    [g.reshape(-1) for g in torch.autograd.grad(value, list(net.parameters()))]
+                )
+            )
+        return torch.stack(rows)
+
+    weight = torch.tensor([1.0, 2.0, 3.0])
+
+    def weighted(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target, weight=weight)  # not a mean of per-sample terms
+
+    for loss, how in (
+        (F.cross_entropy, "one forward pass per chunk"),
+        (weighted, "one sample at a time"),
+    ):
+        caplog.clear()
+        provider = it.TorchGradientProvider(net, loss)
+        with caplog.at_level("WARNING"):
+            grads = provider.flat_grads(it.TorchBatch((x, mask), y))
+            again = provider.flat_grads(it.TorchBatch((x, mask), y))
+        assert [how in r.message for r in caplog.records] == [True]
+        _close(grads, reference(loss))
+        _close(again, grads)

@@ -37,6 +37,7 @@ from typing import (
     List,
     Optional,
     Tuple,
+    cast,
 )
 
 import torch
@@ -48,12 +49,12 @@ from .model_call import (
     LossOrTask,
     TaskLike,
     call_model,
-    is_data_dependent_control_flow,
     is_task,
     model_outputs,
     perturbation_entry,
     task_objective,
 )
+from .per_sample import PerSampleGradients
 from .structure_copy import StructureSignature, structure_signature, thread_structure_copy
 
 logger = logging.getLogger(__name__)
@@ -253,70 +254,25 @@ def create_per_sample_loss_function(
     return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
-class PerSampleGradients:
-    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`.
-
-    One `vmap` over the samples of the batch. A model that `vmap` cannot map (one that
-    branches on the values of its inputs, e.g. `if mask.all():`) is detected on the first
-    call, logged once, and from then on differentiated one sample at a time: the same values,
-    at the cost of a Python loop.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool
-    ):
-        self._single = _create_single_sample_loss_function(model, loss, params, measurement)
-        self._vectorised = vmap(grad(self._single), in_dims=(None, 0, 0))
-        self._model_name = type(model).__name__
-        self.looping = False
-
-    def __call__(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
-        if not self.looping:
-            try:
-                return self._vectorised(p, x, y)  # type: ignore[no-any-return]
-            except RuntimeError as error:
-                if not is_data_dependent_control_flow(error):
-                    raise
-                self.looping = True
-                logger.warning(
-                    "Per-sample gradients: %s branches on the values of its inputs, which vmap "
-                    "cannot map; computing them one sample at a time (same values, slower). "
-                    "See 'Your own model' in the documentation for models without the branch.",
-                    self._model_name,
-                )
-        return self.loop(p, x, y)
-
-    def loop(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
-        """The per-sample gradients by a loop over the samples, each a plain backward pass
-        (with respect to copies of the parameters that require gradients)."""
-        n = int(pytree.tree_leaves(x)[0].shape[0])
-        names = list(p)
-        rows = []
-        with torch.enable_grad():
-            for i in range(n):
-                leaves = {name: p[name].detach().requires_grad_(True) for name in names}
-                x_i = pytree.tree_map(lambda t, i=i: t[i], x)
-                y_i = pytree.tree_map(lambda t, i=i: t[i], y)
-                value = self._single(leaves, x_i, y_i)
-                grads = torch.autograd.grad(
-                    value, [leaves[name] for name in names], allow_unused=True
-                )
-                rows.append(
-                    [torch.zeros_like(p[n_]) if g is None else g for n_, g in zip(names, grads)]
-                )
-        return {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(names)}
-
-
 def create_per_sample_gradient_function(
     model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
 ) -> Callable[[ParamDict, Any, Any], ParamDict]:
     r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`.
 
-    Vectorised with `vmap` (see [PerSampleGradients][influx.torch.functional.PerSampleGradients]
+    Vectorised with `vmap` (see [PerSampleGradients][influx.torch.per_sample.PerSampleGradients]
     for models that branch on their inputs). With `measurement`, the gradients of the task's
     measurement.
     """
-    return PerSampleGradients(model, loss, params, measurement)
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
+    if is_task(loss):
+        return PerSampleGradients(single, model_name=type(model).__name__)
+    merge = _with_frozen(params, model)
+    signature = structure_signature(model)
+
+    def outputs(p: ParamDict, x: Any) -> Any:
+        return model_outputs(call_model(FunctionalModel(model, merge(p), signature), x))
+
+    return PerSampleGradients(single, outputs, cast(LossFunction, loss), type(model).__name__)
 
 
 def create_per_sample_mixed_derivative_function(

@@ -22,9 +22,9 @@ from .functional import (
     create_per_sample_mixed_derivative_function,
     flatten_dimensions,
     get_model_parameters,
-    is_data_dependent_control_flow,
     perturbation_entry,
 )
+from .model_call import is_data_dependent_control_flow
 from .validation import check_finite
 
 __all__ = ["TorchGradientProvider"]
