@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Typ
 
 from ..array import LazyChunk, LazyChunkRow, LazyChunkSequence, NestedLazyChunkSequence
 from ..types import InfluenceFunctionModel, InfluenceMode, check_mode
-from .checks import check_model, self_influence_function
+from .checks import check_model, check_ordered_iterable, self_influence_function
 from .structured import first_leaf, is_structured, split_item
 
 __all__ = ["SequentialInfluenceCalculator"]
@@ -82,6 +82,7 @@ def _check_reiterable(iterable: Any, name: str) -> None:
             f"Parameter '{name}' must be iterable more than once (e.g. a DataLoader or a list "
             f"of batches), got a one-shot iterator of type {type(iterable).__name__}."
         )
+    check_ordered_iterable(iterable, name)
 
 
 def _identity(value: T) -> T:

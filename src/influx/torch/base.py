@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import NotFittedException
+from ..errors import NonFiniteCurvatureError, NotFittedException
 from ..types import (
     BlockMapper,
     ComposableInfluence,
@@ -40,13 +40,20 @@ from ..types import (
     SolverDiagnostics,
     check_mode,
 )
-from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
+from .autodiff import LossOrTask
+from .bilinear import (
+    DictBilinearForm,
+    OperatorBilinearForm,
+    OperatorBilinearFormType,
+    perturbation_product,
+)
+from .blocks import BlockMode, BlockStructure, block_parameters
 from .composition import Curvature, Solver
-from .data import TorchBatch, leaves, normalise_structure
-from .functional import LossOrTask
+from .data import TorchBatch, leaves, map_structure, normalise_structure
+from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
 from .gradients import TorchGradientProvider
 from .low_rank import LowRankBilinearForm
-from .model_call import perturbation_entry
+from .model_call import is_task, perturbation_entry
 from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
 from .tensor_operator import (
     OperatorState,
@@ -55,14 +62,20 @@ from .tensor_operator import (
     TensorOperator,
     restore_operator,
 )
-from .util import BlockMode, BlockStructure, block_parameters
-from .validation import RegularizationType, regularization_by_block
+from .validation import (
+    RegularizationType,
+    check_batch_for_model,
+    check_labels_for_loss,
+    regularization_by_block,
+    resolve_compute_dtype,
+)
 
 __all__ = [
     "TorchBatch",
     "TorchGradientProvider",
     "OperatorBilinearForm",
     "DictBilinearForm",
+    "OperatorBilinearFormType",
     "LowRankBilinearForm",
     "TensorOperator",
     "TensorDictOperator",
@@ -174,6 +187,11 @@ class TorchComposableInfluence(
             `OrderedDict[str, List[str]]` of block names to parameter names.
         regularization: $\\lambda \\ge 0$ added to the curvature, either one float for every
             block or a dict keyed by block name (missing blocks get none).
+        compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
+            means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
+            When it differs from the model's dtype, a copy of the model with parameters in
+            `compute_dtype` is used for every computation (`model`; the given module is
+            `original_model`), and floating inputs and targets are converted to it.
     """
 
     _settings: Dict[str, Any]
@@ -205,12 +223,24 @@ class TorchComposableInfluence(
         model: torch.nn.Module,
         block_structure: BlockStructure = BlockMode.FULL,
         regularization: RegularizationType = None,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"Parameter 'model' must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.original_model = model
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        model_dtype = floating[0].dtype if floating else torch.get_default_dtype()
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, model_dtype)
+        if self.compute_dtype != model_dtype:
+            logger.info(
+                "The model's parameters are %s: computing on a %s copy of the model.",
+                model_dtype,
+                self.compute_dtype,
+            )
+            model = copy.deepcopy(model).to(self.compute_dtype)
         self.model = model
         self.block_structure = block_structure
         if self.curvature is not None:
@@ -229,12 +259,15 @@ class TorchComposableInfluence(
         solver: Solver,
         block_structure: BlockStructure,
         regularization: RegularizationType,
+        compute_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Set the three parts of every block and initialise (for the presets' constructors)."""
         self.loss = loss
         self.curvature = curvature
         self.solver = solver
-        TorchComposableInfluence.__init__(self, model, block_structure, regularization)
+        TorchComposableInfluence.__init__(
+            self, model, block_structure, regularization, compute_dtype
+        )
 
     def __getattr__(self, name: str) -> Any:
         # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
@@ -349,7 +382,30 @@ class TorchComposableInfluence(
         return self
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
-        return TorchBatch(x, y).to(self.device)
+        batch = self._cast(TorchBatch(x, y).to(self.device))
+        for leaf in leaves(batch.x):
+            check_batch_for_model(leaf, self.dtype, self.device, "x")
+        if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
+            check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
+        return batch
+
+    def _cast(self, batch: TorchBatch) -> TorchBatch:
+        """The batch with floating inputs and targets in the compute dtype, if the model was
+        copied to it (a low-precision model); unchanged otherwise."""
+        if self.model is self.original_model:
+            return batch
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.compute_dtype) if t.is_floating_point() else t
+
+        return TorchBatch(map_structure(convert, batch.x), map_structure(convert, batch.y))
+
+    def _prepare_data(self, data: DataLoader) -> DataLoader:
+        """The training data as this model computes on it (floating tensors converted to the
+        compute dtype for a low-precision model)."""
+        if self.model is self.original_model:
+            return data
+        return cast(DataLoader, CastData(data, self.compute_dtype))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         return self._create_batch(x, y).as_test()
@@ -510,10 +566,45 @@ class TorchComposableInfluence(
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
         """Fit the curvature of every block to the training data and return self.
 
+        The order of the batches does not matter (a shuffling loader gives the same fit).
+        Before fitting, the first batch is checked: the model must be in eval mode if it has
+        dropout or batch norm, inputs and labels must have dtypes the model and loss take,
+        the model and loss must run on it, and the loss of the batch must be the mean of its
+        per-sample losses. After fitting, the state of every block is checked for NaN / Inf.
+
         Args:
             data: an iterable of `(x, y)` batches, typically a `DataLoader`.
+
+        Raises:
+            NonFiniteCurvatureError: if a block's curvature is not finite; the message names
+                the block and the first batch with non-finite values.
+            ValueError: if the model is in training mode with dropout or batch norm, if the
+                loss couples the samples of a batch, or if the first batch cannot be
+                evaluated (the torch error with the shapes and dtypes involved).
+            TypeError: for inputs of another dtype than the model, or float class labels.
         """
-        return cast("TorchComposableInfluence", super().fit(data))
+        data = self._prepare_data(data)
+        params = {n: p.detach() for block in self._blocks.values() for n, p in block.items()}
+        check_first_batch(self.model, self.loss, params, data, self.device)
+        try:
+            mapper = self._create_block_mapper(data)
+        except NonFiniteCurvatureError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, getattr(error, "block", None), str(error)
+            ) from error
+        except torch.linalg.LinAlgError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, None, f"a factorisation failed: {error}"
+            ) from error
+        for name, block in mapper.composable_block_dict.items():
+            bad = non_finite_state(block.op)
+            if bad:
+                raise non_finite_error(
+                    self.model, self.loss, params, data, name, f"NaN or Inf in {', '.join(bad)}"
+                )
+        self.block_mapper = mapper
+        self._fitted = True
+        return self
 
 
 def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:

@@ -8,7 +8,7 @@ operator keeps gradients by parameter name; a low-rank operator pairs projection
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, TypeVar
 
 import torch
 
@@ -16,7 +16,12 @@ from ..types import BilinearForm
 from .data import TorchBatch
 from .gradients import TorchGradientProvider
 
-__all__ = ["DictBilinearForm", "OperatorBilinearForm", "perturbation_product"]
+__all__ = [
+    "DictBilinearForm",
+    "OperatorBilinearForm",
+    "OperatorBilinearFormType",
+    "perturbation_product",
+]
 
 
 def perturbation_product(
@@ -92,3 +97,6 @@ class DictBilinearForm(OperatorBilinearForm):
             total = term if total is None else total + term
         assert total is not None
         return total
+
+
+OperatorBilinearFormType = TypeVar("OperatorBilinearFormType", bound=OperatorBilinearForm)

@@ -30,27 +30,25 @@ from typing import Any, Callable, Dict, Optional, cast
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .batch_operation import BatchOperation
-from .data import TorchBatch
-from .functional import (
+from .autodiff import (
     HESSIAN_CHUNK_BUDGET,
-    ForwardModeSerialised,
     FunctionalModel,
     LossFunction,
     LossOrTask,
-    call_model,
-    is_task,
-    model_outputs,
     operator_to_dense,
     unflatten,
 )
+from .batch_operation import LossBatchOperation
+from .data import TorchBatch
+from .model_call import call_model, is_task, model_outputs
+from .stateless import ForwardModeSerialised
 
 __all__ = ["GeneralizedGaussNewtonBatchOperation"]
 
 ParamDict = Dict[str, torch.Tensor]
 
 
-class GeneralizedGaussNewtonBatchOperation(BatchOperation):
+class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
     r"""$V \mapsto V G_b$ with the generalized Gauss-Newton matrix of the batch,
 
     $$G_b = J_b^\top \, \nabla^2_z L_b(z_b) \, J_b ,$$
@@ -70,7 +68,6 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
-        super().__init__(model, restrict_to)
         if is_task(loss):
             raise TypeError(
                 "Parameter 'loss': the generalized Gauss-Newton matrix separates the model's "
@@ -78,7 +75,7 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
                 f"({type(loss).__name__}); use the Hessian or the empirical Fisher "
                 "(SecondOrderMode.GAUSS_NEWTON) with a task."
             )
-        self.loss: LossFunction = cast(LossFunction, loss)
+        super().__init__(model, loss, restrict_to)
 
     def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
@@ -109,7 +106,7 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
             return jvp(outputs, (params,), (unflatten(v, params),))[1]  # type: ignore[no-any-return]
 
         def output_loss(out: torch.Tensor) -> torch.Tensor:
-            return self.loss(out, batch.y)
+            return cast(LossFunction, self.loss)(out, batch.y)
 
         loss_hvp = vjp(grad(output_loss), z.detach())[1]
         tangents = vmap(push_forward)(tensor.to(self.dtype))

@@ -14,17 +14,16 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..types import GradientProvider
-from .data import TorchBatch, leaves
-from .functional import (
+from .autodiff import (
     LossOrTask,
     create_matrix_jacobian_product_function,
     create_per_sample_gradient_function,
     create_per_sample_mixed_derivative_function,
     flatten_dimensions,
     get_model_parameters,
-    perturbation_entry,
 )
-from .model_call import is_data_dependent_control_flow
+from .data import TorchBatch, leaves
+from .model_call import is_data_dependent_control_flow, perturbation_entry
 from .validation import check_finite
 
 __all__ = ["TorchGradientProvider"]
@@ -81,6 +80,16 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, params)
         self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, params)
         self._test_jac_prod_fn = create_matrix_jacobian_product_function(model, loss, params, True)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the block's parameters."""
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the block's parameters."""
+        return next(iter(self.params.values())).dtype
 
     @property
     def input_size(self) -> int:

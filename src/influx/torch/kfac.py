@@ -54,8 +54,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .autodiff import LossOrTask
 from .data import TorchBatch, iterate_batches
-from .functional import LossOrTask, call_model, is_task, model_outputs, task_objective
 from .kfac_layers import (
     ROOT_LAYER_NAME,
     SUPPORTED_LAYERS,
@@ -64,6 +64,7 @@ from .kfac_layers import (
     find_layers,
     layers_for_parameters,
 )
+from .model_call import call_model, is_task, model_outputs, task_objective
 
 __all__ = [
     "FISHER_TYPES",
@@ -440,13 +441,16 @@ def fit_kronecker_curvature(
     One pass collects the factors ([collect_kronecker_factors][influx.torch.kfac.collect_kronecker_factors]),
     which are eigendecomposed in float64; with `update_diagonal` the eigenvalues are refitted
     ([refit_eigenvalues][influx.torch.kfac.refit_eigenvalues]) from the signals of the first
-    pass if they fit in `max_cache_mb`, else with a second pass. Without it the eigenvalues
+    pass if they fit in `max_cache_mb` and the labels are the training labels, else with a
+    second pass (with `fisher="sampled"` always, so that the refit sees fresh label draws). Without it the eigenvalues
     are the K-FAC products $\lambda_G \lambda_A^\top$.
 
     Returns:
         per layer, the factors, the eigenbases and the eigenvalues `(m, k)` (float64).
     """
-    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal else 0)
+    # With sampled labels the refit draws new ones (a second pass): fitting the eigenbasis and
+    # the eigenvalues to the same draws doubles their noise.
+    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal and fisher == "empirical" else 0)
     factors = collect_kronecker_factors(
         model, layers, data, loss, fisher, generator, progress, cache
     )

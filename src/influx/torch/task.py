@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .functional import LossFunction, call_model, model_outputs
+from .model_call import LossFunction, call_model, model_outputs
 
 __all__ = ["Task", "SupervisedTask"]
 

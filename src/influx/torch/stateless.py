@@ -1,9 +1,13 @@
-"""Structure-only copies of modules, one per thread, for functional evaluation.
+r"""Evaluating a module functionally without touching it.
 
-[functional_forward][influx.torch.functional.functional_forward] evaluates a module through a
-copy that shares its code and settings but none of its tensors (parameters and buffers are
-placeholders that `torch.func.functional_call` replaces), so the user's module is never
-modified and several threads can evaluate it at once.
+Every functional evaluation of the user's model goes through
+[functional_forward][influx.torch.stateless.functional_forward], which runs the forward pass
+of a structure-only copy of the module (one per thread, whose parameters are placeholders
+replaced by the given tensors). A fitted influence model can therefore be pickled, saved or
+used from another thread while it computes. torch keeps the state of forward-mode
+differentiation (`jvp`) per process, not per thread: functions built on it are wrapped in
+[ForwardModeSerialised][influx.torch.stateless.ForwardModeSerialised] and run one thread at a
+time, the reverse-mode ones in parallel.
 """
 
 from __future__ import annotations
@@ -12,15 +16,21 @@ import copy
 import logging
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.func import functional_call
 
-__all__ = ["StructureSignature", "structure_signature", "thread_structure_copy"]
+__all__ = [
+    "ForwardModeSerialised",
+    "StructureSignature",
+    "functional_forward",
+    "structure_signature",
+]
 
 logger = logging.getLogger(__name__)
 
-
+ParamDict = Dict[str, torch.Tensor]
 StructureSignature = Tuple[Tuple[str, type, Tuple[str, ...], Tuple[str, ...]], ...]
 
 
@@ -85,7 +95,9 @@ class _StructureCopies(threading.local):
 _STRUCTURE_COPIES = _StructureCopies()
 
 
-def thread_structure_copy(model: torch.nn.Module, signature: StructureSignature) -> torch.nn.Module:
+def _thread_structure_copy(
+    model: torch.nn.Module, signature: StructureSignature
+) -> torch.nn.Module:
     """This thread's structure-only copy of `model` (built on first use, rebuilt if the
     module's structure changed), with the train/eval flags of `model`'s submodules."""
     copies = _STRUCTURE_COPIES.copies
@@ -108,3 +120,54 @@ def thread_structure_copy(model: torch.nn.Module, signature: StructureSignature)
     for original, duplicate in zip(model.modules(), shell_modules):
         duplicate.training = original.training
     return shell
+
+
+def functional_forward(
+    model: torch.nn.Module,
+    tensors: ParamDict,
+    args: Tuple[Any, ...],
+    signature: Optional[StructureSignature] = None,
+    kwargs: Optional[Dict[str, Any]] = None,
+) -> Any:
+    r"""$f_\theta(\text{args})$ with the parameters and buffers in `tensors`, without touching
+    `model`.
+
+    The forward pass runs on this thread's structure-only copy of `model` (see the module
+    docstring), through `torch.func.functional_call`, so it composes with `grad`, `vmap` and
+    `jvp`. The user's module is never modified (only its train/eval flags are read), and
+    several threads can evaluate the same module at once.
+
+    Args:
+        model: the module whose forward pass is evaluated.
+        tensors: every parameter and buffer of `model` by name (tied parameters under one of
+            their names).
+        args: the positional arguments of the forward pass.
+        signature: the module's structure when the caller read its tensors (computed if
+            None); a copy made for another structure is rebuilt.
+        kwargs: the keyword arguments of the forward pass.
+    """
+    if signature is None:
+        signature = structure_signature(model)
+    return functional_call(_thread_structure_copy(model, signature), tensors, args, kwargs)
+
+
+_FORWARD_MODE_LOCK = threading.RLock()
+"""Held while a function that uses forward-mode derivatives (`torch.func.jvp`) runs: torch
+keeps the levels of forward-mode AD in process-wide state, so two threads must not use them
+at the same time. Reverse-mode functions (per-sample gradients) run concurrently."""
+
+
+class ForwardModeSerialised:
+    """Wraps a function that uses forward-mode derivatives so that one thread at a time runs
+    it (see the module docstring); any other function runs in parallel with it.
+
+    Args:
+        function: the function to wrap.
+    """
+
+    def __init__(self, function: Callable[..., Any]):
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _FORWARD_MODE_LOCK:
+            return self.function(*args, **kwargs)
