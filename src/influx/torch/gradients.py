@@ -46,7 +46,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
     targets may be tensors or structures of tensors (see [influx.torch.data][influx.torch.data]);
     for a test batch (`batch.test`) the gradients are those of the task's measurement. For
     structured inputs, $x$ in the mixed derivatives is the tensor chosen by
-    [perturbation_entry][influx.torch.functional.perturbation_entry].
+    [perturbation_entry][influx.torch.model_call.perturbation_entry].
 
     Args:
         model: the model $f_\theta$.
@@ -104,7 +104,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
     def perturbation_shape(self, batch: TorchBatch) -> Tuple[int, ...]:
         """The shape of one sample of the input that Perturbation mode differentiates: of `x`,
         or of the tensor of a structured `x` chosen by
-        [perturbation_entry][influx.torch.functional.perturbation_entry].
+        [perturbation_entry][influx.torch.model_call.perturbation_entry].
 
         Raises:
             ValueError: if that input is not floating-point.

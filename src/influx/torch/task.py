@@ -1,7 +1,7 @@
 r"""Tasks: what the influence of a training point is measured on.
 
 By default an influence model takes a loss function `loss(outputs, y)` and calls the model on
-the inputs of a batch (see [call_model][influx.torch.functional.call_model]). A
+the inputs of a batch (see [call_model][influx.torch.model_call.call_model]). A
 [Task][influx.torch.task.Task] replaces both for everything the default does not cover: a
 model that computes its own loss, inputs that need preparing, or a test-side quantity that
 is not the training loss. With a task $T$, the influence of a training point $z$ on a test
