@@ -484,6 +484,11 @@ class ComposableInfluence(
     def _create_batch(self, x: TensorType, y: TensorType) -> BatchType:
         """Validate and wrap a pair of tensors as a batch."""
 
+    def _create_test_batch(self, x: TensorType, y: TensorType) -> BatchType:
+        """Validate and wrap test inputs and targets as a batch (the test side of influences,
+        where a task's measurement replaces the training loss); by default `_create_batch`."""
+        return self._create_batch(x, y)
+
     @abstractmethod
     def _concat(self, tensors: Iterable[TensorType], dim: int) -> TensorType:
         """Concatenate tensors along `dim`."""
@@ -509,13 +514,13 @@ class ComposableInfluence(
                 f"Parameter '{missing}' is required when '{given}' is given: pass both training "
                 f"inputs and targets, or neither to compute test-by-test influences."
             )
-        left = self._create_batch(x_test, y_test)
+        left = self._create_test_batch(x_test, y_test)
         right = None if x is None else self._create_batch(x, y)  # type: ignore[arg-type]
         return left, right
 
     @InfluenceFunctionModel.fit_required
     def influence_factors(self, x: TensorType, y: TensorType) -> TensorType:
-        blocks = self.block_mapper.generate_transformed_grads(self._create_batch(x, y))
+        blocks = self.block_mapper.generate_transformed_grads(self._create_test_batch(x, y))
         return self._concat(blocks, dim=1)
 
     @InfluenceFunctionModel.fit_required
@@ -523,7 +528,7 @@ class ComposableInfluence(
         self, x: TensorType, y: TensorType
     ) -> "OrderedDict[str, TensorType]":
         r"""Block-wise $(H_b + \lambda_b I)^{-1} \nabla_{\theta_b} \ell(x_i, y_i)$."""
-        return self.block_mapper.transformed_grads(self._create_batch(x, y))
+        return self.block_mapper.transformed_grads(self._create_test_batch(x, y))
 
     @InfluenceFunctionModel.fit_required
     def influences(

@@ -80,6 +80,7 @@ from .preconditioner import (
     Preconditioner,
 )
 from .sketch import LowRankProductRepresentation
+from .task import SupervisedTask, Task
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .valuation import (
@@ -91,6 +92,8 @@ from .valuation import (
 )
 
 __all__ = [
+    "Task",
+    "SupervisedTask",
     "ArnoldiSolver",
     "CgSolver",
     "ComposedInfluence",

@@ -30,18 +30,36 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils import _pytree as pytree
 
-from .stateless import ForwardModeSerialised, functional_forward, structure_signature
+from .model_call import (
+    LossFunction,
+    LossOrTask,
+    call_model,
+    is_task,
+    model_outputs,
+    perturbation_entry,
+    task_objective,
+)
+from .per_sample import PerSampleGradients
+from .stateless import (
+    ForwardModeSerialised,
+    StructureSignature,
+    functional_forward,
+    structure_signature,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "HESSIAN_CHUNK_BUDGET",
+    "FunctionalModel",
     "LossFunction",
+    "LossOrTask",
     "batch_hessian",
     "create_batch_hvp_function",
     "create_batch_loss_function",
@@ -57,7 +75,6 @@ __all__ = [
     "unflatten",
 ]
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamDict = Dict[str, torch.Tensor]
 
 
@@ -111,11 +128,15 @@ def _at_call_time(
     called with (the reference API's form, where the parameters are not known in advance).
     Inputs and targets are moved to the model's device."""
 
-    def call(p: ParamDict, x: torch.Tensor, y: torch.Tensor, *rest: Any) -> Any:
+    def call(p: ParamDict, x: Any, y: Any, *rest: Any) -> Any:
         device = model_device(model)
-        return make(p)(p, x.to(device), y.to(device), *rest)
+        return make(p)(p, _to(x, device), _to(y, device), *rest)
 
     return call
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device), value)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -124,86 +145,174 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class FunctionalModel:
+    """A module evaluated with given parameters: calling it runs
+    [functional_forward][influx.torch.stateless.functional_forward] (positional and keyword
+    arguments are passed on); other attributes are read from the module (e.g. `config`).
+
+    Args:
+        model: the module.
+        tensors: its parameters and buffers by name.
+        signature: the module's structure when `tensors` were read (computed if None).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tensors: ParamDict,
+        signature: Optional[StructureSignature] = None,
+    ):
+        self.module = model
+        self.tensors = tensors
+        self.signature = structure_signature(model) if signature is None else signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_forward(self.module, self.tensors, args, self.signature, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["module"], name)
+
+
 def create_batch_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: Optional[ParamDict] = None,
+    measurement: bool = False,
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto L(\theta)$, the loss of the batch as a function of `params`.
 
     Parameters of the model not in `params` (and buffers) are held fixed. Without `params`
     (the reference API's form), the parameters are those the returned function is called
-    with.
+    with. `x` and `y` are tensors or structures of tensors; `loss` is a function
+    `loss(outputs, y)` or a [Task][influx.torch.task.Task], whose `measurement` is used if
+    `measurement` is True.
     """
     if params is None:
-        return _at_call_time(model, lambda p: create_batch_loss_function(model, loss, p))
+        return _at_call_time(
+            model, lambda p: create_batch_loss_function(model, loss, p, measurement)
+        )
     merge = _with_frozen(params, model)
     signature = structure_signature(model)
+    objective = task_objective(loss, measurement)
 
-    def batch_loss(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss(functional_forward(model, merge(p), (x,), signature), y)
+    def batch_loss(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
+        return objective(FunctionalModel(model, merge(p), signature), x, y)
 
     return batch_loss
 
 
-def _create_single_sample_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x_i, y_i) \mapsto \ell_i(\theta)$ for one sample without batch dimension."""
-    batch_loss = create_batch_loss_function(model, loss, params)
+def _unsqueeze(value: Any) -> Any:
+    return pytree.tree_map(lambda t: t.unsqueeze(0), value)
 
-    def single(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return batch_loss(p, x.unsqueeze(0), y.unsqueeze(0))
+
+def _create_single_sample_loss_function(
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, measurement: bool = False
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
+    r"""$(\theta, x_i, y_i) \mapsto \ell_i(\theta)$ for one sample without batch dimension."""
+    batch_loss = create_batch_loss_function(model, loss, params, measurement)
+
+    def single(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
+        return batch_loss(p, _unsqueeze(x), _unsqueeze(y))
 
     return single
 
 
 def create_per_sample_loss_function(
-    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: Optional[ParamDict] = None,
+    measurement: bool = False,
+) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
     r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch."""
     if params is None:
-        return _at_call_time(model, lambda p: create_per_sample_loss_function(model, loss, p))
-    single = _create_single_sample_loss_function(model, loss, params)
+        return _at_call_time(
+            model, lambda p: create_per_sample_loss_function(model, loss, p, measurement)
+        )
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
     return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
 def create_per_sample_gradient_function(
-    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
-    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`."""
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: Optional[ParamDict] = None,
+    measurement: bool = False,
+) -> Callable[[ParamDict, Any, Any], ParamDict]:
+    r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_\theta \ell_i)_i\}$, shapes `(N, *p.shape)`.
+
+    Vectorised with `vmap` (see [PerSampleGradients][influx.torch.per_sample.PerSampleGradients]
+    for models that branch on their inputs). With `measurement`, the gradients of the task's
+    measurement.
+    """
     if params is None:
-        return _at_call_time(model, lambda p: create_per_sample_gradient_function(model, loss, p))
-    single = _create_single_sample_loss_function(model, loss, params)
-    return vmap(grad(single), in_dims=(None, 0, 0))  # type: ignore[no-any-return]
+        return _at_call_time(
+            model, lambda p: create_per_sample_gradient_function(model, loss, p, measurement)
+        )
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
+    if is_task(loss):
+        return PerSampleGradients(single, model_name=type(model).__name__)
+    merge = _with_frozen(params, model)
+    signature = structure_signature(model)
+
+    def outputs(p: ParamDict, x: Any) -> Any:
+        return model_outputs(call_model(FunctionalModel(model, merge(p), signature), x))
+
+    return PerSampleGradients(single, outputs, cast(LossFunction, loss), type(model).__name__)
 
 
 def create_per_sample_mixed_derivative_function(
-    model: torch.nn.Module, loss: LossFunction, params: Optional[ParamDict] = None
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor], ParamDict]:
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: Optional[ParamDict] = None,
+    measurement: bool = False,
+) -> Callable[[ParamDict, Any, Any], ParamDict]:
     r"""$(\theta, x, y) \mapsto \{\text{name}: (\nabla_x \nabla_\theta \ell_i)_i\}$.
 
     Reverse-over-forward: for each input feature $f$ the directional derivative
     $\partial_{x_f} \ell_i$ is a Jacobian-vector product, and its gradient with respect to
     $\theta$ is one backward pass; both are vectorised over features and samples. Each value
-    has shape `(N, F, *p.shape)` with $F$ the number of input features.
+    has shape `(N, F, *p.shape)` with $F$ the number of input features. For structured inputs
+    the derivative is taken with respect to one tensor of `x` (see
+    [perturbation_entry][influx.torch.model_call.perturbation_entry]), the others held fixed.
     """
     if params is None:
         return _at_call_time(
-            model, lambda p: create_per_sample_mixed_derivative_function(model, loss, p)
+            model,
+            lambda p: create_per_sample_mixed_derivative_function(model, loss, p, measurement),
         )
-    single = _create_single_sample_loss_function(model, loss, params)
+    single = _create_single_sample_loss_function(model, loss, params, measurement)
 
-    def one_sample(p: ParamDict, x: torch.Tensor, y: torch.Tensor) -> ParamDict:
+    def one_sample(
+        p: ParamDict, entry: torch.Tensor, rest: List[Any], spec: Any, index: int, y: Any
+    ) -> ParamDict:
+        def with_entry(value: torch.Tensor) -> Any:
+            return pytree.tree_unflatten(rest[:index] + [value] + rest[index + 1 :], spec)
+
         def directional(q: ParamDict, direction: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda xx: single(q, xx, y), (x,), (direction,))[1]
+            return jvp(lambda xx: single(q, with_entry(xx), y), (entry,), (direction,))[1]
 
-        directions = torch.eye(x.numel(), dtype=x.dtype, device=x.device).reshape(-1, *x.shape)
+        directions = torch.eye(entry.numel(), dtype=entry.dtype, device=entry.device).reshape(
+            -1, *entry.shape
+        )
         return vmap(grad(directional), in_dims=(None, 0))(p, directions)  # type: ignore[no-any-return]
 
-    return ForwardModeSerialised(vmap(one_sample, in_dims=(None, 0, 0)))
+    def mixed(p: ParamDict, x: Any, y: Any) -> ParamDict:
+        index, _ = perturbation_entry(x, loss)
+        flat, spec = pytree.tree_flatten(x)
+
+        def per_sample(pp: ParamDict, e: torch.Tensor, others: List[Any], yy: Any) -> ParamDict:
+            return one_sample(pp, e, others, spec, index, yy)
+
+        return vmap(per_sample, in_dims=(None, 0, 0, 0))(p, flat[index], flat, y)  # type: ignore[no-any-return]
+
+    return ForwardModeSerialised(mixed)
 
 
 def create_matrix_jacobian_product_function(
-    model: torch.nn.Module, loss: LossFunction, g: Union[torch.Tensor, ParamDict]
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    g: Union[torch.Tensor, ParamDict],
+    measurement: bool = False,
 ) -> Callable[..., torch.Tensor]:
     r"""Products of per-sample gradients with the rows of a matrix $G$ `(K, P)`.
 
@@ -223,12 +332,10 @@ def create_matrix_jacobian_product_function(
     if isinstance(g, torch.Tensor):
         matrix = g
 
-        def product_with_fixed_matrix(
-            p: ParamDict, x: torch.Tensor, y: torch.Tensor
-        ) -> torch.Tensor:
+        def product_with_fixed_matrix(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
             device = model_device(model)
-            function = create_matrix_jacobian_product_function(model, loss, p)
-            return function(p, x.to(device), y.to(device), matrix.to(device)).T
+            function = create_matrix_jacobian_product_function(model, loss, p, measurement)
+            return function(p, _to(x, device), _to(y, device), matrix.to(device)).T
 
         return product_with_fixed_matrix
     if not isinstance(g, Mapping):
@@ -237,18 +344,16 @@ def create_matrix_jacobian_product_function(
             f"{type(g).__name__}."
         )
     params = dict(g)
-    per_sample_loss = create_per_sample_loss_function(model, loss, params)
+    per_sample_loss = create_per_sample_loss_function(model, loss, params, measurement)
     names = list(params)
     shapes = [params[n].shape for n in names]
     sizes = [math.prod(s) for s in shapes]
 
-    def one_direction(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
-    ) -> torch.Tensor:
+    def one_direction(p: ParamDict, x: Any, y: Any, direction: torch.Tensor) -> torch.Tensor:
         tangent = {n: t.reshape(s) for n, t, s in zip(names, torch.split(direction, sizes), shapes)}
         return jvp(lambda q: per_sample_loss(q, x, y), (p,), (tangent,))[1]
 
-    def product(p: ParamDict, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def product(p: ParamDict, x: Any, y: Any, g: torch.Tensor) -> torch.Tensor:
         return vmap(one_direction, in_dims=(None, None, None, 0), out_dims=1)(p, x, y, g)
 
     return ForwardModeSerialised(product)
@@ -298,7 +403,7 @@ def hvp(
 
 def create_batch_hvp_function(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     reverse_only: Union[bool, ParamDict] = True,
     params: Optional[ParamDict] = None,
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -342,36 +447,30 @@ def create_batch_hvp_function(
     if params is not None:
         return _create_rows_hvp_function(model, loss, params, reverse_only=bool(reverse_only))
 
-    def hvp_at_call_time(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor
-    ) -> torch.Tensor:
+    def hvp_at_call_time(p: ParamDict, x: Any, y: Any, vec: torch.Tensor) -> torch.Tensor:
         device = model_device(model)
         function = _create_rows_hvp_function(model, loss, p, reverse_only=bool(reverse_only))
         rows = vec.to(device).reshape(-1, vec.shape[-1])
-        return function(p, x.to(device), y.to(device), rows).reshape(vec.shape)
+        return function(p, _to(x, device), _to(y, device), rows).reshape(vec.shape)
 
     return hvp_at_call_time
 
 
 def _create_rows_hvp_function(
-    model: torch.nn.Module, loss: LossFunction, params: ParamDict, reverse_only: bool
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, reverse_only: bool
+) -> Callable[[ParamDict, Any, Any, torch.Tensor], torch.Tensor]:
     """Hessian-vector products with the rows of `V` `(K, P)` with respect to `params`."""
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
 
-    def forward_over_reverse(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def forward_over_reverse(p: ParamDict, x: Any, y: Any, v: torch.Tensor) -> torch.Tensor:
         def gradient(q: ParamDict) -> ParamDict:
             return grad(batch_loss)(q, x, y)  # type: ignore[no-any-return]
 
         tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
         return torch.cat([tangent[n].reshape(-1) for n in names])
 
-    def reverse_over_reverse(
-        p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor
-    ) -> torch.Tensor:
+    def reverse_over_reverse(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
         pullback = vjp(lambda q: grad(batch_loss)(q, x, y), p)[1]
 
         def one_row(v: torch.Tensor) -> torch.Tensor:
@@ -382,7 +481,7 @@ def _create_rows_hvp_function(
 
     use_reverse = [reverse_only]
 
-    def rows_hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    def rows_hvp(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
         if not use_reverse[0]:
             try:
                 return vmap(forward_over_reverse, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
@@ -406,10 +505,10 @@ enough for the intermediate activations (one copy per pair) to stay small."""
 
 def batch_hessian(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     params: ParamDict,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: Any,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """The Hessian of the loss of one batch with respect to `params`, by chunks of columns."""
@@ -417,7 +516,8 @@ def batch_hessian(
     hvp = create_batch_hvp_function(model, loss, params)
     first = next(iter(params.values()))
     if chunk_size is None:
-        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
+        n = int(pytree.tree_leaves(x)[0].shape[0])
+        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, n))
     step = min(size, chunk_size)
     result = torch.empty(size, size, dtype=first.dtype, device=first.device)
     for start in range(0, size, step):

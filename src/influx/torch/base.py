@@ -26,7 +26,7 @@ import logging
 from abc import ABC
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,7 +40,7 @@ from ..types import (
     SolverDiagnostics,
     check_mode,
 )
-from .autodiff import LossFunction
+from .autodiff import LossOrTask
 from .bilinear import (
     DictBilinearForm,
     OperatorBilinearForm,
@@ -49,10 +49,11 @@ from .bilinear import (
 )
 from .blocks import BlockMode, BlockStructure, block_parameters
 from .composition import Curvature, Solver
-from .data import TorchBatch
+from .data import TorchBatch, leaves, map_structure, normalise_structure
 from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
 from .gradients import TorchGradientProvider
 from .low_rank import LowRankBilinearForm
+from .model_call import is_task, perturbation_entry
 from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
 from .tensor_operator import (
     OperatorState,
@@ -135,7 +136,8 @@ class TorchOperatorGradientComposition(
         if mode is InfluenceMode.Up:
             return left_factors @ self.gradient_provider.flat_grads(right_batch).T
         right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
-        return perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
+        shape = self.gradient_provider.perturbation_shape(right_batch)
+        return perturbation_product(left_factors, right_mixed, shape)
 
     def self_interactions_from_transformed_grads(
         self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
@@ -146,7 +148,7 @@ class TorchOperatorGradientComposition(
             return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
         mixed = self.gradient_provider.flat_mixed_grads(batch)
         values = torch.einsum("ip,ifp->if", factors, mixed)
-        return values.reshape(len(batch), *batch.x.shape[1:])
+        return values.reshape(len(batch), *self.gradient_provider.perturbation_shape(batch))
 
 
 class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
@@ -213,7 +215,7 @@ class TorchComposableInfluence(
     solver: Optional[Solver] = None
     """The inverse method of every block."""
 
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     """The training loss `loss(prediction, target)` with mean reduction."""
 
     def __init__(
@@ -252,7 +254,7 @@ class TorchComposableInfluence(
     def _compose(
         self,
         model: torch.nn.Module,
-        loss: Optional[LossFunction],
+        loss: Optional[LossOrTask],
         curvature: Curvature,
         solver: Solver,
         block_structure: BlockStructure,
@@ -379,11 +381,12 @@ class TorchComposableInfluence(
             self.block_mapper = self.block_mapper.to(device)
         return self
 
-    def _create_batch(self, x: torch.Tensor, y: torch.Tensor) -> TorchBatch:
+    def _create_batch(self, x: Any, y: Any) -> TorchBatch:
         batch = self._cast(TorchBatch(x, y).to(self.device))
-        check_batch_for_model(batch.x, self.dtype, self.device, "x")
-        if self.loss is not None:
-            check_labels_for_loss(batch.y, self.loss, "y")
+        for leaf in leaves(batch.x):
+            check_batch_for_model(leaf, self.dtype, self.device, "x")
+        if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
+            check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
         return batch
 
     def _cast(self, batch: TorchBatch) -> TorchBatch:
@@ -391,12 +394,11 @@ class TorchComposableInfluence(
         copied to it (a low-precision model); unchanged otherwise."""
         if self.model is self.original_model:
             return batch
-        x, y = batch.x, batch.y
-        if x.is_floating_point():
-            x = x.to(self.compute_dtype)
-        if y.is_floating_point():
-            y = y.to(self.compute_dtype)
-        return TorchBatch(x, y)
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.compute_dtype) if t.is_floating_point() else t
+
+        return TorchBatch(map_structure(convert, batch.x), map_structure(convert, batch.y))
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the
@@ -404,6 +406,20 @@ class TorchComposableInfluence(
         if self.model is self.original_model:
             return data
         return cast(DataLoader, CastData(data, self.compute_dtype))
+
+    def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
+        return self._create_batch(x, y).as_test()
+
+    def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
+        """The shape of one sample of the input that `InfluenceMode.Perturbation`
+        differentiates: `x.shape[1:]` for a tensor, or the shape of the entry of a structured
+        `x` chosen by the task (see [perturbation_entry][influx.torch.model_call.perturbation_entry]).
+        Perturbation influences have shape `(N_test, N, *perturbation_shape(x))`."""
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to choose the perturbed input.")
+        structure = normalise_structure(x)
+        index, _ = perturbation_entry(structure, self.loss)
+        return tuple(leaves(structure)[index].shape[1:])
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)

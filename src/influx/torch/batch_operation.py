@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, TypeVar
 import torch
 
 from .autodiff import (
-    LossFunction,
+    LossOrTask,
     batch_hessian,
     create_batch_hvp_function,
     create_per_sample_gradient_function,
@@ -164,7 +164,7 @@ class LossBatchOperation(BatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
         super().__init__(model, restrict_to)
@@ -255,7 +255,7 @@ class InverseHarmonicMeanBatchOperation(GaussNewtonBatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         regularization: float,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):

@@ -61,7 +61,9 @@ class OperatorBilinearForm(BilinearForm[torch.Tensor, TorchBatch, TorchGradientP
         right = left if right is None else right
         left_factors = self.operator.apply(gradient_provider.flat_grads(left))
         right_mixed = gradient_provider.flat_mixed_grads(right)
-        return perturbation_product(left_factors, right_mixed, tuple(right.x.shape[1:]))
+        return perturbation_product(
+            left_factors, right_mixed, gradient_provider.perturbation_shape(right)
+        )
 
 
 class DictBilinearForm(OperatorBilinearForm):

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ..errors import NonConvergenceError, NonFiniteCurvatureError
-from .autodiff import LossFunction
+from .autodiff import LossOrTask
 from .batch_operation import GaussNewtonBatchOperation
 from .blocks import BlockStructure, block_parameters
 from .cg import CgOperator
@@ -109,7 +109,7 @@ class Curvature(ABC):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -141,7 +141,7 @@ class ModeCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -216,7 +216,7 @@ class KroneckerCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":

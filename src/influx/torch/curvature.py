@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .autodiff import LossFunction
+from .autodiff import LossOrTask
 from .batch_operation import (
     BatchOperation,
     GaussNewtonBatchOperation,
@@ -166,7 +166,7 @@ class ModelCurvatureOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
@@ -213,7 +213,7 @@ class GeneralizedGaussNewtonOperator(ModelCurvatureOperator):
 def curvature_operator(
     mode: SecondOrderMode,
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     dataloader: DataLoader,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
 ) -> AveragingBatchOperator:

@@ -11,17 +11,20 @@ back to the first batch with non-finite values. The checks on tensors themselves
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, List, Optional, cast
 
 import torch
 
 from ..errors import NonFiniteCurvatureError
 from .autodiff import (
     LossFunction,
+    LossOrTask,
     create_batch_loss_function,
     create_per_sample_loss_function,
 )
-from .data import iterate_batches
+from .data import iterate_batches, leaves, map_structure, normalise_structure
+from .model_call import is_data_dependent_control_flow, is_task
 from .tensor_operator import OperatorState, TensorOperator
 from .validation import (
     check_batch_for_model,
@@ -39,7 +42,7 @@ _FORWARD_ERRORS = (RuntimeError, IndexError, TypeError, ValueError)
 
 def check_first_batch(
     model: torch.nn.Module,
-    loss: Optional[LossFunction],
+    loss: Optional[LossOrTask],
     params: Dict[str, torch.Tensor],
     data: Iterable,
     device: torch.device,
@@ -62,9 +65,12 @@ def check_first_batch(
     batch = next(iter(iterate_batches(data, device, "data")), None)
     if batch is None or loss is None:
         return
-    dtype = next(iter(params.values())).dtype if params else batch.x.dtype
-    check_batch_for_model(batch.x, dtype, device, "data")
-    check_labels_for_loss(batch.y, loss, "data")
+    inputs = leaves(batch.x)
+    dtype = next(iter(params.values())).dtype if params else inputs[0].dtype
+    for tensor in inputs:
+        check_batch_for_model(tensor, dtype, device, "data")
+    if isinstance(batch.y, torch.Tensor) and not is_task(loss):
+        check_labels_for_loss(batch.y, cast(LossFunction, loss), "data")
     bad = [name for name, value in params.items() if not is_finite(value)]
     if bad:
         raise NonFiniteCurvatureError(
@@ -89,6 +95,8 @@ def check_first_batch(
                 params, batch.x, batch.y
             )
         except _FORWARD_ERRORS as error:
+            if is_data_dependent_control_flow(error):
+                return  # a model vmap cannot map: per-sample values are computed otherwise
             raise forward_error(error, batch.x, batch.y, model, "data") from error
     check_loss_decomposes(value, per_sample)
 
@@ -112,7 +120,7 @@ def _non_finite_tensors(state: OperatorState, prefix: str = "") -> List[str]:
 
 def non_finite_error(
     model: torch.nn.Module,
-    loss: Optional[LossFunction],
+    loss: Optional[LossOrTask],
     params: Dict[str, torch.Tensor],
     data: Iterable,
     block: Optional[str],
@@ -132,8 +140,8 @@ def non_finite_error(
         for index, batch in enumerate(iterate_batches(data, device, "data")):
             bad = [
                 what
-                for what, tensor in (("inputs", batch.x), ("targets", batch.y))
-                if not is_finite(tensor)
+                for what, value in (("inputs", batch.x), ("targets", batch.y))
+                if not all(is_finite(tensor) for tensor in leaves(value))
             ]
             if bad:
                 where = (
@@ -166,12 +174,14 @@ class CastData:
 
     def __iter__(self) -> Any:
         for batch in self.data:
-            if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                batch = tuple(
-                    t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                    for t in batch
-                )
+            if isinstance(batch, (tuple, list, Mapping)):
+                batch = map_structure(self._convert, normalise_structure(batch))
             yield batch
+
+    def _convert(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        return value
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]

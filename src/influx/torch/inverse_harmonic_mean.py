@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..types import SolverDiagnostics
-from .autodiff import LossFunction
+from .autodiff import LossOrTask
 from .batch_operation import InverseHarmonicMeanBatchOperation
 from .curvature import AveragingBatchOperator
 from .tensor_operator import OperatorState, StateContext
@@ -69,7 +69,7 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         regularization: float,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..types import SolverDiagnostics
-from .autodiff import LossFunction
+from .autodiff import LossOrTask
 from .bilinear import OperatorBilinearForm
 from .curvature import SecondOrderMode, curvature_operator
 from .data import TorchBatch
@@ -406,7 +406,7 @@ def nystroem_low_rank(
 
 def model_hessian_low_rank(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     training_data: DataLoader,
     rank: int = 10,
     krylov_dimension: Optional[int] = None,
@@ -431,7 +431,7 @@ def model_hessian_low_rank(
 
 def model_hessian_nystroem_approximation(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     data_loader: DataLoader,
     rank: int,
     shift_func: Optional[Callable[[torch.Tensor], Union[torch.Tensor, float]]] = None,

@@ -127,6 +127,7 @@ def functional_forward(
     tensors: ParamDict,
     args: Tuple[Any, ...],
     signature: Optional[StructureSignature] = None,
+    kwargs: Optional[Dict[str, Any]] = None,
 ) -> Any:
     r"""$f_\theta(\text{args})$ with the parameters and buffers in `tensors`, without touching
     `model`.
@@ -143,10 +144,11 @@ def functional_forward(
         args: the positional arguments of the forward pass.
         signature: the module's structure when the caller read its tensors (computed if
             None); a copy made for another structure is rebuilt.
+        kwargs: the keyword arguments of the forward pass.
     """
     if signature is None:
         signature = structure_signature(model)
-    return functional_call(_thread_structure_copy(model, signature), tensors, args)
+    return functional_call(_thread_structure_copy(model, signature), tensors, args, kwargs)
 
 
 _FORWARD_MODE_LOCK = threading.RLock()

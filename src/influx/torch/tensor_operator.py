@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, TypeVar, Union
 import torch
 
 from ..types import Operator, SolverDiagnostics
-from .autodiff import LossFunction, flatten_dimensions
+from .autodiff import LossOrTask, flatten_dimensions
 from .bilinear import DictBilinearForm, OperatorBilinearForm
 from .validation import validate_regularization
 
@@ -59,7 +59,7 @@ class StateContext:
     through the data (CG, LiSSA, ...), the training data."""
 
     model: Optional[torch.nn.Module] = None
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     params: Optional[Mapping[str, torch.Tensor]] = None
     data: Optional[Iterable] = None
     block_name: Optional[str] = None
@@ -75,7 +75,7 @@ class StateContext:
 
     def require_model(
         self, what: str
-    ) -> Tuple[torch.nn.Module, LossFunction, Mapping[str, torch.Tensor]]:
+    ) -> Tuple[torch.nn.Module, LossOrTask, Mapping[str, torch.Tensor]]:
         """The model, loss and block parameters, or a ValueError naming `what`."""
         if self.model is None or self.loss is None or self.params is None:
             raise ValueError(f"{what} needs the model, the loss and the block's parameters.")

@@ -404,8 +404,19 @@ def check_labels_for_loss(y: torch.Tensor, loss: Callable[..., Any], name: str =
     )
 
 
+def _describe(value: Any) -> str:
+    """`shape ... and dtype ...` of a tensor, or of every tensor of a structure."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
 def forward_error(
-    error: Exception, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module, name: str
+    error: Exception, x: Any, y: Any, model: torch.nn.Module, name: str
 ) -> ValueError:
     """A ValueError that puts a torch error raised by the first forward pass into context:
     the shapes and dtypes of the batch and what the model's first layer expects."""
@@ -424,8 +435,7 @@ def forward_error(
     dtype = params[0].dtype if params else None
     return ValueError(
         f"The model and loss could not be evaluated on the first batch of '{name}' (x with "
-        f"shape {tuple(x.shape)} and dtype {x.dtype}, y with shape {tuple(y.shape)} and dtype "
-        f"{y.dtype}; the model's parameters have dtype {dtype}"
+        f"{_describe(x)}, y with {_describe(y)}; the model's parameters have dtype {dtype}"
         + (f", {first}" if first else "")
         + f"): {error}"
     )

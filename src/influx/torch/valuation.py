@@ -134,7 +134,7 @@ def rank_training_points(
     summed: Dict[str, torch.Tensor] = {}
     for batch in _batches(model, validation_data, "validation_data"):
         for name, block in blocks.items():
-            g = block.gradient_provider.flat_grads(batch).sum(dim=0, keepdim=True)
+            g = block.gradient_provider.flat_grads(batch.as_test()).sum(dim=0, keepdim=True)
             summed[name] = g + summed[name] if name in summed else g
     if not summed:
         raise ValueError("Parameter 'validation_data' yielded no batches.")
