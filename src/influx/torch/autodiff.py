@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
 from .model_call import (
@@ -56,12 +56,9 @@ from .stateless import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "HESSIAN_CHUNK_BUDGET",
     "FunctionalModel",
     "LossFunction",
     "LossOrTask",
-    "batch_hessian",
-    "create_batch_hvp_function",
     "create_batch_loss_function",
     "create_matrix_jacobian_product_function",
     "create_per_sample_gradient_function",
@@ -69,8 +66,8 @@ __all__ = [
     "create_per_sample_mixed_derivative_function",
     "flatten_dimensions",
     "get_model_parameters",
-    "hvp",
     "model_device",
+    "tree_to_device",
     "operator_to_dense",
     "unflatten",
 ]
@@ -130,12 +127,12 @@ def _at_call_time(
 
     def call(p: ParamDict, x: Any, y: Any, *rest: Any) -> Any:
         device = model_device(model)
-        return make(p)(p, _to(x, device), _to(y, device), *rest)
+        return make(p)(p, tree_to_device(x, device), tree_to_device(y, device), *rest)
 
     return call
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def tree_to_device(value: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda t: t.to(device), value)
 
 
@@ -335,7 +332,9 @@ def create_matrix_jacobian_product_function(
         def product_with_fixed_matrix(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
             device = model_device(model)
             function = create_matrix_jacobian_product_function(model, loss, p, measurement)
-            return function(p, _to(x, device), _to(y, device), matrix.to(device)).T
+            return function(
+                p, tree_to_device(x, device), tree_to_device(y, device), matrix.to(device)
+            ).T
 
         return product_with_fixed_matrix
     if not isinstance(g, Mapping):
@@ -367,165 +366,6 @@ def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
         name: chunk.reshape(*lead, *p.shape)
         for (name, p), chunk in zip(params.items(), torch.split(vector, sizes, dim=-1))
     }
-
-
-def hvp(
-    func: Callable[[ParamDict], torch.Tensor],
-    params: ParamDict,
-    vec: ParamDict,
-    reverse_only: bool = True,
-) -> ParamDict:
-    r"""The Hessian-vector product $\nabla^2 f(\theta)\, v$ of a scalar function of a
-    dictionary of parameters.
-
-    With `reverse_only=True`, reverse-over-reverse: the vector-Jacobian product of the
-    gradient map, $v \mapsto v^\top \nabla(\nabla f)$ (the Hessian is symmetric). Otherwise
-    forward-over-reverse, $\frac{d}{dt}\nabla f(\theta + t v)\big|_{t=0}$, falling back to
-    reverse-over-reverse where torch's forward-mode rules fail for an operation of `func`.
-
-    Args:
-        func: $f$, a scalar function of a dict of tensors.
-        params: $\theta$, the point at which the Hessian is taken.
-        vec: $v$, a dict with the keys and shapes of `params`.
-        reverse_only: use reverse mode only.
-
-    Returns:
-        $\nabla^2 f(\theta) v$ as a dict shaped like `params`.
-    """
-    if not reverse_only:
-        try:
-            return jvp(grad(func), (params,), (vec,))[1]  # type: ignore[no-any-return]
-        except (RuntimeError, NotImplementedError) as error:
-            logger.debug("Forward-over-reverse failed (%s): using reverse mode.", error)
-    vjp_fn = vjp(grad(func), params)[1]
-    return vjp_fn(vec)[0]  # type: ignore[no-any-return]
-
-
-def create_batch_hvp_function(
-    model: torch.nn.Module,
-    loss: LossOrTask,
-    reverse_only: Union[bool, ParamDict] = True,
-    params: Optional[ParamDict] = None,
-) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x, y, v) \mapsto \nabla^2_\theta L(\theta)\, v$, Hessian-vector products of
-    the loss of a batch, for a vector `v` `(P,)` or for every row of a matrix `V` `(K, P)`.
-
-    Two strategies, vectorised over the rows of `V`; the Hessian is never formed:
-
-    * forward-over-reverse, $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$,
-      a Jacobian-vector product of the gradient map (the default when parameters are given);
-    * reverse-over-reverse, $H v = \nabla_\theta (\nabla_\theta L \cdot v)$ through a
-      vector-Jacobian product of the gradient map (with `reverse_only=True`, the default of
-      the reference API's form). It needs only the backward rules of the model and the loss.
-
-    Forward-mode rules are missing or wrong for some layers and losses in some torch versions
-    (e.g. a `Conv1d` bias alone with `smooth_l1_loss` in float32); any failure of the
-    forward-over-reverse product switches the returned function to reverse-over-reverse for
-    good, with the same result.
-
-    Two forms:
-
-    * `create_batch_hvp_function(model, loss, reverse_only=True)` (the reference API's form):
-      the products are taken with respect to the parameters the function is called with;
-    * `create_batch_hvp_function(model, loss, params)` or `(..., params=params)`: with respect
-      to `params`, the model's other parameters and buffers held fixed.
-
-    Args:
-        model: the model.
-        loss: the loss function (mean reduction).
-        reverse_only: use reverse-over-reverse from the start (a dict of parameters passed
-            here is taken as `params`).
-        params: the parameters to differentiate with respect to.
-    """
-    if isinstance(reverse_only, Mapping):
-        if params is not None:
-            raise TypeError(
-                "Parameter 'params' was given twice: as the third positional argument and by "
-                "keyword."
-            )
-        return _create_rows_hvp_function(model, loss, dict(reverse_only), reverse_only=False)
-    if params is not None:
-        return _create_rows_hvp_function(model, loss, params, reverse_only=bool(reverse_only))
-
-    def hvp_at_call_time(p: ParamDict, x: Any, y: Any, vec: torch.Tensor) -> torch.Tensor:
-        device = model_device(model)
-        function = _create_rows_hvp_function(model, loss, p, reverse_only=bool(reverse_only))
-        rows = vec.to(device).reshape(-1, vec.shape[-1])
-        return function(p, _to(x, device), _to(y, device), rows).reshape(vec.shape)
-
-    return hvp_at_call_time
-
-
-def _create_rows_hvp_function(
-    model: torch.nn.Module, loss: LossOrTask, params: ParamDict, reverse_only: bool
-) -> Callable[[ParamDict, Any, Any, torch.Tensor], torch.Tensor]:
-    """Hessian-vector products with the rows of `V` `(K, P)` with respect to `params`."""
-    batch_loss = create_batch_loss_function(model, loss, params)
-    names = list(params)
-
-    def forward_over_reverse(p: ParamDict, x: Any, y: Any, v: torch.Tensor) -> torch.Tensor:
-        def gradient(q: ParamDict) -> ParamDict:
-            return grad(batch_loss)(q, x, y)  # type: ignore[no-any-return]
-
-        tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
-        return torch.cat([tangent[n].reshape(-1) for n in names])
-
-    def reverse_over_reverse(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
-        pullback = vjp(lambda q: grad(batch_loss)(q, x, y), p)[1]
-
-        def one_row(v: torch.Tensor) -> torch.Tensor:
-            product = pullback(unflatten(v, p))[0]
-            return torch.cat([product[n].reshape(-1) for n in names])
-
-        return vmap(one_row)(vs)  # type: ignore[no-any-return]
-
-    use_reverse = [reverse_only]
-
-    def rows_hvp(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
-        if not use_reverse[0]:
-            try:
-                return vmap(forward_over_reverse, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
-            except (RuntimeError, NotImplementedError) as error:
-                logger.debug(
-                    "Forward-over-reverse Hessian-vector product failed (%s): using "
-                    "reverse-over-reverse from now on.",
-                    error,
-                )
-                use_reverse[0] = True
-        return reverse_over_reverse(p, x, y, vs)
-
-    return ForwardModeSerialised(rows_hvp)
-
-
-HESSIAN_CHUNK_BUDGET = 2**17
-"""Default number of (Hessian column, sample) pairs processed at once by
-[batch_hessian][influx.torch.autodiff.batch_hessian]: enough to keep vectorised kernels busy, few
-enough for the intermediate activations (one copy per pair) to stay small."""
-
-
-def batch_hessian(
-    model: torch.nn.Module,
-    loss: LossOrTask,
-    params: ParamDict,
-    x: Any,
-    y: Any,
-    chunk_size: Optional[int] = None,
-) -> torch.Tensor:
-    """The Hessian of the loss of one batch with respect to `params`, by chunks of columns."""
-    size = sum(p.numel() for p in params.values())
-    hvp = create_batch_hvp_function(model, loss, params)
-    first = next(iter(params.values()))
-    if chunk_size is None:
-        n = int(pytree.tree_leaves(x)[0].shape[0])
-        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, n))
-    step = min(size, chunk_size)
-    result = torch.empty(size, size, dtype=first.dtype, device=first.device)
-    for start in range(0, size, step):
-        stop = min(size, start + step)
-        basis = torch.zeros(stop - start, size, dtype=first.dtype, device=first.device)
-        basis[:, start:stop].fill_diagonal_(1.0)
-        result[start:stop] = hvp(params, x, y, basis)
-    return result
 
 
 def operator_to_dense(

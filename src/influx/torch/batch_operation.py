@@ -15,8 +15,6 @@ import torch
 
 from .autodiff import (
     LossOrTask,
-    batch_hessian,
-    create_batch_hvp_function,
     create_per_sample_gradient_function,
     flatten_dimensions,
     get_model_parameters,
@@ -24,6 +22,7 @@ from .autodiff import (
 )
 from .averaging import ChunkAveraging, PointAveraging, TensorAveragingType
 from .data import TorchBatch
+from .hessian_products import batch_hessian, create_batch_hvp_function
 from .tensor_operator import OperatorState, StateContext, Stateful
 from .validation import validate_regularization
 

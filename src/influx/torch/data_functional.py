@@ -25,14 +25,13 @@ import torch
 
 from .autodiff import (
     LossFunction,
-    batch_hessian,
-    create_batch_hvp_function,
     create_batch_loss_function,
     create_per_sample_gradient_function,
     flatten_dimensions,
     get_model_parameters,
     model_device,
 )
+from .hessian_products import batch_hessian, create_batch_hvp_function
 from .sketch import LowRankProductRepresentation, ShiftFunction, randomized_nystroem_approximation
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -10,9 +10,7 @@ library imports it.
 """
 
 from .autodiff import (
-    HESSIAN_CHUNK_BUDGET,
     LossFunction,
-    create_batch_hvp_function,
     create_batch_loss_function,
     create_matrix_jacobian_product_function,
     create_per_sample_gradient_function,
@@ -20,7 +18,6 @@ from .autodiff import (
     create_per_sample_mixed_derivative_function,
     flatten_dimensions,
     get_model_parameters,
-    hvp,
     operator_to_dense,
     unflatten,
 )
@@ -31,6 +28,15 @@ from .data_functional import (
     hessian,
     operator_nystroem_approximation,
     operator_spectral_approximation,
+)
+from .hessian_products import (
+    HESSIAN_CHUNK_BUDGET,
+    HVP_REVERSE_MAX_ROWS,
+    HVP_REVERSE_VECTORISED_MAX_PARAMETERS,
+    create_batch_hessian_function,
+    create_batch_hvp_function,
+    create_batch_hvp_reverse_function,
+    hvp,
 )
 from .low_rank import model_hessian_nystroem_approximation
 from .sketch import (
@@ -43,6 +49,10 @@ from .stateless import ForwardModeSerialised, functional_forward
 
 __all__ = [
     "HESSIAN_CHUNK_BUDGET",
+    "HVP_REVERSE_MAX_ROWS",
+    "HVP_REVERSE_VECTORISED_MAX_PARAMETERS",
+    "create_batch_hessian_function",
+    "create_batch_hvp_reverse_function",
     "ForwardModeSerialised",
     "LossFunction",
     "LowRankProductRepresentation",

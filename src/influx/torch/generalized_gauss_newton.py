@@ -30,16 +30,10 @@ from typing import Any, Callable, Dict, Optional, cast
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .autodiff import (
-    HESSIAN_CHUNK_BUDGET,
-    FunctionalModel,
-    LossFunction,
-    LossOrTask,
-    operator_to_dense,
-    unflatten,
-)
+from .autodiff import FunctionalModel, LossFunction, LossOrTask, operator_to_dense, unflatten
 from .batch_operation import LossBatchOperation
 from .data import TorchBatch
+from .hessian_products import HESSIAN_CHUNK_BUDGET
 from .model_call import call_model, is_task, model_outputs
 from .stateless import ForwardModeSerialised
 
