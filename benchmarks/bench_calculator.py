@@ -8,7 +8,7 @@ for the sequential runs, the larger of the two worker processes for Dask.
 
 Usage (from the repository root):
 
-    PYTHONPATH=src /work/venv/bin/python benchmarks/bench_calculator.py [--repeats 3]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_calculator.py [--repeats 3]
 
 The results table is printed and written to the "Calculators" section of
 `benchmarks/README.md`.
@@ -29,7 +29,12 @@ from typing import Any, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 INFLUX_PYTHON = os.environ.get("INFLUX_PYTHON", sys.executable)
-REFERENCE_PYTHON = os.environ.get("REFERENCE_PYTHON", "/work/venv-ref/bin/python")
+REFERENCE_PYTHON = str(
+    ROOT
+    / os.environ.get(
+        "INFLUX_REF_PYTHON", os.environ.get("REFERENCE_PYTHON", ".venv-ref/bin/python")
+    )
+)
 HIDDEN = 16
 REGULARIZATION = 0.01
 TEST_CHUNK = 500

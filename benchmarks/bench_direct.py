@@ -12,7 +12,7 @@ about 40 GB in float32 (80 GB in float64).
 
 Usage (from the repository root):
 
-    PYTHONPATH=src /work/venv/bin/python benchmarks/bench_direct.py [--repeats 5] [--readme]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_direct.py [--repeats 5] [--readme]
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ its EkfacInfluence supports Linear layers and cross-entropy only, so it has no C
 
 Usage (from the repository root):
 
-    PYTHONPATH=src /work/venv/bin/python benchmarks/bench_ekfac.py \
-        --ref-python /work/venv-ref/bin/python
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_ekfac.py [--ref-python PATH]
+
+``--ref-python`` defaults to ``$INFLUX_REF_PYTHON``, else ``.venv-ref/bin/python``.
 """
 
 from __future__ import annotations
@@ -249,7 +250,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--payload", default="")
     parser.add_argument("--out", default="")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ref-python", default="/work/venv-ref/bin/python")
+    parser.add_argument(
+        "--ref-python",
+        default=os.environ.get("INFLUX_REF_PYTHON", ".venv-ref/bin/python"),
+        help="the reference library's interpreter (relative paths: from the repository root)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
@@ -268,7 +273,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     library: run_worker(python, library, kind, threads, payload, args.repeats, tmp)
                     for library, python in (
                         ("influx", sys.executable),
-                        ("reference", args.ref_python),
+                        ("reference", str(HERE.parents[1] / args.ref_python)),
                     )
                 }
                 rows.append((kind, threads, results, exact))

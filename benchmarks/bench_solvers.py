@@ -13,7 +13,7 @@ torch's default count on the small workloads).
 
 Usage (from the repository root):
 
-    PYTHONPATH=src /work/venv/bin/python benchmarks/bench_solvers.py [--readme]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_solvers.py [--readme]
 """
 
 from __future__ import annotations

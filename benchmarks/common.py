@@ -1,8 +1,8 @@
 """Shared benchmark harness: workloads, training, exact references and an isolated case runner.
 
 A *case* is one (library, influence class, workload, thread count, dtype) combination. It
-runs in a fresh Python process (`/work/venv` with `PYTHONPATH=src` for influx, the reference
-library's own interpreter for pyDVL), which loads a model and data saved once by the parent,
+runs in a fresh Python process (influx's interpreter with `PYTHONPATH=src`, the reference
+library's own interpreter for pyDVL; see `influx_python` and `reference_python`), which loads a model and data saved once by the parent,
 so that both libraries see bit-identical weights and inputs. The child process times
 `fit(DataLoader)` and `influences(x_test, y_test, x, y)` for a (64 test x 1000 train) matrix
 over several repetitions, measures its peak resident memory increase, and saves the last
@@ -41,8 +41,10 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-DEFAULT_INFLUX_PYTHON = "/work/venv/bin/python"
-DEFAULT_REF_PYTHON = "/work/venv-ref/bin/python"
+#: Interpreters, relative to the repository root unless absolute; overridden by the
+#: environment variables INFLUX_PYTHON and INFLUX_REF_PYTHON.
+DEFAULT_INFLUX_PYTHON = ".venv/bin/python"
+DEFAULT_REF_PYTHON = ".venv-ref/bin/python"
 N_TEST = 64
 N_TRAIN_INFLUENCE = 1000
 SEED = 0
@@ -352,17 +354,36 @@ def _interpreter_works(python: str, module: str) -> bool:
     return probe.returncode == 0
 
 
+def _resolve_interpreter(path: str) -> str:
+    """`path` as given if absolute or found on PATH, else relative to the repository root."""
+    candidate = Path(path)
+    if candidate.is_absolute() or os.sep not in path:
+        return path
+    return str(REPO_ROOT / candidate)
+
+
+def reference_interpreter() -> str:
+    """The configured reference interpreter (env INFLUX_REF_PYTHON, default
+    `.venv-ref/bin/python` under the repository root), whether or not it works."""
+    return _resolve_interpreter(os.environ.get("INFLUX_REF_PYTHON", DEFAULT_REF_PYTHON))
+
+
 @functools.cache
 def reference_python() -> Optional[str]:
-    """The reference library's interpreter (env INFLUX_REF_PYTHON, default
-    /work/venv-ref/bin/python) if it can import pyDVL's torch influence module, else None."""
-    python = os.environ.get("INFLUX_REF_PYTHON", DEFAULT_REF_PYTHON)
+    """The reference library's interpreter (`reference_interpreter`) if it can import pyDVL's
+    torch influence module, else None."""
+    python = reference_interpreter()
     return python if _interpreter_works(python, LIBRARY_MODULES["pydvl"]) else None
 
 
 def influx_python() -> str:
-    """The interpreter for influx (env INFLUX_PYTHON, default /work/venv/bin/python)."""
-    return os.environ.get("INFLUX_PYTHON", DEFAULT_INFLUX_PYTHON)
+    """The interpreter for influx (env INFLUX_PYTHON, default `.venv/bin/python` under the
+    repository root, else the running interpreter)."""
+    configured = os.environ.get("INFLUX_PYTHON")
+    if configured:
+        return _resolve_interpreter(configured)
+    default = _resolve_interpreter(DEFAULT_INFLUX_PYTHON)
+    return default if Path(default).exists() else sys.executable
 
 
 def _child_env(pythonpath: Optional[str]) -> Dict[str, str]:
