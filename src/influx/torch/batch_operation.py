@@ -15,12 +15,12 @@ import torch
 from .data import TorchBatch
 from .functional import (
     LossFunction,
+    create_batch_hessian_function,
     create_batch_hvp_function,
     create_per_sample_gradient_function,
     flatten_dimensions,
     gauss_newton,
     get_model_parameters,
-    hessian,
     operator_to_dense,
 )
 from .tensor_operator import OperatorState, StateContext, Stateful
@@ -129,18 +129,22 @@ class LossBatchOperation(BatchOperation):
 class HessianBatchOperation(LossBatchOperation):
     r"""$V \mapsto V \nabla^2_\theta L_b(\theta)$ with $L_b = \text{loss}(f_\theta(x_b), y_b)$.
 
-    Hessian-vector products are computed forward-over-reverse, all rows at once. Arguments
-    as for [LossBatchOperation][influx.torch.batch_operation.LossBatchOperation].
+    Hessian-vector products are computed reverse-over-reverse for a few rows and
+    forward-over-reverse, all rows at once, for many (see
+    [create_batch_hvp_function][influx.torch.functional.create_batch_hvp_function]); the dense
+    matrix reverse-over-reverse, sharing one forward and one backward pass among its columns.
+    Arguments as for [LossBatchOperation][influx.torch.batch_operation.LossBatchOperation].
     """
 
     def _rebuild(self) -> None:
         self._hvp = create_batch_hvp_function(self.model, self.loss, self.params)
+        self._dense = create_batch_hessian_function(self.model, self.loss, self.params)
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         return self._hvp(self.params, batch.x, batch.y, tensor)  # type: ignore[no-any-return]
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:
-        return hessian(self.model, self.loss, self.params, batch.x, batch.y)
+        return self._dense(self.params, batch.x, batch.y, None)
 
 
 class GaussNewtonBatchOperation(LossBatchOperation):

@@ -20,7 +20,8 @@ mean reduction):
 
 * per-sample gradients $\nabla_\theta \ell_i$,
 * mixed derivatives $\nabla_x \nabla_\theta \ell_i$,
-* Hessian-vector products $\nabla^2_\theta L \, v$ (forward-over-reverse),
+* Hessian-vector products $\nabla^2_\theta L \, v$ (reverse-over-reverse for a few vectors,
+  forward-over-reverse for many),
 * Gauss-Newton products $\frac{1}{n}\sum_i \nabla_\theta \ell_i \nabla_\theta \ell_i^\top v$.
 """
 
@@ -34,7 +35,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ __all__ = [
     "create_per_sample_mixed_derivative_function",
     "create_matrix_jacobian_product_function",
     "create_batch_hvp_function",
+    "create_batch_hvp_reverse_function",
+    "HVP_REVERSE_MAX_ROWS",
     "hessian",
+    "create_batch_hessian_function",
     "gauss_newton",
     "operator_to_dense",
     "LowRankProductRepresentation",
@@ -344,29 +348,93 @@ def unflatten(vector: torch.Tensor, params: ParamDict) -> ParamDict:
     }
 
 
-def create_batch_hvp_function(
+HVP_REVERSE_MAX_ROWS = 16
+"""Largest number of vectors for which
+[create_batch_hvp_function][influx.torch.functional.create_batch_hvp_function] computes
+Hessian-vector products reverse-over-reverse (one forward and one differentiable backward
+pass, then one backward pass per vector); more vectors go through the vectorised
+forward-over-reverse product. Measured in `benchmarks/bench_hvp.py`."""
+
+
+def create_batch_hvp_reverse_function(
     model: torch.nn.Module, loss: LossFunction, params: ParamDict
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
+    r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$, reverse-over-reverse.
 
-    Forward-over-reverse: $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$, a
-    Jacobian-vector product of the gradient map, vectorised over the rows of `V`; the
-    backward pass depends on the primal values only, so the rows of `V` batch into plain
-    matrix products. Where torch's forward-mode rules fail for the loss (e.g. `mse_loss` in
-    some torch versions), it falls back to reverse-over-forward,
-    $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, with the same result. The Hessian is
-    never formed.
+    One forward pass and one backward pass that records its own graph give
+    $g(\theta) = \nabla_\theta L(\theta)$; each row $v$ of `V` `(K, P)` is then one more
+    backward pass through that graph,
+
+    $$ H v = \nabla_\theta \left( g(\theta)^\top v \right), $$
+
+    so the forward pass and the first backward pass are shared by the $K$ products. The cost
+    is one forward and $1 + 2K$ backward passes of the batch: the cheapest product for one or
+    a few vectors, without the fixed cost of `torch.func`'s transforms. Only reverse-mode
+    derivatives are used, so several threads may run it at once. The Hessian is never formed.
     """
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
 
+    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        result = torch.zeros(vs.shape, dtype=vs.dtype, device=vs.device)
+        if vs.shape[0] == 0:
+            return result
+        with torch.enable_grad():
+            leaves = [p[n].detach().requires_grad_(True) for n in names]
+            value = batch_loss(dict(zip(names, leaves)), x, y)
+            first = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+            # gradients that do not depend on the parameters (a loss linear in them) add
+            # nothing to the Hessian
+            live = [k for k, g in enumerate(first) if g is not None and g.requires_grad]
+            if not live:
+                return result
+            outputs = [first[k] for k in live]
+            offsets = [0]
+            for leaf in leaves:
+                offsets.append(offsets[-1] + leaf.numel())
+            last = vs.shape[0] - 1
+            for row, v in enumerate(vs):
+                directions = [v[offsets[k] : offsets[k + 1]].view_as(leaves[k]) for k in live]
+                second = torch.autograd.grad(
+                    outputs, leaves, directions, retain_graph=row < last, allow_unused=True
+                )
+                for k, block in enumerate(second):
+                    if block is not None:
+                        result[row, offsets[k] : offsets[k + 1]] = block.reshape(-1)
+        return result
+
+    return hvp
+
+
+def create_batch_hvp_function(
+    model: torch.nn.Module,
+    loss: LossFunction,
+    params: ParamDict,
+    reverse_max_rows: Optional[int] = None,
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
+
+    The strategy is chosen per call by $K$: up to `reverse_max_rows` rows (default
+    [HVP_REVERSE_MAX_ROWS][influx.torch.functional.HVP_REVERSE_MAX_ROWS]) reverse-over-reverse
+    ([create_batch_hvp_reverse_function][influx.torch.functional.create_batch_hvp_reverse_function]),
+    more rows forward-over-reverse: $H v = \frac{d}{dt} \nabla_\theta L(\theta + t v)\big|_{t=0}$,
+    a Jacobian-vector product of the gradient map, vectorised over the rows of `V`; the
+    backward pass depends on the primal values only, so the rows of `V` batch into plain
+    matrix products. Where torch's forward-mode rules fail for the loss (e.g. `mse_loss` in
+    some torch versions), it falls back to reverse-over-forward,
+    $H v = \nabla_\theta (\nabla_\theta L \cdot v)$, with the same result. The transformed
+    functions are built once, here, not per call. The Hessian is never formed.
+    """
+    batch_loss = create_batch_loss_function(model, loss, params)
+    names = list(params)
+    limit = HVP_REVERSE_MAX_ROWS if reverse_max_rows is None else int(reverse_max_rows)
+    reverse = create_batch_hvp_reverse_function(model, loss, params)
+    gradient = grad(batch_loss)
+
     def forward_over_reverse(
         p: ParamDict, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        def gradient(q: ParamDict) -> ParamDict:
-            return grad(batch_loss)(q, x, y)  # type: ignore[no-any-return]
-
-        tangent = jvp(gradient, (p,), (unflatten(v, p),))[1]
+        tangent = jvp(lambda q: gradient(q, x, y), (p,), (unflatten(v, p),))[1]
         return torch.cat([tangent[n].reshape(-1) for n in names])
 
     def reverse_over_forward(
@@ -378,25 +446,77 @@ def create_batch_hvp_function(
         g = grad(directional)(p)
         return torch.cat([g[n].reshape(-1) for n in names])
 
+    vectorised = {
+        function: vmap(function, in_dims=(None, None, None, 0))
+        for function in (forward_over_reverse, reverse_over_forward)
+    }
     strategy = [forward_over_reverse]
 
-    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    def batched(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
         try:
-            return vmap(strategy[0], in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
+            return vectorised[strategy[0]](p, x, y, vs)  # type: ignore[no-any-return]
         except RuntimeError as error:
             if strategy[0] is reverse_over_forward or "ZeroTensor" not in str(error):
                 raise
             logger.debug("Forward-over-reverse failed (%s): using reverse-over-forward.", error)
             strategy[0] = reverse_over_forward
-            return vmap(reverse_over_forward, in_dims=(None, None, None, 0))(p, x, y, vs)  # type: ignore[no-any-return]
+            return vectorised[reverse_over_forward](p, x, y, vs)  # type: ignore[no-any-return]
 
-    return ForwardModeSerialised(hvp)
+    serialised = ForwardModeSerialised(batched)
+
+    def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        if vs.shape[0] <= limit:
+            return reverse(p, x, y, vs)
+        return serialised(p, x, y, vs)  # type: ignore[no-any-return]
+
+    return hvp
 
 
 HESSIAN_CHUNK_BUDGET = 2**17
 """Default number of (Hessian column, sample) pairs processed at once by
 [hessian][influx.torch.functional.hessian]: enough to keep vectorised kernels busy, few
 enough for the intermediate activations (one copy per pair) to stay small."""
+
+
+def create_batch_hessian_function(
+    model: torch.nn.Module, loss: LossFunction, params: ParamDict
+) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, Optional[int]], torch.Tensor]:
+    r"""$(\theta, x, y, c) \mapsto \nabla^2_\theta L(\theta)$, the dense Hessian `(P, P)` of the
+    batch loss, $c$ columns at a time (None: the default chunk size of
+    [hessian][influx.torch.functional.hessian]).
+
+    Reverse-over-reverse: one forward pass and one backward pass that records its graph give
+    the gradient map $g(\theta) = \nabla_\theta L(\theta)$ and its vector-Jacobian product
+    $u \mapsto \nabla_\theta (g(\theta)^\top u) = H u$; the columns of the identity are then
+    pushed through that product $c$ at a time, vectorised with `vmap`. The forward pass and
+    the first backward pass are shared by all $P$ columns, and only reverse-mode derivatives
+    are used (several threads may run it at once). The transformed functions are built here,
+    once.
+    """
+    batch_loss = create_batch_loss_function(model, loss, params)
+    names = list(params)
+    gradient = grad(batch_loss)
+
+    def dense(
+        p: ParamDict, x: torch.Tensor, y: torch.Tensor, chunk_size: Optional[int] = None
+    ) -> torch.Tensor:
+        size = sum(t.numel() for t in p.values())
+        first = next(iter(p.values()))
+        if chunk_size is None:
+            chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
+        step = max(1, min(size, int(chunk_size)))
+        _, pullback = vjp(lambda q: gradient(q, x, y), p)  # type: ignore[misc]
+        columns = vmap(pullback)
+        result = torch.empty(size, size, dtype=first.dtype, device=first.device)
+        for start in range(0, size, step):
+            stop = min(size, start + step)
+            basis = torch.zeros(stop - start, size, dtype=first.dtype, device=first.device)
+            basis[:, start:stop].fill_diagonal_(1.0)
+            rows = columns(unflatten(basis, p))[0]
+            result[start:stop] = torch.cat([rows[n].reshape(stop - start, -1) for n in names], 1)
+        return result
+
+    return dense
 
 
 def hessian(
@@ -410,24 +530,14 @@ def hessian(
     r"""The Hessian $\nabla^2_\theta L(\theta)$ of the batch loss, shape `(P, P)`.
 
     Built from Hessian-vector products with the columns of the identity, `chunk_size`
-    columns at a time. The cost is that of $P$ Hessian-vector products whatever the chunk
-    size; the chunk size bounds the intermediate activations, which are those of a batch of
-    `chunk_size` times $N$ samples. The default takes $\max(1, \lfloor 2^{17} / N \rfloor)$
-    columns for a batch of $N$ samples.
+    columns at a time, reverse-over-reverse (see
+    [create_batch_hessian_function][influx.torch.functional.create_batch_hessian_function]).
+    The cost is one forward pass, one backward pass and $P$ second backward passes whatever
+    the chunk size; the chunk size bounds the intermediate activations, which are those of a
+    batch of `chunk_size` times $N$ samples. The default takes
+    $\max(1, \lfloor 2^{17} / N \rfloor)$ columns for a batch of $N$ samples.
     """
-    size = sum(p.numel() for p in params.values())
-    hvp = create_batch_hvp_function(model, loss, params)
-    first = next(iter(params.values()))
-    if chunk_size is None:
-        chunk_size = max(1, HESSIAN_CHUNK_BUDGET // max(1, int(x.shape[0])))
-    step = min(size, chunk_size)
-    result = torch.empty(size, size, dtype=first.dtype, device=first.device)
-    for start in range(0, size, step):
-        stop = min(size, start + step)
-        basis = torch.zeros(stop - start, size, dtype=first.dtype, device=first.device)
-        basis[:, start:stop].fill_diagonal_(1.0)
-        result[start:stop] = hvp(params, x, y, basis)
-    return result
+    return create_batch_hessian_function(model, loss, params)(params, x, y, chunk_size)
 
 
 def gauss_newton(per_sample_grads: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Both Hessian-vector product strategies equal the exact Hessian (float64, torch.func)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict
+
+import pytest
+import torch
+
+from helpers import classification_data, make_mlp, rel_err
+from influx.torch.batch_operation import HessianBatchOperation
+from influx.torch.data import TorchBatch
+from influx.torch.functional import (
+    HVP_REVERSE_MAX_ROWS,
+    create_batch_hessian_function,
+    create_batch_hvp_function,
+    create_batch_hvp_reverse_function,
+    get_model_parameters,
+)
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def exact_hessian(
+    net: torch.nn.Module, loss: Loss, params: Dict[str, torch.Tensor], x: torch.Tensor, y
+) -> torch.Tensor:
+    """The Hessian of the batch loss in the parameters `params` by torch.func.hessian."""
+    names = list(params)
+    shapes = [p.shape for p in params.values()]
+    frozen = {n: t.detach() for n, t in net.named_parameters() if n not in params}
+
+    def flat_loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(theta, [s.numel() for s in shapes])
+        as_dict = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return loss(torch.func.functional_call(net, {**frozen, **as_dict}, (x,)), y)
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    return torch.func.hessian(flat_loss)(flat)  # type: ignore[no-any-return]
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(outputs, torch.nn.functional.one_hot(targets, 3).double())
+
+
+@pytest.mark.parametrize("loss", [torch.nn.functional.cross_entropy, mse], ids=["ce", "mse"])
+@pytest.mark.parametrize("rows", [1, 3, HVP_REVERSE_MAX_ROWS + 5])
+def test_reverse_and_forward_strategies_match_the_hessian(loss: Loss, rows: int) -> None:
+    net = make_mlp(d_in=4, hidden=5, d_out=3)
+    x, y = classification_data(n=20, d_in=4)
+    params = get_model_parameters(net)
+    expected = exact_hessian(net, loss, params, x, y)
+    vs = torch.randn(rows, expected.shape[0], generator=torch.Generator().manual_seed(2))
+    reverse = create_batch_hvp_reverse_function(net, loss, params)
+    forward = create_batch_hvp_function(net, loss, params, reverse_max_rows=0)
+    default = create_batch_hvp_function(net, loss, params)
+    for function in (reverse, forward, default):
+        result = function(params, x, y, vs)
+        assert result.shape == vs.shape
+        assert not result.requires_grad
+        assert rel_err(result, vs @ expected) < 1e-12
+
+
+def test_reverse_strategy_on_a_block_and_a_loss_linear_in_a_parameter() -> None:
+    """Restricted parameters give the sub-matrix; a parameter the loss is linear in (the
+    output bias under a summed output) has a zero block, not an error."""
+    net = make_mlp(d_in=4, hidden=5, d_out=3)
+    x, y = classification_data(n=20, d_in=4)
+    block = {n: p.detach() for n, p in net.named_parameters() if n.startswith("2.")}
+    loss = torch.nn.functional.cross_entropy
+    expected = exact_hessian(net, loss, block, x, y)
+    vs = torch.randn(2, expected.shape[0], generator=torch.Generator().manual_seed(3))
+    result = create_batch_hvp_reverse_function(net, loss, block)(block, x, y, vs)
+    assert rel_err(result, vs @ expected) < 1e-12
+
+    def linear(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs.sum() / outputs.shape[0]
+
+    bias = {"2.bias": net[2].bias.detach()}
+    result = create_batch_hvp_reverse_function(net, linear, bias)(bias, x, y, torch.eye(3))
+    assert torch.equal(result, torch.zeros(3, 3))
+
+
+def test_reverse_strategy_runs_in_several_threads() -> None:
+    net = make_mlp(d_in=4, hidden=5, d_out=3)
+    x, y = classification_data(n=20, d_in=4)
+    loss = torch.nn.functional.cross_entropy
+    params = get_model_parameters(net)
+    expected = exact_hessian(net, loss, params, x, y)
+    hvp = create_batch_hvp_function(net, loss, params)
+    vs = torch.randn(4, 8, expected.shape[0], generator=torch.Generator().manual_seed(4))
+    results: Dict[int, torch.Tensor] = {}
+
+    def work(k: int) -> None:
+        for _ in range(5):
+            results[k] = hvp(params, x, y, vs[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k in range(4):
+        assert rel_err(results[k], vs[k] @ expected) < 1e-12
+
+
+def test_hessian_batch_operation_single_vector_and_no_grad_context() -> None:
+    net = make_mlp(d_in=4, hidden=5, d_out=3)
+    x, y = classification_data(n=20, d_in=4)
+    loss = torch.nn.functional.cross_entropy
+    operation = HessianBatchOperation(net, loss)
+    expected = exact_hessian(net, loss, operation.params, x, y)
+    v = torch.randn(expected.shape[0], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        result = operation.apply(TorchBatch(x, y), v)
+    assert result.shape == v.shape
+    assert rel_err(result, expected @ v) < 1e-12
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+@pytest.mark.parametrize("loss", [torch.nn.functional.cross_entropy, mse], ids=["ce", "mse"])
+def test_dense_hessian_reverse_over_reverse_on_a_block(loss: Loss, chunk_size: int | None) -> None:
+    net = make_mlp(d_in=4, hidden=5, d_out=3)
+    x, y = classification_data(n=20, d_in=4)
+    block = {n: p.detach() for n, p in net.named_parameters() if n.startswith("0.")}
+    expected = exact_hessian(net, loss, block, x, y)
+    result = create_batch_hessian_function(net, loss, block)(block, x, y, chunk_size)
+    assert result.shape == expected.shape
+    assert rel_err(result, expected) < 1e-12
+    assert torch.allclose(result, result.T, rtol=0, atol=1e-14)
