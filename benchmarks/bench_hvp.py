@@ -85,7 +85,12 @@ def measure(label: str, model: torch.nn.Module, repeats: int) -> List[str]:
     params = get_model_parameters(model)
     size = sum(p.numel() for p in params.values())
     reverse = create_batch_hvp_reverse_function(model, loss, params)
-    forward = create_batch_hvp_function(model, loss, params, reverse_max_rows=0)
+    forward = create_batch_hvp_function(
+        model, loss, params, reverse_max_rows=0, vectorised_reverse_max_parameters=0
+    )
+    vectorised = create_batch_hvp_function(
+        model, loss, params, reverse_max_rows=0, vectorised_reverse_max_parameters=size
+    )
     default = create_batch_hvp_function(model, loss, params)
 
     def floor_loss(p: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,6 +113,7 @@ def measure(label: str, model: torch.nn.Module, repeats: int) -> List[str]:
         cells = [
             median_time(partial(reverse, params, x, y, vs), repeats),
             median_time(partial(forward, params, x, y, vs), repeats),
+            median_time(partial(vectorised, params, x, y, vs), repeats),
             median_time(partial(default, params, x, y, vs), repeats),
             median_time(partial(floor, params, vs), repeats),
         ]
@@ -141,9 +147,10 @@ def main() -> None:
         f"milliseconds per call (median of {args.repeats}); default reverse-over-reverse "
         f"up to {HVP_REVERSE_MAX_ROWS} vectors.",
         "",
-        "| model | K | reverse-over-reverse | forward-over-reverse | default | floor: torch.func "
+        "| model | K | reverse-over-reverse | forward-over-reverse | reverse-over-reverse, vmap "
+        "| default | floor: torch.func "
         "| floor: autograd (K=1) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, model in models().items():
         lines.extend(measure(label, model, args.repeats))

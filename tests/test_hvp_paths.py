@@ -52,9 +52,12 @@ def test_reverse_and_forward_strategies_match_the_hessian(loss: Loss, rows: int)
     expected = exact_hessian(net, loss, params, x, y)
     vs = torch.randn(rows, expected.shape[0], generator=torch.Generator().manual_seed(2))
     reverse = create_batch_hvp_reverse_function(net, loss, params)
-    forward = create_batch_hvp_function(net, loss, params, reverse_max_rows=0)
+    forward = create_batch_hvp_function(
+        net, loss, params, reverse_max_rows=0, vectorised_reverse_max_parameters=0
+    )
+    vectorised = create_batch_hvp_function(net, loss, params, reverse_max_rows=0)
     default = create_batch_hvp_function(net, loss, params)
-    for function in (reverse, forward, default):
+    for function in (reverse, forward, vectorised, default):
         result = function(params, x, y, vs)
         assert result.shape == vs.shape
         assert not result.requires_grad
