@@ -73,15 +73,25 @@ def test_reverse_strategy_on_a_block_and_a_loss_linear_in_a_parameter() -> None:
     loss = torch.nn.functional.cross_entropy
     expected = exact_hessian(net, loss, block, x, y)
     vs = torch.randn(2, expected.shape[0], generator=torch.Generator().manual_seed(3))
-    result = create_batch_hvp_reverse_function(net, loss, block)(block, x, y, vs)
-    assert rel_err(result, vs @ expected) < 1e-12
+    reverse = create_batch_hvp_reverse_function(net, loss, block)
+    assert rel_err(reverse(block, x, y, vs), vs @ expected) < 1e-12
+    # at least as many vectors as parameters: through the batched columns of the matrix
+    many = torch.randn(expected.shape[0] + 3, expected.shape[0], dtype=torch.float64)
+    result = reverse(block, x, y, many)
+    assert not result.requires_grad
+    assert rel_err(result, many @ expected) < 1e-12
+    for rows in (expected.shape[0], expected.shape[0] + 3):
+        default = create_batch_hvp_function(net, loss, block, vectorised_reverse_max_parameters=0)
+        assert rel_err(default(block, x, y, many[:rows]), many[:rows] @ expected) < 1e-12
 
     def linear(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return outputs.sum() / outputs.shape[0]
 
     bias = {"2.bias": net[2].bias.detach()}
-    result = create_batch_hvp_reverse_function(net, linear, bias)(bias, x, y, torch.eye(3))
-    assert torch.equal(result, torch.zeros(3, 3))
+    for rows in (2, 3, 5):
+        vs = torch.ones(rows, 3)
+        result = create_batch_hvp_reverse_function(net, linear, bias)(bias, x, y, vs)
+        assert torch.equal(result, torch.zeros(rows, 3))
 
 
 def test_reverse_strategy_runs_in_several_threads() -> None:

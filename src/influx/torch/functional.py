@@ -378,8 +378,10 @@ def create_batch_hvp_reverse_function(
 
     $$ H v = \nabla_\theta \left( g(\theta)^\top v \right), $$
 
-    so the forward pass and the first backward pass are shared by the $K$ products. The cost
-    is one forward and $1 + 2K$ backward passes of the batch: the cheapest product for one or
+    so the forward pass and the first backward pass are shared by the $K$ products. With at
+    least as many vectors as parameters ($K \ge P$) the $P$ columns of the Hessian are taken
+    in one batched backward pass and multiplied with `V`. The cost is one forward and about
+    $1 + 2\min(K, P)$ backward passes of the batch: the cheapest product for one or
     a few vectors, without the fixed cost of `torch.func`'s transforms. Only reverse-mode
     derivatives are used, so several threads may run it at once. The Hessian is never formed.
     """
@@ -403,6 +405,21 @@ def create_batch_hvp_reverse_function(
             offsets = [0]
             for leaf in leaves:
                 offsets.append(offsets[-1] + leaf.numel())
+            if vs.shape[0] >= offsets[-1]:
+                # at least as many vectors as parameters: the matrix itself, its P columns
+                # in one batched backward pass, then one matrix product
+                eye = torch.eye(offsets[-1], dtype=vs.dtype, device=vs.device)
+                directions = [
+                    eye[:, offsets[k] : offsets[k + 1]].reshape(-1, *leaves[k].shape) for k in live
+                ]
+                columns = torch.autograd.grad(
+                    outputs, leaves, directions, allow_unused=True, is_grads_batched=True
+                )
+                matrix = torch.zeros(offsets[-1], offsets[-1], dtype=vs.dtype, device=vs.device)
+                for k, block in enumerate(columns):
+                    if block is not None:
+                        matrix[:, offsets[k] : offsets[k + 1]] = block.reshape(offsets[-1], -1)
+                return (vs @ matrix).detach()
             last = vs.shape[0] - 1
             for row, v in enumerate(vs):
                 directions = [v[offsets[k] : offsets[k + 1]].view_as(leaves[k]) for k in live]
@@ -427,7 +444,8 @@ def create_batch_hvp_function(
     r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$ for the rows of `V` `(K, P)`.
 
     The strategy is chosen per call by $K$: up to `reverse_max_rows` rows (default
-    [HVP_REVERSE_MAX_ROWS][influx.torch.functional.HVP_REVERSE_MAX_ROWS]) reverse-over-reverse
+    [HVP_REVERSE_MAX_ROWS][influx.torch.functional.HVP_REVERSE_MAX_ROWS]), or at least as many
+    rows as parameters, reverse-over-reverse
     ([create_batch_hvp_reverse_function][influx.torch.functional.create_batch_hvp_reverse_function]);
     more rows, for at most `vectorised_reverse_max_parameters` parameters (default
     [HVP_REVERSE_VECTORISED_MAX_PARAMETERS][influx.torch.functional.HVP_REVERSE_VECTORISED_MAX_PARAMETERS]),
@@ -449,7 +467,8 @@ def create_batch_hvp_function(
         if vectorised_reverse_max_parameters is None
         else int(vectorised_reverse_max_parameters)
     )
-    vectorised_reverse = sum(t.numel() for t in params.values()) <= largest
+    size = sum(t.numel() for t in params.values())
+    vectorised_reverse = size <= largest
     reverse = create_batch_hvp_reverse_function(model, loss, params)
     gradient = grad(batch_loss)
 
@@ -494,7 +513,7 @@ def create_batch_hvp_function(
     serialised = ForwardModeSerialised(batched)
 
     def hvp(p: ParamDict, x: torch.Tensor, y: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        if vs.shape[0] <= limit:
+        if vs.shape[0] <= limit or vs.shape[0] >= size:
             return reverse(p, x, y, vs)
         if vectorised_reverse:
             return reverse_vectorised(p, x, y, vs)
