@@ -67,6 +67,7 @@ from .models import (
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
+    ProjectedInfluence,
 )
 from .preconditioner import (
     EkfacPreconditioner,
@@ -74,6 +75,7 @@ from .preconditioner import (
     NystroemPreconditioner,
     Preconditioner,
 )
+from .projection import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (
@@ -140,6 +142,10 @@ __all__ = [
     "LowRankBilinearForm",
     "LowRankOperator",
     "NystroemSketchInfluence",
+    "ProjectedInfluence",
+    "ProjectedCurvature",
+    "ProjectedGradientProvider",
+    "IdentityOperator",
     "NotImplementedLayerRepresentationException",
     "OperatorBilinearForm",
     "Preconditioner",

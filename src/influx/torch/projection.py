@@ -1,0 +1,708 @@
+r"""Random projections of per-sample gradients, and their curvature in the projected space.
+
+A projection $P_b \in \mathbb{R}^{k \times p_b}$ of a block of $p_b$ parameters maps every
+per-sample gradient $g = \nabla_{\theta_b} \ell(z)$ to $P_b g \in \mathbb{R}^k$. Influence is
+then computed exactly in the projected space,
+
+$$
+I(z', z) = (P_b g')^\top \big(P_b C_b P_b^\top + \lambda I\big)^{-1} (P_b g) ,
+$$
+
+with the curvature $C_b$ (the empirical Fisher or the generalized Gauss-Newton matrix)
+formed only as the $k \times k$ matrix $P_b C_b P_b^\top$. For a square orthogonal $P_b$ this is
+the unprojected influence; as $k$ grows it approaches it (entries of the random matrices have
+variance $1/k$, so that $\mathbb{E}[P^\top P] = I$).
+
+**Kronecker projections.** For a `Linear` or `Conv2d` layer with output $s_t = \tilde W \tilde
+a_t$ at positions $t$ (a sequence, or the pixels of a convolution whose input is unfolded into
+patches), the per-sample gradient of $\tilde W = [W \mid b]$ is
+$\sum_t \delta_t \tilde a_t^\top$ with $\delta_t = \partial \ell / \partial s_t$. The projection
+$P_{out} \otimes P_{in}$ of its row-major flattening is
+
+$$
+P_{out} \Big(\sum_t \delta_t \tilde a_t^\top\Big) P_{in}^\top
+= \sum_t (P_{out}\delta_t)(P_{in}\tilde a_t)^\top ,
+$$
+
+computed from the layer's inputs and output gradients (module hooks on one forward and one
+backward pass) without forming the $m \times d$ gradient of any sample. The other parameters
+of a block, and every parameter with the dense projections (`"gaussian"`, `"rademacher"`),
+are projected from their flattened per-sample gradients, column chunk by column chunk, each
+chunk of $P$ generated from the seed (and kept if the whole matrix fits in a memory budget).
+
+A block's projected dimension is shared out among its layers in equal parts, a layer getting
+at most its number of parameters (the rest goes to the others); a layer's share $k_l$ is split
+as $k_{out} \cdot k_{in} \le k_l$ with $k_{out} \le m$, $k_{in} \le d$, as balanced as
+possible. With $k \ge p_b$ every layer gets its full size and the projection is square.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import zlib
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.func import jacrev, vmap
+
+from .composition import Curvature
+from .curvature import SecondOrderMode, check_second_order_mode
+from .data import TorchBatch, iterate_batches
+from .functional import LossFunction, functional_forward
+from .gradients import TorchGradientProvider
+from .kfac_layers import LayerSpec, layers_for_parameters
+from .tensor_operator import MatrixOperator, OperatorState, StateContext, TensorOperator
+from .validation import check_finite
+
+__all__ = [
+    "PROJECTIONS",
+    "BlockProjection",
+    "DenseProjection",
+    "IdentityOperator",
+    "KroneckerLayerProjection",
+    "ProjectedCurvature",
+    "ProjectedGradientProvider",
+    "allocate_dimensions",
+    "kronecker_shape",
+    "random_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("kronecker", "gaussian", "rademacher")
+"""The kinds of projection: Kronecker-structured per layer, or dense Gaussian / Rademacher."""
+
+DENSE_CHUNK_COLUMNS = 4096
+"""Columns of a dense projection generated from one seed (part of its definition)."""
+
+SAMPLE_CHUNK_ELEMENTS = 2**24
+"""Budget (numbers) of the explicit per-sample gradients of one sub-batch (dense path)."""
+
+
+def _generator(seed: int, labels: Sequence[str]) -> torch.Generator:
+    """A CPU generator seeded from `seed` and string labels, independent of the process."""
+    entropy = [int(seed)] + [zlib.crc32(label.encode()) for label in labels]
+    words = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    value = ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def random_matrix(
+    rows: int, columns: int, distribution: str, seed: int, labels: Sequence[str]
+) -> torch.Tensor:
+    r"""A `(rows, columns)` float64 matrix with independent entries of mean 0 and variance
+    $1/\text{rows}$: Gaussian, or $\pm 1/\sqrt{\text{rows}}$ (`"rademacher"`), generated on
+    the CPU from `seed` and `labels` (the same numbers on every machine and device)."""
+    generator = _generator(seed, labels)
+    if distribution == "rademacher":
+        signs = torch.randint(0, 2, (rows, columns), generator=generator).to(torch.float64)
+        return (2.0 * signs - 1.0) / math.sqrt(rows)
+    return torch.randn(rows, columns, generator=generator, dtype=torch.float64) / math.sqrt(rows)
+
+
+def _orthonormal_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """The rows of `matrix` (k <= p) made orthonormal by a QR decomposition of its transpose."""
+    q, r = torch.linalg.qr(matrix.T)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return (q * signs).T.contiguous()
+
+
+def allocate_dimensions(capacities: Sequence[int], total: int) -> List[int]:
+    """Share `total` among parts in equal shares, each at most its capacity (water-filling).
+
+    Returns:
+        one share per part; their sum is `min(total, sum(capacities))`.
+    """
+    shares = [0] * len(capacities)
+    remaining = min(total, sum(capacities))
+    open_parts = [i for i, c in enumerate(capacities) if c > 0]
+    while remaining > 0 and open_parts:
+        base, extra = divmod(remaining, len(open_parts))
+        still_open = []
+        for rank, i in enumerate(open_parts):
+            give = min(capacities[i] - shares[i], base + (1 if rank < extra else 0))
+            shares[i] += give
+            remaining -= give
+            if shares[i] < capacities[i]:
+                still_open.append(i)
+        open_parts = still_open
+    return shares
+
+
+def kronecker_shape(share: int, out_dim: int, in_dim: int) -> Tuple[int, int]:
+    r"""$(k_{out}, k_{in})$ with $k_{out} \le$ `out_dim`, $k_{in} \le$ `in_dim`, the largest
+    product $\le$ `share`, and among those the most balanced."""
+    best = (1, 1)
+    best_key = (-1, 0.0)
+    for k_out in range(1, min(out_dim, share) + 1):
+        k_in = min(in_dim, share // k_out)
+        if k_in < 1:
+            continue
+        key = (k_out * k_in, -abs(math.log(k_out / k_in)))
+        if key > best_key:
+            best, best_key = (k_out, k_in), key
+    return best
+
+
+class DenseProjection:
+    r"""A dense random projection $P$ `(k, p)`, generated in chunks of
+    `DENSE_CHUNK_COLUMNS` columns, each from its own seed.
+
+    The whole matrix is kept once generated if it takes at most `max_cache_bytes`; otherwise
+    each application generates the chunks again. With `orthogonal`, the rows are made
+    orthonormal (which needs the whole matrix, whatever the budget).
+
+    Args:
+        size: $p$, the number of coordinates projected.
+        dim: $k$.
+        distribution: `"gaussian"` or `"rademacher"`.
+        seed: the seed.
+        label: distinguishes the projections of different blocks with the same seed.
+        orthogonal: make the rows orthonormal.
+        max_cache_bytes: memory budget of the kept matrix.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        distribution: str,
+        seed: int,
+        label: str,
+        orthogonal: bool = False,
+        max_cache_bytes: float = 2**28,
+    ):
+        self.size, self.dim = int(size), int(dim)
+        self.distribution, self.seed, self.label = distribution, int(seed), label
+        self._matrix: Optional[torch.Tensor] = None
+        self._keep = orthogonal or self.size * self.dim * 8 <= max_cache_bytes
+        if orthogonal:
+            self._matrix = _orthonormal_rows(self._generate_all())
+
+    def _chunk(self, index: int) -> torch.Tensor:
+        start = index * DENSE_CHUNK_COLUMNS
+        width = min(DENSE_CHUNK_COLUMNS, self.size - start)
+        # Scaled by 1/sqrt(k) as a whole, whatever the chunking.
+        return random_matrix(self.dim, width, self.distribution, self.seed, [self.label, str(index)])
+
+    def _generate_all(self) -> torch.Tensor:
+        n_chunks = -(-self.size // DENSE_CHUNK_COLUMNS)
+        return torch.cat([self._chunk(i) for i in range(n_chunks)], dim=1)
+
+    def matrix(self) -> torch.Tensor:
+        """$P$ as a float64 CPU tensor `(k, p)`."""
+        if self._matrix is not None:
+            return self._matrix
+        full = self._generate_all()
+        if self._keep:
+            self._matrix = full
+        return full
+
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        """$P v$ for the last dimension of `values` `(..., p)`, result `(..., k)`."""
+        if self._keep or self._matrix is not None:
+            matrix = self.matrix().to(device=values.device, dtype=values.dtype)
+            return values @ matrix.T
+        result = values.new_zeros(*values.shape[:-1], self.dim)
+        for index, start in enumerate(range(0, self.size, DENSE_CHUNK_COLUMNS)):
+            chunk = self._chunk(index).to(device=values.device, dtype=values.dtype)
+            result += values[..., start : start + chunk.shape[1]] @ chunk.T
+        return result
+
+
+class KroneckerLayerProjection:
+    r"""$P_{out} \otimes P_{in}$ for one `Linear` / `Conv2d` layer, `(k_out, m)` and `(k_in, d)`
+    with $d$ the size of $\tilde a$ (the weight's columns, plus one for a bias).
+
+    Args:
+        spec: the layer (which of its weight and bias are projected).
+        k_out: rows of $P_{out}$.
+        k_in: rows of $P_{in}$.
+        seed: the seed.
+        label: distinguishes layers and blocks.
+        orthogonal: make the rows of both factors orthonormal.
+    """
+
+    def __init__(
+        self, spec: LayerSpec, k_out: int, k_in: int, seed: int, label: str, orthogonal: bool
+    ):
+        self.spec = spec
+        p_out = random_matrix(k_out, spec.out_dim, "gaussian", seed, [label, "out"])
+        p_in = random_matrix(k_in, spec.input_factor_dim, "gaussian", seed, [label, "in"])
+        if orthogonal:
+            p_out, p_in = _orthonormal_rows(p_out), _orthonormal_rows(p_in)
+        self.p_out, self.p_in = p_out, p_in
+
+    @property
+    def dim(self) -> int:
+        return int(self.p_out.shape[0] * self.p_in.shape[0])
+
+    def _factors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.p_out.to(device=like.device, dtype=like.dtype),
+            self.p_in.to(device=like.device, dtype=like.dtype),
+        )
+
+    def project_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""$\sum_t (P_{out}\delta_t)(P_{in}\tilde a_t)^\top$ flattened, `(N, k_out k_in)`, from
+        $\tilde a$ `(N, T, d)` and $\delta$ `(N, T, m)` (leading dimensions may be more)."""
+        p_out, p_in = self._factors(inputs)
+        left = output_grads @ p_out.T
+        right = inputs @ p_in.T
+        return torch.einsum("...tk,...tj->...kj", left, right).flatten(-2)
+
+    def project_gradient(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""$P_{out} \tilde G P_{in}^\top$ flattened for explicit gradients `parts` (by parameter
+        name, each `(..., *shape)`), the matrix $\tilde G = [G_W \mid g_b]$."""
+        spec = self.spec
+        columns: List[torch.Tensor] = []
+        if spec.weight_name is not None:
+            weight = parts[spec.weight_name]
+            lead = weight.shape[: weight.ndim - len(spec.weight_shape)]
+            columns.append(weight.reshape(*lead, spec.out_dim, spec.in_dim))
+        if spec.bias_name is not None:
+            columns.append(parts[spec.bias_name].unsqueeze(-1))
+        matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+        p_out, p_in = self._factors(matrix)
+        return (p_out @ matrix @ p_in.T).flatten(-2)
+
+
+class BlockProjection:
+    r"""The projection of one block: Kronecker projections of its `Linear` / `Conv2d` layers
+    (with `kind="kronecker"`) and a dense projection of the remaining parameters.
+
+    The projected coordinates are those of the layers in model order, then the dense part.
+
+    Args:
+        model: the model.
+        params: the block's parameters by name.
+        projection_dim: $k$; the block gets $\min(k, p_b)$ or slightly fewer coordinates (the
+            layers' shares are products $k_{out} k_{in}$).
+        kind: one of [PROJECTIONS][influx.torch.projection.PROJECTIONS].
+        seed: the seed of every random matrix.
+        block_name: the block's name (part of the seeds).
+        orthogonal: make the rows of every random matrix orthonormal.
+        max_cache_mb: memory budget of a dense projection kept between applications.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Dict[str, torch.Tensor],
+        projection_dim: int,
+        kind: str,
+        seed: int,
+        block_name: str,
+        orthogonal: bool = False,
+        max_cache_mb: float = 256.0,
+    ):
+        self.names = list(params)
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.size = sum(p.numel() for p in params.values())
+        specs = layers_for_parameters(model, self.names) if kind == "kronecker" else {}
+        covered = {n for spec in specs.values() for n in spec.parameter_names}
+        self.dense_names = [n for n in self.names if n not in covered]
+        dense_size = sum(params[n].numel() for n in self.dense_names)
+        capacities = [spec.out_dim * spec.input_factor_dim for spec in specs.values()]
+        shares = allocate_dimensions(capacities + [dense_size], projection_dim)
+        self.layers: "OrderedDict[str, KroneckerLayerProjection]" = OrderedDict()
+        for (name, spec), share in zip(specs.items(), shares):
+            if share == 0:
+                raise ValueError(
+                    f"Parameter 'projection_dim' = {projection_dim} is too small for block "
+                    f"{block_name!r}: layer {name!r} would get no coordinate; use at least "
+                    f"{len(capacities) + (1 if dense_size else 0)}."
+                )
+            k_out, k_in = kronecker_shape(share, spec.out_dim, spec.input_factor_dim)
+            label = f"{block_name}/{name}"
+            self.layers[name] = KroneckerLayerProjection(spec, k_out, k_in, seed, label, orthogonal)
+        self.dense: Optional[DenseProjection] = None
+        if dense_size:
+            distribution = "gaussian" if kind == "kronecker" else kind
+            self.dense = DenseProjection(
+                dense_size,
+                max(1, shares[-1]),
+                distribution,
+                seed,
+                f"{block_name}/dense",
+                orthogonal,
+                max_cache_mb * 2**20,
+            )
+        logger.debug(
+            "Block %r: %d parameters projected to %d (%s).",
+            block_name,
+            self.size,
+            self.dim,
+            ", ".join(f"{n}: {p.p_out.shape[0]}x{p.p_in.shape[0]}" for n, p in self.layers.items()),
+        )
+
+    @property
+    def dim(self) -> int:
+        """The number of projected coordinates."""
+        return sum(p.dim for p in self.layers.values()) + (self.dense.dim if self.dense else 0)
+
+    def _split(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        sizes = [math.prod(self.shapes[n]) for n in self.names]
+        lead = flat.shape[:-1]
+        return {
+            n: part.reshape(*lead, *self.shapes[n])
+            for n, part in zip(self.names, torch.split(flat, sizes, dim=-1))
+        }
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """$P v$ for explicit vectors `(..., p_b)` in the block's parameter order: `(..., k)`."""
+        parts = self._split(flat)
+        pieces = [layer.project_gradient(parts) for layer in self.layers.values()]
+        if self.dense is not None:
+            lead = flat.shape[:-1]
+            rest = torch.cat([parts[n].reshape(*lead, -1) for n in self.dense_names], dim=-1)
+            pieces.append(self.dense.apply(rest))
+        return torch.cat(pieces, dim=-1)
+
+    def matrix(self) -> torch.Tensor:
+        """$P$ `(k, p_b)` as a float64 matrix (for small blocks and tests)."""
+        return self.project_flat(torch.eye(self.size, dtype=torch.float64)).T
+
+
+class ProjectedGradientProvider(TorchGradientProvider):
+    r"""Projected per-sample gradients $P_b \nabla_{\theta_b} \ell_i$ of one block, `(N, k)`.
+
+    Kronecker layers are projected from their inputs and output gradients, captured by module
+    hooks on one forward and one backward pass of this thread (the pass runs on the thread's
+    copy of the module, see [functional_forward][influx.torch.functional.functional_forward]);
+    the other parameters from their explicit per-sample gradients, in sub-batches. Mixed
+    derivatives (for `Perturbation`) are formed explicitly and projected.
+
+    Args:
+        model: the model.
+        loss: the loss, mean reduction.
+        restrict_to: the block's parameters.
+        projection: the block's projection.
+        block_name: the block's name, for messages.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        restrict_to: Dict[str, torch.nn.Parameter],
+        projection: BlockProjection,
+        block_name: Optional[str] = None,
+    ):
+        super().__init__(model, loss, restrict_to, block_name)
+        self.projection = projection
+        dense = {n: self.params[n] for n in projection.dense_names}
+        self._dense_provider = (
+            TorchGradientProvider(model, loss, dense, block_name) if dense else None
+        )
+
+    @property
+    def input_size(self) -> int:
+        return self.projection.dim
+
+    def to(self, device: torch.device) -> "ProjectedGradientProvider":
+        super().to(device)
+        if self._dense_provider is not None:
+            self._dense_provider.to(device)
+        return self
+
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        """Every parameter and buffer, the block's Kronecker layers' as fresh leaves."""
+        tensors = {
+            n: t.detach()
+            for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+        }
+        for layer in self.projection.layers.values():
+            for name in layer.spec.parameter_names:
+                tensors[name] = tensors[name].requires_grad_(True)
+        return tensors
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, List[Any]]]:
+        """The model's outputs, with the inputs and outputs of every Kronecker layer's calls
+        made by this thread."""
+        owner = threading.get_ident()
+        records: Dict[str, List[Any]] = {name: [] for name in self.projection.layers}
+
+        def make_hook(name: str) -> Callable[..., Optional[torch.Tensor]]:
+            def hook(module: torch.nn.Module, args: Tuple, output: torch.Tensor) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                records[name].append((args[0].detach(), output))
+                return output.clone()  # in-place operations later must not change `output`
+
+            return hook
+
+        handles = [
+            layer.spec.module.register_forward_hook(make_hook(name))
+            for name, layer in self.projection.layers.items()
+        ]
+        try:
+            with torch.enable_grad():
+                outputs = functional_forward(self.model, self._tensors(), (x,))
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name, calls in records.items() if not calls]
+        if missing:
+            raise ValueError(
+                f"Layers {missing} of block {self.block_name!r} were not called by the model's "
+                "forward pass: use projection='gaussian' for parameters used functionally."
+            )
+        return outputs, records
+
+    def _project_layers(
+        self, records: Dict[str, List[Any]], grads: Sequence[Optional[torch.Tensor]], scale: float
+    ) -> List[torch.Tensor]:
+        pieces, position = [], 0
+        for name, layer in self.projection.layers.items():
+            inputs, deltas = [], []
+            for inp, out in records[name]:
+                g = grads[position]
+                position += 1
+                g = torch.zeros_like(out) if g is None else g * scale
+                inputs.append(layer.spec.expanded_inputs(inp))
+                deltas.append(layer.spec.output_gradients(g.detach()))
+            pieces.append(layer.project_signals(torch.cat(inputs, 1), torch.cat(deltas, 1)))
+        return pieces
+
+    def _dense_flat(self, batch: TorchBatch, function: Callable[[TorchBatch], torch.Tensor]) -> torch.Tensor:
+        assert self.projection.dense is not None
+        step = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, self.projection.dense.size))
+        parts = []
+        for start in range(0, len(batch), step):
+            sub = TorchBatch(batch.x[start : start + step], batch.y[start : start + step])
+            parts.append(self.projection.dense.apply(function(sub)))
+        return torch.cat(parts)
+
+    def flat_grads(self, batch: TorchBatch) -> torch.Tensor:
+        pieces: List[torch.Tensor] = []
+        if self.projection.layers:
+            outputs, records = self._forward(batch.x)
+            value = self.loss(outputs, batch.y)
+            flat_outputs = [out for calls in records.values() for _, out in calls]
+            grads = torch.autograd.grad(value, flat_outputs, allow_unused=True)
+            pieces.extend(self._project_layers(records, grads, float(len(batch))))
+        if self._dense_provider is not None:
+            pieces.append(self._dense_flat(batch, self._dense_provider.flat_grads))
+        result = torch.cat(pieces, dim=1)
+        check_finite({"projected": result}, "projected per-sample gradients", self.block_name)
+        return result
+
+    def grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
+        """The projected gradients under the key `"projected"`."""
+        return {"projected": self.flat_grads(batch)}
+
+    def flat_mixed_grads(self, batch: TorchBatch) -> torch.Tensor:
+        """$P_b \\nabla_x \\nabla_{\\theta_b} \\ell_i$, `(N, F, k)`, from the explicit mixed
+        derivatives (`(N, F, p_b)` numbers per batch)."""
+        return self.projection.project_flat(super().flat_mixed_grads(batch))
+
+    def mixed_grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
+        return {"projected": self.flat_mixed_grads(batch)}
+
+    def jacobian_prod(self, batch: TorchBatch, g: torch.Tensor) -> torch.Tensor:
+        if g.ndim != 2 or g.shape[1] != self.input_size:
+            raise ValueError(
+                f"Parameter 'g' must have shape (K, {self.input_size}), got {tuple(g.shape)}."
+            )
+        return self.flat_grads(batch) @ g.to(self.projection_dtype).T
+
+    @property
+    def projection_dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def output_jacobians(self, batch: TorchBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""The projected per-sample Jacobians $P_b J_i^\top$ of the model's outputs, `(N, O, k)`,
+        and the outputs `(N, *out)` (detached)."""
+        pieces: List[torch.Tensor] = []
+        outputs: Optional[torch.Tensor] = None
+        if self.projection.layers:
+            outputs, records = self._forward(batch.x)
+            flat = outputs.reshape(len(batch), -1)
+            flat_outputs = [out for calls in records.values() for _, out in calls]
+            per_output = []
+            for o in range(flat.shape[1]):
+                grads = torch.autograd.grad(
+                    flat[:, o].sum(), flat_outputs, retain_graph=True, allow_unused=True
+                )
+                per_output.append(torch.cat(self._project_layers(records, grads, 1.0), dim=1))
+            pieces.append(torch.stack(per_output, dim=1))
+            outputs = outputs.detach()
+        if self.projection.dense is not None:
+            pieces.append(self._dense_flat(batch, self._dense_output_jacobian))
+        if outputs is None:
+            outputs = functional_forward(self.model, self._tensors(), (batch.x,)).detach()
+        return torch.cat(pieces, dim=-1), outputs
+
+    def _dense_output_jacobian(self, batch: TorchBatch) -> torch.Tensor:
+        names = self.projection.dense_names
+        tensors = self._tensors()
+        fixed = {n: t.detach() for n, t in tensors.items() if n not in names}
+        params = {n: tensors[n].detach() for n in names}
+
+        def outputs(p: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_forward(self.model, {**fixed, **p}, (x.unsqueeze(0),)).reshape(-1)
+
+        jac = vmap(jacrev(outputs), in_dims=(None, 0))(params, batch.x)
+        n_out = next(iter(jac.values())).shape[1]
+        return torch.cat([jac[n].reshape(len(batch), n_out, -1) for n in names], dim=-1)
+
+
+def output_hessians(loss: LossFunction, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""$\nabla^2_{z_i} \ell(z_i, y_i)$ of every sample, `(N, O, O)`, the loss applied to one
+    sample at a time (reverse-over-reverse)."""
+    shape = outputs.shape[1:]
+
+    def sample_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(z.reshape(1, *shape), y.unsqueeze(0))
+
+    flat = outputs.reshape(outputs.shape[0], -1)
+    return vmap(jacrev(jacrev(sample_loss)))(flat, targets)  # type: ignore[no-any-return]
+
+
+class ProjectedCurvature(Curvature):
+    r"""The curvature of every block in its projected space, $P_b C_b P_b^\top$ `(k, k)`.
+
+    One pass over the data: for `GAUSS_NEWTON` the mean of $(P_b g_i)(P_b g_i)^\top$; for
+    `GENERALIZED_GAUSS_NEWTON` the mean of $(P_b J_i^\top) H_i (J_i P_b^\top)$ with $J_i$ the
+    Jacobian of sample $i$'s outputs and $H_i$ the Hessian of its loss in them (one backward
+    pass per output coordinate). Accumulated in float64.
+
+    Args:
+        mode: `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
+        projection_dim: $k$ per block.
+        projection: one of [PROJECTIONS][influx.torch.projection.PROJECTIONS].
+        seed: the seed of the projections.
+        orthogonal: orthonormal rows.
+        max_cache_mb: budget of a dense projection kept in memory.
+    """
+
+    def __init__(
+        self,
+        mode: SecondOrderMode,
+        projection_dim: int,
+        projection: str = "kronecker",
+        seed: int = 0,
+        orthogonal: bool = False,
+        max_cache_mb: float = 256.0,
+    ):
+        self.mode = check_second_order_mode(mode)
+        if self.mode is SecondOrderMode.HESSIAN:
+            raise ValueError(
+                "Parameter 'second_order_mode' must be GAUSS_NEWTON or GENERALIZED_GAUSS_NEWTON "
+                "for projected influence, got HESSIAN."
+            )
+        self.projection_dim, self.projection = projection_dim, projection
+        self.seed, self.orthogonal, self.max_cache_mb = seed, orthogonal, max_cache_mb
+        self._providers: Dict[str, ProjectedGradientProvider] = {}
+
+    def gradient_provider(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        block_name: str,
+        params: Dict[str, torch.nn.Parameter],
+    ) -> ProjectedGradientProvider:
+        """The projected gradients of a block (built once per block)."""
+        provider = self._providers.get(block_name)
+        if provider is None or provider.model is not model:
+            projection = BlockProjection(
+                model,
+                params,  # type: ignore[arg-type]
+                self.projection_dim,
+                self.projection,
+                self.seed,
+                block_name,
+                self.orthogonal,
+                self.max_cache_mb,
+            )
+            provider = ProjectedGradientProvider(model, loss, params, projection, block_name)
+            self._providers[block_name] = provider
+        return provider
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        data: Iterable,
+        blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
+    ) -> "OrderedDict[str, TensorOperator]":
+        providers = {n: self.gradient_provider(model, loss, n, p) for n, p in blocks.items()}
+        sums: Dict[str, torch.Tensor] = {}
+        device = next(model.parameters()).device
+        count = 0
+        for batch in iterate_batches(data, device):
+            count += len(batch)
+            for name, provider in providers.items():
+                if self.mode is SecondOrderMode.GAUSS_NEWTON:
+                    g = provider.flat_grads(batch).to(torch.float64)
+                    term = g.T @ g
+                else:
+                    jac, outputs = provider.output_jacobians(batch)
+                    hess = output_hessians(loss, outputs, batch.y)
+                    jac = jac.to(torch.float64)
+                    curved = hess.to(torch.float64) @ jac
+                    term = jac.flatten(0, 1).T @ curved.flatten(0, 1)
+                sums[name] = term if name not in sums else sums[name].add_(term)
+        if count == 0:
+            raise ValueError("Parameter 'data' yielded no batches.")
+        dtype = next(model.parameters()).dtype
+        result: "OrderedDict[str, TensorOperator]" = OrderedDict()
+        for name in blocks:
+            matrix = sums[name] / count
+            result[name] = MatrixOperator(((matrix + matrix.T) / 2).to(dtype))
+        return result
+
+
+class IdentityOperator(TensorOperator):
+    """The identity on vectors of size `size`: the influence factors of a composition with this
+    operator are the gradients themselves (used to store projected training gradients).
+
+    Args:
+        size: the input size.
+        dtype: the dtype of the results.
+        device: the device of the results.
+    """
+
+    supports_regularization = False
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self._size, self._dtype, self._device = int(size), dtype, torch.device(device)
+
+    @property
+    def input_size(self) -> int:
+        return self._size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: torch.device) -> "IdentityOperator":
+        self._device = torch.device(device)
+        return self
+
+    def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._dtype)
+
+    def export_state(self) -> OperatorState:
+        return OperatorState(
+            "IdentityOperator",
+            settings={"size": self._size, "dtype": str(self._dtype).split(".")[-1]},
+        )
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "IdentityOperator":
+        dtype = getattr(torch, state.settings["dtype"])
+        device = torch.device("cpu")
+        if context.params:
+            device = next(iter(context.params.values())).device
+        return cls(state.settings["size"], dtype, device)
