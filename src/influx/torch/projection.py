@@ -188,7 +188,9 @@ class DenseProjection:
         start = index * DENSE_CHUNK_COLUMNS
         width = min(DENSE_CHUNK_COLUMNS, self.size - start)
         # Scaled by 1/sqrt(k) as a whole, whatever the chunking.
-        return random_matrix(self.dim, width, self.distribution, self.seed, [self.label, str(index)])
+        return random_matrix(
+            self.dim, width, self.distribution, self.seed, [self.label, str(index)]
+        )
 
     def _generate_all(self) -> torch.Tensor:
         n_chunks = -(-self.size // DENSE_CHUNK_COLUMNS)
@@ -398,7 +400,9 @@ class ProjectedGradientProvider(TorchGradientProvider):
         self.projection = projection
         dense = {n: self.params[n] for n in projection.dense_names}
         self._dense_provider = (
-            TorchGradientProvider(model, loss, dense, block_name) if dense else None
+            TorchGradientProvider(model, loss, dense, block_name)  # type: ignore[arg-type]
+            if dense
+            else None
         )
 
     @property
@@ -470,7 +474,9 @@ class ProjectedGradientProvider(TorchGradientProvider):
             pieces.append(layer.project_signals(torch.cat(inputs, 1), torch.cat(deltas, 1)))
         return pieces
 
-    def _dense_flat(self, batch: TorchBatch, function: Callable[[TorchBatch], torch.Tensor]) -> torch.Tensor:
+    def _dense_flat(
+        self, batch: TorchBatch, function: Callable[[TorchBatch], torch.Tensor]
+    ) -> torch.Tensor:
         assert self.projection.dense is not None
         step = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, self.projection.dense.size))
         parts = []
@@ -500,7 +506,8 @@ class ProjectedGradientProvider(TorchGradientProvider):
     def flat_mixed_grads(self, batch: TorchBatch) -> torch.Tensor:
         """$P_b \\nabla_x \\nabla_{\\theta_b} \\ell_i$, `(N, F, k)`, from the explicit mixed
         derivatives (`(N, F, p_b)` numbers per batch)."""
-        return self.projection.project_flat(super().flat_mixed_grads(batch))
+        explicit = TorchGradientProvider.mixed_grads(self, batch)
+        return self.projection.project_flat(torch.cat(list(explicit.values()), dim=-1))
 
     def mixed_grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
         return {"projected": self.flat_mixed_grads(batch)}
@@ -553,7 +560,9 @@ class ProjectedGradientProvider(TorchGradientProvider):
         return torch.cat([jac[n].reshape(len(batch), n_out, -1) for n in names], dim=-1)
 
 
-def output_hessians(loss: LossFunction, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def output_hessians(
+    loss: LossFunction, outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     r"""$\nabla^2_{z_i} \ell(z_i, y_i)$ of every sample, `(N, O, O)`, the loss applied to one
     sample at a time (reverse-over-reverse)."""
     shape = outputs.shape[1:]
