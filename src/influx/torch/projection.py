@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch.func import jacrev, vmap
+from torch.nn import functional as F
 
 from .composition import Curvature
 from .curvature import SecondOrderMode, check_second_order_mode
@@ -105,11 +106,14 @@ def random_matrix(
 
 
 def _orthonormal_rows(matrix: torch.Tensor) -> torch.Tensor:
-    """The rows of `matrix` (k <= p) made orthonormal by a QR decomposition of its transpose."""
+    r"""The rows of `matrix` `(k, p)`, $k \le p$, made orthogonal (QR of its transpose) and
+    scaled by $\sqrt{p / k}$, so that $\mathbb{E}[P^\top P] = I$ as for the random matrix; a
+    square result is orthogonal."""
     q, r = torch.linalg.qr(matrix.T)
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return (q * signs).T.contiguous()
+    scale = math.sqrt(matrix.shape[1] / matrix.shape[0])
+    return ((q * signs).T * scale).contiguous()
 
 
 def allocate_dimensions(capacities: Sequence[int], total: int) -> List[int]:
@@ -153,9 +157,10 @@ class DenseProjection:
     r"""A dense random projection $P$ `(k, p)`, generated in chunks of
     `DENSE_CHUNK_COLUMNS` columns, each from its own seed.
 
-    The whole matrix is kept once generated if it takes at most `max_cache_bytes`; otherwise
-    each application generates the chunks again. With `orthogonal`, the rows are made
-    orthonormal (which needs the whole matrix, whatever the budget).
+    The whole matrix is kept once generated if it takes at most `max_cache_bytes` (in
+    float64); otherwise each application generates the chunks again. With `orthogonal`, the
+    rows of a kept matrix are made orthogonal (scaled so that $\mathbb{E}[P^\top P] = I$); a
+    matrix over the budget keeps the rows as drawn, nearly orthogonal for $k \ll p$.
 
     Args:
         size: $p$, the number of coordinates projected.
@@ -174,14 +179,23 @@ class DenseProjection:
         distribution: str,
         seed: int,
         label: str,
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         max_cache_bytes: float = 2**28,
     ):
         self.size, self.dim = int(size), int(dim)
         self.distribution, self.seed, self.label = distribution, int(seed), label
         self._matrix: Optional[torch.Tensor] = None
-        self._keep = orthogonal or self.size * self.dim * 8 <= max_cache_bytes
-        if orthogonal:
+        self._keep = self.size * self.dim * 8 <= max_cache_bytes
+        self.orthogonal = orthogonal and self._keep
+        if orthogonal and not self._keep:
+            logger.info(
+                "Projection %r: %d x %d is over the memory budget; its rows are left as drawn "
+                "(not orthogonalised).",
+                label,
+                self.dim,
+                self.size,
+            )
+        if self.orthogonal:
             self._matrix = _orthonormal_rows(self._generate_all())
 
     def _chunk(self, index: int) -> torch.Tensor:
@@ -227,7 +241,7 @@ class KroneckerLayerProjection:
         k_in: rows of $P_{in}$.
         seed: the seed.
         label: distinguishes layers and blocks.
-        orthogonal: make the rows of both factors orthonormal.
+        orthogonal: make the rows of both factors orthogonal (scaled, see `DenseProjection`).
     """
 
     def __init__(
@@ -257,6 +271,40 @@ class KroneckerLayerProjection:
         left = output_grads @ p_out.T
         right = inputs @ p_in.T
         return torch.einsum("...tk,...tj->...kj", left, right).flatten(-2)
+
+    def projected_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        r"""$P_{in} \tilde a_t$ of every position, `(N, T, k_in)`, from the layer's raw input.
+
+        For a convolution this is itself a convolution of the input with the $k_{in}$ rows of
+        $P_{in}$ as filters (the patches are never unfolded); for a linear layer a matrix
+        product; the bias column of $P_{in}$ is added to every position.
+        """
+        spec, module = self.spec, self.spec.module
+        if spec.weight_name is None:
+            return spec.expanded_inputs(inputs) @ self._factors(inputs)[1].T
+        p_in = self._factors(inputs)[1]
+        rows = p_in[:, : spec.in_dim]
+        if isinstance(module, torch.nn.Conv2d):
+            padding: Any = module.padding
+            if module.padding_mode != "zeros" or isinstance(padding, str):
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            kernel = rows.reshape(rows.shape[0], *module.weight.shape[1:])
+            projected = F.conv2d(inputs, kernel, None, module.stride, padding, module.dilation)
+            result = projected.flatten(2).transpose(1, 2)
+        else:
+            result = inputs.reshape(inputs.shape[0], -1, spec.in_dim) @ rows.T
+        if spec.bias_name is not None:
+            result = result + p_in[:, spec.in_dim]
+        return result
+
+    def project_raw(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""As `project_signals`, from the layer's raw input and the gradient of its raw
+        output, `(N, k_out k_in)`."""
+        p_out = self._factors(output_grads)[0]
+        left = self.spec.output_gradients(output_grads) @ p_out.T
+        return torch.bmm(left.transpose(1, 2), self.projected_inputs(inputs)).flatten(1)
 
     def project_gradient(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
         r"""$P_{out} \tilde G P_{in}^\top$ flattened for explicit gradients `parts` (by parameter
@@ -288,7 +336,7 @@ class BlockProjection:
         kind: one of [PROJECTIONS][influx.torch.projection.PROJECTIONS].
         seed: the seed of every random matrix.
         block_name: the block's name (part of the seeds).
-        orthogonal: make the rows of every random matrix orthonormal.
+        orthogonal: make the rows of every random matrix orthogonal.
         max_cache_mb: memory budget of a dense projection kept between applications.
     """
 
@@ -300,7 +348,7 @@ class BlockProjection:
         kind: str,
         seed: int,
         block_name: str,
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         max_cache_mb: float = 256.0,
     ):
         self.names = list(params)
@@ -464,14 +512,17 @@ class ProjectedGradientProvider(TorchGradientProvider):
     ) -> List[torch.Tensor]:
         pieces, position = [], 0
         for name, layer in self.projection.layers.items():
-            inputs, deltas = [], []
-            for inp, out in records[name]:
+            total: Optional[torch.Tensor] = None
+            for inp, out in records[name]:  # a layer called several times: sum the calls
                 g = grads[position]
                 position += 1
-                g = torch.zeros_like(out) if g is None else g * scale
-                inputs.append(layer.spec.expanded_inputs(inp))
-                deltas.append(layer.spec.output_gradients(g.detach()))
-            pieces.append(layer.project_signals(torch.cat(inputs, 1), torch.cat(deltas, 1)))
+                if g is None:
+                    continue
+                term = layer.project_raw(inp, g.detach() * scale)
+                total = term if total is None else total + term
+            if total is None:
+                total = records[name][0][0].new_zeros(len(records[name][0][0]), layer.dim)
+            pieces.append(total)
         return pieces
 
     def _dense_flat(
@@ -580,14 +631,15 @@ class ProjectedCurvature(Curvature):
     One pass over the data: for `GAUSS_NEWTON` the mean of $(P_b g_i)(P_b g_i)^\top$; for
     `GENERALIZED_GAUSS_NEWTON` the mean of $(P_b J_i^\top) H_i (J_i P_b^\top)$ with $J_i$ the
     Jacobian of sample $i$'s outputs and $H_i$ the Hessian of its loss in them (one backward
-    pass per output coordinate). Accumulated in float64.
+    pass per output coordinate). Each batch's term is computed in the model's dtype and
+    accumulated in float64.
 
     Args:
         mode: `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
         projection_dim: $k$ per block.
         projection: one of [PROJECTIONS][influx.torch.projection.PROJECTIONS].
         seed: the seed of the projections.
-        orthogonal: orthonormal rows.
+        orthogonal: orthogonal rows.
         max_cache_mb: budget of a dense projection kept in memory.
     """
 
@@ -597,7 +649,7 @@ class ProjectedCurvature(Curvature):
         projection_dim: int,
         projection: str = "kronecker",
         seed: int = 0,
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         max_cache_mb: float = 256.0,
     ):
         self.mode = check_second_order_mode(mode)
@@ -649,14 +701,13 @@ class ProjectedCurvature(Curvature):
             count += len(batch)
             for name, provider in providers.items():
                 if self.mode is SecondOrderMode.GAUSS_NEWTON:
-                    g = provider.flat_grads(batch).to(torch.float64)
-                    term = g.T @ g
+                    g = provider.flat_grads(batch)
+                    term = (g.T @ g).to(torch.float64)
                 else:
                     jac, outputs = provider.output_jacobians(batch)
                     hess = output_hessians(loss, outputs, batch.y)
-                    jac = jac.to(torch.float64)
-                    curved = hess.to(torch.float64) @ jac
-                    term = jac.flatten(0, 1).T @ curved.flatten(0, 1)
+                    curved = hess.to(jac.dtype) @ jac
+                    term = (jac.flatten(0, 1).T @ curved.flatten(0, 1)).to(torch.float64)
                 sums[name] = term if name not in sums else sums[name].add_(term)
         if count == 0:
             raise ValueError("Parameter 'data' yielded no batches.")

@@ -40,8 +40,8 @@ class ProjectedInfluence(TorchComposableInfluence):
 
     Memory: $k^2$ per block for the curvature and, per batch, the layers' inputs and output
     gradients and $N k$ projected gradients, whatever the number of parameters (for the
-    Kronecker projection). With a square orthogonal projection (`orthogonal=True` and
-    `projection_dim` at least the number of parameters) the result is that of
+    Kronecker projection). With a square orthogonal projection (`projection_dim` at least the
+    number of parameters, `orthogonal=True`, the default) the result is that of
     [DirectInfluence][influx.torch.models.direct.DirectInfluence] with the same curvature; as
     $k$ grows it approaches it.
 
@@ -63,8 +63,10 @@ class ProjectedInfluence(TorchComposableInfluence):
             `OrderedDict[str, List[str]]`.
         seed: the seed of the random projections (an int: the projection must be the same
             when a fit is loaded).
-        orthogonal: make the rows of every random matrix orthonormal (a dense projection is
-            then held in memory whole).
+        orthogonal: make the rows of every random matrix orthogonal (scaled so that
+            $\mathbb{E}[P^\top P] = I$), which makes the projection of full dimension exact and
+            is more accurate at every $k$ (see `benchmarks/README.md`); a dense projection is
+            orthogonalised only if it fits in `max_cache_mb`.
         max_cache_mb: a dense projection up to this size is generated once and kept;
             larger ones are generated again, chunk by chunk, for every batch.
 
@@ -86,7 +88,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         regularization: RegularizationType = None,
         block_structure: BlockStructure = BlockMode.FULL,
         seed: int = 0,
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         max_cache_mb: float = 256.0,
     ):
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, int):
