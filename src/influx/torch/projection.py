@@ -513,7 +513,7 @@ class ProjectedGradientProvider(TorchGradientProvider):
         pieces, position = [], 0
         for name, layer in self.projection.layers.items():
             total: Optional[torch.Tensor] = None
-            for inp, out in records[name]:  # a layer called several times: sum the calls
+            for inp, _ in records[name]:  # a layer called several times: sum the calls
                 g = grads[position]
                 position += 1
                 if g is None:
