@@ -23,7 +23,8 @@ from influx.torch import (
 )
 from influx.torch.data import TorchBatch
 from influx.torch.gradient_store import GradientStore
-from influx.torch.projection import BlockProjection, ProjectedGradientProvider, allocate_dimensions
+from influx.torch.projected_gradients import ProjectedGradientProvider
+from influx.torch.projection import BlockProjection, allocate_dimensions
 
 F = torch.nn.functional
 GN, GGN = SecondOrderMode.GAUSS_NEWTON, SecondOrderMode.GENERALIZED_GAUSS_NEWTON

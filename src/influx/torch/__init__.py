@@ -75,7 +75,7 @@ from .preconditioner import (
     NystroemPreconditioner,
     Preconditioner,
 )
-from .projection import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
+from .projected_gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
 from .util import (

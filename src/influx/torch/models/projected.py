@@ -13,7 +13,8 @@ from ..composition import DirectSolver
 from ..curvature import SecondOrderMode
 from ..functional import LossFunction
 from ..gradients import TorchGradientProvider
-from ..projection import PROJECTIONS, IdentityOperator, ProjectedCurvature
+from ..projected_gradients import IdentityOperator, ProjectedCurvature
+from ..projection import PROJECTIONS
 from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
