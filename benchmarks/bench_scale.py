@@ -123,6 +123,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any]:
     """Fit one method and write its influence matrix to zarr; timings and peak memory."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -147,6 +152,7 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
     )
     loss = torch.nn.functional.cross_entropy
     baseline = _rss_mb()
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     if method == "projected":
         model: Any = ProjectedInfluence(
@@ -169,6 +175,7 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
         "matrix_seconds": done - fitted,
         "total_seconds": done - start,
         "peak_mb": _rss_mb() - baseline,
+        "cpu_seconds": _cpu_seconds() - cpu_start,
         "path": str(path),
     }
     if method == "projected":
