@@ -15,7 +15,7 @@ A second table measures the peak memory of the Kronecker projection's fit for ML
 
 Usage (from the repository root):
 
-    PYTHONPATH=src python benchmarks/bench_projected.py [--readme]
+    PYTHONPATH=src python benchmarks/bench_projected.py [--no-baseline] [--skip-memory]
 
 The 100k MLP is trained by `common.prepare` the first time (several minutes).
 """

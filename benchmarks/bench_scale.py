@@ -17,7 +17,7 @@ compares the two matrices (Pearson, Spearman overall and per test point).
 Usage (from the repository root; sizes can be reduced for a quick run):
 
     PYTHONPATH=src python benchmarks/bench_scale.py --n-train 10000 --n-test 1000 \
-        --methods projected,ekfac [--readme]
+        --methods projected,ekfac
 """
 
 from __future__ import annotations
