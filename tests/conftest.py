@@ -1,8 +1,16 @@
-"""Shared fixtures: float64 by default, fixed seeds, one Dask cluster per session."""
+"""Shared fixtures: float64 by default, fixed seeds, one torch thread, one Dask cluster per
+session.
+
+The models of the suite are tiny: a second torch thread only adds contention (with the Dask
+workers, and on a busy machine), so the session and the workers it starts use one.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Iterator
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -14,6 +22,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

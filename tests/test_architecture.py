@@ -141,3 +141,19 @@ def test_modules_fit_in_a_head() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_importing_the_torch_layer_loads_no_calculator_layer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, influx.torch, influx.torch.models\n"
+        "loaded = [m for m in ('influx.array', 'influx.calculator', 'dask', 'zarr', "
+        "'distributed') if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""

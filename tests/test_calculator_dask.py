@@ -227,3 +227,22 @@ def test_dask_array_to_zarr_chunks_and_progress(client: Client, tmp_path: Path) 
     np.testing.assert_array_equal(stored[...], np.arange(40.0).reshape(10, 4))
     with pytest.raises(ValueError, match="An array exists at"):
         dask_array_to_zarr(regular, tmp_path / "r.zarr")
+
+
+class _NoLenDataset(torch.utils.data.Dataset):
+    """A map-style dataset without `__len__`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        return self.x[index], self.y[index]
+
+
+def test_torch_dataset_to_dask_array_counts_a_dataset_without_len() -> None:
+    x, y = classification_data(11)
+    arrays = torch_dataset_to_dask_array(_NoLenDataset(x, y), 4)
+    assert arrays[0].shape == (11, x.shape[1]) and arrays[0].chunks[0] == (4, 4, 3)
+    np.testing.assert_allclose(arrays[0].compute(), x.numpy().astype(np.float32))
+    with_size = torch_dataset_to_dask_array(_NoLenDataset(x, y), 4, total_size=8)
+    assert with_size[1].shape == (8,)

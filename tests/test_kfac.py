@@ -541,7 +541,7 @@ def test_nan_is_an_error_naming_the_layer() -> None:
     net = make_mlp()
     with torch.no_grad():
         net[2].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf in the .* of layer '[02]'"):
+    with pytest.raises(ValueError, match=r"NaN or Inf in its parameters \['2.weight'\]"):
         EkfacInfluence(net, hessian_regularization=0.1).fit(loader(x, y))
 
 
@@ -584,3 +584,26 @@ def test_sequential_calculator_matches_influences() -> None:
     )
     values = lazy.compute(aggregator=NestedTorchCatAggregator())
     assert rel_err(values, model.influences(x[:5], y[:5], x, y)) < 1e-12
+
+
+class _CountingLoader:
+    """A data loader that counts the batches drawn from it."""
+
+    def __init__(self, loader) -> None:  # type: ignore[no-untyped-def]
+        self.loader, self.batches = loader, 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for batch in self.loader:
+            self.batches += 1
+            yield batch
+
+
+def test_sampled_fisher_refit_draws_fresh_labels() -> None:
+    x, y = classification_data()
+    counts = {}
+    for fisher in ("empirical", "sampled"):
+        data = _CountingLoader(loader(x, y))
+        EkfacInfluence(make_mlp(), True, 0.1, fisher=fisher, seed=0).fit(data)  # type: ignore[arg-type]
+        counts[fisher] = data.batches
+    # the sampled refit makes a second pass over the data; the empirical one reuses the cache
+    assert counts["sampled"] == counts["empirical"] + len(loader(x, y))

@@ -445,10 +445,6 @@ def test_errors(trained) -> None:
     loss = F.cross_entropy
     with pytest.raises(ValueError, match=r"'rank' must be in \[1, P\] with P = 57.*got 0"):
         ArnoldiInfluence(net, loss, 0.1, rank=0)
-    with pytest.raises(ValueError, match=r"'rank' must be in \[1, P\] with P = 57.*got 58"):
-        NystroemSketchInfluence(net, loss, 0.1, rank=58)
-    with pytest.raises(ValueError, match=r"P = 21 the number of parameters of block '2', got 22"):
-        ArnoldiInfluence(net, loss, 0.1, rank=22, block_structure=BlockMode.LAYER_WISE)
     with pytest.raises(TypeError, match="'rank' must be an int, got float"):
         ArnoldiInfluence(net, loss, 0.1, rank=2.0)  # type: ignore[arg-type]
     with pytest.raises(
@@ -491,10 +487,42 @@ def test_errors(trained) -> None:
         lanczos_eigenpairs(matvec, 30, 5, krylov_dimension=40)
     with pytest.raises(ValueError, match=r"'block_size' must be in \[1, 7\].*got 8"):
         lanczos_eigenpairs(matvec, 30, 5, krylov_dimension=20, block_size=8)
-    with pytest.raises(ValueError, match=r"'rank' must be in \[1, P\] with P = 30.*got 31"):
-        lanczos_eigenpairs(matvec, 30, 31)
     with pytest.raises(ValueError, match=r"'rank' must be in \[1, 30\], got 0"):
         randomized_nystroem_approximation(lambda v: v, 30, 0, torch.float64)
+
+
+@pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemSketchInfluence])
+def test_rank_larger_than_a_block_is_clipped_with_a_warning(trained, direct, cls, caplog) -> None:
+    """Layer-wise blocks of 36 and 21 parameters with rank 40: every block is complete, so
+    the influences equal the direct ones of the same block structure (Gauss-Newton: PSD)."""
+    net, x, y = trained
+    lam = 1e-2
+    with caplog.at_level(logging.WARNING, logger="influx.torch.low_rank"):
+        model = cls(
+            net,
+            F.cross_entropy,
+            lam,
+            rank=40,
+            block_structure=BlockMode.LAYER_WISE,
+            second_order_mode=GAUSS_NEWTON,
+            **({"use_woodbury": True} if cls is ArnoldiInfluence else {}),
+        )
+    assert "'rank' (40) exceeds the number of parameters of block '2' (21)" in caplog.text
+    model.fit(loader(x, y, 60))
+    expected = (
+        DirectInfluence(
+            net, F.cross_entropy, lam, BlockMode.LAYER_WISE, second_order_mode=GAUSS_NEWTON
+        )
+        .fit(loader(x, y, 60))
+        .influences(x[:5], y[:5], x, y)
+    )
+    assert rel_err(model.influences(x[:5], y[:5], x, y), expected) < 1e-8
+    with caplog.at_level(logging.WARNING, logger="influx.torch.functional"):
+        sketch = randomized_nystroem_approximation(
+            torch.eye(4, dtype=torch.float64), 4, 9, torch.float64
+        )
+    assert sketch.eigen_vals.shape == (4,)
+    assert "'rank' (9) exceeds the dimension 4" in caplog.text
 
 
 def test_nan_curvature_is_an_error_naming_the_block(trained) -> None:

@@ -19,7 +19,9 @@ from helpers import classification_data, loader, make_mlp
 from influx.torch import (
     CgOperator,
     DirectSolveOperator,
+    EkfacPreconditioner,
     GaussNewtonOperator,
+    GeneralizedGaussNewtonOperator,
     HessianOperator,
     IdentityOperator,
     InverseHarmonicMeanOperator,
@@ -71,6 +73,19 @@ class Problem:
     def per_sample_grads(self) -> torch.Tensor:
         one = jacrev(lambda f, x, y: self._loss(f, x[None], y[None]))
         return vmap(one, in_dims=(None, 0, 0))(self.flat, self.x, self.y)
+
+    def generalized_gauss_newton(self) -> torch.Tensor:
+        r"""$\frac{1}{n}\sum_i J_i^\top (\mathrm{diag}(p_i) - p_i p_i^\top) J_i$ for the
+        cross-entropy, with $J_i$ the Jacobian of the logits (`jacrev`)."""
+
+        def logits(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.net, self._unflatten(flat), (x[None],))[0]
+
+        jac = vmap(jacrev(logits), in_dims=(None, 0))(self.flat, self.x)  # (n, C, P)
+        with torch.no_grad():
+            probs = torch.softmax(self.net(self.x), dim=1)
+        h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        return torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / self.x.shape[0]
 
     def gauss_newton(self) -> torch.Tensor:
         g = self.per_sample_grads()
@@ -135,6 +150,22 @@ CASES: Dict[str, Case] = {
         GaussNewtonOperator(p.net, F.cross_entropy, p.data),
         p.gauss_newton(),
         1e-10,
+    ),
+    "generalized_gauss_newton": lambda p, lam: (
+        GeneralizedGaussNewtonOperator(p.net, F.cross_entropy, p.data),
+        p.generalized_gauss_newton(),
+        1e-10,
+    ),
+    "cg_ekfac": lambda p, lam: (
+        CgOperator(
+            GeneralizedGaussNewtonOperator(p.net, F.cross_entropy, p.data),
+            lam,
+            rtol=1e-13,
+            atol=0.0,
+            preconditioner=EkfacPreconditioner(seed=0),
+        ),
+        _inverse(p.generalized_gauss_newton(), lam or 0.0),
+        1e-9,
     ),
     "precomputed_gauss_newton": lambda p, lam: (
         PrecomputedGaussNewtonOperator(GaussNewtonBatchOperation(p.net, F.cross_entropy), p.data),
@@ -212,6 +243,7 @@ CASES: Dict[str, Case] = {
 WITHOUT_REGULARIZATION = {
     "identity",
     "matrix",
+    "generalized_gauss_newton",
     "hessian",
     "gauss_newton",
     "precomputed_gauss_newton",

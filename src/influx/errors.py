@@ -8,11 +8,15 @@ working. Nothing here imports a numerical framework.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 __all__ = [
     "InfluxError",
+    "NotImplementedLayerRepresentationException",
+    "NonConvergenceError",
+    "NonFiniteCurvatureError",
     "NotFittedException",
+    "UnorderedDataError",
     "UnsupportedInfluenceModeException",
     "UnsafeFitFileError",
 ]
@@ -45,3 +49,48 @@ class UnsafeFitFileError(InfluxError, ValueError):
     """Raised when a file given to `load_fit` is not a fit saved by influx, or holds anything
     but plain tensors and JSON (for example a pickled callable): such a file is never
     executed."""
+
+
+class NotImplementedLayerRepresentationException(InfluxError, ValueError):
+    """Raised for a trainable layer that has no Kronecker-factored representation.
+
+    Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
+    layer's parameters (`requires_grad_(False)`) or restrict the model to supported layers
+    (the `layers` argument of [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence])
+    to leave it out.
+    """
+
+    def __init__(self, module_id: str, reason: Optional[str] = None):
+        self.module_id = module_id
+        detail = reason or (
+            "only torch.nn.Linear and torch.nn.Conv2d have a Kronecker-factored representation"
+        )
+        super().__init__(
+            f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "
+            "restrict the model to supported layers with 'layers'."
+        )
+
+
+class NonConvergenceError(InfluxError, RuntimeError):
+    """Raised by an iterative solver created with `on_nonconvergence="raise"` when a
+    right-hand side did not reach the tolerance.
+
+    Attributes:
+        diagnostics: the [SolverDiagnostics][influx.types.SolverDiagnostics] of the solve
+            (iterations, achieved residual, per right-hand side figures).
+    """
+
+    def __init__(self, message: str, diagnostics: Any = None):
+        super().__init__(message)
+        self.diagnostics = diagnostics
+
+
+class NonFiniteCurvatureError(InfluxError, ValueError):
+    """Raised when the fitted curvature (or its factorisation) of a block holds NaN or Inf:
+    influences computed from it would be meaningless."""
+
+
+class UnorderedDataError(InfluxError, ValueError):
+    """Raised when a call that returns training indices gets a data loader whose order is
+    not fixed (a shuffling or otherwise random sampler): the indices would point at the
+    wrong samples."""

@@ -43,6 +43,7 @@ from typing import (
     Dict,
     Generator,
     Generic,
+    ItemsView,
     Iterable,
     Optional,
     TypeVar,
@@ -74,6 +75,9 @@ BatchType = TypeVar("BatchType", bound="Batch")
 GradientProviderType = TypeVar("GradientProviderType", bound="GradientProvider")
 OperatorType = TypeVar("OperatorType", bound="Operator")
 CompositionType = TypeVar("CompositionType", bound="OperatorGradientComposition")
+OperatorGradientCompositionType = TypeVar(
+    "OperatorGradientCompositionType", bound="OperatorGradientComposition"
+)
 BlockMapperType = TypeVar("BlockMapperType", bound="BlockMapper")
 BilinearFormType = TypeVar("BilinearFormType", bound="BilinearForm")
 
@@ -128,10 +132,17 @@ def check_mode(mode: Any) -> InfluenceMode:
 
 
 class Batch(ABC):
-    """A batch of inputs `x` and targets `y` sharing their first (batch) dimension."""
+    """A batch of inputs `x` and targets `y` sharing their first (batch) dimension.
+
+    Implementations (e.g. [TorchBatch][influx.torch.base.TorchBatch]) are dataclasses with
+    these two fields; this constructor stores them."""
 
     x: Any
     y: Any
+
+    def __init__(self, x: Any, y: Any):
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
 
 
 class GradientProvider(Generic[BatchType, TensorType], ABC):
@@ -214,12 +225,13 @@ class OperatorGradientComposition(
 
     Args:
         op: the operator, e.g. an inverse curvature restricted to the block.
-        gradient_provider: per-sample gradients restricted to the block.
+        gp: per-sample gradients restricted to the block (the attribute
+            `gradient_provider`).
     """
 
-    def __init__(self, op: OperatorType, gradient_provider: GradientProviderType):
+    def __init__(self, op: OperatorType, gp: GradientProviderType):
         self.op = op
-        self.gradient_provider = gradient_provider
+        self.gradient_provider = gp
 
     def interactions(
         self,
@@ -275,6 +287,10 @@ class BlockMapper(Generic[TensorType, BatchType, CompositionType], ABC):
 
     def __init__(self, composable_block_dict: "OrderedDict[str, CompositionType]"):
         self.composable_block_dict = composable_block_dict
+
+    def items(self) -> ItemsView[str, CompositionType]:
+        """The `(block name, block)` pairs, in order."""
+        return self.composable_block_dict.items()
 
     @abstractmethod
     def _split_to_blocks(self, z: TensorType, dim: int = -1) -> "OrderedDict[str, TensorType]":
@@ -367,6 +383,11 @@ class InfluenceFunctionModel(Generic[TensorType, DataLoaderType], ABC):
 
     A positive influence means the training point helps (lowers the loss on) the test point.
     """
+
+    @property
+    def n_parameters(self) -> int:
+        """The number of parameters the influences are taken with respect to."""
+        raise NotImplementedError(f"{type(self).__name__} does not report n_parameters.")
 
     @property
     @abstractmethod
@@ -463,6 +484,11 @@ class ComposableInfluence(
     def _create_batch(self, x: TensorType, y: TensorType) -> BatchType:
         """Validate and wrap a pair of tensors as a batch."""
 
+    def _create_test_batch(self, x: TensorType, y: TensorType) -> BatchType:
+        """Validate and wrap test inputs and targets as a batch (the test side of influences,
+        where a task's measurement replaces the training loss); by default `_create_batch`."""
+        return self._create_batch(x, y)
+
     @abstractmethod
     def _concat(self, tensors: Iterable[TensorType], dim: int) -> TensorType:
         """Concatenate tensors along `dim`."""
@@ -488,13 +514,13 @@ class ComposableInfluence(
                 f"Parameter '{missing}' is required when '{given}' is given: pass both training "
                 f"inputs and targets, or neither to compute test-by-test influences."
             )
-        left = self._create_batch(x_test, y_test)
+        left = self._create_test_batch(x_test, y_test)
         right = None if x is None else self._create_batch(x, y)  # type: ignore[arg-type]
         return left, right
 
     @InfluenceFunctionModel.fit_required
     def influence_factors(self, x: TensorType, y: TensorType) -> TensorType:
-        blocks = self.block_mapper.generate_transformed_grads(self._create_batch(x, y))
+        blocks = self.block_mapper.generate_transformed_grads(self._create_test_batch(x, y))
         return self._concat(blocks, dim=1)
 
     @InfluenceFunctionModel.fit_required
@@ -502,7 +528,7 @@ class ComposableInfluence(
         self, x: TensorType, y: TensorType
     ) -> "OrderedDict[str, TensorType]":
         r"""Block-wise $(H_b + \lambda_b I)^{-1} \nabla_{\theta_b} \ell(x_i, y_i)$."""
-        return self.block_mapper.transformed_grads(self._create_batch(x, y))
+        return self.block_mapper.transformed_grads(self._create_test_batch(x, y))
 
     @InfluenceFunctionModel.fit_required
     def influences(

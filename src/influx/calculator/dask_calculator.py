@@ -32,6 +32,7 @@ from .checks import (
     self_influence_function,
 )
 from .model_handles import EmbeddedModel, InstalledModel, ModelHandle
+from .structured import first_leaf, is_structured, leaves_with_paths, map_leaves
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -51,7 +52,9 @@ def _self_influences_task(
     dtype: np.dtype,
 ) -> np.ndarray:
     model = handle.resolve()
-    result = self_influence_function(model)(converter.from_numpy(x), converter.from_numpy(y), mode)
+    result = self_influence_function(model)(
+        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y), mode
+    )
     return np.asarray(converter.to_numpy(result), dtype=dtype)
 
 
@@ -63,7 +66,9 @@ def _factors_task(
     dtype: np.dtype,
 ) -> np.ndarray:
     model = handle.resolve()
-    result = model.influence_factors(converter.from_numpy(x), converter.from_numpy(y))
+    result = model.influence_factors(
+        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y)
+    )
     return np.asarray(converter.to_numpy(result), dtype=dtype)
 
 
@@ -78,7 +83,10 @@ def _influences_task(
 ) -> np.ndarray:
     model = handle.resolve()
     result = model.influences_from_factors(
-        converter.from_numpy(factors), converter.from_numpy(x), converter.from_numpy(y), mode
+        converter.from_numpy(factors),
+        map_leaves(converter.from_numpy, x),
+        map_leaves(converter.from_numpy, y),
+        mode,
     )
     return np.asarray(converter.to_numpy(result), dtype=dtype)
 
@@ -240,16 +248,67 @@ class DaskInfluenceCalculator:
         if any(len(c) > 1 for c in array.chunks[1:]):
             raise InvalidDimensionChunksError(array.chunks, name)
 
+    @classmethod
+    def _check_inputs(cls, value: Any, name: str) -> Tuple[int, ...]:
+        """Check one array or a structure of arrays (e.g. a dict of dask arrays) and return
+        the chunks of its first axis, which must be the same for all its arrays."""
+        entries = leaves_with_paths(value, name)
+        if not entries:
+            raise ValueError(f"Parameter '{name}' must contain at least one dask array.")
+        for path, array in entries:
+            cls._check_array(array, path)
+        first_path, first = entries[0]
+        for path, array in entries[1:]:
+            if array.chunks[0] != first.chunks[0]:
+                raise UnalignedChunksError(first.chunks[0], array.chunks[0], (first_path, path))
+        return tuple(first.chunks[0])
+
     def _check_pair(self, x: Any, y: Any, names: Tuple[str, str]) -> None:
-        self._check_array(x, names[0])
-        self._check_array(y, names[1])
-        if x.chunks[0] != y.chunks[0]:
-            raise UnalignedChunksError(x.chunks[0], y.chunks[0], names)
+        chunks_x = self._check_inputs(x, names[0])
+        chunks_y = self._check_inputs(y, names[1])
+        if chunks_x != chunks_y:
+            raise UnalignedChunksError(chunks_x, chunks_y, names)
 
     @staticmethod
-    def _blocks(array: "dask.array.Array") -> List[Any]:
+    def _sample_chunks(value: Any) -> Tuple[int, ...]:
+        return tuple(first_leaf(value).chunks[0])  # type: ignore[union-attr]
+
+    @staticmethod
+    def _array_blocks(array: "dask.array.Array") -> List[Any]:
         delayed = array.to_delayed()
         return [delayed[(i,) + (0,) * (array.ndim - 1)] for i in range(len(array.chunks[0]))]
+
+    @classmethod
+    def _blocks(cls, value: Any) -> List[Any]:
+        """The chunks along the first axis of an array, or of every array of a structure
+        (one structure of blocks per chunk)."""
+        if not is_structured(value):
+            return cls._array_blocks(value)
+        by_array = {id(a): cls._array_blocks(a) for _, a in leaves_with_paths(value, "x")}
+        n_chunks = len(cls._sample_chunks(value))
+
+        def chunk(index: int) -> Any:
+            return map_leaves(lambda array: by_array[id(array)][index], value)
+
+        return [chunk(i) for i in range(n_chunks)]
+
+    def _perturbation_shape(self, x: Any) -> Tuple[int, ...]:
+        """The shape of one sample of the input that Perturbation mode differentiates: of
+        `x`, or as the model says for a structure of arrays."""
+        if not is_structured(x):
+            return tuple(x.shape[1:])
+        shape_of = getattr(self.influence_function_model, "perturbation_shape", None)
+        if shape_of is None:
+            raise TypeError(
+                f"{type(self.influence_function_model).__name__} cannot say which input of a "
+                "structured 'x' Perturbation mode differentiates: it needs a "
+                "'perturbation_shape(x)' method, as every influx influence model has."
+            )
+        empty = map_leaves(
+            lambda a: self.numpy_converter.from_numpy(np.empty((0, *a.shape[1:]), dtype=a.dtype)),
+            x,
+        )
+        return tuple(shape_of(empty))
 
     def _factor_blocks(self, x: "dask.array.Array", y: "dask.array.Array") -> List[Any]:
         import dask
@@ -264,8 +323,9 @@ class DaskInfluenceCalculator:
         r"""Influence factors $(H + \lambda I)^{-1}\nabla_\theta \ell(x_i, y_i)$, one task per chunk.
 
         Args:
-            x: model inputs, chunked along the first axis only.
-            y: targets, chunked like `x` along the first axis.
+            x: model inputs, chunked along the first axis only: one array, or a dict (tuple,
+                list) of arrays with the same chunks along the first axis.
+            y: targets, chunked like `x` along the first axis (an array or a structure).
 
         Returns:
             A dask array of shape `(N, n_parameters)` with the chunks of `x`.
@@ -279,7 +339,7 @@ class DaskInfluenceCalculator:
         self._check_pair(x, y, ("x", "y"))
         blocks = [
             da.from_delayed(b, shape=(n, self.n_parameters), dtype=self._dtype)
-            for b, n in zip(self._factor_blocks(x, y), x.chunks[0])
+            for b, n in zip(self._factor_blocks(x, y), self._sample_chunks(x))
         ]
         result = da.concatenate(blocks, axis=0)
         result.zarr_metadata = {"quantity": "influence_factors"}  # type: ignore[attr-defined]
@@ -331,7 +391,7 @@ class DaskInfluenceCalculator:
         else:
             self._check_pair(x, y, ("x", "y"))
         factors = self._factor_blocks(x_test, y_test)
-        return self._assemble(factors, x_test.chunks[0], x, y, mode)
+        return self._assemble(factors, self._sample_chunks(x_test), x, y, mode)
 
     def _assemble(
         self,
@@ -344,7 +404,7 @@ class DaskInfluenceCalculator:
         import dask
         import dask.array as da
 
-        trailing = tuple(x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
+        trailing = self._perturbation_shape(x) if mode is InfluenceMode.Perturbation else ()
         task = dask.delayed(_influences_task, pure=True)
         x_blocks, y_blocks = self._blocks(x), self._blocks(y)
         grid = [
@@ -354,7 +414,7 @@ class DaskInfluenceCalculator:
                     shape=(n_rows, n_cols) + trailing,
                     dtype=self._dtype,
                 )
-                for xb, yb, n_cols in zip(x_blocks, y_blocks, x.chunks[0])
+                for xb, yb, n_cols in zip(x_blocks, y_blocks, self._sample_chunks(x))
             ]
             for f, n_rows in zip(factor_blocks, row_sizes)
         ]
@@ -390,7 +450,7 @@ class DaskInfluenceCalculator:
         mode = check_mode(mode)
         self_influence_function(self.influence_function_model)
         self._check_pair(x, y, ("x", "y"))
-        trailing = tuple(x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
+        trailing = self._perturbation_shape(x) if mode is InfluenceMode.Perturbation else ()
         task = dask.delayed(_self_influences_task, pure=True)
         blocks = [
             da.from_delayed(
@@ -398,7 +458,7 @@ class DaskInfluenceCalculator:
                 shape=(n,) + trailing,
                 dtype=self._dtype,
             )
-            for xb, yb, n in zip(self._blocks(x), self._blocks(y), x.chunks[0])
+            for xb, yb, n in zip(self._blocks(x), self._blocks(y), self._sample_chunks(x))
         ]
         result = da.concatenate(blocks, axis=0)
         result.zarr_metadata = {"quantity": "self_influences", "mode": mode.value}  # type: ignore[attr-defined]

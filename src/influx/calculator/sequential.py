@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Typ
 
 from ..array import LazyChunk, LazyChunkRow, LazyChunkSequence, NestedLazyChunkSequence
 from ..types import InfluenceFunctionModel, InfluenceMode, check_mode
-from .checks import check_model, self_influence_function
+from .checks import check_model, check_ordered_iterable, self_influence_function
+from .structured import first_leaf, is_structured, split_item
 
 __all__ = ["SequentialInfluenceCalculator"]
 
@@ -34,6 +35,8 @@ class _Once:
 
 
 def _length(tensor: Any) -> Optional[int]:
+    if is_structured(tensor):
+        tensor = first_leaf(tensor)
     shape = getattr(tensor, "shape", None)
     if shape is not None and len(shape) > 0:
         return int(shape[0])
@@ -79,6 +82,7 @@ def _check_reiterable(iterable: Any, name: str) -> None:
             f"Parameter '{name}' must be iterable more than once (e.g. a DataLoader or a list "
             f"of batches), got a one-shot iterator of type {type(iterable).__name__}."
         )
+    check_ordered_iterable(iterable, name)
 
 
 def _identity(value: T) -> T:
@@ -110,14 +114,7 @@ def _factor_chunk(item: Any) -> Any:
 
 
 def _batch(item: Any, name: str) -> Tuple[Any, Any]:
-    try:
-        x, y = item
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"Parameter '{name}' must yield (x, y) pairs, got an item of type "
-            f"{type(item).__name__}."
-        ) from None
-    return x, y
+    return split_item(item, name)
 
 
 class SequentialInfluenceCalculator:

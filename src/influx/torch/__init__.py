@@ -1,7 +1,12 @@
 """The torch implementation of influx: influence models, operators and gradient providers.
 
-Importing this package does not import dask, distributed or zarr.
+Importing this package does not import dask, distributed or zarr, nor the chunk layer of the
+calculators: the torch-side converters (`TorchNumpyConverter`, `TorchCatAggregator`,
+`NestedTorchCatAggregator`, `torch_dataset_to_dask_array`) are loaded on first use.
 """
+
+import importlib
+from typing import Any
 
 from ..types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
 from .base import (
@@ -21,6 +26,7 @@ from .batch_operation import (
     HessianBatchOperation,
     InverseHarmonicMeanBatchOperation,
 )
+from .blocks import BlockMode
 from .cg import CgOperator
 from .composition import (
     ArnoldiSolver,
@@ -42,7 +48,6 @@ from .curvature import (
     SecondOrderMode,
 )
 from .direct import DirectSolveOperator
-from .functional import LowRankProductRepresentation
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import NotImplementedLayerRepresentationException
@@ -76,15 +81,10 @@ from .preconditioner import (
     Preconditioner,
 )
 from .projected_gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
+from .sketch import LowRankProductRepresentation
+from .task import SupervisedTask, Task
 from .tensor_operator import MatrixOperator, ShiftedOperator
 from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
-from .util import (
-    BlockMode,
-    NestedTorchCatAggregator,
-    TorchCatAggregator,
-    TorchNumpyConverter,
-    torch_dataset_to_dask_array,
-)
 from .valuation import (
     HarmfulRanking,
     TopKInfluences,
@@ -94,6 +94,8 @@ from .valuation import (
 )
 
 __all__ = [
+    "Task",
+    "SupervisedTask",
     "ArnoldiSolver",
     "CgSolver",
     "ComposedInfluence",
@@ -173,3 +175,17 @@ __all__ = [
     "nystroem_low_rank",
     "torch_dataset_to_dask_array",
 ]
+
+
+_CONVERTERS = {
+    "NestedTorchCatAggregator",
+    "TorchCatAggregator",
+    "TorchNumpyConverter",
+    "torch_dataset_to_dask_array",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONVERTERS:
+        return getattr(importlib.import_module(".array_converters", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

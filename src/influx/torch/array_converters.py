@@ -9,6 +9,7 @@ handle torch tensors; they are also importable from
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
 
 import numpy as np
@@ -26,6 +27,8 @@ from ..array import (
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NestedTorchCatAggregator",
@@ -122,6 +125,26 @@ def _chunk_column(
     return array if dtype is None else array.astype(dtype, copy=False)
 
 
+def _probe_length(dataset: Any) -> int:
+    """The number of samples of a dataset without `len`: its items are read in order until an
+    `IndexError` (or an empty item)."""
+    logger.warning(
+        "Parameter 'dataset' of type %s has no len(): reading its items once to count them; "
+        "pass 'total_size' to avoid it.",
+        type(dataset).__name__,
+    )
+    count = 0
+    while True:
+        try:
+            item = dataset[count]
+        except IndexError:
+            return count
+        parts = item if isinstance(item, tuple) else (item,)
+        if all(torch.as_tensor(part).numel() == 0 for part in parts):
+            return count
+        count += 1
+
+
 def torch_dataset_to_dask_array(
     dataset: Any,
     chunk_size: int,
@@ -137,8 +160,9 @@ def torch_dataset_to_dask_array(
         dataset: a dataset whose item `i` is a tensor or a tuple of tensors, e.g. a
             `TensorDataset`.
         chunk_size: samples per chunk (the last chunk may be smaller).
-        total_size: the number of samples, for datasets without `len`. If given for a
-            dataset with `len`, it must agree.
+        total_size: the number of samples, for datasets without `len` (without it, such a
+            dataset is read once, item by item, to count its samples, as pyDVL does). If
+            given for a dataset with `len`, it must agree.
         resulting_dtype: the dtype of the arrays of floating-point elements; integer elements
             (labels) keep their dtype.
 
@@ -148,7 +172,6 @@ def torch_dataset_to_dask_array(
     Raises:
         ValueError: for a non-positive `chunk_size`, a `total_size` that disagrees with
             `len(dataset)`, or an empty dataset.
-        TypeError: for a dataset without `len` and without `total_size`.
     """
     import dask
     import dask.array as da
@@ -160,12 +183,7 @@ def torch_dataset_to_dask_array(
     except TypeError:
         n_samples = None
     if n_samples is None:
-        if total_size is None:
-            raise TypeError(
-                f"Parameter 'dataset' of type {type(dataset).__name__} has no len(): pass "
-                "'total_size'."
-            )
-        n_samples = int(total_size)
+        n_samples = int(total_size) if total_size is not None else _probe_length(dataset)
     elif total_size is not None and int(total_size) != n_samples:
         raise ValueError(
             f"Parameter 'total_size' ({total_size}) differs from len(dataset) ({n_samples})."

@@ -26,12 +26,12 @@ import logging
 from abc import ABC
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import NotFittedException
+from ..errors import NonFiniteCurvatureError, NotFittedException
 from ..types import (
     BlockMapper,
     ComposableInfluence,
@@ -40,12 +40,20 @@ from ..types import (
     SolverDiagnostics,
     check_mode,
 )
-from .bilinear import DictBilinearForm, OperatorBilinearForm, perturbation_product
+from .autodiff import LossOrTask
+from .bilinear import (
+    DictBilinearForm,
+    OperatorBilinearForm,
+    OperatorBilinearFormType,
+    perturbation_product,
+)
+from .blocks import BlockMode, BlockStructure, block_parameters
 from .composition import Curvature, Solver
-from .data import TorchBatch
-from .functional import LossFunction
+from .data import TorchBatch, leaves, map_structure, normalise_structure
+from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
 from .gradients import TorchGradientProvider
 from .low_rank import LowRankBilinearForm
+from .model_call import is_task, perturbation_entry
 from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
 from .tensor_operator import (
     OperatorState,
@@ -54,14 +62,20 @@ from .tensor_operator import (
     TensorOperator,
     restore_operator,
 )
-from .util import BlockMode, BlockStructure, block_parameters
-from .validation import RegularizationType, regularization_by_block
+from .validation import (
+    RegularizationType,
+    check_batch_for_model,
+    check_labels_for_loss,
+    regularization_by_block,
+    resolve_compute_dtype,
+)
 
 __all__ = [
     "TorchBatch",
     "TorchGradientProvider",
     "OperatorBilinearForm",
     "DictBilinearForm",
+    "OperatorBilinearFormType",
     "LowRankBilinearForm",
     "TensorOperator",
     "TensorDictOperator",
@@ -122,7 +136,8 @@ class TorchOperatorGradientComposition(
         if mode is InfluenceMode.Up:
             return left_factors @ self.gradient_provider.flat_grads(right_batch).T
         right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
-        return perturbation_product(left_factors, right_mixed, tuple(right_batch.x.shape[1:]))
+        shape = self.gradient_provider.perturbation_shape(right_batch)
+        return perturbation_product(left_factors, right_mixed, shape)
 
     def self_interactions_from_transformed_grads(
         self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
@@ -133,7 +148,7 @@ class TorchOperatorGradientComposition(
             return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
         mixed = self.gradient_provider.flat_mixed_grads(batch)
         values = torch.einsum("ip,ifp->if", factors, mixed)
-        return values.reshape(len(batch), *batch.x.shape[1:])
+        return values.reshape(len(batch), *self.gradient_provider.perturbation_shape(batch))
 
 
 class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
@@ -172,6 +187,11 @@ class TorchComposableInfluence(
             `OrderedDict[str, List[str]]` of block names to parameter names.
         regularization: $\\lambda \\ge 0$ added to the curvature, either one float for every
             block or a dict keyed by block name (missing blocks get none).
+        compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
+            means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
+            When it differs from the model's dtype, a copy of the model with parameters in
+            `compute_dtype` is used for every computation (`model`; the given module is
+            `original_model`), and floating inputs and targets are converted to it.
     """
 
     _settings: Dict[str, Any]
@@ -195,7 +215,7 @@ class TorchComposableInfluence(
     solver: Optional[Solver] = None
     """The inverse method of every block."""
 
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     """The training loss `loss(prediction, target)` with mean reduction."""
 
     def __init__(
@@ -203,12 +223,24 @@ class TorchComposableInfluence(
         model: torch.nn.Module,
         block_structure: BlockStructure = BlockMode.FULL,
         regularization: RegularizationType = None,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"Parameter 'model' must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.original_model = model
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        model_dtype = floating[0].dtype if floating else torch.get_default_dtype()
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, model_dtype)
+        if self.compute_dtype != model_dtype:
+            logger.info(
+                "The model's parameters are %s: computing on a %s copy of the model.",
+                model_dtype,
+                self.compute_dtype,
+            )
+            model = copy.deepcopy(model).to(self.compute_dtype)
         self.model = model
         self.block_structure = block_structure
         if self.curvature is not None:
@@ -222,17 +254,20 @@ class TorchComposableInfluence(
     def _compose(
         self,
         model: torch.nn.Module,
-        loss: Optional[LossFunction],
+        loss: Optional[LossOrTask],
         curvature: Curvature,
         solver: Solver,
         block_structure: BlockStructure,
         regularization: RegularizationType,
+        compute_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Set the three parts of every block and initialise (for the presets' constructors)."""
         self.loss = loss
         self.curvature = curvature
         self.solver = solver
-        TorchComposableInfluence.__init__(self, model, block_structure, regularization)
+        TorchComposableInfluence.__init__(
+            self, model, block_structure, regularization, compute_dtype
+        )
 
     def __getattr__(self, name: str) -> Any:
         # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
@@ -346,8 +381,45 @@ class TorchComposableInfluence(
             self.block_mapper = self.block_mapper.to(device)
         return self
 
-    def _create_batch(self, x: torch.Tensor, y: torch.Tensor) -> TorchBatch:
-        return TorchBatch(x, y).to(self.device)
+    def _create_batch(self, x: Any, y: Any) -> TorchBatch:
+        batch = self._cast(TorchBatch(x, y).to(self.device))
+        for leaf in leaves(batch.x):
+            check_batch_for_model(leaf, self.dtype, self.device, "x")
+        if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
+            check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
+        return batch
+
+    def _cast(self, batch: TorchBatch) -> TorchBatch:
+        """The batch with floating inputs and targets in the compute dtype, if the model was
+        copied to it (a low-precision model); unchanged otherwise."""
+        if self.model is self.original_model:
+            return batch
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.compute_dtype) if t.is_floating_point() else t
+
+        return TorchBatch(map_structure(convert, batch.x), map_structure(convert, batch.y))
+
+    def _prepare_data(self, data: DataLoader) -> DataLoader:
+        """The training data as this model computes on it (floating tensors converted to the
+        compute dtype for a low-precision model)."""
+        if self.model is self.original_model:
+            return data
+        return cast(DataLoader, CastData(data, self.compute_dtype))
+
+    def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
+        return self._create_batch(x, y).as_test()
+
+    def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
+        """The shape of one sample of the input that `InfluenceMode.Perturbation`
+        differentiates: `x.shape[1:]` for a tensor, or the shape of the entry of a structured
+        `x` chosen by the task (see [perturbation_entry][influx.torch.model_call.perturbation_entry]).
+        Perturbation influences have shape `(N_test, N, *perturbation_shape(x))`."""
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to choose the perturbed input.")
+        structure = normalise_structure(x)
+        index, _ = perturbation_entry(structure, self.loss)
+        return tuple(leaves(structure)[index].shape[1:])
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)
@@ -494,10 +566,45 @@ class TorchComposableInfluence(
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
         """Fit the curvature of every block to the training data and return self.
 
+        The order of the batches does not matter (a shuffling loader gives the same fit).
+        Before fitting, the first batch is checked: the model must be in eval mode if it has
+        dropout or batch norm, inputs and labels must have dtypes the model and loss take,
+        the model and loss must run on it, and the loss of the batch must be the mean of its
+        per-sample losses. After fitting, the state of every block is checked for NaN / Inf.
+
         Args:
             data: an iterable of `(x, y)` batches, typically a `DataLoader`.
+
+        Raises:
+            NonFiniteCurvatureError: if a block's curvature is not finite; the message names
+                the block and the first batch with non-finite values.
+            ValueError: if the model is in training mode with dropout or batch norm, if the
+                loss couples the samples of a batch, or if the first batch cannot be
+                evaluated (the torch error with the shapes and dtypes involved).
+            TypeError: for inputs of another dtype than the model, or float class labels.
         """
-        return cast("TorchComposableInfluence", super().fit(data))
+        data = self._prepare_data(data)
+        params = {n: p.detach() for block in self._blocks.values() for n, p in block.items()}
+        check_first_batch(self.model, self.loss, params, data, self.device)
+        try:
+            mapper = self._create_block_mapper(data)
+        except NonFiniteCurvatureError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, getattr(error, "block", None), str(error)
+            ) from error
+        except torch.linalg.LinAlgError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, None, f"a factorisation failed: {error}"
+            ) from error
+        for name, block in mapper.composable_block_dict.items():
+            bad = non_finite_state(block.op)
+            if bad:
+                raise non_finite_error(
+                    self.model, self.loss, params, data, name, f"NaN or Inf in {', '.join(bad)}"
+                )
+        self.block_mapper = mapper
+        self._fitted = True
+        return self
 
 
 def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:

@@ -8,7 +8,7 @@ operator keeps gradients by parameter name; a low-rank operator pairs projection
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, TypeVar
 
 import torch
 
@@ -16,7 +16,12 @@ from ..types import BilinearForm
 from .data import TorchBatch
 from .gradients import TorchGradientProvider
 
-__all__ = ["DictBilinearForm", "OperatorBilinearForm", "perturbation_product"]
+__all__ = [
+    "DictBilinearForm",
+    "OperatorBilinearForm",
+    "OperatorBilinearFormType",
+    "perturbation_product",
+]
 
 
 def perturbation_product(
@@ -56,7 +61,9 @@ class OperatorBilinearForm(BilinearForm[torch.Tensor, TorchBatch, TorchGradientP
         right = left if right is None else right
         left_factors = self.operator.apply(gradient_provider.flat_grads(left))
         right_mixed = gradient_provider.flat_mixed_grads(right)
-        return perturbation_product(left_factors, right_mixed, tuple(right.x.shape[1:]))
+        return perturbation_product(
+            left_factors, right_mixed, gradient_provider.perturbation_shape(right)
+        )
 
 
 class DictBilinearForm(OperatorBilinearForm):
@@ -90,3 +97,6 @@ class DictBilinearForm(OperatorBilinearForm):
             total = term if total is None else total + term
         assert total is not None
         return total
+
+
+OperatorBilinearFormType = TypeVar("OperatorBilinearFormType", bound=OperatorBilinearForm)

@@ -32,7 +32,14 @@ from .tensor_operator import (
     TensorOperator,
     restore_operator,
 )
-from .validation import check_finite, check_rows, validate_cg_settings, validate_regularization
+from .validation import (
+    check_finite,
+    check_nonconvergence_policy,
+    check_rows,
+    default_tolerance,
+    validate_cg_settings,
+    validate_regularization,
+)
 
 __all__ = ["conjugate_gradient", "block_conjugate_gradient", "CgOperator"]
 
@@ -305,6 +312,12 @@ class CgOperator(TensorOperator):
             Krylov space between them.
         warn_on_max_iteration: log a warning with the achieved residual when the tolerance is
             not reached within `maxiter` iterations; if False, log it at debug level.
+        on_nonconvergence: `"warn"` (log as above and return the approximate solution) or
+            `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
+            carrying the diagnostics).
+
+    `rtol` and `atol` of None mean $10^{-7}$, or ten times the machine epsilon of the
+    operator's dtype if that is larger (a float32 solve cannot reach $10^{-7}$).
     """
 
     def _reference(self) -> Any:
@@ -314,13 +327,14 @@ class CgOperator(TensorOperator):
         self,
         operator: TensorOperator,
         regularization: Optional[float] = None,
-        rtol: float = 1e-7,
-        atol: float = 1e-7,
+        rtol: Optional[float] = None,
+        atol: Optional[float] = None,
         maxiter: Optional[int] = None,
         progress: bool = False,
         preconditioner: Optional[Preconditioner] = None,
         use_block_cg: bool = False,
         warn_on_max_iteration: bool = True,
+        on_nonconvergence: str = "warn",
     ):
         if not isinstance(operator, TensorOperator):
             raise TypeError(
@@ -331,8 +345,9 @@ class CgOperator(TensorOperator):
         check_preconditioner(preconditioner)
         self.operator = operator
         self._regularization = regularization
-        self.rtol = rtol
-        self.atol = atol
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.rtol = default_tolerance(rtol, operator.dtype, 1e-7)
+        self.atol = default_tolerance(atol, operator.dtype, 1e-7)
         self.maxiter = maxiter
         self.progress = progress
         self.use_block_cg = use_block_cg
@@ -376,6 +391,8 @@ class CgOperator(TensorOperator):
             "relative residual",
             f"Tolerance: max(rtol*|b|, atol) with rtol={self.rtol:g}, atol={self.atol:g}, "
             f"maxiter={maxiter}; increase 'maxiter' or 'regularization', or use a preconditioner.",
+            self.on_nonconvergence,
+            self.diagnostics,
         )
         return result.solution
 
@@ -399,6 +416,7 @@ class CgOperator(TensorOperator):
                 "progress": self.progress,
                 "use_block_cg": self.use_block_cg,
                 "warn_on_max_iteration": self.warn_on_max_iteration,
+                "on_nonconvergence": self.on_nonconvergence,
             },
             children=children,
         )

@@ -28,7 +28,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ..errors import NonConvergenceError, NonFiniteCurvatureError
+from .autodiff import LossOrTask
 from .batch_operation import GaussNewtonBatchOperation
+from .blocks import BlockStructure, block_parameters
 from .cg import CgOperator
 from .curvature import (
     AveragingBatchOperator,
@@ -38,7 +41,6 @@ from .curvature import (
     curvature_operator,
 )
 from .direct import DirectSolveOperator
-from .functional import LossFunction
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import fit_kronecker_curvature, validate_fisher
 from .kfac_layers import find_layers
@@ -54,15 +56,24 @@ from .low_rank import (
 )
 from .preconditioner import Preconditioner, check_preconditioner
 from .tensor_operator import TensorOperator
-from .util import BlockStructure, block_parameters
 from .validation import (
+    check_nonconvergence_policy,
+    check_seed,
+    make_generator,
     require_positive_regularization,
     validate_cg_settings,
     validate_lissa_settings,
 )
 
 LISSA_DEFAULTS: Dict[str, Any] = dict(
-    maxiter=1000, dampen=0.0, scale=10.0, rtol=1e-4, progress=False, warn_on_max_iteration=True
+    maxiter=1000,
+    dampen=0.0,
+    scale=10.0,
+    rtol=1e-4,
+    progress=False,
+    warn_on_max_iteration=True,
+    on_nonconvergence="warn",
+    seed=None,
 )
 """LiSSA's settings and their defaults (those of [LissaOperator][influx.torch.lissa.LissaOperator])."""
 
@@ -98,7 +109,7 @@ class Curvature(ABC):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -116,16 +127,21 @@ class ModeCurvature(Curvature):
     Args:
         mode: `HESSIAN`, `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
         precompute_grad: keep the per-sample gradients of `GAUSS_NEWTON` in memory.
+        progress: show a progress bar over the batches whenever the curvature goes through
+            the data (the dense matrix of the direct method, the Nyström sketch, ...).
     """
 
-    def __init__(self, mode: SecondOrderMode, precompute_grad: bool = False):
+    def __init__(
+        self, mode: SecondOrderMode, precompute_grad: bool = False, progress: bool = False
+    ):
         self.mode = check_second_order_mode(mode)
         self.precompute_grad = bool(precompute_grad)
+        self.progress = bool(progress)
 
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -135,7 +151,9 @@ class ModeCurvature(Curvature):
                 operation = GaussNewtonBatchOperation(model, loss, params)
                 result[name] = PrecomputedGaussNewtonOperator(operation, data)
             else:
-                result[name] = curvature_operator(self.mode, model, loss, data, params)  # type: ignore[arg-type]
+                op = curvature_operator(self.mode, model, loss, data, params)  # type: ignore[arg-type]
+                op.progress = self.progress
+                result[name] = op
         return result
 
 
@@ -198,7 +216,7 @@ class KroneckerCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
@@ -281,7 +299,11 @@ class DirectSolver(Solver):
         to_dense = getattr(curvature, "to_dense", None)
         if to_dense is None:
             raise _unsupported(self, curvature, "a curvature with a dense matrix (to_dense)")
-        op = DirectSolveOperator(to_dense(), regularization=regularization)
+        try:
+            op = DirectSolveOperator(to_dense(), regularization=regularization)
+        except NonFiniteCurvatureError as error:
+            error.block = block_name  # type: ignore[attr-defined]
+            raise
         logger.debug(
             "Block %r: %d parameters, %s factorisation.",
             block_name,
@@ -298,13 +320,14 @@ class CgSolver(Solver):
 
     def __init__(
         self,
-        rtol: float = 1e-7,
-        atol: float = 1e-7,
+        rtol: Optional[float] = None,
+        atol: Optional[float] = None,
         maxiter: Optional[int] = None,
         progress: bool = False,
         preconditioner: Optional[Preconditioner] = None,
         solve_simultaneously: bool = False,
         warn_on_max_iteration: bool = True,
+        on_nonconvergence: str = "warn",
     ):
         validate_cg_settings(rtol, atol, maxiter)
         check_preconditioner(preconditioner)
@@ -316,6 +339,7 @@ class CgSolver(Solver):
             progress=progress,
             use_block_cg=solve_simultaneously,
             warn_on_max_iteration=warn_on_max_iteration,
+            on_nonconvergence=check_nonconvergence_policy(on_nonconvergence),
         )
 
     def fit(
@@ -347,6 +371,8 @@ class LissaSolver(Solver):
         validate_lissa_settings(
             settings["maxiter"], settings["dampen"], settings["scale"], settings["rtol"]
         )
+        check_nonconvergence_policy(settings["on_nonconvergence"])
+        check_seed(settings["seed"])
         self.options = settings
 
     def fit(
@@ -402,7 +428,12 @@ class ArnoldiSolver(LowRankSolver):
         max_iter: Optional[int] = None,
         use_woodbury: bool = False,
         progress: bool = False,
+        on_nonconvergence: str = "warn",
+        seed: Optional[int] = None,
     ):
+        check_seed(seed)
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.seed = seed
         if krylov_dimension is not None:
             if isinstance(krylov_dimension, bool) or not isinstance(krylov_dimension, int):
                 raise TypeError(
@@ -445,12 +476,26 @@ class ArnoldiSolver(LowRankSolver):
             tol=self.tol,
             max_iter=self.max_iter,
             progress=self.progress,
+            generator=make_generator(getattr(self, "seed", None), curvature.device),
         )
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
     ) -> TensorOperator:
-        return self._low_rank(curvature, regularization, block_name, exact=self.use_woodbury)
+        op = self._low_rank(curvature, regularization, block_name, exact=self.use_woodbury)
+        diagnostics = op.diagnostics
+        if (
+            getattr(self, "on_nonconvergence", "warn") == "raise"
+            and diagnostics is not None
+            and not diagnostics.converged
+        ):
+            raise NonConvergenceError(
+                f"Block {block_name!r}: Lanczos did not converge to tol={self.tol:g} "
+                f"(largest relative eigen-residual {diagnostics.residual}); increase "
+                "'max_iter' or 'krylov_dimension', or lower 'rank'.",
+                diagnostics,
+            )
+        return op
 
 
 class NystroemSolver(LowRankSolver):
@@ -461,14 +506,12 @@ class NystroemSolver(LowRankSolver):
     positive_regularization_reason = "the Nyström sketch is inverted by Woodbury"
 
     def __init__(self, rank: int, seed: Optional[int] = None):
+        check_seed(seed)
         self.rank = rank
         self.seed = seed
 
     def _approximate(self, curvature: TensorOperator) -> LowRankApproximation:
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=curvature.device).manual_seed(self.seed)
-        return nystroem_low_rank(curvature, self.rank, generator)
+        return nystroem_low_rank(curvature, self.rank, make_generator(self.seed, curvature.device))
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str

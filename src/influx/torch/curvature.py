@@ -19,25 +19,27 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Type
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .autodiff import LossOrTask
 from .batch_operation import (
     BatchOperation,
     GaussNewtonBatchOperation,
     HessianBatchOperation,
+    LossBatchOperation,
 )
 from .data import TorchBatch, iterate_batches
-from .functional import LossFunction
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .tensor_operator import OperatorState, StateContext, TensorDictOperator, restore_operator
 
 __all__ = [
     "SecondOrderMode",
     "AveragingBatchOperator",
+    "ModelCurvatureOperator",
     "HessianOperator",
     "GaussNewtonOperator",
     "GeneralizedGaussNewtonOperator",
@@ -148,53 +150,53 @@ class AveragingBatchOperator(TensorDictOperator):
         return new
 
 
-class HessianOperator(AveragingBatchOperator):
-    r"""The Hessian of the mean training loss, applied through Hessian-vector products.
-
-    $$H v = \frac{1}{n}\sum_b |b|\, \nabla^2_\theta L_b(\theta)\, v, \qquad
-    L_b(\theta) = \text{loss}(f_\theta(x_b), y_b) .$$
+class ModelCurvatureOperator(AveragingBatchOperator):
+    """The average over the data of a batch operation of the model and the loss
+    (`operation_class`).
 
     Args:
         model: the model.
         loss: the loss function (mean reduction).
         dataloader: the training data.
-        restrict_to: the parameters the Hessian is taken with respect to; None means all
-            trainable parameters.
+        restrict_to: the parameters; None means all trainable parameters.
     """
+
+    operation_class: Type[LossBatchOperation] = HessianBatchOperation
 
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
-        super().__init__(HessianBatchOperation(model, loss, restrict_to), dataloader)
+        super().__init__(self.operation_class(model, loss, restrict_to), dataloader)
 
 
-class GaussNewtonOperator(AveragingBatchOperator):
+class HessianOperator(ModelCurvatureOperator):
+    r"""The Hessian of the mean training loss, applied through Hessian-vector products.
+
+    $$H v = \frac{1}{n}\sum_b |b|\, \nabla^2_\theta L_b(\theta)\, v, \qquad
+    L_b(\theta) = \text{loss}(f_\theta(x_b), y_b) .$$
+
+    Arguments as for [ModelCurvatureOperator][influx.torch.curvature.ModelCurvatureOperator].
+    """
+
+    operation_class = HessianBatchOperation
+
+
+class GaussNewtonOperator(ModelCurvatureOperator):
     r"""The Gauss-Newton matrix (empirical Fisher) of the training data.
 
     $$G v = \frac{1}{n}\sum_{i=1}^n \nabla_\theta \ell_i \, (\nabla_\theta \ell_i^\top v) .$$
 
-    Args:
-        model: the model.
-        loss: the loss function.
-        dataloader: the training data.
-        restrict_to: the parameters; None means all trainable parameters.
+    Arguments as for [ModelCurvatureOperator][influx.torch.curvature.ModelCurvatureOperator].
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        dataloader: DataLoader,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-    ):
-        super().__init__(GaussNewtonBatchOperation(model, loss, restrict_to), dataloader)
+    operation_class = GaussNewtonBatchOperation
 
 
-class GeneralizedGaussNewtonOperator(AveragingBatchOperator):
+class GeneralizedGaussNewtonOperator(ModelCurvatureOperator):
     r"""The generalized Gauss-Newton matrix of the mean training loss.
 
     $$G v = \frac{1}{n}\sum_b |b|\, J_b^\top \nabla^2_z L_b(z_b)\, J_b v ,$$
@@ -202,27 +204,16 @@ class GeneralizedGaussNewtonOperator(AveragingBatchOperator):
     applied through Jacobian-vector and vector-Jacobian products, never forming $J_b$ (see
     [GeneralizedGaussNewtonBatchOperation][influx.torch.generalized_gauss_newton.GeneralizedGaussNewtonBatchOperation]).
 
-    Args:
-        model: the model.
-        loss: the loss function (mean reduction).
-        dataloader: the training data.
-        restrict_to: the parameters; None means all trainable parameters.
+    Arguments as for [ModelCurvatureOperator][influx.torch.curvature.ModelCurvatureOperator].
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: LossFunction,
-        dataloader: DataLoader,
-        restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
-    ):
-        super().__init__(GeneralizedGaussNewtonBatchOperation(model, loss, restrict_to), dataloader)
+    operation_class = GeneralizedGaussNewtonBatchOperation
 
 
 def curvature_operator(
     mode: SecondOrderMode,
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     dataloader: DataLoader,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
 ) -> AveragingBatchOperator:

@@ -8,9 +8,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import NonFiniteCurvatureError
 from ..types import SolverDiagnostics
 from .tensor_operator import OperatorState, StateContext, TensorOperator
-from .validation import validate_regularization
+from .validation import is_finite, validate_regularization
 
 __all__ = ["DirectSolveOperator"]
 
@@ -23,7 +24,9 @@ class DirectSolveOperator(TensorOperator):
     The factorisation is a Cholesky decomposition when $A + \lambda I$ is positive definite;
     otherwise an LU decomposition; if the matrix is singular, a pseudo-inverse through the
     symmetric eigendecomposition (eigenvalues below a relative tolerance are dropped, with a
-    warning). Every `apply` reuses it.
+    warning). Every `apply` reuses it. A matrix with NaN or Inf raises a
+    [NonFiniteCurvatureError][influx.errors.NonFiniteCurvatureError] instead of falling back
+    to a meaningless pseudo-inverse.
 
     Args:
         matrix: the system matrix $A$ `(P, P)`, symmetric.
@@ -99,6 +102,17 @@ class DirectSolveOperator(TensorOperator):
 
     def _decompose(self, matrix: torch.Tensor) -> None:
         self._factors: Tuple[torch.Tensor, ...]
+        if not is_finite(matrix):
+            raise NonFiniteCurvatureError(
+                "the matrix to factorise holds NaN or Inf, so it has no meaningful inverse "
+                "(no regularization helps): the curvature was computed from non-finite "
+                "inputs, targets, losses or parameters"
+            )
+        if matrix.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"Parameter 'matrix' must be float32 or float64 to be factorised, got "
+                f"{matrix.dtype}: use compute_dtype=torch.float32."
+            )
         chol, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
             self._method, self._factors = "cholesky", (chol,)

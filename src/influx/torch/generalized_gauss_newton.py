@@ -25,28 +25,30 @@ $V$ are vectorised with `vmap`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, cast
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .batch_operation import BatchOperation
-from .data import TorchBatch
-from .functional import (
+from .autodiff import (
     HESSIAN_CHUNK_BUDGET,
-    ForwardModeSerialised,
+    FunctionalModel,
     LossFunction,
-    functional_forward,
+    LossOrTask,
     operator_to_dense,
     unflatten,
 )
+from .batch_operation import LossBatchOperation
+from .data import TorchBatch
+from .model_call import call_model, is_task, model_outputs
+from .stateless import ForwardModeSerialised
 
 __all__ = ["GeneralizedGaussNewtonBatchOperation"]
 
 ParamDict = Dict[str, torch.Tensor]
 
 
-class GeneralizedGaussNewtonBatchOperation(BatchOperation):
+class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
     r"""$V \mapsto V G_b$ with the generalized Gauss-Newton matrix of the batch,
 
     $$G_b = J_b^\top \, \nabla^2_z L_b(z_b) \, J_b ,$$
@@ -63,13 +65,19 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     ):
-        super().__init__(model, restrict_to)
-        self.loss = loss
+        if is_task(loss):
+            raise TypeError(
+                "Parameter 'loss': the generalized Gauss-Newton matrix separates the model's "
+                "outputs from the loss and needs a function loss(outputs, y), got a task "
+                f"({type(loss).__name__}); use the Hessian or the empirical Fisher "
+                "(SecondOrderMode.GAUSS_NEWTON) with a task."
+            )
+        super().__init__(model, loss, restrict_to)
 
-    def _output_function(self, x: torch.Tensor) -> Callable[[ParamDict], torch.Tensor]:
+    def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
         restricted = set(self.params)
         fixed = {
@@ -79,7 +87,8 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
         }
 
         def outputs(p: ParamDict) -> torch.Tensor:
-            return functional_forward(self.model, {**fixed, **p}, (x,))  # type: ignore[no-any-return]
+            forward = FunctionalModel(self.model, {**fixed, **p})
+            return model_outputs(call_model(forward, x))  # type: ignore[no-any-return]
 
         return outputs
 
@@ -97,7 +106,7 @@ class GeneralizedGaussNewtonBatchOperation(BatchOperation):
             return jvp(outputs, (params,), (unflatten(v, params),))[1]  # type: ignore[no-any-return]
 
         def output_loss(out: torch.Tensor) -> torch.Tensor:
-            return self.loss(out, batch.y)
+            return cast(LossFunction, self.loss)(out, batch.y)
 
         loss_hvp = vjp(grad(output_loss), z.detach())[1]
         tangents = vmap(push_forward)(tensor.to(self.dtype))

@@ -8,20 +8,22 @@ influence) and products of the per-sample Jacobian with given vectors, all vecto
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..types import GradientProvider
-from .data import TorchBatch
-from .functional import (
-    LossFunction,
+from .autodiff import (
+    LossOrTask,
     create_matrix_jacobian_product_function,
     create_per_sample_gradient_function,
     create_per_sample_mixed_derivative_function,
     flatten_dimensions,
     get_model_parameters,
 )
+from .data import TorchBatch, leaves
+from .model_call import is_data_dependent_control_flow, perturbation_entry
 from .validation import check_finite
 
 __all__ = ["TorchGradientProvider"]
@@ -40,11 +42,16 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
     * `flat_mixed_grads`: shape `(N, F, P)`;
     * `jacobian_prod`: $(\nabla_\theta \ell_i \cdot g_k)_{ik}$ without forming the gradients.
 
-    Gradients containing NaN or Inf raise a `ValueError` naming the parameters.
+    Gradients containing NaN or Inf raise a `ValueError` naming the parameters. Inputs and
+    targets may be tensors or structures of tensors (see [influx.torch.data][influx.torch.data]);
+    for a test batch (`batch.test`) the gradients are those of the task's measurement. For
+    structured inputs, $x$ in the mixed derivatives is the tensor chosen by
+    [perturbation_entry][influx.torch.model_call.perturbation_entry].
 
     Args:
         model: the model $f_\theta$.
-        loss: the loss function `loss(prediction, target)` with mean reduction.
+        loss: the loss function `loss(prediction, target)` with mean reduction, or a
+            [Task][influx.torch.task.Task].
         restrict_to: the parameters to differentiate with respect to, by name; None means all
             trainable parameters of the model.
         block_name: a name used in error messages.
@@ -53,7 +60,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
         block_name: Optional[str] = None,
     ):
@@ -64,23 +71,52 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         else:
             self.params = {k: p.detach() for k, p in restrict_to.items()}
         self.block_name = block_name
-        self._grad_fn = create_per_sample_gradient_function(model, loss, self.params)
-        self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, self.params)
-        self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, self.params)
+        self._build()
+
+    def _build(self) -> None:
+        model, loss, params = self.model, self.loss, self.params
+        self._grad_fn = create_per_sample_gradient_function(model, loss, params)
+        self._test_grad_fn = create_per_sample_gradient_function(model, loss, params, True)
+        self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, params)
+        self._jac_prod_fn = create_matrix_jacobian_product_function(model, loss, params)
+        self._test_jac_prod_fn = create_matrix_jacobian_product_function(model, loss, params, True)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the block's parameters."""
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the block's parameters."""
+        return next(iter(self.params.values())).dtype
 
     @property
     def input_size(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
     def grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
-        result: Dict[str, torch.Tensor] = self._grad_fn(self.params, batch.x, batch.y)
+        function = self._test_grad_fn if batch.test else self._grad_fn
+        result: Dict[str, torch.Tensor] = function(self.params, batch.x, batch.y)
         check_finite(result, "per-sample gradients", self.block_name)
         return result
 
+    def perturbation_shape(self, batch: TorchBatch) -> Tuple[int, ...]:
+        """The shape of one sample of the input that Perturbation mode differentiates: of `x`,
+        or of the tensor of a structured `x` chosen by
+        [perturbation_entry][influx.torch.model_call.perturbation_entry].
+
+        Raises:
+            ValueError: if that input is not floating-point.
+        """
+        index, _ = perturbation_entry(batch.x, self.loss)
+        return tuple(leaves(batch.x)[index].shape[1:])
+
     def mixed_grads(self, batch: TorchBatch) -> Dict[str, torch.Tensor]:
+        shape = self.perturbation_shape(batch)
         raw: Dict[str, torch.Tensor] = self._mixed_fn(self.params, batch.x, batch.y)
-        n = batch.x.shape[0]
-        n_features = batch.x[0].numel()
+        n = len(batch)
+        n_features = math.prod(shape)
         result = {name: g.reshape(n, n_features, -1) for name, g in raw.items()}
         check_finite(result, "per-sample mixed derivatives", self.block_name)
         return result
@@ -96,7 +132,14 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
             raise ValueError(
                 f"Parameter 'g' must have shape (K, {self.input_size}), got {tuple(g.shape)}."
             )
-        result: torch.Tensor = self._jac_prod_fn(self.params, batch.x, batch.y, g)
+        function = self._test_jac_prod_fn if batch.test else self._jac_prod_fn
+        try:
+            result: torch.Tensor = function(self.params, batch.x, batch.y, g)
+        except RuntimeError as error:
+            if not is_data_dependent_control_flow(error):
+                raise
+            # A model vmap cannot map: form the per-sample gradients (one sample at a time).
+            result = self.flat_grads(batch) @ g.T.to(self.params[next(iter(self.params))].dtype)
         check_finite({"jacobian_prod": result}, "Jacobian products", self.block_name)
         return result
 
@@ -105,11 +148,5 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         self.model = self.model.to(device)
         names = set(self.params)
         self.params = {n: p.detach() for n, p in self.model.named_parameters() if n in names}
-        self._grad_fn = create_per_sample_gradient_function(self.model, self.loss, self.params)
-        self._mixed_fn = create_per_sample_mixed_derivative_function(
-            self.model, self.loss, self.params
-        )
-        self._jac_prod_fn = create_matrix_jacobian_product_function(
-            self.model, self.loss, self.params
-        )
+        self._build()
         return self

@@ -15,6 +15,7 @@ $z_j$ helps (up-weighting it lowers the loss of) test point $z'_i$. `Perturbatio
 differentiates the same quantity with respect to the features of $z_j$.
 """
 
+from .compat import TorchInfluenceFunctionModel
 from .models import (
     ArnoldiInfluence,
     CgInfluence,
@@ -35,4 +36,5 @@ __all__ = [
     "InverseHarmonicMeanInfluence",
     "LissaInfluence",
     "NystroemSketchInfluence",
+    "TorchInfluenceFunctionModel",
 ]

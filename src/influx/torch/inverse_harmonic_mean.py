@@ -36,9 +36,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..types import SolverDiagnostics
+from .autodiff import LossOrTask
 from .batch_operation import InverseHarmonicMeanBatchOperation
 from .curvature import AveragingBatchOperator
-from .functional import LossFunction
 from .tensor_operator import OperatorState, StateContext
 
 __all__ = ["InverseHarmonicMeanBatchOperation", "InverseHarmonicMeanOperator"]
@@ -69,7 +69,7 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         dataloader: DataLoader,
         regularization: float,
         restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
@@ -85,6 +85,10 @@ class InverseHarmonicMeanOperator(AveragingBatchOperator):
     @property
     def regularization(self) -> Optional[float]:
         return self.batch_operation.regularization  # type: ignore[attr-defined, no-any-return]
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        vars(self).update(vars(self.with_regularization(value)))
 
     def _check_regularization(self, regularization: Optional[float]) -> None:
         if regularization is None or regularization <= 0:

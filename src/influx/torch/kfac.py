@@ -54,8 +54,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .autodiff import LossOrTask
 from .data import TorchBatch, iterate_batches
-from .functional import LossFunction
 from .kfac_layers import (
     ROOT_LAYER_NAME,
     SUPPORTED_LAYERS,
@@ -64,6 +64,7 @@ from .kfac_layers import (
     find_layers,
     layers_for_parameters,
 )
+from .model_call import call_model, is_task, model_outputs, task_objective
 
 __all__ = [
     "FISHER_TYPES",
@@ -90,7 +91,7 @@ FISHER_TYPES = ("empirical", "sampled")
 """The values of the `fisher` option: training labels, or labels sampled from the model."""
 
 
-def validate_fisher(fisher: str, loss: LossFunction) -> str:
+def validate_fisher(fisher: str, loss: LossOrTask) -> str:
     """Check the `fisher` option against the loss and return it.
 
     Raises:
@@ -107,7 +108,7 @@ def validate_fisher(fisher: str, loss: LossFunction) -> str:
     return fisher
 
 
-def _is_cross_entropy(loss: LossFunction) -> bool:
+def _is_cross_entropy(loss: LossOrTask) -> bool:
     return loss is torch.nn.functional.cross_entropy or isinstance(loss, torch.nn.CrossEntropyLoss)
 
 
@@ -126,7 +127,7 @@ def layer_signals(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
     batch: TorchBatch,
-    loss: LossFunction,
+    loss: LossOrTask,
     fisher: str = "empirical",
     generator: Optional[torch.Generator] = None,
 ) -> "Dict[str, Tuple[torch.Tensor, torch.Tensor]]":
@@ -157,9 +158,11 @@ def layer_signals(
     handles = [spec.module.register_forward_hook(make_hook(name)) for name, spec in layers.items()]
     try:
         with torch.enable_grad():
-            prediction = model(batch.x)
-            targets = batch.y if fisher == "empirical" else _sample_labels(prediction, generator)
-            value = loss(prediction, targets)
+            if fisher == "empirical" or is_task(loss):
+                value = task_objective(loss)(model, batch.x, batch.y)
+            else:
+                prediction = model_outputs(call_model(model, batch.x))
+                value = loss(prediction, _sample_labels(prediction, generator))  # type: ignore[operator]
     finally:
         for handle in handles:
             handle.remove()
@@ -260,7 +263,7 @@ def collect_kronecker_factors(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
     data: DataLoader,
-    loss: LossFunction,
+    loss: LossOrTask,
     fisher: str = "empirical",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
@@ -352,7 +355,7 @@ def _signals(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
     data: DataLoader,
-    loss: LossFunction,
+    loss: LossOrTask,
     fisher: str,
     generator: Optional[torch.Generator],
     progress: bool,
@@ -373,7 +376,7 @@ def refit_eigenvalues(
     layers: "Dict[str, LayerSpec]",
     bases: "Dict[str, KroneckerEigenbasis]",
     data: DataLoader,
-    loss: LossFunction,
+    loss: LossOrTask,
     fisher: str = "empirical",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
@@ -426,7 +429,7 @@ def fit_kronecker_curvature(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
     data: DataLoader,
-    loss: LossFunction,
+    loss: LossOrTask,
     fisher: str = "empirical",
     update_diagonal: bool = True,
     generator: Optional[torch.Generator] = None,
@@ -438,13 +441,16 @@ def fit_kronecker_curvature(
     One pass collects the factors ([collect_kronecker_factors][influx.torch.kfac.collect_kronecker_factors]),
     which are eigendecomposed in float64; with `update_diagonal` the eigenvalues are refitted
     ([refit_eigenvalues][influx.torch.kfac.refit_eigenvalues]) from the signals of the first
-    pass if they fit in `max_cache_mb`, else with a second pass. Without it the eigenvalues
+    pass if they fit in `max_cache_mb` and the labels are the training labels, else with a
+    second pass (with `fisher="sampled"` always, so that the refit sees fresh label draws). Without it the eigenvalues
     are the K-FAC products $\lambda_G \lambda_A^\top$.
 
     Returns:
         per layer, the factors, the eigenbases and the eigenvalues `(m, k)` (float64).
     """
-    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal else 0)
+    # With sampled labels the refit draws new ones (a second pass): fitting the eigenbasis and
+    # the eigenvalues to the same draws doubles their noise.
+    cache = SignalCache(max_cache_mb * 2**20 if update_diagonal and fisher == "empirical" else 0)
     factors = collect_kronecker_factors(
         model, layers, data, loss, fisher, generator, progress, cache
     )

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import InfluxError
+from ..errors import NotImplementedLayerRepresentationException
 
 __all__ = [
     "ROOT_LAYER_NAME",
@@ -26,26 +26,6 @@ __all__ = [
 
 
 SUPPORTED_LAYERS: Tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)
-
-
-class NotImplementedLayerRepresentationException(InfluxError, ValueError):
-    """Raised for a trainable layer that has no Kronecker-factored representation.
-
-    Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
-    layer's parameters (`requires_grad_(False)`) or restrict the model to supported layers
-    (the `layers` argument of [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence])
-    to leave it out.
-    """
-
-    def __init__(self, module_id: str, reason: Optional[str] = None):
-        self.module_id = module_id
-        detail = reason or (
-            "only torch.nn.Linear and torch.nn.Conv2d have a Kronecker-factored representation"
-        )
-        super().__init__(
-            f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "
-            "restrict the model to supported layers with 'layers'."
-        )
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,22 @@ from .batch_operation import BatchOperation
 from .data import TorchBatch, endless_batches, iterate_batches
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence
 from .tensor_operator import OperatorState, StateContext, TensorOperator, restore_operator
-from .validation import check_rows, validate_lissa_settings, validate_regularization
+from .validation import (
+    check_nonconvergence_policy,
+    check_rows,
+    check_seed,
+    make_generator,
+    validate_lissa_settings,
+    validate_regularization,
+)
 
-__all__ = ["LissaDivergenceError", "lissa", "estimate_largest_eigenvalue", "LissaOperator"]
+__all__ = [
+    "LissaDivergenceError",
+    "lissa",
+    "estimate_largest_eigenvalue",
+    "lanczos_extreme_eigenvalues",
+    "LissaOperator",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +51,16 @@ AUTO_SCALE_BATCHES = 3
 
 
 class LissaDivergenceError(InfluxError, ValueError):
-    """Raised when the LiSSA iteration diverges (its scale is too small for the curvature)."""
+    """Raised when the LiSSA iteration diverges: its scale is too small for the curvature, or
+    the regularized curvature has negative eigenvalues (then no scale helps).
+
+    Attributes:
+        smallest_eigenvalue: when diagnosed by
+            [LissaOperator][influx.torch.lissa.LissaOperator], the estimated smallest
+            eigenvalue of the regularized curvature of the first batches.
+    """
+
+    smallest_eigenvalue: Optional[float] = None
 
 
 def estimate_largest_eigenvalue(
@@ -78,6 +100,60 @@ def estimate_largest_eigenvalue(
         v = torch.linalg.qr(w.T)[0].T
     rayleigh = v @ apply(v).T
     return float(torch.linalg.eigvalsh((rayleigh + rayleigh.T) / 2).abs().max())
+
+
+def lanczos_extreme_eigenvalues(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    steps: int = 30,
+    generator: Optional[torch.Generator] = None,
+) -> "tuple[float, float]":
+    r"""Estimates of the smallest and largest eigenvalue of a symmetric matrix by a few
+    Lanczos steps.
+
+    From a random unit vector $q_1$, `steps` steps of the Lanczos recurrence (with full
+    re-orthogonalisation) build $Q_k$ and the tridiagonal $T_k = Q_k^\top M Q_k$; the extreme
+    eigenvalues of $T_k$ (Ritz values) approach those of $M$ from the inside, the extremes
+    first, so a few steps tell the sign of the smallest eigenvalue when it is well separated
+    from zero.
+
+    Args:
+        apply: $V \mapsto V M^\top$ for rows `V` `(K, P)`.
+        size: $P$.
+        dtype: dtype of the vectors.
+        device: device of the vectors.
+        steps: the number of Lanczos steps (at most $P$).
+        generator: random generator of the start vector, for reproducibility.
+
+    Returns:
+        `(smallest, largest)` Ritz value.
+    """
+    steps = max(1, min(steps, size))
+    q = torch.randn(1, size, dtype=dtype, device=device, generator=generator)
+    q = q / torch.linalg.norm(q)
+    basis = [q]
+    alphas: list = []
+    betas: list = []
+    for k in range(steps):
+        w = apply(basis[k])
+        alpha = float((w * basis[k]).sum())
+        alphas.append(alpha)
+        stacked = torch.cat(basis)
+        for _ in range(2):
+            w = w - (w @ stacked.T) @ stacked
+        beta = float(torch.linalg.norm(w))
+        if k == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        tridiagonal = tridiagonal + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(tridiagonal)
+    return float(ritz[0]), float(ritz[-1])
 
 
 def lissa(
@@ -157,9 +233,9 @@ def lissa(
             raise LissaDivergenceError(
                 f"LiSSA diverged at iteration {it} with scale={scale:.4g}: the norm of the "
                 f"iterate grew to {float(new_norm.max()):.3g} (right-hand side norm "
-                f"{float(b_norm[active].max()):.3g}). Increase 'scale' so that it exceeds half "
-                "the largest eigenvalue of the regularized curvature of every batch, or use "
-                "scale='auto'."
+                f"{float(b_norm[active].max()):.3g}). Increase 'scale' so that it exceeds "
+                "half the largest eigenvalue of the regularized curvature of every batch (which "
+                "must also be positive definite)."
             )
         rel = torch.linalg.norm(h_new - h_a, dim=1) / torch.clamp(
             new_norm, min=torch.finfo(rhs.dtype).tiny
@@ -212,6 +288,16 @@ class LissaOperator(TensorOperator):
         progress: show a progress bar over the iterations.
         warn_on_max_iteration: log a warning with the achieved relative change when `rtol` is
             not reached within `maxiter` iterations; if False, log it at debug level.
+        on_nonconvergence: `"warn"` (log as above) or `"raise"` (raise a
+            [NonConvergenceError][influx.errors.NonConvergenceError] with the diagnostics).
+        seed: seed of the random start vectors of the eigenvalue estimates (`scale="auto"`
+            and the divergence diagnosis); the same seed gives the same scale.
+
+    When the iteration diverges, a few Lanczos steps estimate the smallest eigenvalue of the
+    regularized curvature of the first batches: if it is negative, the
+    [LissaDivergenceError][influx.torch.lissa.LissaDivergenceError] names negative
+    curvature as the cause and the regularization that would make it positive; otherwise it
+    asks for a larger scale.
     """
 
     largest_eigenvalue: Optional[float]
@@ -230,6 +316,8 @@ class LissaOperator(TensorOperator):
         rtol: float = 1e-4,
         progress: bool = False,
         warn_on_max_iteration: bool = True,
+        on_nonconvergence: str = "warn",
+        seed: Optional[int] = None,
     ):
         self._init(
             batch_operation,
@@ -241,6 +329,8 @@ class LissaOperator(TensorOperator):
             rtol,
             progress,
             warn_on_max_iteration,
+            on_nonconvergence,
+            seed,
         )
         if self.auto_scale:
             self.largest_eigenvalue = self._estimate_largest_eigenvalue()
@@ -256,6 +346,8 @@ class LissaOperator(TensorOperator):
         rtol: float,
         progress: bool,
         warn_on_max_iteration: bool,
+        on_nonconvergence: str = "warn",
+        seed: Optional[int] = None,
     ) -> None:
         if not isinstance(batch_operation, BatchOperation):
             raise TypeError(
@@ -264,6 +356,9 @@ class LissaOperator(TensorOperator):
             )
         validate_regularization(regularization)
         validate_lissa_settings(maxiter, dampen, scale, rtol)
+        check_seed(seed)
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.seed = seed
         self.batch_operation = batch_operation
         self.data = data
         self._regularization = regularization
@@ -288,6 +383,7 @@ class LissaOperator(TensorOperator):
 
     def _estimate_largest_eigenvalue(self) -> float:
         estimates = []
+        generator = make_generator(self.seed, self.device)
         for index, batch in enumerate(iterate_batches(self.data, self.device)):
             if index >= AUTO_SCALE_BATCHES:
                 break
@@ -297,6 +393,7 @@ class LissaOperator(TensorOperator):
                     self.input_size,
                     self.dtype,
                     self.device,
+                    generator=generator,
                 )
             )
         if not estimates:
@@ -315,17 +412,20 @@ class LissaOperator(TensorOperator):
         # A fresh pass over the data per application: the operator keeps no iteration state,
         # so it can be pickled or used from several threads at any time.
         scale = self.scale
-        result = lissa(
-            self.batch_operation.apply,
-            endless_batches(self.data, self.device),
-            tensor,
-            regularization=self._regularization,
-            maxiter=self.maxiter,
-            dampen=self.dampen,
-            scale=scale,
-            rtol=self.rtol,
-            progress=self.progress,
-        )
+        try:
+            result = lissa(
+                self.batch_operation.apply,
+                endless_batches(self.data, self.device),
+                tensor,
+                regularization=self._regularization,
+                maxiter=self.maxiter,
+                dampen=self.dampen,
+                scale=scale,
+                rtol=self.rtol,
+                progress=self.progress,
+            )
+        except LissaDivergenceError as error:
+            raise self._diagnose_divergence(error, scale) from error
         self.diagnostics = diagnostics_of(
             "lissa",
             result,
@@ -342,8 +442,61 @@ class LissaOperator(TensorOperator):
             "relative change",
             f"Tolerance rtol={self.rtol:g}, maxiter={self.maxiter}, scale={scale:.4g}; "
             "increase 'maxiter' or the batch size.",
+            self.on_nonconvergence,
+            self.diagnostics,
         )
         return result.solution
+
+    def smallest_eigenvalue(self, steps: int = 30) -> float:
+        r"""An estimate of the smallest eigenvalue of $A_b + \lambda I$ over the first batches
+        $b$ (a few Lanczos steps per batch, see
+        [lanczos_extreme_eigenvalues][influx.torch.lissa.lanczos_extreme_eigenvalues])."""
+        lam = self._regularization or 0.0
+        generator = make_generator(self.seed, self.device)
+        estimates = []
+        for index, batch in enumerate(iterate_batches(self.data, self.device)):
+            if index >= AUTO_SCALE_BATCHES:
+                break
+            smallest, _ = lanczos_extreme_eigenvalues(
+                functools.partial(self.batch_operation.apply, batch),
+                self.input_size,
+                self.dtype,
+                self.device,
+                steps=steps,
+                generator=generator,
+            )
+            estimates.append(smallest + lam)
+        return min(estimates) if estimates else float("nan")
+
+    def _diagnose_divergence(
+        self, error: LissaDivergenceError, scale: float
+    ) -> LissaDivergenceError:
+        lam = self._regularization or 0.0
+        smallest = self.smallest_eigenvalue()
+        if smallest < 0:
+            message = (
+                f"{error} Cause: the regularized curvature has negative eigenvalues (smallest "
+                f"about {smallest:.3g} on the first {AUTO_SCALE_BATCHES} batches with "
+                f"regularization={lam:g}), so no scale makes LiSSA converge. Use "
+                "second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite), or a "
+                f"regularization larger than {lam - smallest:.3g}."
+            )
+        elif self.auto_scale:
+            message = (
+                f"{error} The regularized curvature of the first batches is positive (smallest "
+                f"eigenvalue about {smallest:.3g}), but scale='auto' ({scale:.4g}, from the "
+                f"first {AUTO_SCALE_BATCHES} batches) is too small for later batches: pass a "
+                f"larger scale explicitly, e.g. scale={4 * scale:.3g}."
+            )
+        else:
+            message = (
+                f"{error} The regularized curvature of the first batches is positive (smallest "
+                f"eigenvalue about {smallest:.3g}): Increase 'scale' above half the largest "
+                "eigenvalue of every batch's curvature, or use scale='auto'."
+            )
+        diagnosed = LissaDivergenceError(message)
+        diagnosed.smallest_eigenvalue = smallest
+        return diagnosed
 
     def _regularization_changed(self) -> None:
         # An automatic scale is recomputed from the stored eigenvalue estimate.
@@ -361,6 +514,8 @@ class LissaOperator(TensorOperator):
                 "rtol": self.rtol,
                 "progress": self.progress,
                 "warn_on_max_iteration": self.warn_on_max_iteration,
+                "on_nonconvergence": self.on_nonconvergence,
+                "seed": self.seed,
                 "largest_eigenvalue": self.largest_eigenvalue,
             },
             children={"batch_operation": self.batch_operation.export_state()},

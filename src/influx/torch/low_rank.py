@@ -22,18 +22,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..types import SolverDiagnostics
+from .autodiff import LossOrTask
 from .bilinear import OperatorBilinearForm
 from .curvature import SecondOrderMode, curvature_operator
 from .data import TorchBatch
-from .functional import LossFunction, LowRankProductRepresentation, nystroem_sketch
 from .gradients import TorchGradientProvider
+from .sketch import LowRankProductRepresentation, nystroem_sketch
 from .tensor_operator import OperatorState, StateContext, TensorOperator
 from .validation import validate_regularization
 
@@ -68,21 +69,37 @@ class LowRankApproximation:
     diagnostics: SolverDiagnostics
 
 
-def validate_rank(rank: int, input_dim: int, block_name: Optional[str] = None) -> None:
-    """Raise unless `rank` is an int in `[1, input_dim]`.
+def validate_rank(rank: int, input_dim: int, block_name: Optional[str] = None) -> int:
+    r"""Check that `rank` is a positive int and clip it to `input_dim`.
+
+    A rank larger than the number of parameters $P$ (of a block) is clipped to $P$ with a
+    logged warning: at rank $P$ the approximation is complete.
+
+    Returns:
+        $\min(\text{rank}, P)$.
 
     Raises:
         TypeError: if `rank` is not an int.
-        ValueError: if it is out of range; the message gives the number of parameters.
+        ValueError: if it is smaller than 1; the message gives the number of parameters.
     """
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"Parameter 'rank' must be an int, got {type(rank).__name__}.")
-    if not 1 <= rank <= input_dim:
-        where = f" of block {block_name!r}" if block_name is not None else ""
+    where = f" of block {block_name!r}" if block_name is not None else ""
+    if rank < 1:
         raise ValueError(
             f"Parameter 'rank' must be in [1, P] with P = {input_dim} the number of "
             f"parameters{where}, got {rank}."
         )
+    if rank > input_dim:
+        logger.warning(
+            "Parameter 'rank' (%d) exceeds the number of parameters%s (%d): using rank %d.",
+            rank,
+            where,
+            input_dim,
+            input_dim,
+        )
+        return input_dim
+    return rank
 
 
 def default_krylov_dimension(rank: int, input_dim: int) -> int:
@@ -180,7 +197,7 @@ def lanczos_eigenpairs(
         the rank, Krylov dimension, block size, calls of `mat_mat_prod`, restarts, per-pair
         residuals and the eigenvalue range.
     """
-    validate_rank(rank, input_dim)
+    rank = validate_rank(rank, input_dim)
     m = default_krylov_dimension(rank, input_dim) if krylov_dimension is None else krylov_dimension
     _check_krylov_dimension(m, rank, input_dim)
     if not (isinstance(tol, (int, float)) and tol > 0):
@@ -339,7 +356,10 @@ def lanczos_low_rank(
 
 
 def nystroem_low_rank(
-    operator: TensorOperator, rank: int, generator: Optional[torch.Generator] = None
+    operator: TensorOperator,
+    rank: int,
+    generator: Optional[torch.Generator] = None,
+    shift_func: Optional[Callable[[torch.Tensor], Union[torch.Tensor, float]]] = None,
 ) -> LowRankApproximation:
     r"""Randomized Nyström approximation of a positive semi-definite operator.
 
@@ -351,10 +371,12 @@ def nystroem_low_rank(
     Args:
         operator: a symmetric positive semi-definite operator, e.g. a
             [GaussNewtonOperator][influx.torch.curvature.GaussNewtonOperator].
-        rank: the sketch size $r \in [1, P]$.
+        rank: the sketch size $r \ge 1$ (clipped to $P$ with a warning).
         generator: random generator for the test matrix, for reproducibility.
+        shift_func: $Y \mapsto \nu$, the stabilising shift of the sketch (None: the default
+            of [randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation]).
     """
-    validate_rank(rank, operator.input_size)
+    rank = validate_rank(rank, operator.input_size)
     representation, smallest = nystroem_sketch(
         lambda x: operator.apply(x.T).T,
         operator.input_size,
@@ -362,6 +384,7 @@ def nystroem_low_rank(
         operator.dtype,
         operator.device,
         generator,
+        shift_func,
     )
     eigen_vals = representation.eigen_vals
     diagnostics = SolverDiagnostics(
@@ -383,7 +406,7 @@ def nystroem_low_rank(
 
 def model_hessian_low_rank(
     model: torch.nn.Module,
-    loss: LossFunction,
+    loss: LossOrTask,
     training_data: DataLoader,
     rank: int = 10,
     krylov_dimension: Optional[int] = None,
@@ -400,7 +423,7 @@ def model_hessian_low_rank(
     `restrict_to` selects the parameters (None: all trainable ones).
     """
     operator = curvature_operator(second_order_mode, model, loss, training_data, restrict_to)
-    validate_rank(rank, operator.input_size)
+    rank = validate_rank(rank, operator.input_size)
     return lanczos_low_rank(
         operator, rank, krylov_dimension, tol, max_iter, progress=progress
     ).representation
@@ -408,20 +431,34 @@ def model_hessian_low_rank(
 
 def model_hessian_nystroem_approximation(
     model: torch.nn.Module,
-    loss: LossFunction,
-    training_data: DataLoader,
+    loss: LossOrTask,
+    data_loader: DataLoader,
     rank: int,
+    shift_func: Optional[Callable[[torch.Tensor], Union[torch.Tensor, float]]] = None,
     restrict_to: Optional[Dict[str, torch.nn.Parameter]] = None,
     second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
     generator: Optional[torch.Generator] = None,
 ) -> LowRankProductRepresentation:
-    """Randomized Nyström approximation of the model's Gauss-Newton matrix (or Hessian, which
+    r"""Randomized Nyström approximation of the model's Gauss-Newton matrix (or Hessian, which
     must then be positive semi-definite) over the training data.
 
-    See [nystroem_low_rank][influx.torch.low_rank.nystroem_low_rank].
+    The curvature defaults to the Gauss-Newton matrix, which is positive semi-definite as the
+    sketch requires; pass `second_order_mode=SecondOrderMode.HESSIAN` for the Hessian of a
+    convex model. See [nystroem_low_rank][influx.torch.low_rank.nystroem_low_rank].
+
+    Args:
+        model: the model.
+        loss: the loss function (mean reduction).
+        data_loader: the training data.
+        rank: the sketch size (clipped to the number of parameters with a warning).
+        shift_func: $Y \mapsto \nu$, the stabilising shift of the sketch; see
+            [randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation].
+        restrict_to: the parameters (None: all trainable ones).
+        second_order_mode: the curvature.
+        generator: random generator for the test matrix.
     """
-    operator = curvature_operator(second_order_mode, model, loss, training_data, restrict_to)
-    return nystroem_low_rank(operator, rank, generator).representation
+    operator = curvature_operator(second_order_mode, model, loss, data_loader, restrict_to)
+    return nystroem_low_rank(operator, rank, generator, shift_func).representation
 
 
 class LowRankOperator(TensorOperator):

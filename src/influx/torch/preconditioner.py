@@ -23,24 +23,25 @@ import copy
 import logging
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .functional import LowRankProductRepresentation, randomized_nystroem_approximation
 from .kfac_preconditioner import (
     KroneckerBlockInverse,
     fit_kronecker_block_inverse,
     validate_kronecker_options,
 )
+from .sketch import LowRankProductRepresentation, randomized_nystroem_approximation
 from .tensor_operator import (
     OperatorState,
     StateContext,
     Stateful,
     TensorOperator,
+    move_to_device,
     restore_operator,
 )
-from .validation import check_positive_int, validate_regularization
+from .validation import check_positive_int, check_seed, make_generator, validate_regularization
 
 __all__ = [
     "Preconditioner",
@@ -67,6 +68,16 @@ class Preconditioner(Stateful, ABC):
     def regularization(self) -> Optional[float]:
         """The regularization $\\lambda$ the preconditioner is set up for."""
         return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        validate_regularization(value)
+        if self.modify_regularization_requires_fit:
+            raise NotImplementedError(
+                f"{type(self).__name__} must be refitted for another regularization: call "
+                "'fit' or 'with_regularization'."
+            )
+        self._regularization = value
 
     @property
     @abstractmethod
@@ -116,6 +127,11 @@ class Preconditioner(Stateful, ABC):
         new._regularization = regularization
         return new
 
+    def to(self, device: Union[torch.device, str]) -> "Preconditioner":
+        """Move the fitted quantities (and the operator they came from) to `device`; return
+        self."""
+        return move_to_device(self, device)
+
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to a vector `(P,)` or to every row of a matrix `(N, P)`."""
         if not self.is_fitted:
@@ -127,15 +143,6 @@ class Preconditioner(Stateful, ABC):
     @abstractmethod
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Apply $P^{-1}$ to the rows of a 2-D tensor."""
-
-    def to(self, device: torch.device) -> "Preconditioner":
-        """Move the fitted tensors to `device`; return self."""
-        for key, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, key, value.to(device))
-            elif isinstance(value, LowRankProductRepresentation):
-                setattr(self, key, value.to(device))
-        return self
 
 
 class JacobiPreconditioner(Preconditioner):
@@ -157,14 +164,17 @@ class JacobiPreconditioner(Preconditioner):
 
     Args:
         num_samples_estimator: the number $k$ of random vectors.
+        seed: seed of the random vectors; the same seed gives the same diagonal estimate.
     """
 
     FLOOR_FRACTION = 1e-2
     """Entries of $\\hat d$ below this fraction of its mean absolute value are raised to it."""
 
-    def __init__(self, num_samples_estimator: int = 1):
+    def __init__(self, num_samples_estimator: int = 1, seed: Optional[int] = None):
         check_positive_int(num_samples_estimator, "num_samples_estimator")
+        check_seed(seed)
         self.num_samples_estimator = num_samples_estimator
+        self.seed = seed
         self._diagonal: Optional[torch.Tensor] = None
 
     @property
@@ -182,9 +192,13 @@ class JacobiPreconditioner(Preconditioner):
 
     def _fit(self, operator: TensorOperator, regularization: Optional[float]) -> None:
         size = operator.input_size
-        signs = torch.randint(0, 2, (self.num_samples_estimator, size), device=operator.device).to(
-            operator.dtype
-        )
+        signs = torch.randint(
+            0,
+            2,
+            (self.num_samples_estimator, size),
+            device=operator.device,
+            generator=make_generator(self.seed, operator.device),
+        ).to(operator.dtype)
         z = 2 * signs - 1
         estimate = (z * operator.apply(z)).mean(dim=0)
         if not bool(torch.isfinite(estimate).all()):
@@ -206,13 +220,14 @@ class JacobiPreconditioner(Preconditioner):
             tensors={"diagonal": self._diagonal},
             settings={
                 "num_samples_estimator": self.num_samples_estimator,
+                "seed": self.seed,
                 "regularization": self._regularization,
             },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState, context: StateContext) -> "JacobiPreconditioner":
-        new = cls(state.settings["num_samples_estimator"])
+        new = cls(state.settings["num_samples_estimator"], state.settings.get("seed"))
         new._diagonal = state.tensors["diagonal"]
         new._regularization = state.settings["regularization"]
         return new
@@ -238,11 +253,14 @@ class NystroemPreconditioner(Preconditioner):
 
     Args:
         rank: the rank $r$ of the approximation.
+        seed: seed of the random sketch; the same seed gives the same preconditioner.
     """
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, seed: Optional[int] = None):
         check_positive_int(rank, "rank")
+        check_seed(seed)
         self._rank = rank
+        self.seed = seed
         self._low_rank: Optional[LowRankProductRepresentation] = None
 
     @property
@@ -276,6 +294,7 @@ class NystroemPreconditioner(Preconditioner):
             rank,
             operator.dtype,
             mat_vec_device=operator.device,
+            generator=make_generator(self.seed, operator.device),
         )
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -300,12 +319,16 @@ class NystroemPreconditioner(Preconditioner):
                 "eigen_vals": self._low_rank.eigen_vals,
                 "projections": self._low_rank.projections,
             },
-            settings={"rank": self._rank, "regularization": self._regularization},
+            settings={
+                "rank": self._rank,
+                "seed": self.seed,
+                "regularization": self._regularization,
+            },
         )
 
     @classmethod
     def from_state(cls, state: OperatorState, context: StateContext) -> "NystroemPreconditioner":
-        new = cls(state.settings["rank"])
+        new = cls(state.settings["rank"], state.settings.get("seed"))
         new._low_rank = LowRankProductRepresentation(
             state.tensors["eigen_vals"], state.tensors["projections"]
         )

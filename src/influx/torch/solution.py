@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..errors import NonConvergenceError
 from ..types import SolverDiagnostics
 
 __all__ = ["IterativeSolution", "diagnostics_of", "report_non_convergence", "row_dot"]
@@ -61,25 +63,28 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def report_non_convergence(
-    method: str, result: IterativeSolution, warn: bool, what: str, hint: str
+    method: str,
+    result: IterativeSolution,
+    warn: bool,
+    what: str,
+    hint: str,
+    on_nonconvergence: str = "warn",
+    diagnostics: Optional[SolverDiagnostics] = None,
 ) -> None:
-    """Log (a warning if `warn`, else at debug level) the right-hand sides that did not
-    converge, with the achieved `what` and a `hint`."""
+    """Report the right-hand sides that did not converge, with the achieved `what` and a
+    `hint`: raise a [NonConvergenceError][influx.errors.NonConvergenceError] carrying
+    `diagnostics` if `on_nonconvergence == "raise"`, else log (a warning if `warn`, else at
+    debug level)."""
     if result.all_converged:
         return
-    level = logging.WARNING if warn else logging.DEBUG
-    logger.log(
-        level,
-        "%s did not converge for %d of %d right-hand sides within %d iterations: achieved %s "
-        "%.3g. %s",
-        method,
-        int((~result.converged).sum()),
-        result.converged.numel(),
-        result.max_iterations,
-        what,
-        result.max_residual,
-        hint,
+    message = (
+        f"{method} did not converge for {int((~result.converged).sum())} of "
+        f"{result.converged.numel()} right-hand sides within {result.max_iterations} "
+        f"iterations: achieved {what} {result.max_residual:.3g}. {hint}"
     )
+    if on_nonconvergence == "raise":
+        raise NonConvergenceError(message, diagnostics)
+    logger.log(logging.WARNING if warn else logging.DEBUG, "%s", message)
 
 
 def diagnostics_of(method: str, result: IterativeSolution, **details: object) -> SolverDiagnostics:

@@ -21,17 +21,18 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 
 from ..types import Operator, SolverDiagnostics
+from .autodiff import LossOrTask, flatten_dimensions
 from .bilinear import DictBilinearForm, OperatorBilinearForm
-from .functional import LossFunction, flatten_dimensions
 from .validation import validate_regularization
 
 __all__ = [
     "MatrixOperator",
+    "move_to_device",
     "OperatorState",
     "ShiftedOperator",
     "StateContext",
@@ -43,6 +44,7 @@ __all__ = [
 
 _REGISTRY: Dict[str, Any] = {}
 _Op = TypeVar("_Op", bound="TensorOperator")
+T = TypeVar("T")
 
 
 def stateful_classes() -> Dict[str, Any]:
@@ -57,7 +59,7 @@ class StateContext:
     through the data (CG, LiSSA, ...), the training data."""
 
     model: Optional[torch.nn.Module] = None
-    loss: Optional[LossFunction] = None
+    loss: Optional[LossOrTask] = None
     params: Optional[Mapping[str, torch.Tensor]] = None
     data: Optional[Iterable] = None
     block_name: Optional[str] = None
@@ -73,7 +75,7 @@ class StateContext:
 
     def require_model(
         self, what: str
-    ) -> Tuple[torch.nn.Module, LossFunction, Mapping[str, torch.Tensor]]:
+    ) -> Tuple[torch.nn.Module, LossOrTask, Mapping[str, torch.Tensor]]:
         """The model, loss and block parameters, or a ValueError naming `what`."""
         if self.model is None or self.loss is None or self.params is None:
             raise ValueError(f"{what} needs the model, the loss and the block's parameters.")
@@ -157,27 +159,47 @@ def restore_operator(state: OperatorState, context: StateContext) -> Any:
     return known.from_state(state, context)
 
 
-def _moved(value: Any, device: torch.device) -> Any:
+def _moved(value: Any, device: torch.device, seen: Dict[int, Any]) -> Any:
+    key = id(value)
+    if key in seen:
+        return seen[key]
     if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, torch.device):
-        return torch.device(device)
-    if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_moved(v, device) for v in value)
-    if isinstance(value, (Stateful, torch.nn.Module)) or (
-        type(value).__module__.startswith("influx.") and callable(getattr(value, "to", None))
-    ):
+        result: Any = value.to(device)
+    elif isinstance(value, torch.device):
+        result = device
+    elif isinstance(value, torch.nn.Module):
+        result = value.to(device)
+    elif isinstance(value, Mapping) and not hasattr(value, "to"):
+        result = type(value)((k, _moved(v, device, seen)) for k, v in value.items())  # type: ignore[call-arg]
+    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        result = type(value)(_moved(v, device, seen) for v in value)
+    elif not isinstance(value, type) and callable(getattr(value, "to", None)):
         moved = value.to(device)
-        return value if moved is None else moved
-    return value
+        result = value if moved is None else moved
+    else:
+        result = value
+    seen[key] = result
+    return result
 
 
-def move_attributes(obj: Any, device: torch.device) -> None:
-    """Move every tensor, device and movable object among `obj`'s attributes to `device`."""
-    for key, value in list(vars(obj).items()):
-        setattr(obj, key, _moved(value, device))
+def move_to_device(
+    obj: T, device: Union[torch.device, str], seen: Optional[Dict[int, Any]] = None
+) -> T:
+    """Move the attributes of `obj` to `device` in place and return `obj`.
+
+    Tensors, modules, dicts, lists and tuples of them are moved; attributes holding a device
+    are set to `device`; nested objects with a `to` method are moved by it (its result
+    replaces the attribute when it returns a new object). Anything else (data loaders,
+    numbers, functions) is kept.
+    """
+    target = torch.device(device)
+    memo: Dict[int, Any] = {} if seen is None else seen
+    memo[id(obj)] = obj
+    for name, value in list(vars(obj).items()):
+        moved = _moved(value, target, memo)
+        if moved is not value:
+            object.__setattr__(obj, name, moved)
+    return obj
 
 
 class TensorOperator(Stateful, Operator[torch.Tensor, OperatorBilinearForm], ABC):
@@ -222,8 +244,16 @@ class TensorOperator(Stateful, Operator[torch.Tensor, OperatorBilinearForm], ABC
 
     @property
     def regularization(self) -> Optional[float]:
-        """The regularization $\\lambda$ of the operator, if it has one."""
+        """The regularization $\\lambda$ of the operator, if it has one.
+
+        Setting it changes this operator in place to what `with_regularization` returns
+        (reusing what does not depend on $\\lambda$)."""
         return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        replacement = self.with_regularization(value)
+        vars(self).update(vars(replacement))
 
     def with_regularization(self: _Op, regularization: Optional[float]) -> _Op:
         """A copy with regularization `regularization`, reusing everything fitted that does
@@ -253,8 +283,7 @@ class TensorOperator(Stateful, Operator[torch.Tensor, OperatorBilinearForm], ABC
 
     def to(self: _Op, device: torch.device) -> _Op:
         """Move the operator (its tensors and nested operators) to `device`; return self."""
-        move_attributes(self, torch.device(device))
-        return self
+        return move_to_device(self, device)
 
     def _validate_tensor_input(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor):

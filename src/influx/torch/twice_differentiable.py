@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ..inversion import InversionMethod, InversionRegistry
 from ..twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
+from .autodiff import LossFunction, flatten_dimensions
 from .batch_operation import HessianBatchOperation
+from .blocks import BlockMode
 from .composition import (
     ArnoldiSolver,
     CgSolver,
@@ -33,8 +35,6 @@ from .composition import (
 )
 from .curvature import SecondOrderMode
 from .data import TorchBatch
-from .functional import LossFunction, flatten_dimensions
-from .util import BlockMode
 
 __all__ = ["TorchTensorUtilities", "TorchTwiceDifferentiable"]
 

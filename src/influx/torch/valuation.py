@@ -18,9 +18,10 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..types import InfluenceMode, NotFittedException
+from ..types import InfluenceMode, NotFittedException, SolverDiagnostics
 from .base import TorchComposableInfluence
-from .data import iterate_batches
+from .data import TorchBatch, iterate_batches
+from .validation import check_ordered
 
 __all__ = [
     "HarmfulRanking",
@@ -41,10 +42,16 @@ class HarmfulRanking:
         indices: training indices, most harmful (most negative total influence) first.
         values: the total influence of each training point on the validation set,
             $\\sum_i I(z'_i, z_j)$, indexed by training index (not by rank).
+        converged: whether the solve of every block reached its tolerance (False: the
+            values are approximate; see `solver_diagnostics`).
+        solver_diagnostics: per block, what its solver reported for the ranking's solve
+            (None for blocks that do not solve a system).
     """
 
     indices: torch.Tensor
     values: torch.Tensor
+    converged: bool = True
+    solver_diagnostics: Optional[Dict[str, Optional[SolverDiagnostics]]] = None
 
     def most_harmful(self, k: int) -> torch.Tensor:
         """The indices of the `k` most harmful training points."""
@@ -79,6 +86,12 @@ def _check_fitted(model: Any) -> TorchComposableInfluence:
     return model
 
 
+def _batches(model: TorchComposableInfluence, data: Iterable, name: str) -> Iterator[TorchBatch]:
+    """The batches of `data` as the model computes on them (device, compute dtype, checks)."""
+    for batch in iterate_batches(data, model.device, name):
+        yield model._create_batch(batch.x, batch.y)
+
+
 def rank_training_points(
     model: TorchComposableInfluence,
     train_data: Iterable[Tuple[torch.Tensor, torch.Tensor]],
@@ -108,20 +121,33 @@ def rank_training_points(
         progress: show a progress bar over the training batches.
 
     Returns:
-        The ranking and the total influence of every training point.
+        The ranking and the total influence of every training point, with whether the solves
+        converged and their diagnostics.
+
+    Raises:
+        UnorderedDataError: if `train_data` is a data loader with a random (shuffling) or
+            otherwise non-sequential sampler: the indices would not be those of the samples.
     """
     model = _check_fitted(model)
+    check_ordered(train_data, "train_data")
     blocks = model.block_mapper.composable_block_dict
     summed: Dict[str, torch.Tensor] = {}
-    for batch in iterate_batches(validation_data, model.device, "validation_data"):
+    for batch in _batches(model, validation_data, "validation_data"):
         for name, block in blocks.items():
-            g = block.gradient_provider.flat_grads(batch).sum(dim=0, keepdim=True)
+            g = block.gradient_provider.flat_grads(batch.as_test()).sum(dim=0, keepdim=True)
             summed[name] = g + summed[name] if name in summed else g
     if not summed:
         raise ValueError("Parameter 'validation_data' yielded no batches.")
     factors = {name: block.op.apply(summed[name]) for name, block in blocks.items()}
+    diagnostics = {name: block.op.diagnostics for name, block in blocks.items()}
+    converged = all(d is None or d.converged for d in diagnostics.values())
+    if not converged:
+        logger.warning(
+            "The ranking is approximate: the solve did not converge for blocks %s.",
+            [name for name, d in diagnostics.items() if d is not None and not d.converged],
+        )
     values = []
-    batches = iterate_batches(train_data, model.device, "train_data")
+    batches = _batches(model, train_data, "train_data")
     for batch in tqdm(batches, desc="ranking", disable=not progress, leave=False):
         total = sum(
             block.interactions_from_transformed_grads(factors[name], batch, InfluenceMode.Up)[0]
@@ -131,7 +157,9 @@ def rank_training_points(
     if not values:
         raise ValueError("Parameter 'train_data' yielded no batches.")
     all_values = torch.cat(values)  # type: ignore[arg-type]
-    return HarmfulRanking(torch.argsort(all_values, stable=True), all_values)
+    return HarmfulRanking(
+        torch.argsort(all_values, stable=True), all_values, converged, diagnostics
+    )
 
 
 def _merge_top_k(
@@ -163,8 +191,13 @@ def top_k_influences(
         train_data: an iterable of `(x, y)` training batches; indices follow its order.
         k: how many points per list, at least 1 and at most the number of training points.
         progress: show a progress bar over the training batches.
+
+    Raises:
+        UnorderedDataError: if `train_data` is a data loader with a random (shuffling) or
+            otherwise non-sequential sampler.
     """
     model = _check_fitted(model)
+    check_ordered(train_data, "train_data")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Parameter 'k' must be a positive integer, got {k!r}.")
     factors = model.influence_factors(x_test, y_test)
@@ -172,7 +205,7 @@ def top_k_influences(
         (
             (batch.x, model.influences_from_factors(factors, batch.x, batch.y))
             for batch in tqdm(
-                iterate_batches(train_data, model.device, "train_data"),
+                _batches(model, train_data, "train_data"),
                 desc="top-k",
                 disable=not progress,
                 leave=False,

@@ -6,12 +6,12 @@ from typing import Optional
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import CgSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
 from ..preconditioner import Preconditioner
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["CgInfluence"]
@@ -38,8 +38,9 @@ class CgInfluence(TorchComposableInfluence):
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction.
         regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
-        rtol: relative tolerance on the residual norm, $> 0$.
-        atol: absolute tolerance on the residual norm, $\ge 0$.
+        rtol: relative tolerance on the residual norm, $> 0$; None means $10^{-7}$, or ten
+            times the machine epsilon of the compute dtype if larger.
+        atol: absolute tolerance on the residual norm, $\ge 0$; None as for `rtol`.
         maxiter: maximum number of CG iterations; None means $10 P_b$ for a block of $P_b$
             parameters.
         progress: show a progress bar over the iterations.
@@ -55,6 +56,12 @@ class CgInfluence(TorchComposableInfluence):
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
         second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
+            or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
+            carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -70,8 +77,8 @@ class CgInfluence(TorchComposableInfluence):
         model: torch.nn.Module,
         loss: LossFunction,
         regularization: RegularizationType = None,
-        rtol: float = 1e-7,
-        atol: float = 1e-7,
+        rtol: Optional[float] = None,
+        atol: Optional[float] = None,
         maxiter: Optional[int] = None,
         progress: bool = False,
         precompute_grad: bool = False,
@@ -80,6 +87,8 @@ class CgInfluence(TorchComposableInfluence):
         warn_on_max_iteration: bool = True,
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        on_nonconvergence: str = "warn",
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode, precompute_grad)
@@ -91,5 +100,8 @@ class CgInfluence(TorchComposableInfluence):
             preconditioner,
             solve_simultaneously,
             warn_on_max_iteration,
+            on_nonconvergence,
         )
-        self._compose(model, loss, curvature, solver, block_structure, regularization)
+        self._compose(
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
+        )

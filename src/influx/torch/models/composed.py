@@ -2,12 +2,14 @@ r"""Any curvature with any inverse method."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import Curvature, Solver
-from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["ComposedInfluence"]
@@ -35,6 +37,9 @@ class ComposedInfluence(TorchComposableInfluence):
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` (ignored by curvatures with their own blocks, such as
             the Kronecker curvature's layers).
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -52,6 +57,7 @@ class ComposedInfluence(TorchComposableInfluence):
         solver: Solver,
         regularization: RegularizationType = None,
         block_structure: BlockStructure = BlockMode.FULL,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         if not isinstance(curvature, Curvature):
             raise TypeError(
@@ -59,4 +65,6 @@ class ComposedInfluence(TorchComposableInfluence):
             )
         if not isinstance(solver, Solver):
             raise TypeError(f"Parameter 'solver' must be a Solver, got {type(solver).__name__}.")
-        self._compose(model, loss, curvature, solver, block_structure, regularization)
+        self._compose(
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
+        )

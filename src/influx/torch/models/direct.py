@@ -2,13 +2,15 @@ r"""Exact influence through the dense curvature of each block."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import DirectSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["DirectInfluence"]
@@ -42,6 +44,10 @@ class DirectInfluence(TorchComposableInfluence):
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
         second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        progress: show a progress bar over the batches while the dense curvature is formed.
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -57,7 +63,11 @@ class DirectInfluence(TorchComposableInfluence):
         regularization: RegularizationType = None,
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        progress: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
-        curvature = ModeCurvature(self.second_order_mode)
-        self._compose(model, loss, curvature, DirectSolver(), block_structure, regularization)
+        curvature = ModeCurvature(self.second_order_mode, progress=progress)
+        self._compose(
+            model, loss, curvature, DirectSolver(), block_structure, regularization, compute_dtype
+        )

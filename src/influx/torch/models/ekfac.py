@@ -8,9 +8,9 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ...types import InfluenceMode
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
 from ..composition import FactoredSolver, KroneckerCurvature
-from ..functional import LossFunction
 from ..kfac import KroneckerEigenbasis, KroneckerFactors, LayerSpec, find_layers, validate_fisher
 from ..kfac_operator import KroneckerFactoredCurvature
 from ..validation import RegularizationType, validate_regularization
@@ -69,10 +69,13 @@ class EkfacInfluence(TorchComposableInfluence):
         seed: seed of the label sampling for `fisher="sampled"`.
         max_cache_mb: with `update_diagonal`, the layers' inputs and output gradients of the
             first pass are kept in memory up to this size (in MB) so that the refit needs no
-            second pass over the data; beyond it, or with 0, the data is iterated twice. With
-            `fisher="empirical"` the results are the same either way; with `fisher="sampled"`
-            the cached refit reuses the labels drawn in the first pass (eigenbasis and
-            eigenvalues fitted to the same draws), a second pass draws new ones.
+            second pass over the data; beyond it, or with 0, the data is iterated twice (the
+            results are the same either way). With `fisher="sampled"` the refit always makes a
+            second pass, drawing new labels: fitting the eigenbasis and the eigenvalues to the
+            same draws would make the approximation noisier.
+        compute_dtype: the dtype of the factors' products and the solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
 
     Attributes:
         layer_specs: the layers used, by block name
@@ -110,6 +113,7 @@ class EkfacInfluence(TorchComposableInfluence):
         layers: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         max_cache_mb: float = 256.0,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -138,7 +142,17 @@ class EkfacInfluence(TorchComposableInfluence):
             self.update_diagonal, fisher, layers, seed, max_cache_mb, progress
         )
         structure = None  # the layers are the blocks
-        self._compose(model, loss, curvature, FactoredSolver(), structure, hessian_regularization)  # type: ignore[arg-type]
+        self._compose(
+            model,
+            loss,
+            curvature,
+            FactoredSolver(),
+            structure,  # type: ignore[arg-type]
+            hessian_regularization,
+            compute_dtype,
+        )
+        if self.model is not model:  # computing on a copy in compute_dtype
+            self.layer_specs = find_layers(self.model, layers)
         self.hessian_regularization = hessian_regularization
 
     @property

@@ -2,13 +2,15 @@ r"""Influence with the inverse harmonic mean of rank-one curvatures (DataInf).""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import InverseHarmonicMeanSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["InverseHarmonicMeanInfluence"]
@@ -41,6 +43,9 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         second_order_mode: only `SecondOrderMode.GAUSS_NEWTON`: the method is defined through
             the rank-one terms of the Gauss-Newton matrix; `HESSIAN` raises a ValueError.
         progress: show a progress bar over the training batches.
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
         progress: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         mode = check_second_order_mode(second_order_mode)
         if mode is not SecondOrderMode.GAUSS_NEWTON:
@@ -61,4 +67,6 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
             )
         self.second_order_mode = mode
         solver = InverseHarmonicMeanSolver(progress)
-        self._compose(model, loss, ModeCurvature(mode), solver, block_structure, regularization)
+        self._compose(
+            model, loss, ModeCurvature(mode), solver, block_structure, regularization, compute_dtype
+        )

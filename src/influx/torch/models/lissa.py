@@ -2,15 +2,15 @@ r"""Influence through LiSSA."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import LissaSolver, ModeCurvature
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["LissaInfluence"]
@@ -48,6 +48,14 @@ class LissaInfluence(TorchComposableInfluence):
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
         second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
+            or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
+            carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
+        seed: seed of the eigenvalue estimates (`scale="auto"`, divergence diagnosis); the
+            batches are taken in the loader's order.
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
     """
 
     def __init__(
@@ -63,6 +71,9 @@ class LissaInfluence(TorchComposableInfluence):
         warn_on_max_iteration: bool = True,
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        on_nonconvergence: str = "warn",
+        seed: Optional[int] = None,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode)
@@ -73,5 +84,9 @@ class LissaInfluence(TorchComposableInfluence):
             rtol=rtol,
             progress=progress,
             warn_on_max_iteration=warn_on_max_iteration,
+            on_nonconvergence=on_nonconvergence,
+            seed=seed,
         )
-        self._compose(model, loss, curvature, solver, block_structure, regularization)
+        self._compose(
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
+        )

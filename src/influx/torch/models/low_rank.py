@@ -6,11 +6,11 @@ from typing import Optional
 
 import torch
 
+from ..autodiff import LossFunction
 from ..base import TorchComposableInfluence
+from ..blocks import BlockMode, BlockStructure
 from ..composition import ArnoldiSolver, ModeCurvature, NystroemSolver
 from ..curvature import SecondOrderMode, check_second_order_mode
-from ..functional import LossFunction
-from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
 __all__ = ["ArnoldiInfluence", "NystroemSketchInfluence"]
@@ -56,6 +56,13 @@ class ArnoldiInfluence(TorchComposableInfluence):
         use_woodbury: exact inverse of the low-rank approximation plus $\lambda I$ (True) or
             projected inverse (False).
         progress: show a progress bar over operator applications.
+        on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
+            or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
+            carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
+        seed: seed of the Lanczos start block; the same seed gives the same eigenpairs.
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -78,11 +85,25 @@ class ArnoldiInfluence(TorchComposableInfluence):
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
         use_woodbury: bool = False,
         progress: bool = False,
+        on_nonconvergence: str = "warn",
+        seed: Optional[int] = None,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode)
-        solver = ArnoldiSolver(rank, krylov_dimension, tol, max_iter, use_woodbury, progress)
-        self._compose(model, loss, curvature, solver, block_structure, regularization)
+        solver = ArnoldiSolver(
+            rank,
+            krylov_dimension,
+            tol,
+            max_iter,
+            use_woodbury,
+            progress,
+            on_nonconvergence=on_nonconvergence,
+            seed=seed,
+        )
+        self._compose(
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
+        )
 
 
 class NystroemSketchInfluence(TorchComposableInfluence):
@@ -109,6 +130,10 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
         second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
         seed: seed of the random sketch; the same seed gives the same sketch.
+        progress: show a progress bar over the batches while the sketch is computed.
+        compute_dtype: the dtype of curvature, factorisations and solves; None means float32
+            for a float16 / bfloat16 model and the model's dtype otherwise (see
+            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
     """
 
     def __init__(
@@ -120,8 +145,12 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
         seed: Optional[int] = None,
+        progress: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
-        curvature = ModeCurvature(self.second_order_mode)
+        curvature = ModeCurvature(self.second_order_mode, progress=progress)
         solver = NystroemSolver(rank, seed)
-        self._compose(model, loss, curvature, solver, block_structure, regularization)
+        self._compose(
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
+        )
