@@ -323,6 +323,13 @@ def test_bad_arguments_are_named(kwargs: Dict[str, Any], error: type, message: s
         ProjectedInfluence(net, F.cross_entropy, **arguments).fit(loader(*classification_data(8)))
 
 
+def test_a_task_is_refused_with_its_type() -> None:
+    from influx.torch.task import SupervisedTask
+
+    with pytest.raises(TypeError, match="'loss' must be a loss function .*got SupervisedTask"):
+        ProjectedInfluence(make_mlp(), SupervisedTask(F.cross_entropy), 8)  # type: ignore[arg-type]
+
+
 def test_layers_not_called_are_named() -> None:
     class Functional(torch.nn.Module):
         def __init__(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch.func import jacrev, vmap
@@ -23,6 +23,7 @@ from .curvature import SecondOrderMode, check_second_order_mode
 from .data import TorchBatch, iterate_batches
 from .functional import LossFunction, functional_forward
 from .gradients import TorchGradientProvider
+from .model_call import LossOrTask
 from .projection import BlockProjection
 from .tensor_operator import MatrixOperator, OperatorState, StateContext, TensorOperator
 from .validation import check_finite
@@ -161,7 +162,7 @@ class ProjectedGradientProvider(TorchGradientProvider):
         pieces: List[torch.Tensor] = []
         if self.projection.layers:
             outputs, records = self._forward(batch.x)
-            value = self.loss(outputs, batch.y)
+            value = cast(LossFunction, self.loss)(outputs, batch.y)
             flat_outputs = [out for calls in records.values() for _, out in calls]
             grads = torch.autograd.grad(value, flat_outputs, allow_unused=True)
             pieces.extend(self._project_layers(records, grads, float(len(batch))))
@@ -310,11 +311,12 @@ class ProjectedCurvature(Curvature):
     def fit(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
-        providers = {n: self.gradient_provider(model, loss, n, p) for n, p in blocks.items()}
+        function = cast(LossFunction, loss)
+        providers = {n: self.gradient_provider(model, function, n, p) for n, p in blocks.items()}
         sums: Dict[str, torch.Tensor] = {}
         device = next(model.parameters()).device
         count = 0
@@ -326,7 +328,7 @@ class ProjectedCurvature(Curvature):
                     term = (g.T @ g).to(torch.float64)
                 else:
                     jac, outputs = provider.output_jacobians(batch)
-                    hess = output_hessians(loss, outputs, batch.y)
+                    hess = output_hessians(function, outputs, batch.y)
                     curved = hess.to(jac.dtype) @ jac
                     term = (jac.flatten(0, 1).T @ curved.flatten(0, 1)).to(torch.float64)
                 sums[name] = term if name not in sums else sums[name].add_(term)

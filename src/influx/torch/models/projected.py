@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Dict
+from typing import Dict, cast
 
 import torch
 
@@ -15,6 +15,7 @@ from ..functional import LossFunction
 from ..gradients import TorchGradientProvider
 from ..projected_gradients import IdentityOperator, ProjectedCurvature
 from ..projection import PROJECTIONS
+from ..task import Task
 from ..util import BlockMode, BlockStructure
 from ..validation import RegularizationType
 
@@ -92,6 +93,11 @@ class ProjectedInfluence(TorchComposableInfluence):
         orthogonal: bool = True,
         max_cache_mb: float = 256.0,
     ):
+        if isinstance(loss, Task) or not callable(loss):
+            raise TypeError(
+                "Parameter 'loss' must be a loss function loss(outputs, targets) for "
+                f"ProjectedInfluence (tasks are not supported yet), got {type(loss).__name__}."
+            )
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, int):
             raise TypeError(
                 f"Parameter 'projection_dim' must be an int, got {type(projection_dim).__name__}."
@@ -123,7 +129,8 @@ class ProjectedInfluence(TorchComposableInfluence):
         if self.loss is None:  # pragma: no cover - the constructor sets it
             raise ValueError("Parameter 'loss' is required for per-sample gradients.")
         assert isinstance(self.curvature, ProjectedCurvature)
-        return self.curvature.gradient_provider(self.model, self.loss, block_name, block_params)
+        loss = cast(LossFunction, self.loss)
+        return self.curvature.gradient_provider(self.model, loss, block_name, block_params)
 
     @property
     def projected_sizes(self) -> Dict[str, int]:
