@@ -157,3 +157,17 @@ def test_importing_the_torch_layer_loads_no_calculator_layer() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_library_modules_do_not_import_the_compatibility_facades() -> None:
+    facades = {"influx.torch.functional", "influx.torch.util"}
+    offenders = [
+        f"{module} imports {target}"
+        for module, path in _modules().items()
+        if module not in facades
+        and not module.startswith("influx.torch.__init__")
+        and module != "influx.torch"
+        for target, _ in _imports(module, path)
+        if target in facades
+    ]
+    assert offenders == []

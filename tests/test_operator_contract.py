@@ -23,6 +23,7 @@ from influx.torch import (
     GaussNewtonOperator,
     GeneralizedGaussNewtonOperator,
     HessianOperator,
+    IdentityOperator,
     InverseHarmonicMeanOperator,
     JacobiPreconditioner,
     KroneckerCurvature,
@@ -134,6 +135,7 @@ SPD = SPD @ SPD.T + torch.eye(7, dtype=torch.float64)
 
 CASES: Dict[str, Case] = {
     "matrix": lambda p, lam: (MatrixOperator(SPD), SPD, 1e-14),
+    "identity": lambda p, lam: (IdentityOperator(7, torch.float64, "cpu"), torch.eye(7), 1e-15),
     "shifted": lambda p, lam: (
         ShiftedOperator(MatrixOperator(SPD), lam),
         SPD + (lam or 0.0) * torch.eye(7),
@@ -239,6 +241,7 @@ CASES: Dict[str, Case] = {
 }
 
 WITHOUT_REGULARIZATION = {
+    "identity",
     "matrix",
     "generalized_gauss_newton",
     "hessian",

@@ -158,7 +158,11 @@ class DaskInfluenceCalculator:
             raise TypeError(
                 f"Parameter 'converter' must be a NumpyConverter, got {type(converter).__name__}."
             )
-        n_parameters = getattr(influence_function_model, "n_parameters", None)
+        # The width of the factors: `factor_size` for models whose factors live in another
+        # space than the parameters (projected gradients), else the number of parameters.
+        n_parameters = getattr(influence_function_model, "factor_size", None)
+        if n_parameters is None:
+            n_parameters = getattr(influence_function_model, "n_parameters", None)
         if n_parameters is None:
             raise TypeError(
                 "Parameter 'influence_function_model' must have an 'n_parameters' attribute "

@@ -58,6 +58,7 @@ METHODS: Dict[str, Method] = {
         ),
         Method("ihm", "InverseHarmonicMeanInfluence", "inverse harmonic mean of rank-one terms"),
         Method("ekfac", "EkfacInfluence", "eigenvalue-corrected K-FAC", {"update_diagonal": True}),
+        Method("projected", "ProjectedInfluence", "exact in a random k-dim gradient projection"),
     )
 }
 """The methods of `--method`, by name."""

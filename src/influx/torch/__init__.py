@@ -72,6 +72,7 @@ from .models import (
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
+    ProjectedInfluence,
 )
 from .preconditioner import (
     EkfacPreconditioner,
@@ -79,6 +80,7 @@ from .preconditioner import (
     NystroemPreconditioner,
     Preconditioner,
 )
+from .projected_gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
 from .sketch import LowRankProductRepresentation
 from .task import SupervisedTask, Task
 from .tensor_operator import MatrixOperator, ShiftedOperator
@@ -142,6 +144,10 @@ __all__ = [
     "LowRankBilinearForm",
     "LowRankOperator",
     "NystroemSketchInfluence",
+    "ProjectedInfluence",
+    "ProjectedCurvature",
+    "ProjectedGradientProvider",
+    "IdentityOperator",
     "NotImplementedLayerRepresentationException",
     "OperatorBilinearForm",
     "Preconditioner",

@@ -12,6 +12,7 @@ from .ekfac import EkfacInfluence
 from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
 from .lissa import LissaInfluence
 from .low_rank import ArnoldiInfluence, NystroemSketchInfluence
+from .projected import ProjectedInfluence
 
 __all__ = [
     "ArnoldiInfluence",
@@ -22,4 +23,5 @@ __all__ = [
     "InverseHarmonicMeanInfluence",
     "LissaInfluence",
     "NystroemSketchInfluence",
+    "ProjectedInfluence",
 ]

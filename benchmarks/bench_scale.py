@@ -1,0 +1,255 @@
+"""Scale benchmark: a 1,000 x 10,000 influence matrix of a CNN with over a million parameters.
+
+Data: scikit-learn's 8x8 digits upsampled to 1x32x32, augmented with random shifts (up to 3
+pixels) and Gaussian noise; 10,000 training images from 1,500 digits and 1,000 test images
+from the other 297 (built offline, deterministic). Model: three 3x3 convolutions (32, 64, 128
+channels, ReLU, max-pooling) and two linear layers (2048-512-10), 1,146,890 parameters,
+trained with Adam for a few epochs.
+
+For each method a fresh subprocess fits the influence model on the training set and writes
+the influence matrix of the test set on the training set to zarr with the sequential
+calculator (the fit uses the whole training set; `--matrix-test` / `--matrix-train` restrict
+the matrix to the first points, for a reduced run); it reports the fit time, the matrix time
+and its peak resident memory increase
+(`ru_maxrss`, relative to the process after loading model and data). The parent then
+compares the two matrices (Pearson, Spearman overall and per test point).
+
+Usage (from the repository root; sizes can be reduced for a quick run):
+
+    PYTHONPATH=src python benchmarks/bench_scale.py --n-train 10000 --n-test 1000 \
+        --methods projected,ekfac
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve()
+README = HERE.parent / "README.md"
+REGULARIZATION = 1e-2
+SEED = 0
+
+
+def build_model() -> torch.nn.Module:
+    def block(c_in: int, c_out: int) -> List[torch.nn.Module]:
+        return [
+            torch.nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+        ]
+
+    return torch.nn.Sequential(
+        *block(1, 32),
+        *block(32, 64),
+        *block(64, 128),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128 * 4 * 4, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 10),
+    )
+
+
+def make_data(n_train: int, n_test: int) -> Dict[str, torch.Tensor]:
+    """Upsampled digits with shifts and noise (deterministic)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(SEED)
+    order = rng.permutation(len(x))
+    train_idx, test_idx = order[:1500], order[1500:]
+    images = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    big = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear")
+
+    def augment(indices: np.ndarray, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        pick = rng.choice(indices, size=n, replace=True)
+        shifts = rng.integers(-3, 4, size=(n, 2))
+        out = torch.empty(n, 1, 32, 32)
+        for i, (index, (dy, dx)) in enumerate(zip(pick, shifts)):
+            out[i] = torch.roll(big[index], shifts=(int(dy), int(dx)), dims=(1, 2))
+        noise = torch.from_numpy(rng.normal(scale=0.1, size=out.shape).astype(np.float32))
+        return (out + noise - 0.25) / 0.35, torch.tensor(y[pick], dtype=torch.long)
+
+    x_train, y_train = augment(train_idx, n_train)
+    x_test, y_test = augment(test_idx, n_test)
+    return {"x": x_train, "y": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def prepare(workdir: Path, n_train: int, n_test: int, epochs: int) -> Dict[str, Any]:
+    """Data and a trained model, saved once in `workdir`."""
+    state = workdir / "model.pt"
+    if state.exists():
+        return json.loads((workdir / "training.json").read_text())  # type: ignore[no-any-return]
+    start = time.perf_counter()
+    data = make_data(n_train, n_test)
+    torch.manual_seed(SEED)
+    net = build_model()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data["x"], data["y"]), batch_size=128, shuffle=True
+    )
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(xb), yb).backward()
+            optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(data["x_test"]).argmax(1) == data["y_test"]).float().mean())
+    torch.save(net.state_dict(), state)
+    torch.save(data, workdir / "data.pt")
+    info = {
+        "n_parameters": sum(p.numel() for p in net.parameters()),
+        "test_accuracy": accuracy,
+        "epochs": epochs,
+        "train_seconds": time.perf_counter() - start,
+    }
+    (workdir / "training.json").write_text(json.dumps(info))
+    return info
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """Fit one method and write its influence matrix to zarr; timings and peak memory."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from influx.calculator import SequentialInfluenceCalculator
+    from influx.torch import EkfacInfluence, ProjectedInfluence, TorchNumpyConverter
+
+    torch.set_num_threads(int(options["threads"]))
+    net = build_model()
+    net.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
+    net.eval()
+    data = torch.load(workdir / "data.pt", weights_only=True)
+    train = DataLoader(TensorDataset(data["x"], data["y"]), batch_size=options["train_batch"])
+    rows, columns = options["matrix_test"], options["matrix_train"]
+    test = DataLoader(
+        TensorDataset(data["x_test"][:rows], data["y_test"][:rows]),
+        batch_size=options["test_batch"],
+    )
+    columns_loader = DataLoader(
+        TensorDataset(data["x"][:columns], data["y"][:columns]),
+        batch_size=options["train_batch"],
+    )
+    loss = torch.nn.functional.cross_entropy
+    baseline = _rss_mb()
+    cpu_start = _cpu_seconds()
+    start = time.perf_counter()
+    if method == "projected":
+        model: Any = ProjectedInfluence(
+            net, loss, options["k"], regularization=REGULARIZATION, seed=SEED
+        )
+    else:
+        model = EkfacInfluence(
+            net, update_diagonal=True, hessian_regularization=REGULARIZATION, loss=loss
+        )
+    model.fit(train)
+    fitted = time.perf_counter()
+    calculator = SequentialInfluenceCalculator(model)
+    path = workdir / f"{method}.zarr"
+    lazy = calculator.influences(test, columns_loader)
+    lazy.to_zarr(path, TorchNumpyConverter(), overwrite=True)
+    done = time.perf_counter()
+    result = {
+        "method": method,
+        "fit_seconds": fitted - start,
+        "matrix_seconds": done - fitted,
+        "total_seconds": done - start,
+        "peak_mb": _rss_mb() - baseline,
+        "cpu_seconds": _cpu_seconds() - cpu_start,
+        "path": str(path),
+    }
+    if method == "projected":
+        result["projected_sizes"] = model.projected_sizes
+    return result
+
+
+def compare(paths: Dict[str, str]) -> Dict[str, float]:
+    import zarr
+    from scipy.stats import pearsonr, spearmanr
+
+    a = np.asarray(zarr.open_array(paths["ekfac"], mode="r")[...], dtype=np.float64)
+    b = np.asarray(zarr.open_array(paths["projected"], mode="r")[...], dtype=np.float64)
+    per_row = [spearmanr(a[i], b[i])[0] for i in range(a.shape[0])]
+    return {
+        "pearson": float(pearsonr(a.ravel(), b.ravel())[0]),
+        "spearman": float(spearmanr(a.ravel(), b.ravel())[0]),
+        "spearman_per_test_point": float(np.mean(per_row)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-train", type=int, default=10_000)
+    parser.add_argument("--n-test", type=int, default=1_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--methods", default="projected,ekfac")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-batch", type=int, default=250)
+    parser.add_argument("--test-batch", type=int, default=200)
+    parser.add_argument("--projected-test-batch", type=int, default=1000)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--matrix-test", type=int, default=None, help="test points of the matrix (default all)"
+    )
+    parser.add_argument(
+        "--matrix-train", type=int, default=None, help="train points of the matrix (default all)"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    default = Path(tempfile.gettempdir()) / f"influx-scale-{args.n_train}-{args.n_test}"
+    workdir = Path(args.workdir or default)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        options = json.loads(args.worker)
+        print(json.dumps(worker(workdir, options["method"], options)))
+        return
+    training = prepare(workdir, args.n_train, args.n_test, args.epochs)
+    print(f"model: {training}", flush=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    for method in args.methods.split(","):
+        options = {
+            "method": method,
+            "k": args.k,
+            "threads": args.threads,
+            "train_batch": args.train_batch,
+            "test_batch": args.projected_test_batch if method == "projected" else args.test_batch,
+            "matrix_test": args.matrix_test or args.n_test,
+            "matrix_train": args.matrix_train or args.n_train,
+        }
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        command = [sys.executable, str(HERE), "--workdir", str(workdir), "--worker"]
+        output = subprocess.run(
+            command + [json.dumps(options)], env=env, capture_output=True, text=True, check=False
+        )
+        if output.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{output.stderr[-3000:]}")
+        results[method] = json.loads(output.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[method]), flush=True)
+    if {"ekfac", "projected"} <= set(results):
+        agreement = compare({m: r["path"] for m, r in results.items()})
+        print(f"agreement: {agreement}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+r"""Influence of projected gradients: the curvature built and solved in a $k$-dimensional space."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Dict, cast
+
+import torch
+
+from ..autodiff import LossFunction
+from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
+from ..blocks import BlockMode, BlockStructure
+from ..composition import DirectSolver
+from ..curvature import SecondOrderMode
+from ..gradients import TorchGradientProvider
+from ..projected_gradients import IdentityOperator, ProjectedCurvature
+from ..projection import PROJECTIONS
+from ..task import Task
+from ..validation import RegularizationType
+
+__all__ = ["ProjectedInfluence"]
+
+
+class ProjectedInfluence(TorchComposableInfluence):
+    r"""Influence through random projections of the per-sample gradients (TRAK / LoGra style).
+
+    Every block's per-sample gradients are projected to $k$ dimensions,
+    $\tilde g = P_b \nabla_{\theta_b}\ell(z)$, and influence is computed exactly there:
+
+    $$
+    I(z', z) = \sum_b \tilde g'^\top_b \big(P_b C_b P_b^\top + \lambda_b I\big)^{-1} \tilde g_b ,
+    $$
+
+    with $C_b$ the empirical Fisher (`GAUSS_NEWTON`) or the generalized Gauss-Newton matrix,
+    formed only as a $k \times k$ matrix in one pass over the data and factorised once. With
+    `projection="kronecker"` (the default) the gradient of every `Linear` / `Conv2d` layer is
+    projected by $P_{out} \otimes P_{in}$ from the layer's inputs and output gradients, never
+    forming a per-sample gradient; the other parameters, and all parameters with `"gaussian"`
+    or `"rademacher"`, are projected densely in chunks. See
+    [influx.torch.projection][influx.torch.projection] for the formulas.
+
+    Memory: $k^2$ per block for the curvature and, per batch, the layers' inputs and output
+    gradients and $N k$ projected gradients, whatever the number of parameters (for the
+    Kronecker projection). With a square orthogonal projection (`projection_dim` at least the
+    number of parameters, `orthogonal=True`, the default) the result is that of
+    [DirectInfluence][influx.torch.models.direct.DirectInfluence] with the same curvature; as
+    $k$ grows it approaches it.
+
+    The projection is a function of `seed`, the block names and the parameter shapes: it is
+    regenerated, not stored, by `load_fit`. Influence factors, `influences_from_factors` and
+    [the gradient store][influx.torch.gradient_store] work in the projected space (factors
+    have `factor_size` columns, not `n_parameters`).
+
+    Args:
+        model: the trained model.
+        loss: the loss `loss(prediction, target)` with mean reduction.
+        projection_dim: $k$, the projected dimension of every block (capped at its number
+            of parameters; a Kronecker block may get slightly fewer, see `projected_sizes`).
+        projection: `"kronecker"`, `"gaussian"` or `"rademacher"`.
+        second_order_mode: `GAUSS_NEWTON` (the empirical Fisher) or
+            `GENERALIZED_GAUSS_NEWTON`.
+        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+            `OrderedDict[str, List[str]]`.
+        seed: the seed of the random projections (an int: the projection must be the same
+            when a fit is loaded).
+        orthogonal: make the rows of every random matrix orthogonal (scaled so that
+            $\mathbb{E}[P^\top P] = I$), which makes the projection of full dimension exact and
+            is more accurate at every $k$ (see `benchmarks/README.md`); a dense projection is
+            orthogonalised only if it fits in `max_cache_mb`.
+        max_cache_mb: a dense projection up to this size is generated once and kept;
+            larger ones are generated again, chunk by chunk, for every batch.
+
+    Example:
+        ```python
+        model = ProjectedInfluence(net, F.cross_entropy, projection_dim=4096, regularization=0.01)
+        model.fit(train_loader)
+        values = model.influences(x_test, y_test, x_train, y_train)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFunction,
+        projection_dim: int = 1024,
+        projection: str = "kronecker",
+        second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
+        regularization: RegularizationType = None,
+        block_structure: BlockStructure = BlockMode.FULL,
+        seed: int = 0,
+        orthogonal: bool = True,
+        max_cache_mb: float = 256.0,
+    ):
+        if isinstance(loss, Task) or not callable(loss):
+            raise TypeError(
+                "Parameter 'loss' must be a loss function loss(outputs, targets) for "
+                f"ProjectedInfluence (tasks are not supported yet), got {type(loss).__name__}."
+            )
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int):
+            raise TypeError(
+                f"Parameter 'projection_dim' must be an int, got {type(projection_dim).__name__}."
+            )
+        if projection_dim < 1:
+            raise ValueError(f"Parameter 'projection_dim' must be >= 1, got {projection_dim}.")
+        if projection not in PROJECTIONS:
+            raise ValueError(
+                f"Parameter 'projection' must be one of {list(PROJECTIONS)}, got {projection!r}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(
+                f"Parameter 'seed' must be an int (the projection is regenerated from it when a "
+                f"fit is loaded), got {type(seed).__name__}."
+            )
+        if isinstance(max_cache_mb, bool) or not isinstance(max_cache_mb, (int, float)):
+            raise TypeError(
+                f"Parameter 'max_cache_mb' must be a number, got {type(max_cache_mb).__name__}."
+            )
+        curvature = ProjectedCurvature(
+            second_order_mode, projection_dim, projection, seed, bool(orthogonal), max_cache_mb
+        )
+        self.second_order_mode = curvature.mode
+        self._compose(model, loss, curvature, DirectSolver(), block_structure, regularization)
+
+    def _gradient_provider(
+        self, block_name: str, block_params: Dict[str, torch.nn.Parameter]
+    ) -> TorchGradientProvider:
+        if self.loss is None:  # pragma: no cover - the constructor sets it
+            raise ValueError("Parameter 'loss' is required for per-sample gradients.")
+        assert isinstance(self.curvature, ProjectedCurvature)
+        loss = cast(LossFunction, self.loss)
+        return self.curvature.gradient_provider(self.model, loss, block_name, block_params)
+
+    @property
+    def projected_sizes(self) -> Dict[str, int]:
+        """The projected dimension of every block, by name."""
+        return {
+            name: self._gradient_provider(name, params).input_size
+            for name, params in self._blocks.items()
+        }
+
+    @property
+    def factor_size(self) -> int:
+        """The width of the influence factors and projected gradients: the sum of
+        `projected_sizes`."""
+        return sum(self.projected_sizes.values())
+
+    @TorchComposableInfluence.fit_required
+    def projected_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r"""$P_b \nabla_{\theta_b} \ell(x_i, y_i)$ of every block, concatenated: `(N, factor_size)`."""
+        batch = self._create_batch(x, y)
+        blocks = self.block_mapper.composable_block_dict.values()
+        return torch.cat([block.gradient_provider.flat_grads(batch) for block in blocks], dim=1)
+
+    def gradient_model(self) -> "ProjectedInfluence":
+        """A copy of this fitted model whose operator is the identity: its influence factors
+        are the projected gradients. Give it to a calculator to compute (and store) projected
+        training gradients chunk by chunk."""
+        if not self.is_fitted:
+            from ...errors import NotFittedException
+
+            raise NotFittedException(type(self))
+        new = copy.copy(self)
+        new.block_mapper = TorchBlockMapper(
+            OrderedDict(
+                (
+                    name,
+                    TorchOperatorGradientComposition(
+                        IdentityOperator(block.op.input_size, self.dtype, self.device),
+                        block.gradient_provider,
+                    ),
+                )
+                for name, block in self.block_mapper.composable_block_dict.items()
+            )
+        )
+        return new
