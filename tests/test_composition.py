@@ -180,3 +180,17 @@ def test_a_file_of_the_old_format_is_refused(tmp_path: Path) -> None:
     torch.save({"header": {"format": "influx-fit/1"}, "blocks": b""}, old)
     with pytest.raises(UnsafeFitFileError, match="is not a fit saved by influx"):
         DirectInfluence(net, F.cross_entropy, 0.1).load_fit(old)
+
+
+def test_incomplete_or_non_tensor_fit_files_are_refused(tmp_path: Path) -> None:
+    net, _, _, data = _setup()
+    path = DirectInfluence(net, F.cross_entropy, 0.1).fit(data).save(tmp_path / "fit.fit")
+    content = torch.load(path, weights_only=True)
+    missing = dict(content, tensors={})
+    torch.save(missing, tmp_path / "missing.fit")
+    with pytest.raises(ValueError, match="Incomplete operator state"):
+        DirectInfluence(net, F.cross_entropy, 0.1).load_fit(tmp_path / "missing.fit")
+    not_tensor = dict(content, tensors={"0/matrix": 3})
+    torch.save(not_tensor, tmp_path / "not_tensor.fit")
+    with pytest.raises(UnsafeFitFileError, match="holds entries that are not tensors"):
+        DirectInfluence(net, F.cross_entropy, 0.1).load_fit(tmp_path / "not_tensor.fit")

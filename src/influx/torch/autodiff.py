@@ -68,6 +68,7 @@ __all__ = [
     "get_model_parameters",
     "model_device",
     "tree_to_device",
+    "with_frozen",
     "operator_to_dense",
     "unflatten",
 ]
@@ -102,7 +103,7 @@ def flatten_dimensions(
     return torch.cat([t.reshape(target) for t in tensors], dim=concat_at)
 
 
-def _with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDict], ParamDict]:
+def with_frozen(params: ParamDict, model: torch.nn.Module) -> Callable[[ParamDict], ParamDict]:
     """Merge trainable `params` with the model's other parameters and buffers."""
     restricted = set(params)
     frozen = {
@@ -188,7 +189,7 @@ def create_batch_loss_function(
         return _at_call_time(
             model, lambda p: create_batch_loss_function(model, loss, p, measurement)
         )
-    merge = _with_frozen(params, model)
+    merge = with_frozen(params, model)
     signature = structure_signature(model)
     objective = task_objective(loss, measurement)
 
@@ -248,7 +249,7 @@ def create_per_sample_gradient_function(
     single = _create_single_sample_loss_function(model, loss, params, measurement)
     if is_task(loss):
         return PerSampleGradients(single, model_name=type(model).__name__)
-    merge = _with_frozen(params, model)
+    merge = with_frozen(params, model)
     signature = structure_signature(model)
 
     def outputs(p: ParamDict, x: Any) -> Any:

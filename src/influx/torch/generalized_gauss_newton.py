@@ -30,7 +30,14 @@ from typing import Any, Callable, Dict, Optional, cast
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .autodiff import FunctionalModel, LossFunction, LossOrTask, operator_to_dense, unflatten
+from .autodiff import (
+    FunctionalModel,
+    LossFunction,
+    LossOrTask,
+    operator_to_dense,
+    unflatten,
+    with_frozen,
+)
 from .batch_operation import LossBatchOperation
 from .data import TorchBatch
 from .hessian_products import HESSIAN_CHUNK_BUDGET
@@ -71,17 +78,15 @@ class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
             )
         super().__init__(model, loss, restrict_to)
 
+    def _rebuild(self) -> None:
+        # the model's other parameters and buffers, read once (again after `to`)
+        self._merge = with_frozen(self.params, self.model)
+
     def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
-        restricted = set(self.params)
-        fixed = {
-            name: t.detach()
-            for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
-            if name not in restricted
-        }
 
         def outputs(p: ParamDict) -> torch.Tensor:
-            forward = FunctionalModel(self.model, {**fixed, **p})
+            forward = FunctionalModel(self.model, self._merge(p))
             return model_outputs(call_model(forward, x))  # type: ignore[no-any-return]
 
         return outputs

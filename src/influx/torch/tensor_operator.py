@@ -39,17 +39,11 @@ __all__ = [
     "TensorDictOperator",
     "TensorOperator",
     "restore_operator",
-    "stateful_classes",
 ]
 
 _REGISTRY: Dict[str, Any] = {}
 _Op = TypeVar("_Op", bound="TensorOperator")
 T = TypeVar("T")
-
-
-def stateful_classes() -> Dict[str, Any]:
-    """The library's classes that can be rebuilt from an exported state, by name."""
-    return dict(_REGISTRY)
 
 
 @dataclass
