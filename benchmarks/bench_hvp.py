@@ -6,7 +6,8 @@ change the cost) and one batch of 256 points, the script times, per call, in flo
 current torch thread count:
 
 * influx's Hessian-vector product of `K` vectors reverse-over-reverse
-  (`create_batch_hvp_reverse_function`), forward-over-reverse vectorised over the vectors
+  (`create_batch_hvp_reverse_function`, one backward pass per vector and the passes batched
+  with `is_grads_batched`), forward-over-reverse vectorised over the vectors
   (`create_batch_hvp_function` with `reverse_max_rows=0`) and the default choice;
 * the *floor*: the same products written directly with `torch.func` on the module
   (`vmap` of `jvp` of `grad` of `functional_call`) and, for one vector, with
@@ -33,6 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from influx.torch.functional import (
     HVP_REVERSE_MAX_ROWS,
+    HVP_REVERSE_VECTORISED_MAX_PARAMETERS,
     create_batch_hvp_function,
     create_batch_hvp_reverse_function,
     create_per_sample_gradient_function,
@@ -84,7 +86,8 @@ def measure(label: str, model: torch.nn.Module, repeats: int) -> List[str]:
     y = torch.randint(0, 2, (BATCH,)).float() if binary else torch.randint(0, 10, (BATCH,))
     params = get_model_parameters(model)
     size = sum(p.numel() for p in params.values())
-    reverse = create_batch_hvp_reverse_function(model, loss, params)
+    reverse = create_batch_hvp_reverse_function(model, loss, params, vectorise_rows=False)
+    batched = create_batch_hvp_reverse_function(model, loss, params, vectorise_rows=True)
     forward = create_batch_hvp_function(
         model, loss, params, reverse_max_rows=0, vectorised_reverse_max_parameters=0
     )
@@ -112,6 +115,7 @@ def measure(label: str, model: torch.nn.Module, repeats: int) -> List[str]:
         vs = torch.randn(rows, size)
         cells = [
             median_time(partial(reverse, params, x, y, vs), repeats),
+            median_time(partial(batched, params, x, y, vs), repeats),
             median_time(partial(forward, params, x, y, vs), repeats),
             median_time(partial(vectorised, params, x, y, vs), repeats),
             median_time(partial(default, params, x, y, vs), repeats),
@@ -131,7 +135,7 @@ def measure(label: str, model: torch.nn.Module, repeats: int) -> List[str]:
     ours = median_time(lambda: per_sample(params, x, y), repeats)
     base = median_time(lambda: floor_grads(params, x, y), repeats)
     lines.append(
-        f"| {label} | per-sample gradients | influx {1e3 * ours:.2f} | | | {1e3 * base:.2f} | |"
+        f"| {label} | per-sample gradients | influx {1e3 * ours:.2f} | | | | {1e3 * base:.2f} | |"
     )
     return lines
 
@@ -144,13 +148,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lines: List[str] = [
         f"torch {torch.__version__}, {args.threads} thread(s), float32, batch {BATCH}; "
-        f"milliseconds per call (median of {args.repeats}); default reverse-over-reverse "
-        f"up to {HVP_REVERSE_MAX_ROWS} vectors.",
+        f"milliseconds per call (median of {args.repeats}); the default takes the "
+        f"`torch.autograd` product up to {HVP_REVERSE_MAX_ROWS} vectors, batched up to "
+        f"{HVP_REVERSE_VECTORISED_MAX_PARAMETERS} parameters.",
         "",
-        "| model | K | reverse-over-reverse | forward-over-reverse | reverse-over-reverse, vmap "
+        "| model | K | reverse-over-reverse, one pass per vector | reverse-over-reverse, "
+        "batched passes | forward-over-reverse | reverse-over-reverse, vmap "
         "| default | floor: torch.func "
         "| floor: autograd (K=1) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, model in models().items():
         lines.extend(measure(label, model, args.repeats))

@@ -12,7 +12,6 @@ from helpers import classification_data, make_mlp, rel_err
 from influx.torch.batch_operation import HessianBatchOperation
 from influx.torch.data import TorchBatch
 from influx.torch.functional import (
-    HVP_REVERSE_MAX_ROWS,
     create_batch_hessian_function,
     create_batch_hvp_function,
     create_batch_hvp_reverse_function,
@@ -44,7 +43,7 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("loss", [torch.nn.functional.cross_entropy, mse], ids=["ce", "mse"])
-@pytest.mark.parametrize("rows", [1, 3, HVP_REVERSE_MAX_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 3, 21, 40])
 def test_reverse_and_forward_strategies_match_the_hessian(loss: Loss, rows: int) -> None:
     net = make_mlp(d_in=4, hidden=5, d_out=3)
     x, y = classification_data(n=20, d_in=4)
@@ -52,12 +51,15 @@ def test_reverse_and_forward_strategies_match_the_hessian(loss: Loss, rows: int)
     expected = exact_hessian(net, loss, params, x, y)
     vs = torch.randn(rows, expected.shape[0], generator=torch.Generator().manual_seed(2))
     reverse = create_batch_hvp_reverse_function(net, loss, params)
+    # one backward pass per vector, and the passes batched (more rows than a chunk at 40)
+    per_row = create_batch_hvp_reverse_function(net, loss, params, vectorise_rows=False)
+    batched = create_batch_hvp_reverse_function(net, loss, params, vectorise_rows=True)
     forward = create_batch_hvp_function(
         net, loss, params, reverse_max_rows=0, vectorised_reverse_max_parameters=0
     )
     vectorised = create_batch_hvp_function(net, loss, params, reverse_max_rows=0)
     default = create_batch_hvp_function(net, loss, params)
-    for function in (reverse, forward, vectorised, default):
+    for function in (reverse, per_row, batched, forward, vectorised, default):
         result = function(params, x, y, vs)
         assert result.shape == vs.shape
         assert not result.requires_grad

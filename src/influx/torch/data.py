@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, cast
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from ..types import Batch
 
@@ -25,6 +26,7 @@ __all__ = [
     "endless_batches",
     "iterate_batches",
     "leaves",
+    "loader_items",
     "map_structure",
     "normalise_structure",
     "split_batch",
@@ -184,13 +186,49 @@ def split_batch(batch: Any, name: str = "data", index: Optional[int] = None) -> 
     return batch[0], batch[1]
 
 
+def _indexes_tensors_directly(data: Iterable) -> bool:
+    """Whether `data` is a single-process `DataLoader` over a `TensorDataset` whose batches are
+    collated by `default_collate`: then a batch is the dataset's tensors indexed by the batch
+    sampler's indices, and can be taken as such."""
+    return (
+        type(data) is DataLoader
+        and type(data.dataset) is TensorDataset
+        and data.batch_sampler is not None
+        and data.num_workers == 0
+        and not data.pin_memory
+        and data.collate_fn is default_collate
+    )
+
+
+def loader_items(data: Iterable) -> Iterator[Any]:
+    """The items of a data loader, as iterating over it yields them.
+
+    A single-process `DataLoader` over a `TensorDataset` with the default collation is read
+    without collating: each batch is the dataset's tensors indexed by the next index list of
+    the loader's batch sampler, which is what `default_collate` would stack item by item (the
+    same values, dtypes and order, and the same draw from the loader's random generator per
+    pass, so a shuffling sampler shuffles as it would). This removes a per-item Python cost
+    that dominates small models.
+    """
+    if not _indexes_tensors_directly(data):
+        yield from data
+        return
+    loader = cast(DataLoader, data)
+    tensors = cast(TensorDataset, loader.dataset).tensors
+    # a DataLoader draws one seed per pass for its workers; keep the random stream the same
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+    for indices in cast(Iterable, loader.batch_sampler):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        yield [tensor[index] for tensor in tensors]
+
+
 def iterate_batches(
     data: Iterable, device: torch.device, name: str = "data"
 ) -> Iterator[TorchBatch]:
     """Yield the batches of a data loader as [TorchBatch][influx.torch.data.TorchBatch] on
     `device`: pairs `(x, y)` or `Mapping`s with a `"labels"` entry (see
     [split_batch][influx.torch.data.split_batch]); `name` is the parameter named in errors."""
-    for index, batch in enumerate(data):
+    for index, batch in enumerate(loader_items(data)):
         x, y = split_batch(batch, name, index)
         yield TorchBatch(x, y).to(device)
 

@@ -31,6 +31,7 @@ from .autodiff import (
     get_model_parameters,
     model_device,
 )
+from .data import loader_items
 from .hessian_products import batch_hessian, create_batch_hvp_function
 from .sketch import LowRankProductRepresentation, ShiftFunction, randomized_nystroem_approximation
 
@@ -56,7 +57,7 @@ ParamDict = Dict[str, torch.Tensor]
 def _pairs(
     data_loader: Iterable, device: torch.device
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    for index, batch in enumerate(data_loader):
+    for index, batch in enumerate(loader_items(data_loader)):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
                 f"Parameter 'data_loader' must yield pairs (x, y) of tensors; batch {index} is "

@@ -23,7 +23,7 @@ from .autodiff import (
     create_batch_loss_function,
     create_per_sample_loss_function,
 )
-from .data import iterate_batches, leaves, map_structure, normalise_structure
+from .data import iterate_batches, leaves, loader_items, map_structure, normalise_structure
 from .model_call import is_data_dependent_control_flow, is_task
 from .tensor_operator import OperatorState, TensorOperator
 from .validation import (
@@ -173,7 +173,7 @@ class CastData:
         self.batch_sampler = getattr(data, "batch_sampler", None)
 
     def __iter__(self) -> Any:
-        for batch in self.data:
+        for batch in loader_items(self.data):
             if isinstance(batch, (tuple, list, Mapping)):
                 batch = map_structure(self._convert, normalise_structure(batch))
             yield batch

@@ -3,14 +3,16 @@ r"""Hessian-vector products and dense Hessians of the loss of a batch.
 The strategy of a product is chosen per call, by the number $K$ of vectors and the number
 $P$ of parameters:
 
-* reverse-over-reverse with `torch.autograd` for a few vectors ($K \le$
-  [HVP_REVERSE_MAX_ROWS][influx.torch.hessian_products.HVP_REVERSE_MAX_ROWS]) or at least as
-  many vectors as parameters: one forward and one differentiable backward pass shared by all
-  vectors;
-* reverse-over-reverse vectorised with `vmap` for more vectors on small models ($P \le$
-  [HVP_REVERSE_VECTORISED_MAX_PARAMETERS][influx.torch.hessian_products.HVP_REVERSE_VECTORISED_MAX_PARAMETERS]);
-* forward-over-reverse (a Jacobian-vector product of the gradient map, vectorised over the
-  vectors) otherwise, one thread at a time (forward-mode state is per process).
+* reverse-over-reverse with `torch.autograd` (one forward and one differentiable backward
+  pass shared by all vectors, then one backward pass per vector) whenever the parameters do
+  not require gradients themselves; on small models ($P \le$
+  [HVP_REVERSE_VECTORISED_MAX_PARAMETERS][influx.torch.hessian_products.HVP_REVERSE_VECTORISED_MAX_PARAMETERS])
+  the per-vector passes are batched into one, and with at least as many vectors as
+  parameters the Hessian's columns are taken in one batched pass;
+* when the result must stay differentiable in the parameters, reverse-over-reverse
+  vectorised with `vmap` on small models and forward-over-reverse (a Jacobian-vector product
+  of the gradient map, vectorised over the vectors, one thread at a time: forward-mode state
+  is per process) otherwise.
 
 The thresholds were measured in `benchmarks/bench_hvp.py`. Every strategy gives the same
 products (to rounding): the tests compare each with `torch.func.hessian`.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -51,26 +53,38 @@ logger = logging.getLogger(__name__)
 ParamDict = Dict[str, torch.Tensor]
 
 
-HVP_REVERSE_MAX_ROWS = 16
+HVP_REVERSE_MAX_ROWS = 2**31
 """Largest number of vectors for which
 [create_batch_hvp_function][influx.torch.hessian_products.create_batch_hvp_function] computes
-Hessian-vector products reverse-over-reverse (one forward and one differentiable backward
-pass, then one backward pass per vector); more vectors go through the vectorised
-forward-over-reverse product. Measured in `benchmarks/bench_hvp.py`."""
+Hessian-vector products with `torch.autograd` reverse-over-reverse
+([create_batch_hvp_reverse_function][influx.torch.hessian_products.create_batch_hvp_reverse_function]);
+more vectors go through the vectorised `torch.func` products. Measured in
+`benchmarks/bench_hvp.py` on a quiet machine: the `torch.autograd` product is the fastest at
+every $K$ from 1 to 64 on models of 31, 2,410 and 99,126 parameters, so by default it is
+always taken (a smaller value, e.g. 0, forces the vectorised products)."""
+
+HVP_REVERSE_ROWS_CHUNK = 32
+"""Number of vectors whose second backward pass is batched into one (`is_grads_batched`) in
+[create_batch_hvp_reverse_function][influx.torch.hessian_products.create_batch_hvp_reverse_function]
+on small models: the intermediate tensors of that pass are held once per vector."""
 
 HVP_REVERSE_VECTORISED_MAX_PARAMETERS = 10_000
-"""Up to this many parameters, [create_batch_hvp_function][influx.torch.hessian_products.create_batch_hvp_function]
-computes the products of more than [HVP_REVERSE_MAX_ROWS][influx.torch.hessian_products.HVP_REVERSE_MAX_ROWS]
-vectors reverse-over-reverse too, vectorised over the vectors with `vmap`; above it,
-forward-over-reverse. Measured in `benchmarks/bench_hvp.py`: on models of 31 and 2,410
-parameters the vectorised reverse-over-reverse product is the faster one (on the logistic
-regression by an order of magnitude: torch's forward-mode rule of
-`binary_cross_entropy_with_logits` is a slow Python decomposition), on 99,126 parameters the
-forward-over-reverse one."""
+"""Up to this many parameters, Hessian-vector products of several vectors are vectorised over
+the vectors: the `torch.autograd` product batches its per-vector backward passes, and the
+`torch.func` products (taken for more than
+[HVP_REVERSE_MAX_ROWS][influx.torch.hessian_products.HVP_REVERSE_MAX_ROWS] vectors or when
+the result must stay differentiable) are reverse-over-reverse under `vmap`; above it, one
+backward pass per vector, respectively forward-over-reverse. Measured in
+`benchmarks/bench_hvp.py`: on models of 31 and 2,410 parameters batching is 1.5-9x faster
+for 10-50 vectors; on 99,126 parameters it is 20-30 % slower than one pass per vector (the
+arithmetic dominates and the batched intermediates leave the cache)."""
 
 
 def create_batch_hvp_reverse_function(
-    model: torch.nn.Module, loss: LossOrTask, params: ParamDict
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: ParamDict,
+    vectorise_rows: Optional[bool] = None,
 ) -> Callable[[ParamDict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     r"""$(\theta, x, y, V) \mapsto V \nabla^2_\theta L(\theta)$, reverse-over-reverse.
 
@@ -80,15 +94,42 @@ def create_batch_hvp_reverse_function(
 
     $$ H v = \nabla_\theta \left( g(\theta)^\top v \right), $$
 
-    so the forward pass and the first backward pass are shared by the $K$ products. With at
-    least as many vectors as parameters ($K \ge P$) the $P$ columns of the Hessian are taken
-    in one batched backward pass and multiplied with `V`. The cost is one forward and about
-    $1 + 2\min(K, P)$ backward passes of the batch: the cheapest product for one or
-    a few vectors, without the fixed cost of `torch.func`'s transforms. Only reverse-mode
+    so the forward pass and the first backward pass are shared by the $K$ products. With
+    `vectorise_rows` (by default on models of at most
+    [HVP_REVERSE_VECTORISED_MAX_PARAMETERS][influx.torch.hessian_products.HVP_REVERSE_VECTORISED_MAX_PARAMETERS]
+    parameters) the backward passes of up to
+    [HVP_REVERSE_ROWS_CHUNK][influx.torch.hessian_products.HVP_REVERSE_ROWS_CHUNK] rows are
+    one batched backward pass (`is_grads_batched`); a graph whose backward pass cannot be
+    batched falls back to one pass per row. With at least as many vectors as parameters
+    ($K \ge P$) the $P$ columns of the Hessian are taken in one batched backward pass and
+    multiplied with `V`. The cost is one forward and about $1 + 2\min(K, P)$ backward passes
+    of the batch, without the fixed cost of `torch.func`'s transforms. Only reverse-mode
     derivatives are used, so several threads may run it at once. The Hessian is never formed.
     """
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
+    size = sum(p.numel() for p in params.values())
+    batched = (
+        [size <= HVP_REVERSE_VECTORISED_MAX_PARAMETERS]
+        if vectorise_rows is None
+        else [vectorise_rows]
+    )
+
+    def backward(
+        outputs: List[torch.Tensor],
+        leaves: List[torch.Tensor],
+        directions: List[torch.Tensor],
+        retain: bool,
+        is_batched: bool,
+    ) -> Tuple[Optional[torch.Tensor], ...]:
+        return torch.autograd.grad(
+            outputs,
+            leaves,
+            directions,
+            retain_graph=retain,
+            allow_unused=True,
+            is_grads_batched=is_batched,
+        )
 
     def hvp(p: ParamDict, x: Any, y: Any, vs: torch.Tensor) -> torch.Tensor:
         result = torch.zeros(vs.shape, dtype=vs.dtype, device=vs.device)
@@ -114,23 +155,43 @@ def create_batch_hvp_reverse_function(
                 directions = [
                     eye[:, offsets[k] : offsets[k + 1]].reshape(-1, *leaves[k].shape) for k in live
                 ]
-                columns = torch.autograd.grad(
-                    outputs, leaves, directions, allow_unused=True, is_grads_batched=True
-                )
+                columns = backward(outputs, leaves, directions, False, True)
                 matrix = torch.zeros(offsets[-1], offsets[-1], dtype=vs.dtype, device=vs.device)
                 for k, block in enumerate(columns):
                     if block is not None:
                         matrix[:, offsets[k] : offsets[k + 1]] = block.reshape(offsets[-1], -1)
                 return (vs @ matrix).detach()
-            last = vs.shape[0] - 1
-            for row, v in enumerate(vs):
-                directions = [v[offsets[k] : offsets[k + 1]].view_as(leaves[k]) for k in live]
-                second = torch.autograd.grad(
-                    outputs, leaves, directions, retain_graph=row < last, allow_unused=True
-                )
+            step = HVP_REVERSE_ROWS_CHUNK if batched[0] and vs.shape[0] > 1 else 1
+            start = 0
+            while start < vs.shape[0]:
+                rows = vs[start : start + step]
+                retain = start + step < vs.shape[0]
+                try:
+                    if step > 1:
+                        directions = [
+                            rows[:, offsets[k] : offsets[k + 1]].reshape(-1, *leaves[k].shape)
+                            for k in live
+                        ]
+                    else:
+                        directions = [
+                            rows[0, offsets[k] : offsets[k + 1]].view_as(leaves[k]) for k in live
+                        ]
+                    second = backward(outputs, leaves, directions, retain or step > 1, step > 1)
+                except (RuntimeError, NotImplementedError) as error:
+                    if step == 1:
+                        raise
+                    logger.debug(
+                        "Batched backward pass failed (%s): one backward pass per vector.", error
+                    )
+                    batched[0] = False
+                    step = 1
+                    continue
                 for k, block in enumerate(second):
                     if block is not None:
-                        result[row, offsets[k] : offsets[k + 1]] = block.reshape(-1)
+                        result[start : start + step, offsets[k] : offsets[k + 1]] = block.reshape(
+                            rows.shape[0], -1
+                        )
+                start += step
         return result
 
     return hvp
@@ -260,7 +321,9 @@ def _create_rows_hvp_function(
         if vectorised_reverse_max_parameters is None
         else vectorised_reverse_max_parameters
     )
-    autograd_reverse = create_batch_hvp_reverse_function(model, loss, params)
+    autograd_reverse = create_batch_hvp_reverse_function(
+        model, loss, params, vectorise_rows=size <= max_parameters
+    )
 
     def forward_over_reverse(p: ParamDict, x: Any, y: Any, v: torch.Tensor) -> torch.Tensor:
         def gradient(q: ParamDict) -> ParamDict:
