@@ -324,8 +324,9 @@ def test_bad_arguments_are_named(kwargs: Dict[str, Any], error: type, message: s
 
 def test_a_loss_that_is_neither_function_nor_task_is_named() -> None:
     with pytest.raises(
-        TypeError, match=r"'loss' must be a loss function loss\(outputs, targets\) or an "
-        r"influx.torch.Task, got str"
+        TypeError,
+        match=r"'loss' must be a loss function loss\(outputs, targets\) or an "
+        r"influx.torch.Task, got str",
     ):
         ProjectedInfluence(make_mlp(), "cross_entropy", 8)  # type: ignore[arg-type]
 
