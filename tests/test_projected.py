@@ -248,7 +248,7 @@ def test_store_resumed_after_interruption_scores_like_influences(
     data = loader(x, y, batch_size=8)
     model = ProjectedInfluence(net, F.cross_entropy, 24, regularization=LAMBDA).fit(data)
     path = tmp_path / "grads.zarr"
-    source = model if preconditioned else model.gradient_model()
+    source = model.gradient_model(preconditioned)
     original = source.influence_factors
     calls = {"n": 0}
 
@@ -259,8 +259,7 @@ def test_store_resumed_after_interruption_scores_like_influences(
         return original(*args)
 
     source.influence_factors = interrupting  # type: ignore[method-assign]
-    if not preconditioned:
-        model.gradient_model = lambda: source  # type: ignore[method-assign]
+    model.gradient_model = lambda preconditioned=False: source  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         GradientStore.write(model, data, path, preconditioned=preconditioned)
     with pytest.raises(ValueError, match="incomplete; complete it with"):
@@ -323,11 +322,24 @@ def test_bad_arguments_are_named(kwargs: Dict[str, Any], error: type, message: s
         ProjectedInfluence(net, F.cross_entropy, **arguments).fit(loader(*classification_data(8)))
 
 
-def test_a_task_is_refused_with_its_type() -> None:
+def test_a_loss_that_is_neither_function_nor_task_is_named() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"'loss' must be a loss function loss\(outputs, targets\) or an "
+        r"influx.torch.Task, got str",
+    ):
+        ProjectedInfluence(make_mlp(), "cross_entropy", 8)  # type: ignore[arg-type]
+
+
+def test_a_task_with_the_generalized_gauss_newton_curvature_is_refused() -> None:
     from influx.torch.task import SupervisedTask
 
-    with pytest.raises(TypeError, match="'loss' must be a loss function .*got SupervisedTask"):
-        ProjectedInfluence(make_mlp(), SupervisedTask(F.cross_entropy), 8)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError,
+        match=r"'loss': the generalized Gauss-Newton .*got a task \(SupervisedTask\); use "
+        "second_order_mode=GAUSS_NEWTON",
+    ):
+        ProjectedInfluence(make_mlp(), SupervisedTask(F.cross_entropy), 8, second_order_mode=GGN)
 
 
 def test_layers_not_called_are_named() -> None:

@@ -104,6 +104,7 @@ MODELS: Dict[str, Callable[[torch.nn.Module, Any], Any]] = {
     ),
     "ihm": lambda m, loss: it.InverseHarmonicMeanInfluence(m, loss, regularization=0.1),
     "ekfac": lambda m, loss: it.EkfacInfluence(m, True, loss=loss, regularization=0.1),
+    "projected": lambda m, loss: it.ProjectedInfluence(m, loss, 12, regularization=0.1, seed=1),
 }
 
 
@@ -254,7 +255,7 @@ class KeywordTask(Task):
         return F.cross_entropy(model(features=x["features"], category=x["category"]), y)
 
 
-@pytest.mark.parametrize("name", ["direct", "cg", "ekfac"])
+@pytest.mark.parametrize("name", ["direct", "cg", "ekfac", "projected"])
 def test_task_with_loss_measurement_equals_no_task(name: str, data: Tuple[Any, ...]) -> None:
     x, y, x_test, y_test = data
     plain, _ = _fitted_pair(name, data)

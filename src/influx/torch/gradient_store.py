@@ -27,12 +27,16 @@ model = ProjectedInfluence(net, F.cross_entropy, projection_dim=4096, regulariza
 store = GradientStore(model.load_fit("fit.pt"), "train_grads.zarr")
 values = store.influences(x_query, y_query)  # (n_query, n_train)
 ```
+
+Inputs and targets may be structured and the loss a [Task][influx.torch.task.Task], as for
+every model: the store holds the gradients of the task's loss, and queries are
+differentiated through its measurement.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -130,7 +134,7 @@ class GradientStore:
     @staticmethod
     def write(
         model: ProjectedInfluence,
-        data: Iterable[Tuple[Any, Any]],
+        data: Iterable[Any],
         path_or_url: Any,
         preconditioned: bool = True,
         overwrite: bool = False,
@@ -143,7 +147,8 @@ class GradientStore:
 
         Args:
             model: the fitted model.
-            data: a re-iterable of `(x, y)` training batches, without shuffling.
+            data: a re-iterable of training batches, without shuffling: `(x, y)` pairs (each
+                a tensor or a structure of tensors) or Hugging Face collator dicts.
             path_or_url: where to write.
             preconditioned: store $A \tilde g_j$ (queries then need no solve) instead of
                 $\tilde g_j$.
@@ -155,7 +160,7 @@ class GradientStore:
             the store, open for queries.
         """
         model = _check_fitted(model)
-        source = model if preconditioned else model.gradient_model()
+        source = model.gradient_model(preconditioned)
         lazy = SequentialInfluenceCalculator(source).influence_factors(data)
         lazy.metadata = _metadata(model, preconditioned)
         lazy.to_zarr(
@@ -185,8 +190,9 @@ class GradientStore:
 
         Args:
             model: the fitted model.
-            x: training inputs, a dask array chunked along the first axis.
-            y: training targets, chunked like `x`.
+            x: training inputs, a dask array chunked along the first axis, or a dict (or
+                tuple) of them with the same chunks along it.
+            y: training targets, chunked like `x` (an array or a structure).
             path_or_url: where to write (reachable by the workers).
             client: a `distributed.Client`.
             preconditioned: store $A \\tilde g_j$ instead of $\\tilde g_j$.
@@ -197,7 +203,7 @@ class GradientStore:
         from ..array import dask_array_to_zarr
 
         model = _check_fitted(model)
-        source = model if preconditioned else model.gradient_model()
+        source = model.gradient_model(preconditioned)
         converter = TorchNumpyConverter(device=model.device)
         with DaskInfluenceCalculator(source, converter, client) as calculator:
             factors = calculator.influence_factors(x, y)
@@ -211,21 +217,19 @@ class GradientStore:
             )
         return GradientStore(model, path_or_url)
 
-    def query_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def query_features(self, x: Any, y: Any) -> torch.Tensor:
         r"""What the store is multiplied with: $\tilde g'$ of the queries for a preconditioned
-        store, their factors $A \tilde g'$ otherwise, `(N, k)`."""
+        store, their factors $A \tilde g'$ otherwise, `(N, k)` (of a task's measurement)."""
         if self.preconditioned:
-            return self.model.projected_gradients(x, y)
+            return self.model.projected_gradients(x, y, measurement=True)
         return self.model.influence_factors(x, y)
 
-    def influences(
-        self, x: torch.Tensor, y: torch.Tensor, rows_per_read: Optional[int] = None
-    ) -> torch.Tensor:
+    def influences(self, x: Any, y: Any, rows_per_read: Optional[int] = None) -> torch.Tensor:
         """The influences of every stored training point on the queries `(x, y)`,
         `(N, n_train)`, equal to `model.influences(x, y, x_train, y_train)`.
 
         Args:
-            x: query inputs.
+            x: query inputs, a tensor or a structure of tensors.
             y: query targets.
             rows_per_read: stored rows read at a time (default: the store's chunks).
         """

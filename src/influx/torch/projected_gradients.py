@@ -6,10 +6,15 @@ gives the per-sample gradients of a block projected by its
 [ProjectedCurvature][influx.torch.projected_gradients.ProjectedCurvature] builds
 $P_b C_b P_b^\top$ from them in one pass over the data. Together with the direct solve they
 are the parts of [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence].
+
+Batches may be structured and the loss a [Task][influx.torch.task.Task], as everywhere: the
+model is called as [call_model][influx.torch.model_call.call_model] says (or as the task calls
+it), and the hooks of the Kronecker layers record whatever the forward pass feeds them.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import OrderedDict
@@ -18,14 +23,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch.func import jacrev, vmap
 
-from .autodiff import LossFunction
+from .autodiff import FunctionalModel, LossFunction
 from .composition import Curvature
 from .curvature import SecondOrderMode, check_second_order_mode
-from .data import TorchBatch, iterate_batches
+from .data import TorchBatch, iterate_batches, map_structure
 from .gradients import TorchGradientProvider
-from .model_call import LossOrTask
+from .model_call import LossOrTask, call_model, is_task, model_outputs, task_objective
 from .projection import BlockProjection
-from .stateless import functional_forward
+from .stateless import structure_signature
 from .tensor_operator import MatrixOperator, OperatorState, StateContext, TensorOperator
 from .validation import check_finite
 
@@ -51,9 +56,13 @@ class ProjectedGradientProvider(TorchGradientProvider):
     the other parameters from their explicit per-sample gradients, in sub-batches. Mixed
     derivatives (for `Perturbation`) are formed explicitly and projected.
 
+    The gradients of a test batch are those of a task's measurement, unless `training_side`
+    is set (see [training_side_copy][influx.torch.projected_gradients.ProjectedGradientProvider.training_side_copy]).
+
     Args:
         model: the model.
-        loss: the loss, mean reduction.
+        loss: the loss function `loss(outputs, y)` with mean reduction, or a
+            [Task][influx.torch.task.Task].
         restrict_to: the block's parameters.
         projection: the block's projection.
         block_name: the block's name, for messages.
@@ -62,13 +71,15 @@ class ProjectedGradientProvider(TorchGradientProvider):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         restrict_to: Dict[str, torch.nn.Parameter],
         projection: BlockProjection,
         block_name: Optional[str] = None,
     ):
         super().__init__(model, loss, restrict_to, block_name)
         self.projection = projection
+        self.training_side = False
+        """Whether test batches get the gradients of the training loss too."""
         dense = {n: self.params[n] for n in projection.dense_names}
         self._dense_provider = (
             TorchGradientProvider(model, loss, dense, block_name)  # type: ignore[arg-type]
@@ -79,6 +90,19 @@ class ProjectedGradientProvider(TorchGradientProvider):
     @property
     def input_size(self) -> int:
         return self.projection.dim
+
+    def training_side_copy(self) -> "ProjectedGradientProvider":
+        r"""A copy whose gradients are those of the training loss $\ell$ for every batch, test
+        batches included (never of a task's measurement): the training side of the influence,
+        as a store of training gradients needs it."""
+        new = copy.copy(self)
+        new.training_side = True
+        return new
+
+    def _side(self, batch: TorchBatch) -> TorchBatch:
+        """The batch as this provider differentiates it (a training batch if
+        `training_side`)."""
+        return TorchBatch(batch.x, batch.y) if batch.test and self.training_side else batch
 
     def to(self, device: torch.device) -> "ProjectedGradientProvider":
         super().to(device)
@@ -97,28 +121,36 @@ class ProjectedGradientProvider(TorchGradientProvider):
                 tensors[name] = tensors[name].requires_grad_(True)
         return tensors
 
-    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, List[Any]]]:
-        """The model's outputs, with the inputs and outputs of every Kronecker layer's calls
-        made by this thread."""
+    def _functional_model(self) -> FunctionalModel:
+        """The module evaluated with `_tensors()` (the block's Kronecker layers' as leaves)."""
+        return FunctionalModel(self.model, self._tensors())
+
+    def _forward(self, run: Callable[[FunctionalModel], Any]) -> Tuple[Any, Dict[str, List[Any]]]:
+        """`run(f)` for the module as a callable `f` (the loss or measurement of a batch, or
+        the model's outputs), with the inputs and outputs of every Kronecker layer's calls made
+        by this thread."""
         owner = threading.get_ident()
         records: Dict[str, List[Any]] = {name: [] for name in self.projection.layers}
 
         def make_hook(name: str) -> Callable[..., Optional[torch.Tensor]]:
-            def hook(module: torch.nn.Module, args: Tuple, output: torch.Tensor) -> Any:
+            def hook(
+                module: torch.nn.Module, args: Tuple, kwargs: Dict[str, Any], output: torch.Tensor
+            ) -> Any:
                 if threading.get_ident() != owner:
                     return None
-                records[name].append((args[0].detach(), output))
+                inp = args[0] if args else next(iter(kwargs.values()))
+                records[name].append((inp.detach(), output))
                 return output.clone()  # in-place operations later must not change `output`
 
             return hook
 
         handles = [
-            layer.spec.module.register_forward_hook(make_hook(name))
+            layer.spec.module.register_forward_hook(make_hook(name), with_kwargs=True)
             for name, layer in self.projection.layers.items()
         ]
         try:
             with torch.enable_grad():
-                outputs = functional_forward(self.model, self._tensors(), (x,))
+                outputs = run(self._functional_model())
         finally:
             for handle in handles:
                 handle.remove()
@@ -155,15 +187,20 @@ class ProjectedGradientProvider(TorchGradientProvider):
         step = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, self.projection.dense.size))
         parts = []
         for start in range(0, len(batch), step):
-            sub = TorchBatch(batch.x[start : start + step], batch.y[start : start + step])
+
+            def rows(t: torch.Tensor, start: int = start) -> torch.Tensor:
+                return t[start : start + step]
+
+            sub = TorchBatch(map_structure(rows, batch.x), map_structure(rows, batch.y), batch.test)
             parts.append(self.projection.dense.apply(function(sub)))
         return torch.cat(parts)
 
     def flat_grads(self, batch: TorchBatch) -> torch.Tensor:
+        batch = self._side(batch)
         pieces: List[torch.Tensor] = []
         if self.projection.layers:
-            outputs, records = self._forward(batch.x)
-            value = cast(LossFunction, self.loss)(outputs, batch.y)
+            objective = task_objective(self.loss, measurement=batch.test)
+            value, records = self._forward(lambda f: objective(f, batch.x, batch.y))
             flat_outputs = [out for calls in records.values() for _, out in calls]
             grads = torch.autograd.grad(value, flat_outputs, allow_unused=True)
             pieces.extend(self._project_layers(records, grads, float(len(batch))))
@@ -202,8 +239,12 @@ class ProjectedGradientProvider(TorchGradientProvider):
         and the outputs `(N, *out)` (detached)."""
         pieces: List[torch.Tensor] = []
         outputs: Optional[torch.Tensor] = None
+
+        def model_output(f: FunctionalModel) -> torch.Tensor:
+            return model_outputs(call_model(f, batch.x))  # type: ignore[no-any-return]
+
         if self.projection.layers:
-            outputs, records = self._forward(batch.x)
+            outputs, records = self._forward(model_output)
             flat = outputs.reshape(len(batch), -1)
             flat_outputs = [out for calls in records.values() for _, out in calls]
             per_output = []
@@ -217,7 +258,7 @@ class ProjectedGradientProvider(TorchGradientProvider):
         if self.projection.dense is not None:
             pieces.append(self._dense_flat(batch, self._dense_output_jacobian))
         if outputs is None:
-            outputs = functional_forward(self.model, self._tensors(), (batch.x,)).detach()
+            outputs = model_output(self._functional_model()).detach()
         return torch.cat(pieces, dim=-1), outputs
 
     def _dense_output_jacobian(self, batch: TorchBatch) -> torch.Tensor:
@@ -225,24 +266,25 @@ class ProjectedGradientProvider(TorchGradientProvider):
         tensors = self._tensors()
         fixed = {n: t.detach() for n, t in tensors.items() if n not in names}
         params = {n: tensors[n].detach() for n in names}
+        signature = structure_signature(self.model)
 
-        def outputs(p: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_forward(self.model, {**fixed, **p}, (x.unsqueeze(0),)).reshape(-1)
+        def outputs(p: Dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+            f = FunctionalModel(self.model, {**fixed, **p}, signature)
+            one = map_structure(lambda t: t.unsqueeze(0), x)
+            return model_outputs(call_model(f, one)).reshape(-1)  # type: ignore[no-any-return]
 
         jac = vmap(jacrev(outputs), in_dims=(None, 0))(params, batch.x)
         n_out = next(iter(jac.values())).shape[1]
         return torch.cat([jac[n].reshape(len(batch), n_out, -1) for n in names], dim=-1)
 
 
-def output_hessians(
-    loss: LossFunction, outputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+def output_hessians(loss: LossFunction, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     r"""$\nabla^2_{z_i} \ell(z_i, y_i)$ of every sample, `(N, O, O)`, the loss applied to one
-    sample at a time (reverse-over-reverse)."""
+    sample at a time (reverse-over-reverse); `targets` a tensor or a structure of tensors."""
     shape = outputs.shape[1:]
 
-    def sample_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss(z.reshape(1, *shape), y.unsqueeze(0))
+    def sample_loss(z: torch.Tensor, y: Any) -> torch.Tensor:
+        return loss(z.reshape(1, *shape), map_structure(lambda t: t.unsqueeze(0), y))
 
     flat = outputs.reshape(outputs.shape[0], -1)
     return vmap(jacrev(jacrev(sample_loss)))(flat, targets)  # type: ignore[no-any-return]
@@ -251,11 +293,12 @@ def output_hessians(
 class ProjectedCurvature(Curvature):
     r"""The curvature of every block in its projected space, $P_b C_b P_b^\top$ `(k, k)`.
 
-    One pass over the data: for `GAUSS_NEWTON` the mean of $(P_b g_i)(P_b g_i)^\top$; for
-    `GENERALIZED_GAUSS_NEWTON` the mean of $(P_b J_i^\top) H_i (J_i P_b^\top)$ with $J_i$ the
-    Jacobian of sample $i$'s outputs and $H_i$ the Hessian of its loss in them (one backward
-    pass per output coordinate). Each batch's term is computed in the model's dtype and
-    accumulated in float64.
+    One pass over the data: for `GAUSS_NEWTON` the mean of $(P_b g_i)(P_b g_i)^\top$, $g_i$ the
+    gradient of a loss function or of a task's loss; for `GENERALIZED_GAUSS_NEWTON` the mean of
+    $(P_b J_i^\top) H_i (J_i P_b^\top)$ with $J_i$ the Jacobian of sample $i$'s outputs and
+    $H_i$ the Hessian of its loss in them (one backward pass per output coordinate), which
+    needs a loss function `loss(outputs, y)`. Each batch's term is computed in the model's
+    dtype and accumulated in float64.
 
     Args:
         mode: `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
@@ -285,10 +328,25 @@ class ProjectedCurvature(Curvature):
         self.seed, self.orthogonal, self.max_cache_mb = seed, orthogonal, max_cache_mb
         self._providers: Dict[str, ProjectedGradientProvider] = {}
 
+    def check_loss(self, loss: LossOrTask) -> None:
+        """Check that `loss` can define this curvature.
+
+        Raises:
+            TypeError: for a task with `GENERALIZED_GAUSS_NEWTON`, which separates the model's
+                outputs from the loss.
+        """
+        if self.mode is SecondOrderMode.GENERALIZED_GAUSS_NEWTON and is_task(loss):
+            raise TypeError(
+                "Parameter 'loss': the generalized Gauss-Newton matrix separates the model's "
+                "outputs from the loss and needs a function loss(outputs, y), got a task "
+                f"({type(loss).__name__}); use second_order_mode=GAUSS_NEWTON (the empirical "
+                "Fisher) with a task."
+            )
+
     def gradient_provider(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         block_name: str,
         params: Dict[str, torch.nn.Parameter],
     ) -> ProjectedGradientProvider:
@@ -316,8 +374,9 @@ class ProjectedCurvature(Curvature):
         data: Iterable,
         blocks: "OrderedDict[str, Dict[str, torch.nn.Parameter]]",
     ) -> "OrderedDict[str, TensorOperator]":
-        function = cast(LossFunction, loss)
-        providers = {n: self.gradient_provider(model, function, n, p) for n, p in blocks.items()}
+        self.check_loss(loss)
+        function = cast(LossFunction, loss)  # a function wherever it is called as one
+        providers = {n: self.gradient_provider(model, loss, n, p) for n, p in blocks.items()}
         sums: Dict[str, torch.Tensor] = {}
         device = next(model.parameters()).device
         count = 0

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Dict, cast
+from typing import Any, Dict
 
 import torch
 
-from ..autodiff import LossFunction
+from ..autodiff import LossOrTask
 from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
 from ..blocks import BlockMode, BlockStructure
 from ..composition import DirectSolver
 from ..curvature import SecondOrderMode
 from ..gradients import TorchGradientProvider
+from ..model_call import is_task
 from ..projected_gradients import IdentityOperator, ProjectedCurvature
 from ..projection import PROJECTIONS
-from ..task import Task
 from ..validation import RegularizationType
 
 __all__ = ["ProjectedInfluence"]
@@ -52,9 +52,17 @@ class ProjectedInfluence(TorchComposableInfluence):
     [the gradient store][influx.torch.gradient_store] work in the projected space (factors
     have `factor_size` columns, not `n_parameters`).
 
+    Batches may be structured (dicts, tuples, `Mapping`s such as a `BatchEncoding`, loaders of
+    Hugging Face collator dicts) and the loss a [Task][influx.torch.task.Task], as for every
+    model: the Kronecker layers' inputs and output gradients are recorded from whatever forward
+    pass the loss or the task makes, and the test side differentiates the task's
+    `measurement`. The generalized Gauss-Newton curvature needs a loss function
+    `loss(outputs, y)`.
+
     Args:
         model: the trained model.
-        loss: the loss `loss(prediction, target)` with mean reduction.
+        loss: the loss `loss(prediction, target)` with mean reduction, or a
+            [Task][influx.torch.task.Task] (with `second_order_mode=GAUSS_NEWTON`).
         projection_dim: $k$, the projected dimension of every block (capped at its number
             of parameters; a Kronecker block may get slightly fewer, see `projected_sizes`).
         projection: `"kronecker"`, `"gaussian"` or `"rademacher"`.
@@ -83,7 +91,7 @@ class ProjectedInfluence(TorchComposableInfluence):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: LossFunction,
+        loss: LossOrTask,
         projection_dim: int = 1024,
         projection: str = "kronecker",
         second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
@@ -93,10 +101,10 @@ class ProjectedInfluence(TorchComposableInfluence):
         orthogonal: bool = True,
         max_cache_mb: float = 256.0,
     ):
-        if isinstance(loss, Task) or not callable(loss):
+        if not (is_task(loss) or callable(loss)):
             raise TypeError(
-                "Parameter 'loss' must be a loss function loss(outputs, targets) for "
-                f"ProjectedInfluence (tasks are not supported yet), got {type(loss).__name__}."
+                "Parameter 'loss' must be a loss function loss(outputs, targets) or an "
+                f"influx.torch.Task, got {type(loss).__name__}."
             )
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, int):
             raise TypeError(
@@ -120,6 +128,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         curvature = ProjectedCurvature(
             second_order_mode, projection_dim, projection, seed, bool(orthogonal), max_cache_mb
         )
+        curvature.check_loss(loss)
         self.second_order_mode = curvature.mode
         self._compose(model, loss, curvature, DirectSolver(), block_structure, regularization)
 
@@ -129,8 +138,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         if self.loss is None:  # pragma: no cover - the constructor sets it
             raise ValueError("Parameter 'loss' is required for per-sample gradients.")
         assert isinstance(self.curvature, ProjectedCurvature)
-        loss = cast(LossFunction, self.loss)
-        return self.curvature.gradient_provider(self.model, loss, block_name, block_params)
+        return self.curvature.gradient_provider(self.model, self.loss, block_name, block_params)
 
     @property
     def projected_sizes(self) -> Dict[str, int]:
@@ -147,16 +155,34 @@ class ProjectedInfluence(TorchComposableInfluence):
         return sum(self.projected_sizes.values())
 
     @TorchComposableInfluence.fit_required
-    def projected_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""$P_b \nabla_{\theta_b} \ell(x_i, y_i)$ of every block, concatenated: `(N, factor_size)`."""
-        batch = self._create_batch(x, y)
+    def projected_gradients(self, x: Any, y: Any, measurement: bool = False) -> torch.Tensor:
+        r"""$P_b \nabla_{\theta_b} \ell(x_i, y_i)$ of every block, concatenated: `(N, factor_size)`.
+
+        Args:
+            x: inputs, a tensor or a structure of tensors.
+            y: targets.
+            measurement: the gradients of a task's measurement $m$ instead of its loss
+                $\ell$ (the test side of the influence; the same for a loss function).
+        """
+        if not isinstance(measurement, bool):
+            raise TypeError(
+                f"Parameter 'measurement' must be a bool, got {type(measurement).__name__}."
+            )
+        batch = self._create_test_batch(x, y) if measurement else self._create_batch(x, y)
         blocks = self.block_mapper.composable_block_dict.values()
         return torch.cat([block.gradient_provider.flat_grads(batch) for block in blocks], dim=1)
 
-    def gradient_model(self) -> "ProjectedInfluence":
-        """A copy of this fitted model whose operator is the identity: its influence factors
-        are the projected gradients. Give it to a calculator to compute (and store) projected
-        training gradients chunk by chunk."""
+    def gradient_model(self, preconditioned: bool = False) -> "ProjectedInfluence":
+        r"""A copy of this fitted model whose influence factors are the training side of the
+        influence: the projected gradients $P_b \nabla_{\theta_b} \ell$ of the training loss
+        (the identity as operator), or with `preconditioned` the solved
+        $(P_b C_b P_b^\top + \lambda I)^{-1} P_b \nabla_{\theta_b} \ell$. A task's
+        measurement is not used. Give it to a calculator to compute (and store) training
+        gradients chunk by chunk.
+
+        Args:
+            preconditioned: keep the fitted operator instead of the identity.
+        """
         if not self.is_fitted:
             from ...errors import NotFittedException
 
@@ -167,8 +193,10 @@ class ProjectedInfluence(TorchComposableInfluence):
                 (
                     name,
                     TorchOperatorGradientComposition(
-                        IdentityOperator(block.op.input_size, self.dtype, self.device),
-                        block.gradient_provider,
+                        block.op
+                        if preconditioned
+                        else IdentityOperator(block.op.input_size, self.dtype, self.device),
+                        block.gradient_provider.training_side_copy(),  # type: ignore[attr-defined]
                     ),
                 )
                 for name, block in self.block_mapper.composable_block_dict.items()
