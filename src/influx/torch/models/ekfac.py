@@ -9,10 +9,11 @@ import torch
 
 from ...types import InfluenceMode
 from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
+from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
 from ..composition import FactoredSolver, KroneckerCurvature
 from ..kfac import KroneckerEigenbasis, KroneckerFactors, LayerSpec, find_layers, validate_fisher
 from ..kfac_operator import KroneckerFactoredCurvature
+from ..kfac_scores import layer_block_mapper
 from ..validation import RegularizationType, validate_regularization
 
 __all__ = ["EkfacInfluence"]
@@ -159,6 +160,12 @@ class EkfacInfluence(TorchComposableInfluence):
     def method(self) -> str:
         """`"ekfac"` with `update_diagonal`, else `"kfac"`."""
         return "ekfac" if self.update_diagonal else "kfac"
+
+    def _new_block_mapper(
+        self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
+    ) -> TorchBlockMapper:
+        assert self.loss is not None
+        return layer_block_mapper(blocks, self.model, self.loss)
 
     def _fitted_curvatures(self) -> "OrderedDict[str, KroneckerFactoredCurvature]":
         if not self.is_fitted:
