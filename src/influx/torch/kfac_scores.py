@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -44,6 +44,7 @@ from .validation import check_finite
 __all__ = [
     "KroneckerBlockMapper",
     "SCORE_CHUNK_BYTES",
+    "SignalRecorder",
     "layer_block_mapper",
     "layer_scores",
     "training_signals",
@@ -95,62 +96,87 @@ class _LayerCalls(TorchFunctionMode):
         return result
 
 
+class SignalRecorder:
+    r"""Records $(\tilde a, \delta)$ of the given layers for batches of training points.
+
+    The model's tensors are read once, on construction; every `record` is one forward and one
+    backward pass of a functional evaluation of the model (the user's module is not touched).
+
+    Args:
+        model: the model.
+        layers: the layers, by name.
+        loss: the training loss or task.
+
+    Raises:
+        UnscorableModelError: if a layer's weight is not among the model's parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: "Dict[str, LayerSpec]", loss: LossOrTask):
+        module_names = {id(module): name for name, module in model.named_modules()}
+        self.tensors = {
+            name: t.detach()
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        }
+        self.weights: Dict[int, str] = {}
+        for name, spec in layers.items():
+            prefix = module_names.get(id(spec.module), "")
+            weight = self.tensors.get(f"{prefix}.weight" if prefix else "weight")
+            if weight is None:
+                raise UnscorableModelError(f"layer {name!r} has no weight among the parameters")
+            self.weights[id(weight.requires_grad_())] = name
+        self.layers = layers
+        self.objective = task_objective(loss)
+        self.functional = FunctionalModel(model, self.tensors, structure_signature(model))
+
+    def record(self, batch: TorchBatch) -> Signals:
+        r"""$(\tilde a, \delta)$ of every layer for `batch`.
+
+        $\delta$ is the gradient of the per-sample loss (the batch size times the gradient of
+        the mean batch loss) with respect to the layer's output. A layer called several times
+        contributes its calls as further positions.
+
+        Returns:
+            per layer name, $\tilde a$ `(N, T, input_factor_dim)` and $\delta$
+            `(N, T, out_dim)`.
+
+        Raises:
+            UnscorableModelError: if a layer was not called with its weight, or received inputs
+                whose first dimension is not the batch size.
+        """
+        calls = _LayerCalls(self.weights)
+        with torch.enable_grad(), calls:
+            value = self.objective(self.functional, batch.x, batch.y)
+        missing = [name for name, seen in calls.calls.items() if not seen]
+        if missing:
+            raise UnscorableModelError(f"layers {missing} were not called with their own weights")
+        n = len(batch)
+        outputs = [out for name in self.layers for _, out in calls.calls[name]]
+        grads = iter(torch.autograd.grad(value, outputs, allow_unused=True))
+        result: Signals = {}
+        for name, spec in self.layers.items():
+            a_parts, d_parts = [], []
+            padded = (
+                isinstance(spec.module, torch.nn.Conv2d) and spec.module.padding_mode != "zeros"
+            )
+            for inp, out in calls.calls[name]:
+                grad = next(grads)
+                if inp.shape[0] != n:
+                    raise UnscorableModelError(
+                        f"layer {name!r} received inputs of first dimension {inp.shape[0]}, not {n}"
+                    )
+                grad = torch.zeros_like(out) if grad is None else grad.detach() * n
+                a_parts.append(spec.expanded_inputs(inp, padded))
+                d_parts.append(spec.output_gradients(grad))
+            result[name] = (_cat(a_parts), _cat(d_parts))
+        return result
+
+
 def training_signals(
     model: torch.nn.Module, layers: "Dict[str, LayerSpec]", batch: TorchBatch, loss: LossOrTask
 ) -> Signals:
-    r"""$(\tilde a, \delta)$ of every layer for one batch of training points, in one forward and
-    one backward pass of a functional evaluation of `model`.
-
-    $\delta$ is the gradient of the per-sample loss (the batch size times the gradient of the
-    mean batch loss) with respect to the layer's output. A layer called several times
-    contributes its calls as further positions.
-
-    Returns:
-        per layer name, $\tilde a$ `(N, T, input_factor_dim)` and $\delta$ `(N, T, out_dim)`.
-
-    Raises:
-        UnscorableModelError: if a layer was not called with its weight, or received inputs
-            whose first dimension is not the batch size.
-    """
-    module_names = {id(module): name for name, module in model.named_modules()}
-    tensors = {
-        name: t.detach()
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-    }
-    weights: Dict[int, str] = {}
-    for name, spec in layers.items():
-        prefix = module_names.get(id(spec.module), "")
-        weight = tensors.get(f"{prefix}.weight" if prefix else "weight")
-        if weight is None:
-            raise UnscorableModelError(f"layer {name!r} has no weight among the parameters")
-        weights[id(weight.requires_grad_())] = name
-    recorder = _LayerCalls(weights)
-    functional = FunctionalModel(model, tensors, structure_signature(model))
-    with torch.enable_grad(), recorder:
-        value = task_objective(loss)(functional, batch.x, batch.y)
-    missing = [name for name, calls in recorder.calls.items() if not calls]
-    if missing:
-        raise UnscorableModelError(f"layers {missing} were not called with their own weights")
-    n = len(batch)
-    calls = [call for name in layers for call in recorder.calls[name]]
-    grads = torch.autograd.grad(value, [out for _, out in calls], allow_unused=True)
-    result: Signals = {}
-    position = 0
-    for name, spec in layers.items():
-        a_parts, d_parts = [], []
-        padded = isinstance(spec.module, torch.nn.Conv2d) and spec.module.padding_mode != "zeros"
-        for inp, out in recorder.calls[name]:
-            grad = grads[position]
-            position += 1
-            if inp.shape[0] != n:
-                raise UnscorableModelError(
-                    f"layer {name!r} received inputs of first dimension {inp.shape[0]}, not {n}"
-                )
-            grad = torch.zeros_like(out) if grad is None else grad.detach() * n
-            a_parts.append(spec.expanded_inputs(inp, padded))
-            d_parts.append(spec.output_gradients(grad))
-        result[name] = (_cat(a_parts), _cat(d_parts))
-    return result
+    r"""$(\tilde a, \delta)$ of every layer for one batch of training points (see
+    [SignalRecorder][influx.torch.kfac_scores.SignalRecorder])."""
+    return SignalRecorder(model, layers, loss).record(batch)
 
 
 def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
@@ -202,14 +228,6 @@ def layer_scores(
     return torch.einsum("ntqk,ntk->qn", rotated.reshape(n, positions, q, k), inputs)
 
 
-def _per_sample_elements(spec: LayerSpec, n_factors: int, positions: int) -> int:
-    """Numbers held per training point while scoring one layer (its signals not counted)."""
-    m, k = spec.out_dim, spec.input_factor_dim
-    if uses_contraction(n_factors, positions, m, k):
-        return 2 * n_factors * positions * min(m, k)
-    return m * k
-
-
 def _slice(batch: TorchBatch, start: int, stop: int) -> TorchBatch:
     def part(t: torch.Tensor) -> torch.Tensor:
         return t[start:stop]
@@ -250,45 +268,60 @@ class KroneckerBlockMapper(TorchBlockMapper):
                 f"{list(layers)}."
             )
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"Parameter 'chunk_bytes' must be a positive int, got {chunk_bytes!r}.")
+            raise ValueError(
+                f"Parameter 'chunk_bytes' must be a positive int, got {chunk_bytes!r}."
+            )
         self.model = model
         self.loss = loss
         self.layers = layers
         self.chunk_bytes = chunk_bytes
 
-    def _chunks(
-        self, batch: TorchBatch, n_factors: int
-    ) -> Iterator[Tuple[int, int, Optional[Signals]]]:
-        """`(start, stop, signals)` of consecutive chunks covering `batch`; signals None if the
-        model's layer calls cannot be recorded (then no further chunk is yielded)."""
+    def _chunks(self, batch: TorchBatch) -> Iterator[Tuple[int, int, Optional[Signals]]]:
+        """`(start, stop, signals)` of consecutive chunks covering `batch`, each chunk's layer
+        inputs and output gradients within the budget; signals None if the model's layer calls
+        cannot be recorded (then no further chunk is yielded)."""
         n = len(batch)
-        element = torch.empty((), dtype=self._dtype).element_size()
         size = MIN_CHUNK  # the first chunk tells the number of positions of every layer
         start = 0
-        while start < n:
-            stop = min(n, start + size)
-            try:
-                signals = training_signals(self.model, self.layers, _slice(batch, start, stop), self.loss)
-            except UnscorableModelError as error:
-                logger.debug("Scoring from per-sample gradients: %s.", error)
-                yield start, stop, None
-                return
-            yield start, stop, signals
-            size = self._chunk_size(signals, n_factors, element)
-            start = stop
+        try:
+            recorder = SignalRecorder(self.model, self.layers, self.loss)
+            while start < n:
+                stop = min(n, start + size)
+                signals = recorder.record(_slice(batch, start, stop))
+                yield start, stop, signals
+                # the signals, and as much again for the activations of the backward pass
+                per_sample = 2 * sum(a[0].numel() + d[0].numel() for a, d in signals.values())
+                size = max(MIN_CHUNK, self.chunk_bytes // (self._element_size * per_sample))
+                start = stop
+        except UnscorableModelError as error:
+            logger.debug("Scoring from per-sample gradients: %s.", error)
+            yield start, n, None
 
     @property
     def _dtype(self) -> torch.dtype:
         block = next(iter(self.composable_block_dict.values()))
         return block.gradient_provider.dtype
 
-    def _chunk_size(self, signals: Signals, n_factors: int, element: int) -> int:
-        signal_elements = sum(a[0].numel() + 2 * d[0].numel() for a, d in signals.values())
-        working = max(
-            _per_sample_elements(self.layers[name], n_factors, a.shape[1])
-            for name, (a, _) in signals.items()
-        )
-        return max(MIN_CHUNK, self.chunk_bytes // (element * (signal_elements + working)))
+    @property
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self._dtype).element_size()
+
+    def _parts(self, name: str, n_factors: int, a: torch.Tensor) -> Iterator[slice]:
+        """Consecutive slices of the rows of `a` whose working tensors are within the budget:
+        those of [layer_scores][influx.torch.kfac_scores.layer_scores] for `n_factors` test
+        factors, or with none (self-influence) the per-sample gradients and a few images of
+        them under the operator."""
+        spec = self.layers[name]
+        m, k, positions = spec.out_dim, spec.input_factor_dim, a.shape[1]
+        if not n_factors:
+            per_sample = 4 * m * k
+        elif uses_contraction(n_factors, positions, m, k):
+            per_sample = 2 * n_factors * positions * min(m, k)
+        else:
+            per_sample = m * k
+        size = max(MIN_CHUNK, self.chunk_bytes // (self._element_size * per_sample))
+        for start in range(0, a.shape[0], size):
+            yield slice(start, start + size)
 
     def _factor_matrices(
         self, factors: "OrderedDict[str, torch.Tensor]"
@@ -312,21 +345,20 @@ class KroneckerBlockMapper(TorchBlockMapper):
         """Up interactions of test factors by block with the training points of `batch`."""
         matrices = self._factor_matrices(factors)
         q = next(iter(matrices.values())).shape[0]
-        scores = OrderedDict(
-            (name, v.new_empty((q, len(batch)))) for name, v in matrices.items()
-        )
-        for start, stop, signals in self._chunks(batch, q):
+        scores = OrderedDict((name, v.new_empty((q, len(batch)))) for name, v in matrices.items())
+        for start, stop, signals in self._chunks(batch):
             if signals is None:
-                rest = _slice(batch, start, len(batch))
+                rest = _slice(batch, start, stop)
                 for name, block in self.composable_block_dict.items():
                     scores[name][:, start:] = block.interactions_from_transformed_grads(
                         factors[name], rest, InfluenceMode.Up
                     )
                 break
             for name, (a, d) in signals.items():
-                values = layer_scores(matrices[name], a, d)
-                check_finite(values, "per-sample gradients", name)
-                scores[name][:, start:stop] = values
+                target = scores[name][:, start:stop]
+                for part in self._parts(name, q, a):
+                    target[:, part] = layer_scores(matrices[name], a[part], d[part])
+                check_finite(target, "per-sample gradients", name)
         return scores
 
     def _perturbation_scores(
@@ -368,7 +400,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
 
     def generate_interactions(
         self, left_batch: TorchBatch, right_batch: Optional[TorchBatch], mode: InfluenceMode
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         yield from self.interactions(left_batch, right_batch, mode).values()
 
     def interactions_from_transformed_grads(
@@ -385,8 +417,10 @@ class KroneckerBlockMapper(TorchBlockMapper):
         left_factors: Union[torch.Tensor, "OrderedDict[str, torch.Tensor]"],
         right_batch: TorchBatch,
         mode: InfluenceMode,
-    ) -> Iterator[torch.Tensor]:
-        yield from self.interactions_from_transformed_grads(left_factors, right_batch, mode).values()
+    ) -> Generator[torch.Tensor, None, None]:
+        yield from self.interactions_from_transformed_grads(
+            left_factors, right_batch, mode
+        ).values()
 
     def self_interactions(
         self, batch: TorchBatch, mode: InfluenceMode
@@ -400,19 +434,20 @@ class KroneckerBlockMapper(TorchBlockMapper):
             (name, torch.empty(len(batch), dtype=self._dtype, device=block.op.device))
             for name, block in self.composable_block_dict.items()
         )
-        for start, stop, signals in self._chunks(batch, 1):
+        for start, stop, signals in self._chunks(batch):
             if signals is None:
-                rest = _slice(batch, start, len(batch))
+                rest = _slice(batch, start, stop)
                 for name, values in super().self_interactions(rest, mode).items():
                     result[name][start:] = values
                 break
             for name, (a, d) in signals.items():
-                block = self.composable_block_dict[name]
-                spec = self.layers[name]
-                grads = spec.flat_from_matrix(torch.einsum("ntm,ntk->nmk", d, a))
-                values = (block.op.apply(grads).to(grads.dtype) * grads).sum(dim=1)
-                check_finite(values, "per-sample gradients", name)
-                result[name][start:stop] = values
+                op, spec = self.composable_block_dict[name].op, self.layers[name]
+                target = result[name][start:stop]
+                # the per-sample gradients and their images under the operator
+                for part in self._parts(name, 0, a):
+                    grads = spec.flat_from_matrix(torch.einsum("ntm,ntk->nmk", d[part], a[part]))
+                    target[part] = (op.apply(grads).to(grads.dtype) * grads).sum(dim=1)
+                check_finite(target, "per-sample gradients", name)
         return result
 
 
