@@ -37,7 +37,8 @@ from .autodiff import FunctionalModel, LossOrTask
 from .base import TorchBlockMapper, TorchOperatorGradientComposition
 from .data import TorchBatch, map_structure
 from .kfac_layers import LayerSpec, layers_for_parameters
-from .model_call import task_objective
+from .kfac_operator import KroneckerFactoredCurvature
+from .model_call import is_task, task_objective
 from .stateless import structure_signature
 from .validation import check_finite
 
@@ -53,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCORE_CHUNK_BYTES = 2**20
+SCORE_CHUNK_BYTES = 2**19
 """The default memory budget (bytes) of the working tensors of one chunk of training points."""
 
 MIN_CHUNK = 8
@@ -106,12 +107,19 @@ class SignalRecorder:
         model: the model.
         layers: the layers, by name.
         loss: the training loss or task.
+        measurement: record the gradients of the task's measurement instead of its loss.
 
     Raises:
         UnscorableModelError: if a layer's weight is not among the model's parameters.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: "Dict[str, LayerSpec]", loss: LossOrTask):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: "Dict[str, LayerSpec]",
+        loss: LossOrTask,
+        measurement: bool = False,
+    ):
         module_names = {id(module): name for name, module in model.named_modules()}
         self.tensors = {
             name: t.detach()
@@ -125,7 +133,7 @@ class SignalRecorder:
                 raise UnscorableModelError(f"layer {name!r} has no weight among the parameters")
             self.weights[id(weight.requires_grad_())] = name
         self.layers = layers
-        self.objective = task_objective(loss)
+        self.objective = task_objective(loss, measurement)
         self.functional = FunctionalModel(model, self.tensors, structure_signature(model))
 
     def record(self, batch: TorchBatch) -> Signals:
@@ -164,7 +172,7 @@ class SignalRecorder:
                     raise UnscorableModelError(
                         f"layer {name!r} received inputs of first dimension {inp.shape[0]}, not {n}"
                     )
-                grad = torch.zeros_like(out) if grad is None else grad.detach() * n
+                grad = torch.zeros_like(out) if grad is None else grad.detach().mul_(n)
                 a_parts.append(spec.expanded_inputs(inp, padded))
                 d_parts.append(spec.output_gradients(grad))
             result[name] = (_cat(a_parts), _cat(d_parts))
@@ -339,26 +347,57 @@ class KroneckerBlockMapper(TorchBlockMapper):
             result[name] = self.layers[name].matrix_from_flat(value)
         return result
 
+    def _test_matrices(self, batch: TorchBatch) -> "OrderedDict[str, torch.Tensor]":
+        r"""The factors $A_b \nabla_{\theta_b} \ell(z'_i)$ of a test batch as matrices
+        `(N, m, k)` by block: for a loss function and Kronecker-factored operators, from the
+        layers' inputs and output gradients of one forward and backward pass, applied in matrix
+        form; otherwise the blocks' factors, reshaped."""
+        lean = not is_task(self.loss) and all(
+            isinstance(block.op, KroneckerFactoredCurvature)
+            for block in self.composable_block_dict.values()
+        )
+        if lean:
+            try:
+                signals = SignalRecorder(self.model, self.layers, self.loss, True).record(batch)
+            except UnscorableModelError as error:
+                logger.debug("Test factors from per-sample gradients: %s.", error)
+            else:
+                result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+                for name, (a, d) in signals.items():
+                    grads = torch.einsum("ntm,ntk->nmk", d, a)
+                    check_finite(grads, "per-sample gradients", name)
+                    op = self.composable_block_dict[name].op
+                    result[name] = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
+                return result
+        return self._factor_matrices(self.transformed_grads(batch))
+
     def _training_scores(
-        self, factors: "OrderedDict[str, torch.Tensor]", batch: TorchBatch
+        self, matrices: "OrderedDict[str, torch.Tensor]", batch: TorchBatch, summed: bool = False
     ) -> "OrderedDict[str, torch.Tensor]":
-        """Up interactions of test factors by block with the training points of `batch`."""
-        matrices = self._factor_matrices(factors)
-        q = next(iter(matrices.values())).shape[0]
-        scores = OrderedDict((name, v.new_empty((q, len(batch)))) for name, v in matrices.items())
+        """Up interactions of test factors (matrices by block) with the training points of
+        `batch`; with `summed`, every block's entry is one tensor accumulating the sum over
+        blocks."""
+        q, n = next(iter(matrices.values())).shape[0], len(batch)
+        shared = next(iter(matrices.values())).new_zeros((q, n)) if summed else None
+        scores = OrderedDict(
+            (name, v.new_zeros((q, n)) if shared is None else shared)
+            for name, v in matrices.items()
+        )
         for start, stop, signals in self._chunks(batch):
             if signals is None:
                 rest = _slice(batch, start, stop)
                 for name, block in self.composable_block_dict.items():
-                    scores[name][:, start:] = block.interactions_from_transformed_grads(
-                        factors[name], rest, InfluenceMode.Up
+                    flat = self.layers[name].flat_from_matrix(matrices[name])
+                    scores[name][:, start:] += block.interactions_from_transformed_grads(
+                        flat, rest, InfluenceMode.Up
                     )
                 break
             for name, (a, d) in signals.items():
                 target = scores[name][:, start:stop]
                 for part in self._parts(name, q, a):
-                    target[:, part] = layer_scores(matrices[name], a[part], d[part])
-                check_finite(target, "per-sample gradients", name)
+                    values = layer_scores(matrices[name], a[part], d[part])
+                    check_finite(values, "per-sample gradients", name)
+                    target[:, part] += values
         return scores
 
     def _perturbation_scores(
@@ -380,28 +419,44 @@ class KroneckerBlockMapper(TorchBlockMapper):
             result[name] = torch.cat(parts, dim=1)
         return result
 
-    def _scores(
-        self,
-        factors: "OrderedDict[str, torch.Tensor]",
-        batch: TorchBatch,
-        mode: InfluenceMode,
-    ) -> "OrderedDict[str, torch.Tensor]":
-        if mode is InfluenceMode.Up:
-            return self._training_scores(factors, batch)
-        return self._perturbation_scores(factors, batch)
-
     def interactions(
         self, left_batch: TorchBatch, right_batch: Optional[TorchBatch], mode: InfluenceMode
     ) -> "OrderedDict[str, torch.Tensor]":
         mode = check_mode(mode)
         if right_batch is None:
             return super().interactions(left_batch, right_batch, mode)
-        return self._scores(self.transformed_grads(left_batch), right_batch, mode)
+        if mode is InfluenceMode.Up:
+            return self._training_scores(self._test_matrices(left_batch), right_batch)
+        return self._perturbation_scores(self.transformed_grads(left_batch), right_batch)
 
     def generate_interactions(
         self, left_batch: TorchBatch, right_batch: Optional[TorchBatch], mode: InfluenceMode
     ) -> Generator[torch.Tensor, None, None]:
         yield from self.interactions(left_batch, right_batch, mode).values()
+
+    def summed_interactions(
+        self, left_batch: TorchBatch, right_batch: Optional[TorchBatch], mode: InfluenceMode
+    ) -> torch.Tensor:
+        """`Up` interactions summed over blocks, accumulated in one `(N_left, N_right)` tensor."""
+        mode = check_mode(mode)
+        if right_batch is None or mode is not InfluenceMode.Up:
+            return super().summed_interactions(left_batch, right_batch, mode)
+        scores = self._training_scores(self._test_matrices(left_batch), right_batch, True)
+        return next(iter(scores.values()))
+
+    def summed_interactions_from_transformed_grads(
+        self,
+        left_factors: Union[torch.Tensor, "OrderedDict[str, torch.Tensor]"],
+        right_batch: TorchBatch,
+        mode: InfluenceMode,
+    ) -> torch.Tensor:
+        mode = check_mode(mode)
+        if mode is not InfluenceMode.Up:
+            return super().summed_interactions_from_transformed_grads(
+                left_factors, right_batch, mode
+            )
+        matrices = self._factor_matrices(self._to_block_dict(left_factors))
+        return next(iter(self._training_scores(matrices, right_batch, True).values()))
 
     def interactions_from_transformed_grads(
         self,
@@ -410,7 +465,10 @@ class KroneckerBlockMapper(TorchBlockMapper):
         mode: InfluenceMode,
     ) -> "OrderedDict[str, torch.Tensor]":
         mode = check_mode(mode)
-        return self._scores(self._to_block_dict(left_factors), right_batch, mode)
+        factors = self._to_block_dict(left_factors)
+        if mode is InfluenceMode.Up:
+            return self._training_scores(self._factor_matrices(factors), right_batch)
+        return self._perturbation_scores(factors, right_batch)
 
     def generate_interactions_from_transformed_grads(
         self,
