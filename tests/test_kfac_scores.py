@@ -277,3 +277,19 @@ def test_sampled_fisher_refit_draws_fresh_labels_and_is_reproducible() -> None:
         torch.testing.assert_close(again.eigenvalues[layer], values, rtol=0, atol=0)
     other, first_other, _ = _sampled_fit(seed=8)
     assert not torch.equal(first, first_other)
+
+
+def test_operator_applied_to_matrices_equals_flat_application() -> None:
+    model = _fitted("conv2d")
+    for name, block in model.block_mapper.composable_block_dict.items():
+        spec = model.layer_specs[name]
+        flat = torch.randn(3, block.op.input_size)
+        matrices = spec.matrix_from_flat(flat)
+        torch.testing.assert_close(spec.flat_from_matrix(matrices), flat, rtol=0, atol=0)
+        applied = block.op.apply_to_matrices(matrices)  # type: ignore[attr-defined]
+        torch.testing.assert_close(spec.flat_from_matrix(applied), block.op.apply(flat), **TOL)
+    op = model.block_mapper.composable_block_dict["1"].op
+    with pytest.raises(
+        ValueError, match=r"'matrices' must have shape \(N, 2, 10\), got \(3, 2, 9\)"
+    ):
+        op.apply_to_matrices(torch.zeros(3, 2, 9))  # type: ignore[attr-defined]
