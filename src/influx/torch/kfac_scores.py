@@ -16,7 +16,11 @@ every layer at once. Per layer, the score is then either a contraction of $V$ wi
 and $\delta$ (never forming a per-sample gradient) or a product with the per-sample gradients
 formed for the chunk, whichever [uses_contraction][influx.torch.kfac_scores.uses_contraction]
 finds cheaper; the chunk size bounds the memory by `chunk_bytes`, so the peak is
-$O(\text{chunk} \times P_\text{layer})$ rather than $O(n \times P_\text{layer})$.
+$O(\text{chunk} \times P_\text{layer})$ rather than $O(n \times P_\text{layer})$. The test
+factors are formed the same way (one pass over the test batch, the per-sample gradients
+$\sum_t \delta_t \tilde a_t^\top$ as matrices) and, for a Kronecker-factored operator, the
+operator is applied to the matrices directly; summed influences accumulate the scores of all
+layers in one matrix.
 
 The layer inputs and outputs are recorded by a thread-local `TorchFunctionMode` around a
 functional evaluation of the model: the user's module gets no hooks, and several threads can
@@ -46,6 +50,7 @@ __all__ = [
     "KroneckerBlockMapper",
     "SCORE_CHUNK_BYTES",
     "SignalRecorder",
+    "UnscorableModelError",
     "layer_block_mapper",
     "layer_scores",
     "training_signals",
@@ -249,9 +254,11 @@ class KroneckerBlockMapper(TorchBlockMapper):
     gradients, chunk by chunk (see the module description), never from the per-sample
     gradients of the whole batch.
 
-    Test factors are computed block by block as for any block. `Perturbation` influences are
-    computed block by block from the mixed derivatives, in chunks of training points. A model
-    whose layer calls cannot be recorded is scored block by block from per-sample gradients.
+    Test factors come from one recorded pass over the test batch, applied in matrix form
+    (for Kronecker-factored operators and a loss function; otherwise block by block as for any
+    block). `Perturbation` influences are computed block by block from the mixed derivatives,
+    in chunks of training points. A model whose layer calls cannot be recorded is scored block
+    by block from per-sample gradients.
 
     Args:
         composable_block_dict: the blocks, named after their layers.
