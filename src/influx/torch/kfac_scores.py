@@ -241,6 +241,13 @@ def layer_scores(
     return torch.einsum("ntqk,ntk->qn", rotated.reshape(n, positions, q, k), inputs)
 
 
+def _check_finite(values: torch.Tensor, layer: str) -> None:
+    """Raise a ValueError naming the layer if `values` has NaN or Inf; one reduction (their
+    sum) when they are finite."""
+    if not bool(torch.isfinite(values.sum())):
+        check_finite(values, "per-sample gradients", layer)
+
+
 def _slice(batch: TorchBatch, start: int, stop: int) -> TorchBatch:
     def part(t: torch.Tensor) -> torch.Tensor:
         return t[start:stop]
@@ -325,7 +332,9 @@ class KroneckerBlockMapper(TorchBlockMapper):
         """Consecutive slices of the rows of `a` whose working tensors are within the budget:
         those of [layer_scores][influx.torch.kfac_scores.layer_scores] for `n_factors` test
         factors, or with none (self-influence) the per-sample gradients and a few images of
-        them under the operator."""
+        them under the operator. The budget is at least the size of the layer's test factors
+        (held anyway), so that every pass over them scores enough training points to pay for
+        reading them."""
         spec = self.layers[name]
         m, k, positions = spec.out_dim, spec.input_factor_dim, a.shape[1]
         if not n_factors:
@@ -334,7 +343,8 @@ class KroneckerBlockMapper(TorchBlockMapper):
             per_sample = 2 * n_factors * positions * min(m, k)
         else:
             per_sample = m * k
-        size = max(MIN_CHUNK, self.chunk_bytes // (self._element_size * per_sample))
+        budget = max(self.chunk_bytes, n_factors * m * k * self._element_size)
+        size = max(MIN_CHUNK, budget // (self._element_size * per_sample))
         for start in range(0, a.shape[0], size):
             yield slice(start, start + size)
 
@@ -372,7 +382,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
                 result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
                 for name, (a, d) in signals.items():
                     grads = torch.einsum("ntm,ntk->nmk", d, a)
-                    check_finite(grads, "per-sample gradients", name)
+                    _check_finite(grads, name)
                     op = self.composable_block_dict[name].op
                     result[name] = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
                 return result
@@ -403,7 +413,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
                 target = scores[name][:, start:stop]
                 for part in self._parts(name, q, a):
                     values = layer_scores(matrices[name], a[part], d[part])
-                    check_finite(values, "per-sample gradients", name)
+                    _check_finite(values, name)
                     target[:, part] += values
         return scores
 
@@ -512,7 +522,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
                 for part in self._parts(name, 0, a):
                     grads = spec.flat_from_matrix(torch.einsum("ntm,ntk->nmk", d[part], a[part]))
                     target[part] = (op.apply(grads).to(grads.dtype) * grads).sum(dim=1)
-                check_finite(target, "per-sample gradients", name)
+                _check_finite(target, name)
         return result
 
 
