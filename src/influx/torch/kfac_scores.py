@@ -59,7 +59,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCORE_CHUNK_BYTES = 2**19
+SCORE_CHUNK_BYTES = 640 * 2**10
 """The default memory budget (bytes) of the working tensors of one chunk of training points."""
 
 MIN_CHUNK = 8
@@ -163,24 +163,32 @@ class SignalRecorder:
         if missing:
             raise UnscorableModelError(f"layers {missing} were not called with their own weights")
         n = len(batch)
-        outputs = [out for name in self.layers for _, out in calls.calls[name]]
-        grads = iter(torch.autograd.grad(value, outputs, allow_unused=True))
-        result: Signals = {}
-        for name, spec in self.layers.items():
-            a_parts, d_parts = [], []
-            padded = (
-                isinstance(spec.module, torch.nn.Conv2d) and spec.module.padding_mode != "zeros"
-            )
-            for inp, out in calls.calls[name]:
-                grad = next(grads)
+        for name, seen in calls.calls.items():
+            for inp, _ in seen:
                 if inp.shape[0] != n:
                     raise UnscorableModelError(
                         f"layer {name!r} received inputs of first dimension {inp.shape[0]}, not {n}"
                     )
-                grad = torch.zeros_like(out) if grad is None else grad.detach().mul_(n)
-                a_parts.append(spec.expanded_inputs(inp, padded))
-                d_parts.append(spec.output_gradients(grad))
-            result[name] = (_cat(a_parts), _cat(d_parts))
+        inputs = {name: [inp for inp, _ in calls.calls[name]] for name in self.layers}
+        outputs = [out for name in self.layers for _, out in calls.calls[name]]
+        del calls
+        grads = torch.autograd.grad(value, outputs, allow_unused=True)
+        deltas = iter(
+            [
+                torch.zeros_like(out) if grad is None else grad.detach().mul_(n)
+                for grad, out in zip(grads, outputs)
+            ]
+        )
+        # the outputs and the graph go before the inputs are expanded (unfolded patches)
+        del value, outputs, grads
+        result: Signals = {}
+        for name, spec in self.layers.items():
+            padded = (
+                isinstance(spec.module, torch.nn.Conv2d) and spec.module.padding_mode != "zeros"
+            )
+            d = _cat([spec.output_gradients(next(deltas)) for _ in inputs[name]])
+            a = _cat([spec.expanded_inputs(inp, padded) for inp in inputs.pop(name)])
+            result[name] = (a, d)
         return result
 
 
