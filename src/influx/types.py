@@ -282,6 +282,14 @@ class OperatorGradientComposition(
         """Pair each sample's pre-computed factor with its own gradient (or mixed gradient)."""
 
 
+def _sum_tensors(tensors: Iterable[TensorType]) -> TensorType:
+    iterator = iter(tensors)
+    total = next(iterator)
+    for t in iterator:
+        total = total + t  # type: ignore[operator]
+    return total
+
+
 class BlockMapper(Generic[TensorType, BatchType, CompositionType], ABC):
     """Maps the computation of an influence quantity over an ordered set of blocks."""
 
@@ -356,6 +364,23 @@ class BlockMapper(Generic[TensorType, BatchType, CompositionType], ABC):
         factors = self._to_block_dict(left_factors)
         for name, block in self.composable_block_dict.items():
             yield block.interactions_from_transformed_grads(factors[name], right_batch, mode)
+
+    def summed_interactions(
+        self, left_batch: BatchType, right_batch: Optional[BatchType], mode: InfluenceMode
+    ) -> TensorType:
+        """The interactions of two batches summed over blocks (a mapper may accumulate them
+        without holding those of every block)."""
+        return _sum_tensors(self.generate_interactions(left_batch, right_batch, mode))
+
+    def summed_interactions_from_transformed_grads(
+        self,
+        left_factors: Union[TensorType, "OrderedDict[str, TensorType]"],
+        right_batch: BatchType,
+        mode: InfluenceMode,
+    ) -> TensorType:
+        """The interactions of pre-computed factors with a batch, summed over blocks."""
+        blocks = self.generate_interactions_from_transformed_grads(left_factors, right_batch, mode)
+        return _sum_tensors(blocks)
 
     def _to_block_dict(
         self, factors: Union[TensorType, "OrderedDict[str, TensorType]"]
@@ -495,11 +520,7 @@ class ComposableInfluence(
 
     @staticmethod
     def _sum(tensors: Iterable[TensorType]) -> TensorType:
-        iterator = iter(tensors)
-        total = next(iterator)
-        for t in iterator:
-            total = total + t  # type: ignore[operator]
-        return total
+        return _sum_tensors(tensors)
 
     def _test_and_train_batches(
         self,
@@ -541,7 +562,7 @@ class ComposableInfluence(
     ) -> TensorType:
         mode = check_mode(mode)
         left, right = self._test_and_train_batches(x_test, y_test, x, y)
-        return self._sum(self.block_mapper.generate_interactions(left, right, mode))
+        return self.block_mapper.summed_interactions(left, right, mode)  # type: ignore[no-any-return]
 
     @InfluenceFunctionModel.fit_required
     def influences_by_block(
@@ -593,10 +614,9 @@ class ComposableInfluence(
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> TensorType:
         mode = check_mode(mode)
-        blocks = self.block_mapper.generate_interactions_from_transformed_grads(
+        return self.block_mapper.summed_interactions_from_transformed_grads(  # type: ignore[no-any-return]
             z_test_factors, self._create_batch(x, y), mode
         )
-        return self._sum(blocks)
 
     @InfluenceFunctionModel.fit_required
     def influences_from_factors_by_block(

@@ -365,6 +365,12 @@ class TorchComposableInfluence(
             )
             for name, params in self._blocks.items()
         )
+        return self._new_block_mapper(blocks)
+
+    def _new_block_mapper(
+        self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
+    ) -> TorchBlockMapper:
+        """The block mapper of fitted blocks (a model may score some blocks otherwise)."""
         return TorchBlockMapper(blocks)
 
     def _gradient_provider(
@@ -443,7 +449,7 @@ class TorchComposableInfluence(
             if key in vars(new):
                 setattr(new, key, regularization)
         if self.is_fitted:
-            new.block_mapper = TorchBlockMapper(
+            new.block_mapper = self._new_block_mapper(
                 OrderedDict(
                     (
                         name,
@@ -529,7 +535,7 @@ class TorchComposableInfluence(
             blocks[name] = TorchOperatorGradientComposition(
                 op, self._gradient_provider(name, params)
             )
-        self.block_mapper = TorchBlockMapper(blocks)
+        self.block_mapper = self._new_block_mapper(blocks)
         self._fitted = True
         return self
 

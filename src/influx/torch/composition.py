@@ -162,7 +162,8 @@ class KroneckerCurvature(Curvature):
 
     Each layer is one block. One pass over the data collects the factors $A$ and $G$ and
     eigendecomposes them; with `update_diagonal` the eigenvalues are refitted in the Kronecker
-    eigenbasis (EK-FAC), reusing the first pass's signals if they fit in `max_cache_mb`. See
+    eigenbasis (EK-FAC), reusing the first pass's signals if they fit in `max_cache_mb` (with
+    the training labels; with `fisher="sampled"` the refit draws fresh labels). See
     [influx.torch.kfac][influx.torch.kfac].
 
     Args:
@@ -170,7 +171,8 @@ class KroneckerCurvature(Curvature):
         fisher: `"empirical"` (training labels) or `"sampled"` (labels drawn from the model).
         layers: the module names of the layers to use; None means every trainable module.
         seed: seed of the label sampling for `fisher="sampled"`.
-        max_cache_mb: memory budget of the first pass's signals for the refit.
+        max_cache_mb: memory budget of the first pass's signals for the refit (empirical
+            Fisher only).
         progress: show progress bars over the batches.
     """
 

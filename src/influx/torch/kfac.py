@@ -228,7 +228,8 @@ class SignalCache:
     r"""Keeps the $(\tilde a, \delta)$ of every batch of the first pass, up to a budget.
 
     If they fit in `max_bytes`, the EK-FAC refit reuses them instead of a second pass over
-    the data (same values: the signals do not depend on the eigenbasis). Once the budget is
+    the data (with the training labels, the same values: the signals do not depend on the
+    eigenbasis; with sampled labels the refit needs fresh draws and no cache is used). Once the budget is
     exceeded the cache is emptied and stays empty.
 
     Args:
@@ -442,8 +443,9 @@ def fit_kronecker_curvature(
     which are eigendecomposed in float64; with `update_diagonal` the eigenvalues are refitted
     ([refit_eigenvalues][influx.torch.kfac.refit_eigenvalues]) from the signals of the first
     pass if they fit in `max_cache_mb` and the labels are the training labels, else with a
-    second pass (with `fisher="sampled"` always, so that the refit sees fresh label draws). Without it the eigenvalues
-    are the K-FAC products $\lambda_G \lambda_A^\top$.
+    second pass (with `fisher="sampled"` always, so that the refit sees fresh label draws,
+    independent of those of the eigenbasis). Without it the eigenvalues are the K-FAC
+    products $\lambda_G \lambda_A^\top$.
 
     Returns:
         per layer, the factors, the eigenbases and the eigenvalues `(m, k)` (float64).

@@ -77,13 +77,20 @@ class LayerSpec:
         """The trainable parameters of the layer, in `named_parameters()` order."""
         return [n for n in (self.weight_name, self.bias_name) if n is not None]
 
-    def expanded_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        r"""$\tilde a$ of every position, shape `(N, T, input_factor_dim)`."""
+    def expanded_inputs(self, inputs: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        r"""$\tilde a$ of every position, shape `(N, T, input_factor_dim)`.
+
+        Args:
+            inputs: the layer's input.
+            padded: for a convolution, whether `inputs` is already padded (what
+                `torch.nn.functional.conv2d` receives from a layer whose `padding_mode` is not
+                `"zeros"`), rather than the layer's own input.
+        """
         n = inputs.shape[0]
         parts: List[torch.Tensor] = []
         if self.weight_name is not None:
             if isinstance(self.module, torch.nn.Conv2d):
-                patches = _unfold_conv2d_input(self.module, inputs)
+                patches = _unfold_conv2d_input(self.module, inputs, padded)
             else:
                 patches = inputs.reshape(n, -1, self.in_dim)
             parts.append(patches)
@@ -99,6 +106,23 @@ class LayerSpec:
             return int(_unfold_conv2d_input(self.module, inputs[:1]).shape[1])
         return int(inputs[0].numel() // self.in_dim)
 
+    def matrix_from_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        r"""Rows `(N, P)` of the layer's flat parameters (weight flattened, then bias) as
+        matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)`."""
+        n, m = flat.shape[0], self.out_dim
+        if self.weight_name is None or self.bias_name is None:
+            return flat.reshape(n, m, -1)
+        weight = flat[:, : m * self.in_dim].reshape(n, m, self.in_dim)
+        return torch.cat([weight, flat[:, m * self.in_dim :].reshape(n, m, 1)], dim=2)
+
+    def flat_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        r"""Matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)` as flat rows `(N, P)`, the
+        inverse of `matrix_from_flat`."""
+        n = matrix.shape[0]
+        if self.weight_name is None or self.bias_name is None:
+            return matrix.reshape(n, -1)
+        return torch.cat([matrix[:, :, :-1].reshape(n, -1), matrix[:, :, -1]], dim=1)
+
     def output_gradients(self, grad_output: torch.Tensor) -> torch.Tensor:
         r"""$\delta$ of every position, shape `(N, T, out_dim)`."""
         n = grad_output.shape[0]
@@ -107,10 +131,15 @@ class LayerSpec:
         return grad_output.reshape(n, -1, self.out_dim)
 
 
-def _unfold_conv2d_input(module: torch.nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
-    """The input patches of a convolution, `(N, L, in_channels * kh * kw)`."""
+def _unfold_conv2d_input(
+    module: torch.nn.Conv2d, inputs: torch.Tensor, padded: bool = False
+) -> torch.Tensor:
+    """The input patches of a convolution, `(N, L, in_channels * kh * kw)`; `padded`: the
+    inputs already carry the padding of a non-`"zeros"` padding mode."""
     padding = module.padding
-    if module.padding_mode != "zeros" or isinstance(padding, str):
+    if padded and module.padding_mode != "zeros":
+        padding = (0, 0)
+    elif module.padding_mode != "zeros" or isinstance(padding, str):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         inputs = torch.nn.functional.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
         padding = (0, 0)

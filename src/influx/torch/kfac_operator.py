@@ -157,6 +157,29 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         rotated = self._qg.T @ matrix @ self._qa
         return self._qg @ (rotated * scale) @ self._qa.T
 
+    def apply_to_matrices(self, matrices: torch.Tensor) -> torch.Tensor:
+        r"""The operator applied to gradients given as matrices $[W \mid b]$ `(N, m, k)`
+        (see `matrix_from_flat` of [LayerSpec][influx.torch.kfac_layers.LayerSpec]), without
+        the copies of the flat layout and with at most two matrices of that size alive.
+
+        Args:
+            matrices: `(N, m, k)`; not modified.
+
+        Returns:
+            `(N, m, k)` in the operator's dtype.
+        """
+        if matrices.ndim != 3 or tuple(matrices.shape[1:]) != (self._m, self._k):
+            raise ValueError(
+                f"Parameter 'matrices' must have shape (N, {self._m}, {self._k}), got "
+                f"{tuple(matrices.shape)}."
+            )
+        rotated = self._qg.T @ matrices.to(self._dtype)
+        rotated = rotated @ self._qa
+        rotated *= self._scale
+        result = self._qg @ rotated
+        del rotated
+        return result @ self._qa.T
+
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         matrix = self._to_matrix(tensor.to(self._dtype))
         return self._to_flat(self._scale_in_eigenbasis(matrix, self._scale))

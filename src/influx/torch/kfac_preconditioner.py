@@ -201,7 +201,8 @@ def fit_kronecker_block_inverse(
         seed: seed of the label sampling and of the probes; None uses torch's global state
             for the probes and a fresh generator for the labels.
         progress: show progress bars over the batches.
-        max_cache_mb: memory for the signals of the first pass, saving the refit's pass.
+        max_cache_mb: memory for the signals of the first pass, saving the refit's pass
+            (empirical Fisher only: a sampled Fisher refits on fresh label draws).
 
     Raises:
         ValueError: for an unknown `fisher` or `fallback`, or `fisher="sampled"` with a loss

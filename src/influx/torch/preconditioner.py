@@ -380,8 +380,9 @@ class EkfacPreconditioner(Preconditioner):
         num_samples_estimator: the number of probes of the diagonal estimate (`"jacobi"`).
         seed: seed of the label sampling (`fisher="sampled"`) and of the probes; None uses
             fresh random state.
-        max_cache_mb: with `update_diagonal`, the layer signals of the first pass are kept up
-            to this size (MB) so that the refit needs no second pass.
+        max_cache_mb: with `update_diagonal` and the empirical Fisher, the layer signals of
+            the first pass are kept up to this size (MB) so that the refit needs no second
+            pass (a sampled Fisher refits on fresh label draws, in a second pass).
         progress: show progress bars over the batches.
 
     Example:

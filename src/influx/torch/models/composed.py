@@ -2,14 +2,16 @@ r"""Any curvature with any inverse method."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
+from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
 from ..blocks import BlockMode, BlockStructure
-from ..composition import Curvature, Solver
+from ..composition import Curvature, KroneckerCurvature, Solver
+from ..kfac_scores import layer_block_mapper
 from ..validation import RegularizationType
 
 __all__ = ["ComposedInfluence"]
@@ -68,3 +70,12 @@ class ComposedInfluence(TorchComposableInfluence):
         self._compose(
             model, loss, curvature, solver, block_structure, regularization, compute_dtype
         )
+
+    def _new_block_mapper(
+        self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
+    ) -> TorchBlockMapper:
+        # The blocks of a Kronecker curvature are layers: their training side is scored from
+        # the layers' inputs and output gradients (influx.torch.kfac_scores).
+        if isinstance(self.curvature, KroneckerCurvature) and self.loss is not None:
+            return layer_block_mapper(blocks, self.model, self.loss)
+        return super()._new_block_mapper(blocks)

@@ -9,10 +9,11 @@ import torch
 
 from ...types import InfluenceMode
 from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
+from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
 from ..composition import FactoredSolver, KroneckerCurvature
 from ..kfac import KroneckerEigenbasis, KroneckerFactors, LayerSpec, find_layers, validate_fisher
 from ..kfac_operator import KroneckerFactoredCurvature
+from ..kfac_scores import layer_block_mapper
 from ..validation import RegularizationType, validate_regularization
 
 __all__ = ["EkfacInfluence"]
@@ -67,12 +68,13 @@ class EkfacInfluence(TorchComposableInfluence):
         layers: the module names of the layers to use; None means every module with
             trainable parameters. Parameters of other modules are ignored.
         seed: seed of the label sampling for `fisher="sampled"`.
-        max_cache_mb: with `update_diagonal`, the layers' inputs and output gradients of the
-            first pass are kept in memory up to this size (in MB) so that the refit needs no
-            second pass over the data; beyond it, or with 0, the data is iterated twice (the
-            results are the same either way). With `fisher="sampled"` the refit always makes a
-            second pass, drawing new labels: fitting the eigenbasis and the eigenvalues to the
-            same draws would make the approximation noisier.
+        max_cache_mb: with `update_diagonal` and `fisher="empirical"`, the layers' inputs and
+            output gradients of the first pass are kept in memory up to this size (in MB) so
+            that the refit needs no second pass over the data; beyond it, or with 0, the data
+            is iterated twice, with the same results (the training labels do not change).
+            With `fisher="sampled"` the cache is not used: the refit makes a second pass with
+            labels drawn afresh, independent of the draws the eigenbasis was fitted to (reusing
+            them fits both to the same noise, a less accurate approximation).
         compute_dtype: the dtype of the factors' products and the solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
@@ -159,6 +161,12 @@ class EkfacInfluence(TorchComposableInfluence):
     def method(self) -> str:
         """`"ekfac"` with `update_diagonal`, else `"kfac"`."""
         return "ekfac" if self.update_diagonal else "kfac"
+
+    def _new_block_mapper(
+        self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
+    ) -> TorchBlockMapper:
+        assert self.loss is not None
+        return layer_block_mapper(blocks, self.model, self.loss)
 
     def _fitted_curvatures(self) -> "OrderedDict[str, KroneckerFactoredCurvature]":
         if not self.is_fitted:
