@@ -126,6 +126,19 @@ def test_chunking_does_not_change_the_scores() -> None:
     torch.testing.assert_close(many, one_chunk, **TOL)
 
 
+def test_chunks_grow_with_the_size_of_the_test_factors() -> None:
+    """A chunk's signals may take half the size of the test factors: chunks of the minimum
+    size without factors, one chunk for factors as large as the batch's signals."""
+    x, y = classification_data(40, d_in=15)
+    mapper = _fitted("conv2d", chunk_bytes=1).block_mapper
+    assert isinstance(mapper, KroneckerBlockMapper)
+    batch = TorchBatch(x, y)
+    small = [stop - start for start, stop, _ in mapper._chunks(batch)]
+    large = [stop - start for start, stop, _ in mapper._chunks(batch, floor_bytes=2**30)]
+    assert small == [8] * 5
+    assert large == [8, 32]  # the first chunk measures the signals
+
+
 def test_composed_kronecker_curvature_with_cg_uses_the_layer_scores() -> None:
     x, y = classification_data(40, d_in=15)
     x_test, y_test = classification_data(4, d_in=15, seed=3)

@@ -306,10 +306,14 @@ class KroneckerBlockMapper(TorchBlockMapper):
         self.layers = layers
         self.chunk_bytes = chunk_bytes
 
-    def _chunks(self, batch: TorchBatch) -> Iterator[Tuple[int, int, Optional[Signals]]]:
+    def _chunks(
+        self, batch: TorchBatch, floor_bytes: int = 0
+    ) -> Iterator[Tuple[int, int, Optional[Signals]]]:
         """`(start, stop, signals)` of consecutive chunks covering `batch`, each chunk's layer
-        inputs and output gradients within the budget; signals None if the model's layer calls
-        cannot be recorded (then no further chunk is yielded)."""
+        inputs and output gradients within the budget, `chunk_bytes` or `floor_bytes` if that
+        is larger; signals None if the model's layer calls cannot be recorded (then no further
+        chunk is yielded)."""
+        budget = max(self.chunk_bytes, floor_bytes)
         n = len(batch)
         size = MIN_CHUNK  # the first chunk tells the number of positions of every layer
         start = 0
@@ -321,7 +325,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
                 yield start, stop, signals
                 # the signals, and as much again for the activations of the backward pass
                 per_sample = 2 * sum(a[0].numel() + d[0].numel() for a, d in signals.values())
-                size = max(MIN_CHUNK, self.chunk_bytes // (self._element_size * per_sample))
+                size = max(MIN_CHUNK, budget // (self._element_size * per_sample))
                 start = stop
         except UnscorableModelError as error:
             logger.debug("Scoring from per-sample gradients: %s.", error)
@@ -408,7 +412,11 @@ class KroneckerBlockMapper(TorchBlockMapper):
             (name, v.new_zeros((q, n)) if shared is None else shared)
             for name, v in matrices.items()
         )
-        for start, stop, signals in self._chunks(batch):
+        # a chunk's signals may take half the size of the test factors (held anyway), so
+        # that the products with the factors are large enough to run at the speed of the
+        # arithmetic rather than of reading the factors once per few training points
+        factor_bytes = sum(v.numel() for v in matrices.values()) * self._element_size
+        for start, stop, signals in self._chunks(batch, factor_bytes // 2):
             if signals is None:
                 rest = _slice(batch, start, stop)
                 for name, block in self.composable_block_dict.items():
