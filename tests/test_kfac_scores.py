@@ -15,6 +15,7 @@ from influx import InfluenceMode
 from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
 from influx.torch.base import TorchBlockMapper
 from influx.torch.composition import KroneckerCurvature
+from influx.torch import kfac_scores
 from influx.torch.kfac_scores import (
     KroneckerBlockMapper,
     UnscorableModelError,
@@ -124,6 +125,29 @@ def test_chunking_does_not_change_the_scores() -> None:
     one_chunk = _fitted("conv2d", chunk_bytes=2**30).influences(x_test, y_test, x, y)
     many = _fitted("conv2d", chunk_bytes=1).influences(x_test, y_test, x, y)  # chunks of 8
     torch.testing.assert_close(many, one_chunk, **TOL)
+
+
+@pytest.mark.parametrize("name", ["linear_bias", "conv2d"])
+def test_test_factors_in_chunks_equal_the_whole_batch(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test factors formed a few test points at a time equal those of the whole batch."""
+    x, y = classification_data(40, d_in=15)
+    x_test, y_test = classification_data(5, d_in=15, seed=3)
+    model = _fitted(name)
+    whole = model.influences(x_test, y_test, x, y)
+    factors = model.influence_factors(x_test, y_test)
+    by_block = model.influence_factors_by_block(x_test, y_test)
+    monkeypatch.setattr(kfac_scores, "TEST_CHUNK_BYTES", 1)  # one test point per chunk
+    torch.testing.assert_close(model.influences(x_test, y_test, x, y), whole, **TOL)
+    torch.testing.assert_close(model.influence_factors(x_test, y_test), factors, **TOL)
+    chunked = model.influence_factors_by_block(x_test, y_test)
+    assert list(chunked) == list(by_block)
+    for key, value in by_block.items():
+        torch.testing.assert_close(chunked[key], value, **TOL)
+    # and the factors are those of the per-sample gradients
+    reference = _per_sample_path(model, lambda: model.influence_factors(x_test, y_test))
+    torch.testing.assert_close(factors, reference, **TOL)
 
 
 def test_chunks_grow_with_the_size_of_the_test_factors() -> None:

@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 SCORE_CHUNK_BYTES = 640 * 2**10
 """The default memory budget (bytes) of the working tensors of one chunk of training points."""
 
+TEST_CHUNK_BYTES = 2**26
+"""The largest per-sample gradients of one layer (bytes) turned into test factors at once."""
+
 MIN_CHUNK = 8
 """The smallest chunk of training points, whatever the budget."""
 
@@ -376,29 +379,71 @@ class KroneckerBlockMapper(TorchBlockMapper):
             result[name] = self.layers[name].matrix_from_flat(value)
         return result
 
-    def _test_matrices(self, batch: TorchBatch) -> "OrderedDict[str, torch.Tensor]":
-        r"""The factors $A_b \nabla_{\theta_b} \ell(z'_i)$ of a test batch as matrices
-        `(N, m, k)` by block: for a loss function and Kronecker-factored operators, from the
-        layers' inputs and output gradients of one forward and backward pass, applied in matrix
-        form; otherwise the blocks' factors, reshaped."""
+    def _lean_factors(
+        self, batch: TorchBatch, flat: bool
+    ) -> "Optional[OrderedDict[str, torch.Tensor]]":
+        r"""The factors $A_b \nabla_{\theta_b} \ell(z'_i)$ of a test batch by block, as
+        matrices `(N, m, k)` or (`flat`) rows `(N, P_b)`, from the layers' inputs and output
+        gradients of one forward and backward pass, applied in matrix form a chunk of test
+        points at a time (the operator's intermediates are the size of a chunk, not of the
+        batch); None unless the loss is a loss function, the operators Kronecker-factored and
+        the layer calls recordable."""
         lean = not is_task(self.loss) and all(
             isinstance(block.op, KroneckerFactoredCurvature)
             for block in self.composable_block_dict.values()
         )
-        if lean:
-            try:
-                signals = SignalRecorder(self.model, self.layers, self.loss, True).record(batch)
-            except UnscorableModelError as error:
-                logger.debug("Test factors from per-sample gradients: %s.", error)
-            else:
-                result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-                for name, (a, d) in signals.items():
-                    grads = torch.einsum("ntm,ntk->nmk", d, a)
-                    _check_finite(grads, name)
-                    op = self.composable_block_dict[name].op
-                    result[name] = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
-                return result
-        return self._factor_matrices(self.transformed_grads(batch))
+        if not lean:
+            return None
+        try:
+            signals = SignalRecorder(self.model, self.layers, self.loss, True).record(batch)
+        except UnscorableModelError as error:
+            logger.debug("Test factors from per-sample gradients: %s.", error)
+            return None
+        result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for name in list(signals):
+            a, d = signals.pop(name)
+            op = self.composable_block_dict[name].op
+            spec = self.layers[name]
+            size = max(1, TEST_CHUNK_BYTES // (spec.out_dim * spec.input_factor_dim * 8))
+            factors: Optional[torch.Tensor] = None
+            for start in range(0, a.shape[0], size):
+                part = slice(start, start + size)
+                grads = torch.einsum("ntm,ntk->nmk", d[part], a[part])
+                _check_finite(grads, name)
+                chunk = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
+                del grads
+                if flat:
+                    chunk = spec.flat_from_matrix(chunk)
+                if factors is None:
+                    if chunk.shape[0] == a.shape[0]:
+                        factors = chunk
+                        break
+                    factors = chunk.new_empty((a.shape[0], *chunk.shape[1:]))
+                factors[part] = chunk
+                del chunk
+            del a, d
+            assert factors is not None
+            result[name] = factors
+        return result
+
+    def _test_matrices(self, batch: TorchBatch) -> "OrderedDict[str, torch.Tensor]":
+        """The test factors of a batch as matrices `(N, m, k)` by block (see
+        `_lean_factors`); otherwise the blocks' factors, reshaped."""
+        lean = self._lean_factors(batch, flat=False)
+        if lean is not None:
+            return lean
+        return self._factor_matrices(super().transformed_grads(batch))
+
+    def transformed_grads(self, batch: TorchBatch) -> "OrderedDict[str, torch.Tensor]":
+        """The test factors of a batch as rows `(N, P_b)` by block, from the layers' inputs and
+        output gradients where possible (see `_lean_factors`)."""
+        lean = self._lean_factors(batch, flat=True)
+        return super().transformed_grads(batch) if lean is None else lean
+
+    def generate_transformed_grads(self, batch: TorchBatch) -> Generator[torch.Tensor, None, None]:
+        factors = self.transformed_grads(batch)
+        for name in list(factors):
+            yield factors.pop(name)
 
     def _training_scores(
         self, matrices: "OrderedDict[str, torch.Tensor]", batch: TorchBatch, summed: bool = False
@@ -460,7 +505,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             return super().interactions(left_batch, right_batch, mode)
         if mode is InfluenceMode.Up:
             return self._training_scores(self._test_matrices(left_batch), right_batch)
-        return self._perturbation_scores(self.transformed_grads(left_batch), right_batch)
+        return self._perturbation_scores(super().transformed_grads(left_batch), right_batch)
 
     def generate_interactions(
         self, left_batch: TorchBatch, right_batch: Optional[TorchBatch], mode: InfluenceMode
