@@ -12,10 +12,9 @@ import torch
 
 from helpers import classification_data, loader
 from influx import InfluenceMode
-from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
+from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch, kfac_scores
 from influx.torch.base import TorchBlockMapper
 from influx.torch.composition import KroneckerCurvature
-from influx.torch import kfac_scores
 from influx.torch.kfac_scores import (
     KroneckerBlockMapper,
     UnscorableModelError,
