@@ -119,6 +119,44 @@ def prepare(workdir: Path, n_train: int, n_test: int, epochs: int) -> Dict[str, 
     return info
 
 
+def _dask_matrix(
+    model: Any,
+    data: Dict[str, torch.Tensor],
+    rows: int,
+    columns: int,
+    options: Dict[str, Any],
+    path: Path,
+) -> None:
+    """The influence matrix written to zarr by the Dask calculator, on a `LocalCluster` with
+    one worker of one thread in this process (torch's threads as set), so that the process's
+    peak memory covers the scheduler and the worker."""
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from influx import DaskInfluenceCalculator
+    from influx.array import dask_array_to_zarr
+    from influx.torch import TorchNumpyConverter
+
+    def array(t: torch.Tensor, chunk: int) -> Any:
+        values = t.numpy()
+        return da.from_array(values, chunks=(chunk,) + values.shape[1:])
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
+        values = calculator.influences(
+            array(data["x_test"][:rows], options["test_batch"]),
+            array(data["y_test"][:rows], options["test_batch"]),
+            array(data["x"][:columns], options["train_batch"]),
+            array(data["y"][:columns], options["train_batch"]),
+        )
+        dask_array_to_zarr(values, str(path), overwrite=True)
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -164,12 +202,17 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
         )
     model.fit(train)
     fitted = time.perf_counter()
-    calculator = SequentialInfluenceCalculator(model)
-    path = workdir / f"{method}.zarr"
-    lazy = calculator.influences(test, columns_loader)
-    lazy.to_zarr(path, TorchNumpyConverter(), overwrite=True)
+    dask = options.get("calculator", "sequential") == "dask"
+    path = workdir / f"{method}{'-dask' if dask else ''}.zarr"
+    if dask:
+        _dask_matrix(model, data, rows, columns, options, path)
+    else:
+        calculator = SequentialInfluenceCalculator(model)
+        lazy = calculator.influences(test, columns_loader)
+        lazy.to_zarr(path, TorchNumpyConverter(), overwrite=True)
     done = time.perf_counter()
     result = {
+        "calculator": "dask" if dask else "sequential",
         "method": method,
         "fit_seconds": fitted - start,
         "matrix_seconds": done - fitted,
@@ -180,6 +223,15 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
     }
     if method == "projected":
         result["projected_sizes"] = model.projected_sizes
+    sequential = workdir / f"{method}.zarr"
+    if dask and sequential.exists():
+        import zarr
+
+        ours = np.asarray(zarr.open_array(str(path), mode="r")[...], dtype=np.float64)
+        other = np.asarray(zarr.open_array(str(sequential), mode="r")[...], dtype=np.float64)
+        if ours.shape == other.shape:
+            scale = float(np.abs(other).max())
+            result["max_difference_to_sequential"] = float(np.abs(ours - other).max()) / scale
     return result
 
 
@@ -210,6 +262,12 @@ def main() -> None:
     parser.add_argument("--projected-test-batch", type=int, default=1000)
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
+        "--calculator",
+        default="sequential",
+        choices=["sequential", "dask"],
+        help="the sequential calculator or the Dask one (a LocalCluster in the process)",
+    )
+    parser.add_argument(
         "--matrix-test", type=int, default=None, help="test points of the matrix (default all)"
     )
     parser.add_argument(
@@ -236,6 +294,7 @@ def main() -> None:
             "test_batch": args.projected_test_batch if method == "projected" else args.test_batch,
             "matrix_test": args.matrix_test or args.n_test,
             "matrix_train": args.matrix_train or args.n_train,
+            "calculator": args.calculator,
         }
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         command = [sys.executable, str(HERE), "--workdir", str(workdir), "--worker"]
