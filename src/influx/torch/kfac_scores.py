@@ -404,6 +404,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             a, d = signals.pop(name)
             op = self.composable_block_dict[name].op
             spec = self.layers[name]
+            # numbers counted at 8 bytes: the operator may compute in float64
             size = max(1, TEST_CHUNK_BYTES // (spec.out_dim * spec.input_factor_dim * 8))
             factors: Optional[torch.Tensor] = None
             for start in range(0, a.shape[0], size):
