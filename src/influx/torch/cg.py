@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +46,49 @@ __all__ = ["conjugate_gradient", "block_conjugate_gradient", "CgOperator"]
 logger = logging.getLogger(__name__)
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Start(NamedTuple):
+    """The state both CG variants start from."""
+
+    n: int
+    maxiter: int
+    precondition: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    r: torch.Tensor
+    b_norm: torch.Tensor
+    tol: torch.Tensor
+    r_norm: torch.Tensor
+    iterations: torch.Tensor
+    active: torch.Tensor
+
+
+def _start(
+    rhs: torch.Tensor,
+    rtol: float,
+    atol: float,
+    maxiter: Optional[int],
+    preconditioner: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> _Start:
+    r"""Validate the settings and set up $X_0 = 0$, $R_0 = B$, the per-row tolerances
+    $\max(\text{rtol}\,\|b\|, \text{atol})$ and the rows not yet converged."""
+    check_rows(rhs, "rhs")
+    validate_cg_settings(rtol, atol, maxiter)
+    n, size = rhs.shape
+    b_norm = torch.linalg.norm(rhs, dim=1)
+    tol = torch.clamp(rtol * b_norm, min=atol)
+    return _Start(
+        n=n,
+        maxiter=10 * size if maxiter is None else maxiter,
+        precondition=preconditioner if preconditioner is not None else (lambda v: v),
+        x=torch.zeros_like(rhs),
+        r=rhs.clone(),
+        b_norm=b_norm,
+        tol=tol,
+        r_norm=b_norm.clone(),
+        iterations=torch.zeros(n, dtype=torch.long, device=rhs.device),
+        active=torch.nonzero(b_norm > tol).squeeze(1),
+    )
 
 
 def conjugate_gradient(
@@ -87,19 +130,9 @@ def conjugate_gradient(
     Returns:
         The solutions with per right-hand side iterations, relative residuals and convergence.
     """
-    check_rows(rhs, "rhs")
-    validate_cg_settings(rtol, atol, maxiter)
-    n, size = rhs.shape
-    maxiter = 10 * size if maxiter is None else maxiter
-    precondition = preconditioner if preconditioner is not None else (lambda v: v)
-
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    b_norm = torch.linalg.norm(rhs, dim=1)
-    tol = torch.clamp(rtol * b_norm, min=atol)
-    r_norm = b_norm.clone()
-    iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
-    active = torch.nonzero(r_norm > tol).squeeze(1)
+    n, maxiter, precondition, x, r, b_norm, tol, r_norm, iterations, active = _start(
+        rhs, rtol, atol, maxiter, preconditioner
+    )
     if active.numel():
         z = precondition(r[active])
         direction = z
@@ -215,19 +248,9 @@ def block_conjugate_gradient(
     Returns:
         The solutions with per right-hand side iterations, relative residuals and convergence.
     """
-    check_rows(rhs, "rhs")
-    validate_cg_settings(rtol, atol, maxiter)
-    n, size = rhs.shape
-    maxiter = 10 * size if maxiter is None else maxiter
-    precondition = preconditioner if preconditioner is not None else (lambda v: v)
-
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    b_norm = torch.linalg.norm(rhs, dim=1)
-    tol = torch.clamp(rtol * b_norm, min=atol)
-    r_norm = b_norm.clone()
-    iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
-    active = torch.nonzero(r_norm > tol).squeeze(1)
+    n, maxiter, precondition, x, r, b_norm, tol, r_norm, iterations, active = _start(
+        rhs, rtol, atol, maxiter, preconditioner
+    )
     directions = _orthonormal_rows(precondition(r[active])) if active.numel() else rhs[:0]
 
     best = float((r_norm / tol).max()) if n else 0.0
