@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -143,3 +144,66 @@ def test_dense_hessian_reverse_over_reverse_on_a_block(loss: Loss, chunk_size: i
     assert result.shape == expected.shape
     assert rel_err(result, expected) < 1e-12
     assert torch.allclose(result, result.T, rtol=0, atol=1e-14)
+
+
+class _Square(torch.autograd.Function):
+    """$x^2$ whose second derivative reads a number (`.item()`), which a batched backward pass
+    cannot do."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return _TwiceProduct.apply(g, x)  # type: ignore[no-any-return]
+
+
+class _TwiceProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, x)
+        return 2 * g * x
+
+    @staticmethod
+    def backward(ctx: Any, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        g, x = ctx.saved_tensors
+        factor = 2.0 if h.abs().sum().item() >= 0 else 0.0
+        return factor * h * x, factor * h * g
+
+
+class _SquaredLinear(torch.nn.Module):
+    def __init__(self, custom: bool = True) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.custom = custom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.custom:
+            return _Square.apply(self.linear(x))  # type: ignore[no-any-return]
+        return self.linear(x) ** 2
+
+
+def test_batched_backward_passes_fall_back_to_one_pass_per_vector(caplog) -> None:
+    """A graph whose second backward pass cannot be batched gives the same products, one
+    backward pass per vector."""
+    torch.manual_seed(0)
+    net = _SquaredLinear().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ((outputs - targets) ** 2).mean()
+
+    params = get_model_parameters(net)
+    plain = _SquaredLinear(custom=False).double()
+    plain.load_state_dict(net.state_dict())
+    expected = exact_hessian(plain, loss, params, x, y)
+    vs = torch.randn(4, expected.shape[0], dtype=torch.float64)
+    with caplog.at_level(logging.DEBUG, logger="influx.torch.hessian_products"):
+        batched = create_batch_hvp_reverse_function(net, loss, params, vectorise_rows=True)
+        result = batched(params, x, y, vs)
+    assert "Batched backward pass failed" in caplog.text
+    assert rel_err(result, vs @ expected) < 1e-12
