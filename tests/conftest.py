@@ -32,6 +32,21 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def deterministic() -> Iterator[None]:
+    """For tests that train a model and assert on what it learned: one torch thread and
+    torch's deterministic algorithms while the test runs, whatever the session set."""
+    threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def linreg() -> LinearRegression:
     return LinearRegression()
 

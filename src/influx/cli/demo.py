@@ -17,6 +17,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from .common import echo
+
 logger = logging.getLogger(__name__)
 
 
@@ -293,6 +295,15 @@ def add_demo_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
     )
     demo.add_argument("--no-plot", action="store_true", help="do not write the plots")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and the model")
+    demo.add_argument(
+        "--hidden", type=int, default=16, help="width of the MLP's hidden layer (default: 16)"
+    )
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=300,
+        help="L-BFGS iterations of the training (default: 300)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=run_demo_command)
 
@@ -302,11 +313,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     to_zarr = args.out is not None and args.out.suffix == ".zarr"
     report = run_demo(
         seed=args.seed,
+        hidden=args.hidden,
+        epochs=args.epochs,
         progress=not args.no_progress,
         with_matrix=args.out is not None and not to_zarr,
     )
     for line in report.lines():
-        logger.info(line)
+        echo(line)
     if args.out is not None:
         if to_zarr:
             x_test, y_test, x, y = report.data
@@ -325,12 +338,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
             assert report.influences is not None
             path = _write(report.influences, args.out)
             shape = report.influences.shape
-        logger.info("Influence matrix %s written to %s", shape, path)
+        echo(f"Influence matrix {shape} written to {path}")
     if not args.no_plot:
         try:
             plot_path = plot_report(report, args.plot)
         except ImportError:
             logger.info("Plots skipped: install matplotlib (pip install 'influx[plot]').")
         else:
-            logger.info("Plots written to %s", plot_path)
+            echo(f"Plots written to {plot_path}")
     return 0
