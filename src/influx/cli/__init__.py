@@ -18,11 +18,11 @@ import sys
 from typing import List, Optional, Sequence
 
 from .. import __version__
+from ..evaluation import detection_auc
 from .common import UsageError
 from .demo import (
     DemoReport,
     add_demo_parser,
-    detection_auc,
     plot_report,
     run_demo,
     write_influences_zarr,
