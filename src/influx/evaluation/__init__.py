@@ -19,11 +19,11 @@ The package works on numbers from any library: it imports neither torch nor
 and dask are imported only when a store or a client is used.
 
 Modules: `influx.evaluation.checks` (input checks), `influx.evaluation.ranks` (ranks with
-ties, Spearman, AUC), `influx.evaluation.lds`, `influx.evaluation.store` (the zarr record of
+ties, Spearman, AUC), `influx.evaluation.datamodeling` (the LDS), `influx.evaluation.store` (the zarr record of
 retrainings), `influx.evaluation.retraining` and `influx.evaluation.removal`.
 """
 
-from .lds import LdsResult, lds, subset_predictions
+from .datamodeling import LdsResult, lds, subset_predictions
 from .ranks import average_ranks, detection_auc, spearman_rows
 from .removal import (
     CounterfactualResult,

@@ -9,7 +9,7 @@ r"""Retraining without chosen points: leave-one-out and counterfactual removal.
   then $k$ random ones, and retrains each time: scores that mean something raise the test
   loss more than random removal in the first case and lower it in the second.
 
-Both run on [run_retrainings][influx.evaluation.retraining.run_retrainings]: Dask client,
+Both run on [run_retrainings][influx.evaluation.run_retrainings]: Dask client,
 zarr store and resume work as for [retrain_on_subsets][influx.evaluation.retrain_on_subsets].
 """
 

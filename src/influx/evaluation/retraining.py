@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from .checks import as_array, check_positive_int, check_seeds
-from .lds import LdsResult, lds
+from .datamodeling import LdsResult, lds
 from .store import RetrainingStore
 
 __all__ = [
@@ -267,7 +267,7 @@ def retrain_on_subsets(
     r"""Retrain on random subsets of the training data and measure the test losses.
 
     Draws `n_subsets` subsets of `round(fraction * n_train)` training points with
-    [draw_subsets][influx.evaluation.retraining.draw_subsets] (seeded by `subset_seed`),
+    [draw_subsets][influx.evaluation.draw_subsets] (seeded by `subset_seed`),
     calls `train_fn(indices, seed)` and `measure_fn(model)` for every subset and every seed,
     and averages the test losses over the seeds:
     $y_{m,i} = \frac{1}{|\mathrm{seeds}|}\sum_s \ell_i(\theta_{S_m, s})$. Feed the result to
