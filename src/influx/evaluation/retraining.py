@@ -235,10 +235,15 @@ def _run_on_client(
 ) -> None:
     from distributed import as_completed
 
+    if not pending:
+        return
+    # the functions (and the data they hold) travel to each worker once, not once per task
+    functions = client.scatter([train_fn, measure_fn], broadcast=True, hash=False)
     futures = {
-        client.submit(
-            retrain_one, train_fn, measure_fn, np.flatnonzero(subsets[m]), seeds[s], pure=False
-        ): (s, m)
+        client.submit(retrain_one, *functions, np.flatnonzero(subsets[m]), seeds[s], pure=False): (
+            s,
+            m,
+        )
         for s, m in pending
     }
     try:
