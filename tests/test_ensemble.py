@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +156,23 @@ def test_factors_of_another_width_are_refused(data: tuple) -> None:
         ValueError, match=re.escape(f"must be the ensemble's factors, of shape (N, {width})")
     ):
         ensemble.influences_from_factors(member.influence_factors(x_test, y_test), x, y)
+
+
+def test_the_dask_calculator_maps_an_ensemble(data: tuple, dask_client: Any) -> None:
+    import dask.array as da
+
+    from influx import DaskInfluenceCalculator
+    from influx.torch import TorchNumpyConverter
+
+    x, y, x_test, y_test = data
+    ensemble = EnsembleInfluence([_fitted(0), _fitted(2)], weights=[1.0, 2.0])
+    calculator = DaskInfluenceCalculator(ensemble, TorchNumpyConverter(), dask_client)
+    values = calculator.influences(
+        da.from_array(x_test.numpy(), chunks=(4, -1)),
+        da.from_array(y_test.numpy(), chunks=4),
+        da.from_array(x.numpy(), chunks=(16, -1)),
+        da.from_array(y.numpy(), chunks=16),
+    )
+    np.testing.assert_allclose(
+        values.compute(), ensemble.influences(x_test, y_test, x, y).numpy(), rtol=1e-12, atol=1e-14
+    )
