@@ -74,3 +74,36 @@ class RidgeProblem:
     def leverage(self) -> NDArray[np.float64]:
         a, _, _ = self._full()
         return np.einsum("nd,dn->n", self.x, np.linalg.solve(a, self.x.T))
+
+
+class TorchRegression:
+    """A torch linear model trained by 50 steps of full-batch gradient descent from a seeded
+    initialisation; the measurement returns a tensor of test squared errors."""
+
+    def __init__(self, problem: RidgeProblem):
+        import torch
+
+        self.x = torch.tensor(problem.x)
+        self.y = torch.tensor(problem.y)[:, None]
+        self.x_test = torch.tensor(problem.x_test)
+        self.y_test = torch.tensor(problem.y_test)[:, None]
+
+    def train(self, indices: NDArray[np.int64], seed: int) -> object:
+        import torch
+
+        torch.manual_seed(seed)
+        # explicit dtype: the default dtype of a Dask worker is not the test session's
+        net = torch.nn.Linear(self.x.shape[1], 1, dtype=torch.float64)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = self.x[indices], self.y[indices]
+        for _ in range(50):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+        return net
+
+    def measure(self, net: object) -> object:
+        import torch
+
+        with torch.no_grad():
+            return ((net(self.x_test) - self.y_test) ** 2)[:, 0]  # type: ignore[operator]

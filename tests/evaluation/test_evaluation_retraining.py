@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from evaluation_ridge import RidgeProblem
+from evaluation_ridge import RidgeProblem, TorchRegression
 
 from influx.evaluation import draw_subsets, lds, retrain_on_subsets
 
@@ -137,6 +137,12 @@ def test_a_foreign_zarr_group_is_refused(tmp_path: Path) -> None:
         _run(RidgeProblem(), store=tmp_path / "other.zarr")
 
 
+def test_a_zarr_array_is_refused(tmp_path: Path) -> None:
+    zarr.open_array(tmp_path / "array.zarr", mode="w", shape=(3,), dtype=float)
+    with pytest.raises(ValueError, match="Parameter 'store': .* holds a zarr array, expected"):
+        _run(RidgeProblem(), store=tmp_path / "array.zarr")
+
+
 def test_on_a_local_cluster_results_equal_in_process(dask_client: Any, tmp_path: Path) -> None:
     problem = RidgeProblem(noise=0.05)
     reference = _run(problem)
@@ -144,6 +150,37 @@ def test_on_a_local_cluster_results_equal_in_process(dask_client: Any, tmp_path:
     np.testing.assert_array_equal(distributed.per_seed_outputs, reference.per_seed_outputs)
     stored = _run(problem, client=dask_client, store=tmp_path / "truth.zarr")
     np.testing.assert_array_equal(stored.per_seed_outputs, reference.per_seed_outputs)
+
+
+def test_a_torch_model_gives_the_same_results_on_a_cluster_and_resumed(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    torch_problem = TorchRegression(RidgeProblem(n=30))
+    arguments = {"n_subsets": 6, "seeds": (0, 1), "progress": False}
+    reference = retrain_on_subsets(torch_problem.train, torch_problem.measure, 30, **arguments)
+    assert reference.per_seed_outputs.dtype == np.float64
+    assert not np.array_equal(reference.per_seed_outputs[0], reference.per_seed_outputs[1])
+    there = retrain_on_subsets(
+        torch_problem.train, torch_problem.measure, 30, client=dask_client, **arguments
+    )
+    np.testing.assert_array_equal(there.per_seed_outputs, reference.per_seed_outputs)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        retrain_on_subsets(
+            FailingOnThirdCall(torch_problem),  # type: ignore[arg-type]
+            torch_problem.measure,
+            30,
+            store=tmp_path / "t.zarr",
+            **arguments,
+        )
+    resumed = retrain_on_subsets(
+        torch_problem.train,
+        torch_problem.measure,
+        30,
+        client=dask_client,
+        store=tmp_path / "t.zarr",
+        **arguments,
+    )
+    np.testing.assert_array_equal(resumed.per_seed_outputs, reference.per_seed_outputs)
 
 
 def test_a_failing_task_on_the_cluster_raises_its_error(dask_client: Any) -> None:

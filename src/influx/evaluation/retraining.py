@@ -8,7 +8,10 @@ zarr store as soon as it completes (see [influx.evaluation.store][influx.evaluat
 so that an interrupted run resumes where it stopped with identical results.
 
 The user supplies two functions, which must be deterministic given their arguments for
-results to be reproducible (and picklable, with what they reference, to run on Dask):
+results to be reproducible (and picklable, with what they reference, to run on Dask). A Dask
+worker does not share the caller's process-wide settings: set what a result depends on
+inside `train_fn` (the seed, and the dtype of new parameters rather than torch's default
+dtype).
 
 * `train_fn(indices, seed) -> model`: train a model from scratch on the training points
   `indices` (a sorted int64 numpy array) with the random seed `seed`;

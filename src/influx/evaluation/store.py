@@ -60,7 +60,13 @@ class RetrainingStore:
         import zarr
 
         self.location = store
-        self.group = zarr.open_group(store=store, mode="a")
+        try:
+            self.group = zarr.open_group(store=store, mode="a")
+        except zarr.errors.ContainsArrayError:
+            raise ValueError(
+                f"Parameter 'store': {store!r} holds a zarr array, expected a new path or a "
+                "group of retrainings written by influx."
+            ) from None
         recorded = self.group.attrs.get(ATTRIBUTE_KEY)
         if recorded is None:
             if len(list(self.group.keys())):
