@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,4 +176,53 @@ def test_the_dask_calculator_maps_an_ensemble(data: tuple, dask_client: Any) -> 
     )
     np.testing.assert_allclose(
         values.compute(), ensemble.influences(x_test, y_test, x, y).numpy(), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_save_and_load_fit_restore_the_members(data: tuple, tmp_path: Path) -> None:
+    x, y, x_test, y_test = data
+    nets = [make_mlp(seed=s).double() for s in (0, 1)]
+    ensemble = EnsembleInfluence(
+        [DirectInfluence(net, LOSS, regularization=0.1) for net in nets], weights=[1.0, 3.0]
+    ).fit(loader(x, y, 16))
+    directory = ensemble.save(tmp_path / "ensemble")
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "ensemble.json",
+        "member-0.pt",
+        "member-1.pt",
+    ]
+    restored = EnsembleInfluence(
+        [DirectInfluence(net, LOSS, regularization=0.1) for net in nets], weights=[1.0, 3.0]
+    ).load_fit(directory)
+    torch.testing.assert_close(
+        restored.influences(x_test, y_test, x, y),
+        ensemble.influences(x_test, y_test, x, y),
+        rtol=0,
+        atol=0,
+    )
+    other = EnsembleInfluence([DirectInfluence(net, LOSS, regularization=0.1) for net in nets])
+    with pytest.raises(ValueError, match=re.escape("was saved with weights [0.25, 0.75]")):
+        other.load_fit(directory)
+    with pytest.raises(ValueError, match=re.escape("holds an ensemble of ['DirectInfluence', ")):
+        EnsembleInfluence([DirectInfluence(nets[0], LOSS, regularization=0.1)]).load_fit(directory)
+
+
+def test_members_fitted_on_a_cluster_equal_members_fitted_here(
+    data: tuple, dask_client: Any
+) -> None:
+    x, y, x_test, y_test = data
+
+    def members() -> list:
+        return [
+            DirectInfluence(make_mlp(seed=s).double(), LOSS, regularization=0.1) for s in (0, 1)
+        ]
+
+    here = EnsembleInfluence(members()).fit(loader(x, y, 16))
+    there = EnsembleInfluence(members()).fit(loader(x, y, 16), client=dask_client)
+    assert there.is_fitted
+    torch.testing.assert_close(
+        there.influences(x_test, y_test, x, y),
+        here.influences(x_test, y_test, x, y),
+        rtol=1e-10,
+        atol=1e-12,
     )

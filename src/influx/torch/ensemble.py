@@ -21,8 +21,10 @@ other model.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -32,6 +34,17 @@ from ..types import InfluenceFunctionModel, InfluenceMode, NotFittedException
 __all__ = ["EnsembleInfluence"]
 
 logger = logging.getLogger(__name__)
+
+HEADER_FILE = "ensemble.json"
+"""The file of an ensemble's directory that lists its members and weights."""
+
+
+def _member_file(index: int) -> str:
+    return f"member-{index}.pt"
+
+
+def _fit_member(member: InfluenceFunctionModel, data: DataLoader) -> InfluenceFunctionModel:
+    return member.fit(data)
 
 
 def _check_members(members: Any) -> List[InfluenceFunctionModel]:
@@ -78,7 +91,8 @@ class EnsembleInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     [influence_factors][influx.torch.ensemble.EnsembleInfluence.influence_factors],
     [influences_from_factors][influx.torch.ensemble.EnsembleInfluence.influences_from_factors],
     [influences][influx.torch.ensemble.EnsembleInfluence.influences] and `self_influences`,
-    and works with the calculators.
+    and works with the calculators; `fit` fits the members (in parallel on a Dask client
+    when given), `save` and `load_fit` store and restore their fits in a directory.
 
     A member whose solver reports that it did not converge (an indefinite curvature at its
     $\lambda$ makes CG, for one, fail) is named in a warning after each computation, since
@@ -120,10 +134,84 @@ class EnsembleInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         dtypes = {getattr(member, "dtype", None) for member in self.members}
         return dtypes.pop() if len(dtypes) == 1 else None
 
-    def fit(self, data: DataLoader) -> "EnsembleInfluence":
-        """Fit every member on `data` (each to its own network) and return the ensemble."""
-        for member in self.members:
-            member.fit(data)
+    def fit(self, data: DataLoader, client: Any = None) -> "EnsembleInfluence":
+        """Fit every member on `data` (each to its own network) and return the ensemble.
+
+        Args:
+            data: the training data, the same for every member.
+            client: a `distributed.Client` to fit the members in parallel, one task each;
+                the ensemble then holds the fitted copies returned by the workers (the
+                objects passed as `members` stay as they were). None fits them here.
+        """
+        if client is None:
+            for member in self.members:
+                member.fit(data)
+            return self
+        futures = client.map(_fit_member, self.members, data=data, pure=False)
+        self.members = list(client.gather(futures))
+        return self
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Save the fit of every member (with its own `save`) and the weights to
+        `directory`: `member-<k>.pt` per member and `ensemble.json`.
+
+        Raises:
+            NotFittedException: if a member is not fitted.
+            TypeError: if a member cannot be saved.
+        """
+        from .. import __version__
+
+        self._require_fitted()
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for index, member in enumerate(self.members):
+            save = getattr(member, "save", None)
+            if save is None:
+                raise TypeError(
+                    f"Member {index} of the ensemble ({type(member).__name__}) cannot be saved."
+                )
+            save(path / _member_file(index))
+        header = {
+            "classes": [type(member).__name__ for member in self.members],
+            "weights": self.weights,
+            "influx_version": __version__,
+        }
+        (path / HEADER_FILE).write_text(json.dumps(header, indent=1) + "\n")
+        return path
+
+    def load_fit(
+        self, directory: Union[str, Path], data: Optional[DataLoader] = None
+    ) -> "EnsembleInfluence":
+        """Load the fits saved by `save` into the members (built as when they were saved,
+        on the same networks) and return the ensemble.
+
+        Args:
+            directory: the directory written by `save`.
+            data: the training data, for members whose methods need it again (CG, LiSSA).
+
+        Raises:
+            ValueError: if the directory holds another number of members, other classes or
+                other weights, or a member's file does not match it (see the members'
+                `load_fit`).
+        """
+        path = Path(directory)
+        header = json.loads((path / HEADER_FILE).read_text())
+        classes = [type(member).__name__ for member in self.members]
+        if header.get("classes") != classes:
+            raise ValueError(
+                f"Parameter 'directory': {str(path)!r} holds an ensemble of "
+                f"{header.get('classes')}, this ensemble has {classes}."
+            )
+        saved = [float(w) for w in header.get("weights", [])]
+        if len(saved) != len(self.weights) or any(
+            abs(a - b) > 1e-12 for a, b in zip(saved, self.weights)
+        ):
+            raise ValueError(
+                f"Parameter 'directory': {str(path)!r} was saved with weights {saved}, this "
+                f"ensemble has {self.weights}."
+            )
+        for index, member in enumerate(self.members):
+            member.load_fit(path / _member_file(index), data)  # type: ignore[attr-defined]
         return self
 
     def _require_fitted(self) -> None:
