@@ -91,9 +91,16 @@ class TorchRegression:
     def train(self, indices: NDArray[np.int64], seed: int) -> object:
         import torch
 
-        torch.manual_seed(seed)
-        # explicit dtype: the default dtype of a Dask worker is not the test session's
+        # a generator of its own: the tasks of a multi-threaded Dask worker run concurrently
+        # in one process and would race for torch's global one; an explicit dtype: a
+        # worker's default dtype is not the test session's
+        generator = torch.Generator().manual_seed(seed)
         net = torch.nn.Linear(self.x.shape[1], 1, dtype=torch.float64)
+        with torch.no_grad():
+            for parameter in net.parameters():
+                parameter.copy_(
+                    torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+                )
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
         x, y = self.x[indices], self.y[indices]
         for _ in range(50):

@@ -11,7 +11,9 @@ The user supplies two functions, which must be deterministic given their argumen
 results to be reproducible (and picklable, with what they reference, to run on Dask). A Dask
 worker does not share the caller's process-wide settings: set what a result depends on
 inside `train_fn` (the seed, and the dtype of new parameters rather than torch's default
-dtype).
+dtype). The tasks of a worker with several threads run concurrently in one process, where
+they would race for torch's global random generator: draw from a generator of the task's
+own (`torch.Generator().manual_seed(seed)`), or run workers with one thread each.
 
 * `train_fn(indices, seed) -> model`: train a model from scratch on the training points
   `indices` (a sorted int64 numpy array) with the random seed `seed`;
