@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from ..evaluation import detection_auc
 from .common import echo
 
 logger = logging.getLogger(__name__)
@@ -56,24 +57,6 @@ class DemoReport:
             f"Detection AUC (flipped vs clean, by harmfulness): {self.auc:.3f}",
             f"Time (training, fit and ranking): {self.seconds:.1f} s",
         ]
-
-
-def detection_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for the boolean labels `positives` (ties: 1/2)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos = int(positives.sum())
-    n_neg = len(scores) - n_pos
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def run_demo(

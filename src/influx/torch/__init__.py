@@ -48,6 +48,7 @@ from .curvature import (
     SecondOrderMode,
 )
 from .direct import DirectSolveOperator
+from .ensemble import EnsembleInfluence
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from .inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .kfac import NotImplementedLayerRepresentationException
@@ -94,6 +95,7 @@ from .valuation import (
 )
 
 __all__ = [
+    "EnsembleInfluence",
     "Task",
     "SupervisedTask",
     "ArnoldiSolver",
