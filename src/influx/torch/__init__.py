@@ -93,7 +93,11 @@ from .valuation import (
     top_k_influences,
 )
 
+# isort: split
+from .tracker import InfluenceTracker  # imports the names above from this package
+
 __all__ = [
+    "InfluenceTracker",
     "Task",
     "SupervisedTask",
     "ArnoldiSolver",
