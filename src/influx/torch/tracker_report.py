@@ -123,13 +123,20 @@ def log_summary(
     )
     for name, diagnostics in (ranking.solver_diagnostics or {}).items():
         if diagnostics is not None:
+            figures = "".join(
+                f", {label} {value:.3g}"
+                for label, value in (
+                    ("iterations", diagnostics.iterations),
+                    ("residual", diagnostics.residual),
+                )
+                if value is not None
+            )
             logger.info(
-                "  solver %s on block %s: converged %s, %s iterations, residual %s.",
+                "  solver %s on block %s: converged %s%s.",
                 diagnostics.method,
                 name,
                 diagnostics.converged,
-                diagnostics.iterations,
-                diagnostics.residual,
+                figures,
             )
     if not ranking.converged:
         logger.warning("Influence ranking %s: a solve did not converge.", context)
