@@ -31,7 +31,18 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -51,11 +62,15 @@ from . import (
     TorchGradientProvider,
     rank_training_points,
 )
-from .data import iterate_batches
+from .data import iterate_batches, split_batch
 from .tracker_report import as_index_list, log_summary, write_report
+from .tracker_store import GradientRecorder
 from .validation import check_ordered, check_positive_int
 
-__all__ = ["Checkpoint", "InfluenceTracker", "METHODS", "preserved_training_state"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .gradient_store import GradientStore
+
+__all__ = ["Checkpoint", "InfluenceTracker", "METHODS", "eval_mode", "preserved_training_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +140,18 @@ def _loader_generators(loaders: Iterable[Any]) -> List[torch.Generator]:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with `model` in eval mode; restore every module's train/eval flag after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
 def preserved_training_state(model: torch.nn.Module, loaders: Iterable[Any]) -> Iterator[None]:
     """Run a block with `model` in eval mode and leave the training as it was.
 
@@ -132,17 +159,14 @@ def preserved_training_state(model: torch.nn.Module, loaders: Iterable[Any]) -> 
     Python, numpy and torch (CPU and initialised CUDA devices) and the states of the
     generators of `loaders` (see `_loader_generators`).
     """
-    modes = [(module, module.training) for module in model.modules()]
     python_state, numpy_state = random.getstate(), np.random.get_state()
     torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     generators = [(g, g.get_state()) for g in _loader_generators(loaders)]
-    model.eval()
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        for module, training in modes:
-            module.training = training
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
@@ -218,6 +242,20 @@ class InfluenceTracker:
             into `epoch_<k>` subdirectories); None writes none.
         top_k: how many of the most harmful points the summary names.
         plots: draw the reports' plots (needs matplotlib, the `plot` extra).
+        gradient_store: a zarr path: record the projected gradient of every training batch
+            passed to `on_step` (with its indices) and write them there, in the format of the
+            [GradientStore][influx.torch.gradient_store.GradientStore] (see
+            [influx.torch.tracker_store][influx.torch.tracker_store]); `finish` opens it as
+            `tracker.store`.
+        gradient_store_options: keyword arguments of the
+            [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence] that
+            projects them (`projection_dim`, `projection`, `seed`, `regularization`, ...).
+        gradient_store_from_epoch: record from this epoch on (0: from the start; the stored
+            gradient of a point is the one of the last step it was recorded at).
+        gradient_store_capture: take the gradients of Linear / Conv2d layers from the
+            training step's own forward and backward passes (hooks on those layers, removed
+            by `finish`; the loss must be the batch mean) instead of a pass of the tracker
+            (see [influx.torch.tracker_store][influx.torch.tracker_store]).
         progress: show progress bars during the rankings.
 
     Attributes:
@@ -249,6 +287,10 @@ class InfluenceTracker:
         report_dir: Optional[Union[str, Path]] = None,
         top_k: int = 10,
         plots: bool = True,
+        gradient_store: Optional[Union[str, Path]] = None,
+        gradient_store_options: Optional[Mapping[str, Any]] = None,
+        gradient_store_from_epoch: int = 0,
+        gradient_store_capture: bool = True,
         progress: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
@@ -310,19 +352,46 @@ class InfluenceTracker:
         self.report_dir = None if report_dir is None else Path(report_dir)
         check_positive_int(top_k, "top_k")
         self.top_k, self.plots, self.progress = top_k, bool(plots), progress
+        if gradient_store_from_epoch != 0:
+            check_positive_int(gradient_store_from_epoch, "gradient_store_from_epoch")
+        self.gradient_store = None if gradient_store is None else Path(gradient_store)
+        self.gradient_store_options = dict(gradient_store_options or {})
+        self.gradient_store_from_epoch = gradient_store_from_epoch
+        self.gradient_store_capture = bool(gradient_store_capture)
+        self.recorder: Optional[GradientRecorder] = None
+        self.store: Optional["GradientStore"] = None
+        if self.gradient_store is not None and gradient_store_from_epoch == 0:
+            self._start_recorder()
         self.step, self.epoch = 0, 0
         self.checkpoints: List[Checkpoint] = []
         self.rankings: Dict[int, HarmfulRanking] = {}
 
     # -- the training loop's hooks --------------------------------------------------------
 
-    def on_step(self, learning_rate: Optional[float] = None) -> None:
-        """Count one optimizer step; keep a checkpoint when the step schedule says so.
+    def on_step(
+        self,
+        learning_rate: Optional[float] = None,
+        batch: Any = None,
+        indices: Any = None,
+    ) -> None:
+        """Count one optimizer step; keep a checkpoint when the step schedule says so; with a
+        gradient store, record the projected gradients of the step's batch.
 
         Args:
             learning_rate: the step's learning rate (overrides the tracker's `learning_rate`).
+            batch: the step's training batch, `(x, y)` or a dict with `"labels"` (needed
+                with `gradient_store`).
+            indices: the training indices of its samples (in the order of `train_loader`).
         """
         self.step += 1
+        if self.gradient_store is not None and self.epoch >= self.gradient_store_from_epoch:
+            if batch is None or indices is None:
+                raise ValueError(
+                    "Parameters 'batch' and 'indices' of on_step are required with a "
+                    f"gradient store, got batch={type(batch).__name__} and "
+                    f"indices={type(indices).__name__}."
+                )
+            self.record_gradients(batch, indices)
         if self.checkpoint_every_steps and self.step % self.checkpoint_every_steps == 0:
             self.save_checkpoint(learning_rate)
 
@@ -333,6 +402,8 @@ class InfluenceTracker:
             The ranking made at this epoch, or None.
         """
         self.epoch += 1
+        if self.gradient_store is not None and self.epoch == self.gradient_store_from_epoch:
+            self._start_recorder()
         if self.checkpoint_every and self.epoch % self.checkpoint_every == 0:
             self.save_checkpoint(learning_rate)
         if self.rank_every and self.epoch % self.rank_every == 0:
@@ -342,8 +413,42 @@ class InfluenceTracker:
 
     def finish(self) -> HarmfulRanking:
         """Rank the training points now (as `checkpoint_averaging` says), log the summary and
-        write the report into `report_dir`; return the ranking."""
+        write the report into `report_dir`; return the ranking. With a gradient store, write
+        it and open it as `tracker.store` (fitting its curvature at the final parameters)."""
+        if self.recorder is not None:
+            with self._preserved():
+                self.store = self.recorder.store(self.train_loader)
+            logger.info("Projected training gradients written to %s.", self.gradient_store)
         return self._rank_and_report(self.report_dir)
+
+    def record_gradients(self, batch: Any, indices: Any) -> None:
+        """Record the projected gradients of a training batch at the current parameters
+        (called by `on_step`; call it yourself to record before the optimizer step)."""
+        if self.gradient_store is None:
+            raise ValueError(
+                "Parameter 'gradient_store' must be a path to record gradients, got None."
+            )
+        x, y = split_batch(batch, "batch")
+        recorder = self._start_recorder()
+        # projected gradients draw no random numbers and read no loader: the modes suffice
+        with eval_mode(self.model):
+            recorder.record(x, y, indices, self.step)
+
+    def _start_recorder(self) -> GradientRecorder:
+        """The gradient recorder (made on first use: its projection, and its hooks)."""
+        if self.recorder is None:
+            assert self.gradient_store is not None
+            with self._preserved():
+                self.recorder = GradientRecorder(
+                    self.model,
+                    self.loss,
+                    self.gradient_store,
+                    self._n_train(),
+                    self.gradient_store_options,
+                    int(getattr(self.train_loader, "batch_size", None) or 1024),
+                    capture=self.gradient_store_capture,
+                )
+        return self.recorder
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -424,6 +529,14 @@ class InfluenceTracker:
         if "progress" in inspect.signature(cls).parameters:
             kwargs.setdefault("progress", self.progress)
         return cls(model, loss=self.loss, **kwargs)  # type: ignore[no-any-return]
+
+    def _n_train(self) -> int:
+        dataset = getattr(self.train_loader, "dataset", None)
+        try:
+            return len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            device = next(self.model.parameters()).device
+            return sum(len(b) for b in iterate_batches(self.train_loader, device, "train_loader"))
 
     def _preserved(self) -> "contextlib.AbstractContextManager[None]":
         return preserved_training_state(self.model, [self.train_loader, self.validation_loader])
