@@ -431,8 +431,7 @@ class InfluenceTracker:
         x, y = split_batch(batch, "batch")
         recorder = self._start_recorder()
         # projected gradients draw no random numbers and read no loader: the modes suffice
-        with eval_mode(self.model):
-            recorder.record(x, y, indices, self.step)
+        recorder.record(x, y, indices, self.step, lambda: eval_mode(self.model))
 
     def _start_recorder(self) -> GradientRecorder:
         """The gradient recorder (made on first use: its projection, and its hooks)."""

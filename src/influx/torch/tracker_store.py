@@ -29,6 +29,7 @@ the training's values are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
@@ -153,26 +154,35 @@ class GradientRecorder:
                 pieces.append(layer.project_raw(self._inputs[key][0], self._grads[key][0] * n))
         return torch.cat(pieces, dim=1)
 
-    def record(self, x: Any, y: Any, indices: Any, step: int) -> None:
-        """Record the projected gradients of the batch `(x, y)` of training points `indices`
-        at the model's current parameters."""
-        index = torch.as_tensor(indices).reshape(-1).cpu().numpy().astype(np.int64)
+    def record(
+        self,
+        x: Any,
+        y: Any,
+        indices: Any,
+        step: int,
+        context: Callable[[], Any] = contextlib.nullcontext,
+    ) -> None:
+        """Record the projected gradients of the batch `(x, y)` of training points `indices`:
+        those captured from the training step if they fit, else those at the model's current
+        parameters, computed within `context()` (e.g. one that puts the model in eval mode)."""
+        index = np.asarray(torch.as_tensor(indices).reshape(-1).cpu(), dtype=np.int64)
         if len(index) and (index.min() < 0 or index.max() >= self.n_train):
             raise ValueError(
                 f"Parameter 'indices' must hold training indices in [0, {self.n_train}), got "
                 f"indices from {int(index.min())} to {int(index.max())}."
             )
-        batch = TorchBatch(x, y).to(self.providers[0].device)
-        if len(batch) != len(index):
-            raise ValueError(
-                f"Parameter 'indices' must have one index per sample of the batch ({len(batch)}), "
-                f"got {len(index)}."
-            )
         with torch.no_grad():
             grads = self._captured(len(index))
         self._clear()
         if grads is None:
-            grads = torch.cat([provider.flat_grads(batch) for provider in self.providers], dim=1)
+            batch = TorchBatch(x, y).to(self.providers[0].device)
+            if len(batch) != len(index):
+                raise ValueError(
+                    "Parameter 'indices' must have one index per sample of the batch "
+                    f"({len(batch)}), got {len(index)}."
+                )
+            with context():
+                grads = torch.cat([p.flat_grads(batch) for p in self.providers], dim=1)
         else:
             self.captured_steps += 1
         self.rows[index] = grads.detach().cpu().numpy()
