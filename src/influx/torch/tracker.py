@@ -28,8 +28,6 @@ import contextlib
 import copy
 import inspect
 import logging
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -37,14 +35,12 @@ from typing import (
     Callable,
     Dict,
     Iterable,
-    Iterator,
     List,
     Mapping,
     Optional,
     Union,
 )
 
-import numpy as np
 import torch
 
 from . import (
@@ -64,13 +60,14 @@ from . import (
 )
 from .data import iterate_batches, split_batch
 from .tracker_report import as_index_list, log_summary, write_report
+from .tracker_state import FORMATS, Checkpoint, eval_mode, preserved_training_state
 from .tracker_store import GradientRecorder
 from .validation import check_ordered, check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gradient_store import GradientStore
 
-__all__ = ["Checkpoint", "InfluenceTracker", "METHODS", "eval_mode", "preserved_training_state"]
+__all__ = ["InfluenceTracker", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,93 +84,10 @@ METHODS: Dict[str, Any] = {
 """The influence models of `method`, by name: the class and its default keyword arguments."""
 
 AVERAGING = (None, "tracin", "influence")
-FORMATS = ("torch", "safetensors")
 
 LossOrTask = Union[Callable[..., torch.Tensor], Task]
 MethodType = Union[str, Callable[[torch.nn.Module, LossOrTask], TorchComposableInfluence]]
 LearningRate = Union[None, float, torch.optim.Optimizer, Callable[[], float]]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The parameters of the model at one point of the run.
-
-    Attributes:
-        step: the number of `on_step` calls before it was taken.
-        epoch: the number of `on_epoch_end` calls before it was taken.
-        learning_rate: the learning rate at that point ($\\eta_k$ of TracIn-CP).
-        parameters: the parameters by name (in memory), or None when stored in `path`.
-        path: the file holding them (a safetensors file or a `torch.save` of a dict).
-    """
-
-    step: int
-    epoch: int
-    learning_rate: float
-    parameters: Optional[Dict[str, torch.Tensor]] = None
-    path: Optional[Path] = None
-
-    def load(self) -> Dict[str, torch.Tensor]:
-        """The parameters by name."""
-        if self.parameters is not None:
-            return self.parameters
-        assert self.path is not None
-        if self.path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(self.path))
-        state: Dict[str, torch.Tensor] = torch.load(self.path, weights_only=True)
-        return state
-
-
-def _loader_generators(loaders: Iterable[Any]) -> List[torch.Generator]:
-    """The random generators a data loader draws from: its own, its sampler's, its batch
-    sampler's sampler's (each once)."""
-    found: Dict[int, torch.Generator] = {}
-    for loader in loaders:
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for owner in (loader, sampler, getattr(batch_sampler, "sampler", None)):
-            generator = getattr(owner, "generator", None)
-            if isinstance(generator, torch.Generator):
-                found[id(generator)] = generator
-    return list(found.values())
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run a block with `model` in eval mode; restore every module's train/eval flag after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
-def preserved_training_state(model: torch.nn.Module, loaders: Iterable[Any]) -> Iterator[None]:
-    """Run a block with `model` in eval mode and leave the training as it was.
-
-    Saves and restores the train/eval flag of every module, the global random states of
-    Python, numpy and torch (CPU and initialised CUDA devices) and the states of the
-    generators of `loaders` (see `_loader_generators`).
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    generators = [(g, g.get_state()) for g in _loader_generators(loaders)]
-    try:
-        with eval_mode(model):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        for generator, state in generators:
-            generator.set_state(state)
 
 
 def _check_optional_positive_int(value: Optional[int], name: str) -> Optional[int]:
@@ -465,23 +379,14 @@ class InfluenceTracker:
 
     def save_checkpoint(self, learning_rate: Optional[float] = None) -> Checkpoint:
         """Keep the model's current parameters (in memory or in `checkpoint_dir`)."""
-        parameters = {
-            name: p.detach().clone().contiguous() for name, p in self.model.named_parameters()
-        }
-        lr = self._current_learning_rate(learning_rate)
-        if self.checkpoint_dir is None:
-            checkpoint = Checkpoint(self.step, self.epoch, lr, parameters=parameters)
-        else:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            suffix = "safetensors" if self.checkpoint_format == "safetensors" else "pt"
-            path = self.checkpoint_dir / f"checkpoint-{self.step:08d}.{suffix}"
-            if suffix == "safetensors":
-                from safetensors.torch import save_file
-
-                save_file(parameters, str(path))
-            else:
-                torch.save(parameters, path)
-            checkpoint = Checkpoint(self.step, self.epoch, lr, path=path)
+        checkpoint = Checkpoint.take(
+            self.model,
+            self.step,
+            self.epoch,
+            self._current_learning_rate(learning_rate),
+            self.checkpoint_dir,
+            self.checkpoint_format,
+        )
         self.checkpoints.append(checkpoint)
         logger.debug("Checkpoint at step %d (epoch %d).", self.step, self.epoch)
         return checkpoint
