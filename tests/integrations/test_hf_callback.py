@@ -125,6 +125,8 @@ def test_bad_arguments_name_the_parameter() -> None:
         InfluenceCallback(train, validation, data_collator="pad")
     with pytest.raises(TypeError, match="Parameter 'learning_rate' is read from the Trainer"):
         InfluenceCallback(train, validation, learning_rate=0.1)
+    with pytest.raises(TypeError, match="Parameter 'gradient_store' is not available"):
+        InfluenceCallback(train, validation, gradient_store="grads.zarr")
     callback = InfluenceCallback(train, validation, method="newton")
     with pytest.raises(ValueError, match="Parameter 'method' must be one of"):
         callback.on_train_begin(None, TrainerState(), TrainerControl(), model=tc.tiny_bert())

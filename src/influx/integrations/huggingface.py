@@ -99,6 +99,11 @@ class InfluenceCallback(TrainerCallback):  # type: ignore[misc]
                 "Parameter 'loss' must be a Task, a loss function loss(logits, labels) or None, "
                 f"got {type(loss).__name__}."
             )
+        if tracker_options.get("gradient_store") is not None:
+            raise TypeError(
+                "Parameter 'gradient_store' is not available in the callback: the Trainer's "
+                "hooks do not see the batches; use InfluenceTracker in your own loop."
+            )
         if "learning_rate" in tracker_options:
             raise TypeError(
                 "Parameter 'learning_rate' is read from the Trainer's optimizer; do not pass it."

@@ -19,7 +19,10 @@ the checkpoints $\theta_1, \dots, \theta_K$ of the run the tracker also offers
 Everything the tracker computes leaves the training untouched: parameters, buffers and
 gradients of the model are not written, the modules' train/eval flags are restored after its
 own passes (made in eval mode), and the random streams of torch, numpy and Python, and the
-generators of the loaders it reads, are saved before each pass and restored after it.
+generators of the loaders it reads, are saved before each pass and restored after it (see
+[influx.torch.tracker_state][influx.torch.tracker_state]). A gradient store that captures the
+training step's gradients adds forward hooks to the Linear / Conv2d layers until `finish`;
+they only read (see [influx.torch.tracker_store][influx.torch.tracker_store]).
 """
 
 from __future__ import annotations
