@@ -94,8 +94,12 @@ from .valuation import (
     top_k_influences,
 )
 
+# isort: split
+from .tracker import InfluenceTracker  # imports the names above from this package
+
 __all__ = [
     "EnsembleInfluence",
+    "InfluenceTracker",
     "Task",
     "SupervisedTask",
     "ArnoldiSolver",
