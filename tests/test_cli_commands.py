@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import runpy
 import shlex
@@ -54,6 +55,13 @@ def test_set():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(9, 3, generator=generator, dtype=torch.float64)
     return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def make_regressor():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
 
 
 def broken_loss(prediction, target):
@@ -315,7 +323,7 @@ def test_rank_with_options_matches_the_api_method(
     args += ["--option", "atol=1e-14", "--batch-size", "8", "--out", "r.json"]
     assert main([*args, "--fit-out", "cg.fit"]) == 0
     out = capsys.readouterr().out
-    assert "CgInfluence (--method cg, lambda = 0.05)" in out
+    assert "CgInfluence (--method cg, --loss cross_entropy, lambda = 0.05)" in out
     assert "model: cg, converged" in out
     records = json.loads((project / "r.json").read_text())
     sys.modules.pop("cli_test_net", None)
@@ -468,3 +476,67 @@ def test_parquet_ranking(tmp_path: Path) -> None:
         {"rank": 1, "index": 1, "influence": -1.0},
         {"rank": 2, "index": 0, "influence": 0.25},
     ]
+
+
+def _in_process(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.delitem(sys.modules, "cli_test_net", raising=False)
+
+
+def test_rank_chooses_mse_for_float_targets_of_the_output_shape(
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A one-output regression net with (N, 1) float targets: cross-entropy has a zero
+    gradient there (every influence 0, a ranking in index order); auto takes mse, says so,
+    and ranks as DirectInfluence with mse_loss."""
+    _in_process(project, monkeypatch)
+    module = import_file(project / "cli_test_net.py", "cli_test_net_regression")
+    torch.save(module.make_regressor().state_dict(), project / "regressor.pt")
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    y = x[:, :1] ** 2
+    torch.save((x, y), project / "regression.pt")
+    torch.save((x[:5], y[:5]), project / "regression_val.pt")
+    args = ["rank", "--model", "cli_test_net:make_regressor", "--weights", "regressor.pt"]
+    args += ["--train", "regression.pt", "--validation", "regression_val.pt", "--top", "12"]
+    with caplog.at_level(logging.INFO, logger="influx.cli"):
+        assert main([*args, "--out", "r.json"]) == 0
+    assert (
+        "--loss auto: the targets are floats of the model's output shape (1,), so the loss is mse"
+        in caplog.text
+    )
+    assert "--loss mse" in capsys.readouterr().out
+    net = module.make_regressor()
+    net.load_state_dict(torch.load(project / "regressor.pt", weights_only=True))
+    expected = rank_training_points(
+        DirectInfluence(net, torch.nn.functional.mse_loss, 0.01).fit(
+            DataLoader(TensorDataset(x, y), 256)
+        ),
+        DataLoader(TensorDataset(x, y), 256),
+        DataLoader(TensorDataset(x[:5], y[:5]), 256),
+    )
+    records = json.loads((project / "r.json").read_text())
+    assert [r["index"] for r in records] == expected.indices.tolist()
+    assert any(abs(r["influence"]) > 1e-6 for r in records)
+
+
+def test_validation_of_the_wrong_width_fails_before_the_fit(
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _in_process(project, monkeypatch)
+    torch.save((torch.randn(6, 5), torch.zeros(6, dtype=torch.long)), project / "wide_val.pt")
+    args = ["rank", "--model", "cli_test_net:make_net", "--weights", "weights.pt"]
+    args += ["--train", "train.pt", "--validation", "wide_val.pt"]
+    with caplog.at_level(logging.INFO, logger="influx.cli"):
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--validation: the model cannot be evaluated on its first points" in err
+    assert "inputs (2, 5)" in err
+    assert "Fitting" not in caplog.text  # refused before the fit

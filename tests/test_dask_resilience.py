@@ -155,6 +155,21 @@ def test_the_only_worker_dies_mid_computation(one_worker: Client, tmp_path: Path
     np.testing.assert_allclose(result, reference, rtol=1e-10, atol=1e-12)
 
 
+def test_leaving_the_calculator_right_after_a_worker_died(one_worker: Client) -> None:
+    """Closing removes the worker plugin from every worker: a worker killed just before (its
+    nanny restarting it) must not make `with` raise `CommClosedError`."""
+    client = one_worker
+    model = _fit()
+    x, y, x_test, y_test = _data()
+    with DaskInfluenceCalculator(model, TorchNumpyConverter(), client) as calc:
+        values = calc.influences(*_dask(x_test, y_test, 3), *_dask(x, y, 5))
+        client.compute(values).result(timeout=TIMEOUT)
+        (address,) = client.scheduler_info(n_workers=-1)["workers"]
+        pid = client.run(os.getpid, workers=[address])[address]
+        os.kill(pid, signal.SIGKILL)
+    client.wait_for_workers(1, timeout=TIMEOUT)
+
+
 def test_a_worker_joins_mid_computation(one_worker: Client, tmp_path: Path) -> None:
     client = one_worker
     model, started, gate = _gated(tmp_path)

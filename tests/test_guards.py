@@ -69,6 +69,29 @@ def test_shuffled_loader_is_refused_where_indices_are_returned(problem) -> None:
     assert ranking.values.shape == (48,)
 
 
+def test_drop_last_loader_is_refused_where_indices_matter(problem) -> None:
+    """`drop_last=True` used to rank 96 of 100 points and write 256 of 300 columns."""
+    net, x, y = problem  # 48 points
+    dropping = DataLoader(TensorDataset(x, y), batch_size=20, drop_last=True)
+    model = DirectInfluence(net, F.cross_entropy, 0.1).fit(dropping)  # fit accepts it
+    message = (
+        r"'train_data' is a data loader with drop_last=True \(batch_size 20\): it leaves "
+        r"out the last 8 of 48 samples"
+    )
+    with pytest.raises(UnorderedDataError, match=message):
+        rank_training_points(model, dropping, loader(x[:8], y[:8]))
+    with pytest.raises(UnorderedDataError, match=message):
+        top_k_influences(model, x[:3], y[:3], dropping, k=2)
+    calculator = SequentialInfluenceCalculator(model)
+    with pytest.raises(UnorderedDataError, match="'train_data_iterable' .* drop_last=True"):
+        calculator.influences(loader(x[:4], y[:4]), dropping)
+    with pytest.raises(UnorderedDataError, match="'test_data_iterable' .* drop_last=True"):
+        calculator.influences(dropping, loader(x, y))
+    # nothing is dropped when the batch size divides the dataset
+    exact = DataLoader(TensorDataset(x, y), batch_size=16, drop_last=True)
+    assert rank_training_points(model, exact, loader(x[:8], y[:8])).values.shape == (48,)
+
+
 def test_shuffled_loader_to_fit_gives_the_same_influences(problem) -> None:
     net, x, y = problem
     ordered = DirectInfluence(net, F.cross_entropy, 0.1).fit(loader(x, y))

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..errors import UnorderedDataError
+from ..ordering import check_ordered
 from ..types import InfluenceFunctionModel
 
 __all__ = [
@@ -125,36 +125,9 @@ def numpy_dtype(model: Any, fallback: np.dtype) -> np.dtype:
         return fallback
 
 
-def _class_names(value: Any) -> set:
-    return {cls.__name__ for cls in type(value).__mro__}
-
-
 def check_ordered_iterable(iterable: Any, name: str) -> None:
     """Raise an [UnorderedDataError][influx.errors.UnorderedDataError] if `iterable` is a
-    data loader whose sampler is not sequential (e.g. `shuffle=True`): the rows (or columns)
-    written by a calculator follow its order, which would then not be the samples' order.
-
-    Works on any object with the `sampler` / `batch_sampler` attributes of a torch
-    `DataLoader`, without importing torch; other iterables are taken as ordered.
-    """
-    sampler = getattr(iterable, "sampler", None)
-    batch_sampler = getattr(iterable, "batch_sampler", None)
-    if batch_sampler is not None:
-        if "BatchSampler" not in _class_names(batch_sampler):
-            raise UnorderedDataError(
-                f"Parameter '{name}' is a data loader with a custom batch sampler "
-                f"({type(batch_sampler).__name__}): the rows written follow the order of its "
-                "batches, which cannot be verified. Use shuffle=False and no sampler."
-            )
-        sampler = getattr(batch_sampler, "sampler", sampler)
-    if sampler is None:
-        return
-    names = _class_names(sampler)
-    if "SequentialSampler" in names or "_InfiniteConstantSampler" in names:
-        return
-    hint = " (shuffle=True)" if "RandomSampler" in names else ""
-    raise UnorderedDataError(
-        f"Parameter '{name}' is a data loader with a {type(sampler).__name__}{hint}, expected "
-        "a SequentialSampler: the rows written follow the order of its batches, which is not "
-        "fixed, so they would not match the samples. Create the loader with shuffle=False."
-    )
+    data loader that does not yield all its samples in a fixed order (e.g. `shuffle=True` or
+    `drop_last=True`, see [influx.ordering.check_ordered][]): the rows (or columns) written
+    by a calculator follow its batches."""
+    check_ordered(iterable, name, "the rows written")

@@ -208,7 +208,16 @@ class DaskInfluenceCalculator:
         name, self._plugin_name = self._plugin_name, None
         if name is None or self.client is None or self.client.status != "running":
             return
-        self.client.unregister_worker_plugin(name)
+        try:
+            self.client.unregister_worker_plugin(name)
+        except OSError as error:  # distributed's CommClosedError: a worker died meanwhile
+            logger.warning(
+                "The model's worker plugin %s could not be removed from every worker (a worker "
+                "left the cluster: %s); workers that start later still receive it from the "
+                "scheduler until the client closes.",
+                name,
+                error,
+            )
 
     def __enter__(self) -> "DaskInfluenceCalculator":
         return self

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .common import UsageError, require_file
 from .loading import (
+    AUTO_LOSS,
     LOSSES,
     check_data_argument,
     check_object_path,
@@ -30,7 +31,9 @@ __all__ = [
     "Fitted",
     "add_model_arguments",
     "build",
+    "check_evaluable",
     "check_model_arguments",
+    "choose_loss",
     "data_loader",
     "diagnostics_lines",
     "fit",
@@ -69,10 +72,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--loss",
-        default="cross_entropy",
+        default=AUTO_LOSS,
         metavar="LOSS",
         help=f"{' or '.join(LOSSES)} (mean reduction), or PKG.MODULE:FUNCTION with signature "
-        "loss(prediction, target) (default: cross_entropy)",
+        "loss(prediction, target); the default, auto, takes mse when the targets are floats of "
+        "the model's output shape and cross_entropy otherwise, and says which",
     )
     group = parser.add_argument_group("influence method")
     group.add_argument(
@@ -123,7 +127,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     check_object_path(args.model, "--model")
     require_file(args.weights, "--weights")
     check_data_argument(args.train, "--train")
-    if args.loss not in LOSSES:
+    if args.loss not in LOSSES and args.loss != AUTO_LOSS:
         check_object_path(args.loss, "--loss", "FUNCTION")
     if args.regularization < 0:
         raise UsageError("--regularization", f"must be >= 0, got {args.regularization}")
@@ -149,16 +153,27 @@ class Fitted:
         dtype: the network's parameter dtype.
         settings: what identifies the computation (model factory, weights digest, method,
             regularization, loss, options, seed), recorded with results.
+        loss: the loss function (`--loss`, resolved when it was `auto`).
     """
 
     influence_model: "TorchComposableInfluence"
     train: "Dataset"
     dtype: "torch.dtype"
     settings: Dict[str, Any]
+    loss: Callable[..., Any]
 
     def load(self, value: str, argument: str) -> "Dataset":
-        """Load further data (validation or test) for this model."""
-        return load_data(value, argument, self.dtype)
+        """Load further data (validation or test) for this model, checked by evaluating the
+        network and the loss on its first points."""
+        data = load_data(value, argument, self.dtype)
+        network, loss = self.influence_model.model, self.loss
+        check_evaluable(network, None, data, argument)
+        try:  # a loss that fails on the training data too is reported by the fit
+            check_evaluable(network, loss, self.train, "--train")
+        except UsageError:
+            return data
+        check_evaluable(network, loss, data, argument)
+        return data
 
 
 def build(args: argparse.Namespace) -> Fitted:
@@ -168,8 +183,11 @@ def build(args: argparse.Namespace) -> Fitted:
     if not parameters:
         raise UsageError("--model", f"{args.model}() has no trainable parameters")
     dtype = parameters[0].dtype
-    loss: Callable[..., Any] = load_loss(args.loss)
     train = load_data(args.train, "--train", dtype)
+    check_evaluable(network, None, train, "--train")
+    if args.loss == AUTO_LOSS:
+        args.loss = choose_loss(network, train)
+    loss: Callable[..., Any] = load_loss(args.loss)
     options = parse_options(args.option)
     method = METHODS[args.method]
     influence_model = build_influence_model(
@@ -184,7 +202,65 @@ def build(args: argparse.Namespace) -> Fitted:
         "options": {k: repr(v) for k, v in sorted(options.items())},
         "seed": args.seed,
     }
-    return Fitted(influence_model, train, dtype, settings)
+    return Fitted(influence_model, train, dtype, settings, loss)
+
+
+def _first_points(dataset: "Dataset", n: int = 2) -> Any:
+    from torch.utils.data import default_collate
+
+    size = len(dataset)  # type: ignore[arg-type]
+    return default_collate([dataset[i] for i in range(min(n, size))])
+
+
+def choose_loss(network: "torch.nn.Module", train: "Dataset") -> str:
+    """`--loss auto`: `mse` when the training targets are floating-point tensors of the
+    model's output shape (a regression), `cross_entropy` otherwise; logged."""
+    import torch
+
+    x, y = _first_points(train)
+    with torch.no_grad():
+        output = network(x)
+    regression = (
+        isinstance(y, torch.Tensor)
+        and y.is_floating_point()
+        and isinstance(output, torch.Tensor)
+        and tuple(y.shape) == tuple(output.shape)
+    )
+    chosen = "mse" if regression else "cross_entropy"
+    reason = (
+        f"the targets are floats of the model's output shape {tuple(output.shape[1:])}"
+        if regression
+        else "the targets are not floats of the model's output shape"
+    )
+    logger.info("--loss auto: %s, so the loss is %s.", reason, chosen)
+    return chosen
+
+
+def check_evaluable(
+    network: "torch.nn.Module",
+    loss: Optional[Callable[..., Any]],
+    data: "Dataset",
+    argument: str,
+) -> None:
+    """Evaluate the network (and the loss, when given) on the first two points of `data`,
+    before anything is fitted: data of the wrong width or targets the loss cannot take are a
+    [UsageError][influx.cli.common.UsageError] naming `argument`."""
+    import torch
+
+    x, y = _first_points(data)
+    try:
+        with torch.no_grad():
+            output = network(x)
+            if loss is not None:
+                loss(output, y)
+    except Exception as error:  # whatever the user's model or loss raises on these inputs
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        what = "the model" if loss is None else "the model and the loss"
+        raise UsageError(
+            argument,
+            f"{what} cannot be evaluated on its first points (inputs {shape}): "
+            f"{type(error).__name__}: {error}",
+        ) from error
 
 
 def fit(prepared: Fitted, batch_size: int, seed: int) -> Fitted:

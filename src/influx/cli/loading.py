@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DATA_SUFFIXES",
+    "AUTO_LOSS",
     "LOSSES",
     "check_data_argument",
     "check_object_path",
@@ -48,6 +49,8 @@ DATA_SUFFIXES = (".pt", ".pth", ".npz")
 """The file suffixes read as data."""
 LOSSES = ("cross_entropy", "mse")
 """The losses known by name; any other loss is a factory path `PKG.MODULE:FUNCTION`."""
+AUTO_LOSS = "auto"
+"""`--loss auto`: chosen from the targets and the model's output (`fitting.choose_loss`)."""
 _OBJECT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _INPUT_KEYS = ("x", "inputs")
 _LABEL_KEYS = ("y", "labels")

@@ -176,7 +176,8 @@ def run_rank(args: argparse.Namespace) -> int:
         model.save(args.fit_out)
     n_harmful = sum(v < 0 for v in values)
     echo(
-        f"{type(model).__name__} (--method {args.method}, lambda = {args.regularization:g}), "
+        f"{type(model).__name__} (--method {args.method}, --loss {args.loss}, "
+        f"lambda = {args.regularization:g}), "
         f"{model.n_parameters} parameters; {n_train} training points ranked by their total "
         f"influence on {n_validation} validation points; {n_harmful} harmful (negative)."
     )

@@ -60,13 +60,12 @@ class RetrainingStore:
         import zarr
 
         self.location = store
-        try:
-            self.group = zarr.open_group(store=store, mode="a")
-        except zarr.errors.ContainsArrayError:
+        if _holds_array(store):
             raise ValueError(
                 f"Parameter 'store': {store!r} holds a zarr array, expected a new path or a "
                 "group of retrainings written by influx."
-            ) from None
+            )
+        self.group = zarr.open_group(store=store, mode="a")
         recorded = self.group.attrs.get(ATTRIBUTE_KEY)
         if recorded is None:
             if len(list(self.group.keys())):
@@ -160,3 +159,15 @@ class RetrainingStore:
     def outputs(self) -> NDArray[np.float64]:
         """All stored outputs, `(n_seeds, M, n_test)` (NaN where not done)."""
         return np.asarray(self._array("outputs")[...], dtype=np.float64)
+
+
+def _holds_array(store: Any) -> bool:
+    """Whether `store` holds a zarr array (asked before opening it as a group, which zarr
+    refuses with an error type that changed between its releases)."""
+    import zarr
+
+    try:
+        zarr.open_array(store=store, mode="r")
+    except Exception:  # nothing there, a group, or not zarr at all: not an array
+        return False
+    return True

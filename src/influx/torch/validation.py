@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from ..errors import UnorderedDataError
+from ..ordering import check_ordered as check_data_order
 
 __all__ = [
     "RegularizationType",
@@ -280,37 +280,9 @@ def resolve_compute_dtype(
 
 def check_ordered(data: Any, name: str) -> None:
     """Raise an [UnorderedDataError][influx.errors.UnorderedDataError] unless `data` yields
-    its samples in a fixed order.
-
-    A `DataLoader` qualifies with a `SequentialSampler` (`shuffle=False`, no sampler) or an
-    iterable dataset (whose order is its own); any other sampler (random, weighted, subset)
-    or a custom batch sampler does not. Lists and other iterables without a sampler are
-    taken as ordered.
-    """
-    sampler = getattr(data, "sampler", None)
-    batch_sampler = getattr(data, "batch_sampler", None)
-    if sampler is None and batch_sampler is None:
-        return
-    if batch_sampler is not None:
-        if not isinstance(batch_sampler, torch.utils.data.BatchSampler):
-            raise UnorderedDataError(
-                f"Parameter '{name}' is a data loader with a custom batch sampler "
-                f"({type(batch_sampler).__name__}): the training indices returned follow the "
-                "order of its batches, which influx cannot verify. Use a DataLoader with "
-                "shuffle=False and no sampler (fit accepts any order)."
-            )
-        sampler = batch_sampler.sampler
-    if isinstance(sampler, torch.utils.data.SequentialSampler):
-        return
-    if type(sampler).__name__ == "_InfiniteConstantSampler":  # an IterableDataset
-        return
-    hint = " (shuffle=True)" if isinstance(sampler, torch.utils.data.RandomSampler) else ""
-    raise UnorderedDataError(
-        f"Parameter '{name}' is a data loader with a {type(sampler).__name__}{hint}, expected "
-        "a SequentialSampler: the returned training indices follow the order of its batches, "
-        "which is not fixed, so they would point at the wrong samples. Create the loader with "
-        "shuffle=False and no sampler (fit accepts any order)."
-    )
+    all its samples in a fixed order ([influx.ordering.check_ordered][]): training indices
+    returned by a call follow the order of its batches."""
+    check_data_order(data, name, "the training indices returned")
 
 
 _STOCHASTIC_OR_COUPLED = (
