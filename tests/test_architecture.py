@@ -159,15 +159,48 @@ def test_importing_the_torch_layer_loads_no_calculator_layer() -> None:
     assert result.stdout.strip() == ""
 
 
-def test_library_modules_do_not_import_the_compatibility_facades() -> None:
-    facades = {"influx.torch.functional", "influx.torch.util"}
+PYDVL_PATHS = {
+    f"influx.torch.{name}"
+    for name in (
+        "base",
+        "batch_operation",
+        "functional",
+        "influence_function_model",
+        "operator",
+        "preconditioner",
+        "twice_differentiable",
+        "util",
+    )
+}
+"""The pyDVL import paths kept at the top of `influx.torch`: thin re-export modules."""
+
+
+def test_library_modules_do_not_import_the_pydvl_paths() -> None:
     offenders = [
         f"{module} imports {target}"
         for module, path in _modules().items()
-        if module not in facades
-        and not module.startswith("influx.torch.__init__")
-        and module != "influx.torch"
+        if module not in PYDVL_PATHS and module != "influx.torch"
         for target, _ in _imports(module, path)
-        if target in facades
+        if target in PYDVL_PATHS
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("module", sorted(PYDVL_PATHS))
+def test_pydvl_paths_only_re_export(module: str) -> None:
+    """A docstring, imports and `__all__`: nothing is defined at a pyDVL path."""
+    tree = ast.parse(_modules()[module].read_text())
+    docstring, *body = tree.body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert "re-export" in docstring.value.value
+    kinds = {type(node).__name__ for node in body}
+    assert kinds <= {"ImportFrom", "Assign"}, kinds
+    assigned = [t.id for n in body if isinstance(n, ast.Assign) for t in n.targets]
+    assert assigned == ["__all__"]
+
+
+def test_torch_package_top_holds_role_packages_and_pydvl_paths() -> None:
+    top = SRC / "influx" / "torch"
+    modules = {p.stem for p in top.glob("*.py")} - {"__init__"}
+    assert {f"influx.torch.{m}" for m in modules} == PYDVL_PATHS
+    assert len(modules) <= 12

@@ -27,7 +27,7 @@ from influx.cli.matrix import recorded_command
 from influx.cli.methods import METHODS, parse_options
 from influx.cli.rank import write_ranking
 from influx.torch import CgInfluence, DirectInfluence, rank_training_points
-from influx.torch.persistence import fingerprint
+from influx.torch.composition.persistence import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cli"

@@ -29,7 +29,7 @@ from influx.torch import (
     NystroemSketchInfluence,
     SecondOrderMode,
 )
-from influx.torch.persistence import read_fit_info
+from influx.torch.composition.persistence import read_fit_info
 
 F = torch.nn.functional
 GN = SecondOrderMode.GAUSS_NEWTON

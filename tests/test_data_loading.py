@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import classification_data, make_mlp, rel_err
 from influx.torch import LissaInfluence
-from influx.torch.data import loader_items
+from influx.torch.data.batches import loader_items
 
 
 class _Listed(TensorDataset):

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from helpers import LinearRegression, loader, rel_err
 from influx.inversion import InversionMethod, InversionRegistry, solve_hvp
-from influx.torch.twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
+from influx.torch.legacy.inversion_methods import TorchTensorUtilities, TorchTwiceDifferentiable
 from influx.twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
 
 

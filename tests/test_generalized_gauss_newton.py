@@ -23,7 +23,7 @@ from influx.torch import (
     NystroemSketchInfluence,
     SecondOrderMode,
 )
-from influx.torch.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
+from influx.torch.curvature.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 from influx.torch.operator import (
     GeneralizedGaussNewtonOperator,
     HessianOperator,

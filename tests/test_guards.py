@@ -29,12 +29,12 @@ from influx.torch import (
     rank_training_points,
     top_k_influences,
 )
-from influx.torch.composition import KroneckerCurvature
-from influx.torch.curvature import SecondOrderMode
-from influx.torch.direct import DirectSolveOperator
-from influx.torch.lissa import LissaDivergenceError
-from influx.torch.preconditioner import JacobiPreconditioner, NystroemPreconditioner
-from influx.torch.tensor_operator import MatrixOperator
+from influx.torch.composition.specifications import KroneckerCurvature
+from influx.torch.curvature.operators import SecondOrderMode
+from influx.torch.curvature.tensor_operator import MatrixOperator
+from influx.torch.inverse.direct import DirectSolveOperator
+from influx.torch.inverse.lissa import LissaDivergenceError
+from influx.torch.inverse.preconditioner import JacobiPreconditioner, NystroemPreconditioner
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ def test_compute_dtype_argument() -> None:
 def test_cg_tolerance_defaults_to_what_the_dtype_can_reach() -> None:
     matrix = torch.eye(4)
     assert MatrixOperator(matrix).dtype == torch.float64
-    from influx.torch.cg import CgOperator
+    from influx.torch.inverse.cg import CgOperator
 
     assert CgOperator(MatrixOperator(matrix)).rtol == 1e-7
     single = CgOperator(MatrixOperator(matrix.float()))

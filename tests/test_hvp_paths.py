@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import classification_data, make_mlp, rel_err
-from influx.torch.batch_operation import HessianBatchOperation
-from influx.torch.data import TorchBatch
+from influx.torch.curvature.batch_operation import HessianBatchOperation
+from influx.torch.data.batches import TorchBatch
 from influx.torch.functional import (
     create_batch_hessian_function,
     create_batch_hvp_function,
@@ -202,7 +202,7 @@ def test_batched_backward_passes_fall_back_to_one_pass_per_vector(caplog) -> Non
     plain.load_state_dict(net.state_dict())
     expected = exact_hessian(plain, loss, params, x, y)
     vs = torch.randn(4, expected.shape[0], dtype=torch.float64)
-    with caplog.at_level(logging.DEBUG, logger="influx.torch.hessian_products"):
+    with caplog.at_level(logging.DEBUG, logger="influx.torch.autodiff.hessian_products"):
         batched = create_batch_hvp_reverse_function(net, loss, params, vectorise_rows=True)
         result = batched(params, x, y, vs)
     assert "Batched backward pass failed" in caplog.text

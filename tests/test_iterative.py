@@ -28,7 +28,8 @@ from influx.torch import (
     NystroemPreconditioner,
     SecondOrderMode,
 )
-from influx.torch.iterative import block_conjugate_gradient, conjugate_gradient, lissa
+from influx.torch.inverse.cg import block_conjugate_gradient, conjugate_gradient
+from influx.torch.inverse.lissa import lissa
 
 F = torch.nn.functional
 N_TRAIN = 120

@@ -27,8 +27,8 @@ from influx.torch import (
     SecondOrderMode,
 )
 from influx.torch import preconditioner as preconditioner_module
-from influx.torch.kfac_preconditioner import KroneckerBlockInverse, fit_kronecker_block_inverse
-from influx.torch.preconditioner import check_preconditioner
+from influx.torch.inverse.preconditioner import check_preconditioner
+from influx.torch.kfac.preconditioner import KroneckerBlockInverse, fit_kronecker_block_inverse
 
 F = torch.nn.functional
 GGN = SecondOrderMode.GENERALIZED_GAUSS_NEWTON
@@ -255,7 +255,7 @@ def test_operator_without_model_falls_back_to_jacobi(caplog) -> None:
     diag = torch.logspace(0, 2, 20)  # above the floor of 1e-2 times the mean
     matrix = torch.diag(diag)
     rhs = torch.randn(3, 20, generator=gen)
-    with caplog.at_level(logging.WARNING, logger="influx.torch.kfac_preconditioner"):
+    with caplog.at_level(logging.WARNING, logger="influx.torch.kfac.preconditioner"):
         op = CgOperator(MatrixOperator(matrix), 0.01, rtol=1e-12, atol=0.0,
                         preconditioner=EkfacPreconditioner(seed=0))  # fmt: skip
     assert "MatrixOperator carries no model" in caplog.text
@@ -269,7 +269,7 @@ def test_precomputed_gauss_newton_falls_back(mlp, caplog) -> None:
     data = loader(x, y, 32)
     mode = SecondOrderMode.GAUSS_NEWTON
     expected = cg(net, F.cross_entropy, 0.05, mode=mode).fit(data).influence_factors(x[:3], y[:3])
-    with caplog.at_level(logging.WARNING, logger="influx.torch.kfac_preconditioner"):
+    with caplog.at_level(logging.WARNING, logger="influx.torch.kfac.preconditioner"):
         model = cg(net, F.cross_entropy, 0.05, EkfacPreconditioner(), mode=mode,
                    precompute_grad=True).fit(data)  # fmt: skip
     assert "carries no model, loss and data" in caplog.text

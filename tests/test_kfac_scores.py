@@ -12,10 +12,11 @@ import torch
 
 from helpers import classification_data, loader
 from influx import InfluenceMode
-from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch, kfac_scores
-from influx.torch.base import TorchBlockMapper
-from influx.torch.composition import KroneckerCurvature
-from influx.torch.kfac_scores import (
+from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
+from influx.torch.composition.composable import TorchBlockMapper
+from influx.torch.composition.specifications import KroneckerCurvature
+from influx.torch.kfac import scoring as kfac_scores
+from influx.torch.kfac.scoring import (
     KroneckerBlockMapper,
     UnscorableModelError,
     layer_scores,

@@ -497,7 +497,7 @@ def test_rank_larger_than_a_block_is_clipped_with_a_warning(trained, direct, cls
     the influences equal the direct ones of the same block structure (Gauss-Newton: PSD)."""
     net, x, y = trained
     lam = 1e-2
-    with caplog.at_level(logging.WARNING, logger="influx.torch.low_rank"):
+    with caplog.at_level(logging.WARNING, logger="influx.torch.inverse.low_rank"):
         model = cls(
             net,
             F.cross_entropy,

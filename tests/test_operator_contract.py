@@ -35,10 +35,10 @@ from influx.torch import (
     NystroemPreconditioner,
     ShiftedOperator,
 )
-from influx.torch.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
-from influx.torch.curvature import PrecomputedGaussNewtonOperator
+from influx.torch.curvature.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
+from influx.torch.curvature.operators import PrecomputedGaussNewtonOperator
+from influx.torch.curvature.tensor_operator import StateContext, TensorOperator, restore_operator
 from influx.torch.functional import get_model_parameters
-from influx.torch.tensor_operator import StateContext, TensorOperator, restore_operator
 
 F = torch.nn.functional
 LAMBDA, OTHER_LAMBDA = 0.05, 0.2

@@ -135,7 +135,7 @@ def test_every_model_saves_and_loads(name: str, tmp_path: Path) -> None:
 
 def test_read_fit_info_without_the_network(tmp_path: Path) -> None:
     from influx import __version__
-    from influx.torch.persistence import fingerprint, read_fit_info
+    from influx.torch.composition.persistence import fingerprint, read_fit_info
 
     net = make_mlp()
     model = _fitted(net, regularization=0.1, block_structure=BlockMode.LAYER_WISE)

@@ -21,10 +21,10 @@ from influx.torch import (
     ProjectedInfluence,
     SecondOrderMode,
 )
-from influx.torch.data import TorchBatch
-from influx.torch.gradient_store import GradientStore
-from influx.torch.projected_gradients import ProjectedGradientProvider
-from influx.torch.projection import BlockProjection, allocate_dimensions
+from influx.torch.data.batches import TorchBatch
+from influx.torch.projection.gradients import ProjectedGradientProvider
+from influx.torch.projection.projections import BlockProjection, allocate_dimensions
+from influx.torch.workflows.gradient_store import GradientStore
 
 F = torch.nn.functional
 GN, GGN = SecondOrderMode.GAUSS_NEWTON, SecondOrderMode.GENERALIZED_GAUSS_NEWTON
@@ -332,7 +332,7 @@ def test_a_loss_that_is_neither_function_nor_task_is_named() -> None:
 
 
 def test_a_task_with_the_generalized_gauss_newton_curvature_is_refused() -> None:
-    from influx.torch.task import SupervisedTask
+    from influx.torch.data.task import SupervisedTask
 
     with pytest.raises(
         TypeError,

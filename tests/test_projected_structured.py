@@ -31,8 +31,8 @@ from influx.torch import (
     SupervisedTask,
     Task,
 )
-from influx.torch.gradient_store import GradientStore
 from influx.torch.util import TorchNumpyConverter
+from influx.torch.workflows.gradient_store import GradientStore
 
 GN, GGN = SecondOrderMode.GAUSS_NEWTON, SecondOrderMode.GENERALIZED_GAUSS_NEWTON
 UP, PERTURBATION = InfluenceMode.Up, InfluenceMode.Perturbation

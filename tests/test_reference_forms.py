@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 from helpers import loader, make_mlp, rel_err
-from influx.torch.base import TorchBatch
-from influx.torch.batch_operation import (
+from influx.torch.composition.composable import TorchBatch
+from influx.torch.curvature.batch_operation import (
     ChunkAveraging,
     GaussNewtonBatchOperation,
     HessianBatchOperation,
@@ -39,7 +39,7 @@ from influx.torch.functional import (
     operator_spectral_approximation,
     randomized_nystroem_approximation,
 )
-from influx.torch.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
+from influx.torch.inverse.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
 from influx.torch.operator import MatrixOperator
 from influx.torch.util import (
     BlockMode,
@@ -327,7 +327,7 @@ def test_parameter_dict_builder_and_model_info(caplog) -> None:
         "2.weight",
         "2.bias",
     ]
-    with caplog.at_level(logging.WARNING, logger="influx.torch.compat"):
+    with caplog.at_level(logging.WARNING, logger="influx.torch.legacy.structures"):
         custom = builder.build(OrderedDict(first=["0.weight", "0.bias"]))
     assert list(custom["first"]) == ["0.bias"] and "'0.weight' of block 'first'" in caplog.text
     with pytest.raises(ValueError, match="names 'nope', which is not a parameter"):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import influx.torch as it
 from influx.calculator import SequentialInfluenceCalculator
 from influx.torch import SupervisedTask, Task
-from influx.torch.array_converters import NestedTorchCatAggregator, TorchCatAggregator
+from influx.torch.data.array_converters import NestedTorchCatAggregator, TorchCatAggregator
 from influx.torch.util import TorchNumpyConverter
 from influx.types import InfluenceMode
 
@@ -354,7 +354,7 @@ def test_structured_batch_errors() -> None:
 
 
 def test_generalized_gauss_newton_needs_a_loss_function(data: Tuple[Any, ...]) -> None:
-    from influx.torch.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
+    from influx.torch.curvature.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
 
     with pytest.raises(TypeError, match="needs a function loss\\(outputs, y\\), got a task"):
         GeneralizedGaussNewtonBatchOperation(DictNet(), KeywordTask())

@@ -25,11 +25,11 @@ from influx.torch import (
     NystroemPreconditioner,
     NystroemSketchInfluence,
 )
-from influx.torch.base import TorchBatch, TorchGradientProvider
-from influx.torch.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
+from influx.torch.composition.composable import TorchBatch, TorchGradientProvider
+from influx.torch.curvature.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
 from influx.torch.functional import LowRankProductRepresentation
-from influx.torch.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
-from influx.torch.iterative import CgOperator
+from influx.torch.inverse.cg import CgOperator
+from influx.torch.inverse.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
 from influx.torch.operator import DirectSolveOperator, HessianOperator, MatrixOperator
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,7 +9,11 @@ import torch
 from helpers import classification_data, loader, make_mlp, rel_err
 from influx import NotFittedException
 from influx.torch import BlockMode, DirectInfluence
-from influx.torch.valuation import rank_training_points, top_k_from_array, top_k_influences
+from influx.torch.workflows.valuation import (
+    rank_training_points,
+    top_k_from_array,
+    top_k_influences,
+)
 
 F = torch.nn.functional
 

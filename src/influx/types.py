@@ -134,7 +134,7 @@ def check_mode(mode: Any) -> InfluenceMode:
 class Batch(ABC):
     """A batch of inputs `x` and targets `y` sharing their first (batch) dimension.
 
-    Implementations (e.g. [TorchBatch][influx.torch.base.TorchBatch]) are dataclasses with
+    Implementations (e.g. [TorchBatch][influx.torch.composition.composable.TorchBatch]) are dataclasses with
     these two fields; this constructor stores them."""
 
     x: Any

@@ -124,7 +124,7 @@ class DaskInfluenceCalculator:
         influence_function_model: a fitted
             [InfluenceFunctionModel][influx.types.InfluenceFunctionModel].
         converter: converts numpy chunks to the model's tensors and back, e.g.
-            [TorchNumpyConverter][influx.torch.util.TorchNumpyConverter].
+            [TorchNumpyConverter][influx.torch.data.array_converters.TorchNumpyConverter].
         client: a `distributed.Client`, or the class
             [DisableClientSingleThreadCheck][influx.calculator.DisableClientSingleThreadCheck]
             to skip the thread-safety check and embed the model in each task graph instead

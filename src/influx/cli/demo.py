@@ -100,7 +100,7 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from ..torch import DirectInfluence
-    from ..torch.valuation import rank_training_points
+    from ..torch.workflows.valuation import rank_training_points
 
     start = time.perf_counter()
     steps = tqdm(total=4, desc="demo", disable=not progress)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from ..torch.base import TorchComposableInfluence
+    from ..torch.composition.composable import TorchComposableInfluence
 
 __all__ = [
     "Fitted",

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 from ..types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
-from .base import (
+from .composition.composable import (
     DictBilinearForm,
     OperatorBilinearForm,
     TensorDictOperator,
@@ -20,15 +20,7 @@ from .base import (
     TorchGradientProvider,
     TorchOperatorGradientComposition,
 )
-from .batch_operation import (
-    BatchOperation,
-    GaussNewtonBatchOperation,
-    HessianBatchOperation,
-    InverseHarmonicMeanBatchOperation,
-)
-from .blocks import BlockMode
-from .cg import CgOperator
-from .composition import (
+from .composition.specifications import (
     ArnoldiSolver,
     CgSolver,
     Curvature,
@@ -41,19 +33,27 @@ from .composition import (
     NystroemSolver,
     Solver,
 )
-from .curvature import (
+from .curvature.batch_operation import (
+    BatchOperation,
+    GaussNewtonBatchOperation,
+    HessianBatchOperation,
+    InverseHarmonicMeanBatchOperation,
+)
+from .curvature.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
+from .curvature.operators import (
     GaussNewtonOperator,
     GeneralizedGaussNewtonOperator,
     HessianOperator,
     SecondOrderMode,
 )
-from .direct import DirectSolveOperator
-from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
-from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-from .kfac import NotImplementedLayerRepresentationException
-from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
-from .lissa import LissaOperator
-from .low_rank import (
+from .curvature.tensor_operator import MatrixOperator, ShiftedOperator
+from .data.blocks import BlockMode
+from .data.task import SupervisedTask, Task
+from .inverse.cg import CgOperator
+from .inverse.direct import DirectSolveOperator
+from .inverse.inverse_harmonic_mean import InverseHarmonicMeanOperator
+from .inverse.lissa import LissaOperator
+from .inverse.low_rank import (
     LowRankApproximation,
     LowRankBilinearForm,
     LowRankOperator,
@@ -63,6 +63,16 @@ from .low_rank import (
     model_hessian_nystroem_approximation,
     nystroem_low_rank,
 )
+from .inverse.preconditioner import (
+    EkfacPreconditioner,
+    JacobiPreconditioner,
+    NystroemPreconditioner,
+    Preconditioner,
+)
+from .inverse.sketch import LowRankProductRepresentation
+from .kfac.factors import NotImplementedLayerRepresentationException
+from .kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
+from .legacy.inversion_methods import TorchTensorUtilities, TorchTwiceDifferentiable
 from .models import (
     ArnoldiInfluence,
     CgInfluence,
@@ -74,18 +84,8 @@ from .models import (
     NystroemSketchInfluence,
     ProjectedInfluence,
 )
-from .preconditioner import (
-    EkfacPreconditioner,
-    JacobiPreconditioner,
-    NystroemPreconditioner,
-    Preconditioner,
-)
-from .projected_gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
-from .sketch import LowRankProductRepresentation
-from .task import SupervisedTask, Task
-from .tensor_operator import MatrixOperator, ShiftedOperator
-from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
-from .valuation import (
+from .projection.gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
+from .workflows.valuation import (
     HarmfulRanking,
     TopKInfluences,
     rank_training_points,
@@ -187,5 +187,5 @@ _CONVERTERS = {
 
 def __getattr__(name: str) -> Any:
     if name in _CONVERTERS:
-        return getattr(importlib.import_module(".array_converters", __name__), name)
+        return getattr(importlib.import_module(".data.array_converters", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

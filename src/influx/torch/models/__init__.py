@@ -1,6 +1,6 @@
 """The influence models: presets of the block composition with the names of pyDVL's models.
 
-Each is a [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence] whose
+Each is a [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence] whose
 `curvature` and `solver` are fixed by its constructor arguments;
 [ComposedInfluence][influx.torch.models.composed.ComposedInfluence] takes any valid pair.
 """

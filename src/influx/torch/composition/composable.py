@@ -1,0 +1,638 @@
+r"""Composition: influence models made of blocks, each an operator with its gradients.
+
+A [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence] splits the model's
+parameters into blocks (see [BlockMode][influx.torch.data.blocks.BlockMode]); each block is a
+[TorchOperatorGradientComposition][influx.torch.composition.composable.TorchOperatorGradientComposition] of an
+operator $A_b \approx (C_b + \lambda_b I)^{-1}$ and a
+[TorchGradientProvider][influx.torch.gradients.provider.TorchGradientProvider] restricted to the block.
+The operator comes from a [Curvature][influx.torch.composition.specifications.Curvature] and a
+[Solver][influx.torch.composition.specifications.Solver]. The influence of training point $z$ on test point
+$z'$ is the sum over blocks
+
+$$
+I(z', z) = \sum_b \langle A_b \nabla_{\theta_b} \ell(z'), \nabla_{\theta_b} \ell(z)\rangle .
+$$
+
+This module is also where pyDVL's `influence.torch.base` names live: the batch, the gradient
+provider, the bilinear forms and the operator bases are re-exported from their own modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from abc import ABC
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
+
+import torch
+from torch.utils.data import DataLoader
+
+from ...errors import NonFiniteCurvatureError, NotFittedException
+from ...types import (
+    BlockMapper,
+    ComposableInfluence,
+    InfluenceMode,
+    OperatorGradientComposition,
+    SolverDiagnostics,
+    check_mode,
+)
+from ..autodiff.derivatives import LossOrTask
+from ..autodiff.model_call import is_task, perturbation_entry
+from ..curvature.tensor_operator import (
+    OperatorState,
+    StateContext,
+    TensorDictOperator,
+    TensorOperator,
+    restore_operator,
+)
+from ..data.batches import TorchBatch, leaves, map_structure, normalise_structure
+from ..data.blocks import BlockMode, BlockStructure, block_parameters
+from ..data.validation import (
+    RegularizationType,
+    check_batch_for_model,
+    check_labels_for_loss,
+    regularization_by_block,
+    resolve_compute_dtype,
+)
+from ..gradients.bilinear import (
+    DictBilinearForm,
+    OperatorBilinearForm,
+    OperatorBilinearFormType,
+    perturbation_product,
+)
+from ..gradients.provider import TorchGradientProvider
+from ..inverse.low_rank import LowRankBilinearForm
+from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
+from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
+from .specifications import Curvature, Solver
+
+__all__ = [
+    "TorchBatch",
+    "TorchGradientProvider",
+    "OperatorBilinearForm",
+    "DictBilinearForm",
+    "OperatorBilinearFormType",
+    "LowRankBilinearForm",
+    "TensorOperator",
+    "TensorDictOperator",
+    "TorchOperatorGradientComposition",
+    "TorchBlockMapper",
+    "TorchComposableInfluence",
+]
+
+logger = logging.getLogger(__name__)
+
+
+TorchOperatorType = TypeVar("TorchOperatorType", bound=TensorOperator)
+
+
+class TorchOperatorGradientComposition(
+    OperatorGradientComposition[torch.Tensor, TorchBatch, TensorOperator, TorchGradientProvider]
+):
+    """One block: a [TensorOperator][influx.torch.curvature.tensor_operator.TensorOperator] with the gradient
+    provider restricted to the same parameters.
+
+    Args:
+        op: the operator, usually $(C_b + \\lambda_b I)^{-1}$ for the block's curvature.
+        gp: per-sample gradients restricted to the block.
+    """
+
+    op: TensorOperator
+    gradient_provider: TorchGradientProvider
+
+    def __init__(self, op: TensorOperator, gp: TorchGradientProvider):
+        if op.input_size != gp.input_size:
+            raise ValueError(
+                f"Operator input size {op.input_size} does not match the gradient size "
+                f"{gp.input_size} of the block."
+            )
+        super().__init__(op, gp)
+
+    def to(self, device: torch.device) -> "TorchOperatorGradientComposition":
+        """Move the operator and the gradient provider to `device`; return self."""
+        self.op = self.op.to(device)
+        self.gradient_provider = self.gradient_provider.to(device)
+        return self
+
+    def interactions_from_transformed_grads(
+        self, left_factors: torch.Tensor, right_batch: TorchBatch, mode: InfluenceMode
+    ) -> torch.Tensor:
+        r"""$\langle u_i, \nabla_\theta \ell(\text{right}_j)\rangle$ for pre-computed factors $u_i$.
+
+        With $\nabla_x \nabla_\theta \ell(\text{right}_j)$ on the right for `Perturbation`.
+        """
+        mode = check_mode(mode)
+        size = self.gradient_provider.input_size
+        if left_factors.ndim != 2 or left_factors.shape[1] != size:
+            raise ValueError(
+                f"Parameter 'z_test_factors' must have shape (N, {size}), got "
+                f"{tuple(left_factors.shape)}."
+            )
+        left_factors = left_factors.to(self.op.device)
+        if mode is InfluenceMode.Up:
+            return left_factors @ self.gradient_provider.flat_grads(right_batch).T
+        right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
+        shape = self.gradient_provider.perturbation_shape(right_batch)
+        return perturbation_product(left_factors, right_mixed, shape)
+
+    def self_interactions_from_transformed_grads(
+        self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
+    ) -> torch.Tensor:
+        mode = check_mode(mode)
+        factors = factors.to(self.op.device)
+        if mode is InfluenceMode.Up:
+            return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
+        mixed = self.gradient_provider.flat_mixed_grads(batch)
+        values = torch.einsum("ip,ifp->if", factors, mixed)
+        return values.reshape(len(batch), *self.gradient_provider.perturbation_shape(batch))
+
+
+class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
+    """Maps computations over blocks of [TorchOperatorGradientComposition][influx.torch.composition.composable.TorchOperatorGradientComposition]."""
+
+    composable_block_dict: "OrderedDict[str, TorchOperatorGradientComposition]"
+
+    def to(self, device: torch.device) -> "TorchBlockMapper":
+        """Move every block to `device`; return self."""
+        for block in self.composable_block_dict.values():
+            block.to(device)
+        return self
+
+    def _split_to_blocks(self, z: torch.Tensor, dim: int = -1) -> "OrderedDict[str, torch.Tensor]":
+        sizes = [block.op.input_size for block in self.composable_block_dict.values()]
+        if z.ndim != 2 or z.shape[dim] != sum(sizes):
+            raise ValueError(
+                f"Parameter 'z_test_factors' must have shape (N, {sum(sizes)}) (the number of "
+                f"parameters of all blocks), got {tuple(z.shape)}."
+            )
+        return OrderedDict(zip(self.composable_block_dict, torch.split(z, sizes, dim=dim)))
+
+
+class TorchComposableInfluence(
+    ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper], ABC
+):
+    """Base of the torch influence models: block-wise composition of one operator per block.
+
+    Subclasses implement `_create_block`, which builds the operator of one block from the
+    training data. Everything else (fit, validation, factors, influences, block-wise
+    variants, `with_regularization`) is shared.
+
+    Args:
+        model: the trained model. Its device and dtype are used for all computations.
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
+            `OrderedDict[str, List[str]]` of block names to parameter names.
+        regularization: $\\lambda \\ge 0$ added to the curvature, either one float for every
+            block or a dict keyed by block name (missing blocks get none).
+        compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
+            means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
+            When it differs from the model's dtype, a copy of the model with parameters in
+            `compute_dtype` is used for every computation (`model`; the given module is
+            `original_model`), and floating inputs and targets are converted to it.
+    """
+
+    _settings: Dict[str, Any]
+    _arguments: Dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_settings(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """The constructor arguments of this model (without `model` and `loss`): they are
+        saved with a fit and checked when it is loaded."""
+        return dict(getattr(self, "_settings", {}))
+
+    curvature: Optional[Curvature] = None
+    """The curvature of every block (set by the presets; see
+    [influx.torch.composition.specifications][influx.torch.composition.specifications])."""
+
+    solver: Optional[Solver] = None
+    """The inverse method of every block."""
+
+    loss: Optional[LossOrTask] = None
+    """The training loss `loss(prediction, target)` with mean reduction."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block_structure: BlockStructure = BlockMode.FULL,
+        regularization: RegularizationType = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"Parameter 'model' must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        self.original_model = model
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        model_dtype = floating[0].dtype if floating else torch.get_default_dtype()
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, model_dtype)
+        if self.compute_dtype != model_dtype:
+            logger.info(
+                "The model's parameters are %s: computing on a %s copy of the model.",
+                model_dtype,
+                self.compute_dtype,
+            )
+            model = copy.deepcopy(model).to(self.compute_dtype)
+        self.model = model
+        self.block_structure = block_structure
+        if self.curvature is not None:
+            self._blocks = self.curvature.blocks(model, block_structure)
+        else:
+            self._blocks = block_parameters(model, block_structure)
+        if self.solver is not None:
+            self.solver.check_block_sizes(self.block_sizes)
+        self._set_regularization(regularization)
+
+    def _compose(
+        self,
+        model: torch.nn.Module,
+        loss: Optional[LossOrTask],
+        curvature: Curvature,
+        solver: Solver,
+        block_structure: BlockStructure,
+        regularization: RegularizationType,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Set the three parts of every block and initialise (for the presets' constructors)."""
+        self.loss = loss
+        self.curvature = curvature
+        self.solver = solver
+        TorchComposableInfluence.__init__(
+            self, model, block_structure, regularization, compute_dtype
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
+        arguments = self.__dict__.get("_arguments")
+        if arguments is not None and name in arguments and name not in ("model", "loss"):
+            return arguments[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _set_regularization(self, regularization: RegularizationType) -> None:
+        by_block = regularization_by_block(regularization, list(self._blocks))
+        if self.solver is not None:
+            self.solver.check_regularization(regularization, list(self._blocks))
+        self.regularization = regularization
+        self._regularization_by_block = by_block
+
+    @property
+    def block_sizes(self) -> Dict[str, int]:
+        """The number of parameters of every block, by name."""
+        return {
+            name: sum(p.numel() for p in params.values()) for name, params in self._blocks.items()
+        }
+
+    @property
+    def solver_diagnostics(self) -> "OrderedDict[str, Optional[SolverDiagnostics]]":
+        """Per block, what its solver reported on its most recent application (the last
+        `influence_factors` or `influences` call): iterations, achieved residual and whether
+        it converged. None for blocks whose operator does not solve a system."""
+        if not self.is_fitted:
+            return OrderedDict((name, None) for name in self.block_names)
+        return OrderedDict(
+            (name, block.op.diagnostics)
+            for name, block in self.block_mapper.composable_block_dict.items()
+        )
+
+    @property
+    def block_names(self) -> List[str]:
+        """The names of the blocks, in order."""
+        return list(self._blocks)
+
+    @property
+    def n_parameters(self) -> int:
+        """The number of parameters over all blocks."""
+        return sum(p.numel() for block in self._blocks.values() for p in block.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def is_thread_safe(self) -> bool:
+        """True: computations evaluate the model on per-thread structure-only copies of the
+        module (see [functional_forward][influx.torch.autodiff.stateless.functional_forward]) and
+        never modify the fitted state, so threads can share a fitted model."""
+        return True
+
+    def _create_block(
+        self,
+        block_name: str,
+        block_params: Dict[str, torch.nn.Parameter],
+        data: DataLoader,
+        regularization: Optional[float],
+    ) -> TorchOperatorGradientComposition:
+        """Build one block (operator and gradient provider) from the training data.
+
+        Only called for models without a `curvature` and a `solver`: a subclass either sets
+        both (and the composition builds every block) or overrides this method.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must set 'curvature' and 'solver' or implement _create_block."
+        )
+
+    def _create_block_mapper(self, data: DataLoader) -> TorchBlockMapper:
+        reg = self._regularization_by_block
+        if self.curvature is None or self.solver is None:
+            return TorchBlockMapper(
+                OrderedDict(
+                    (name, self._create_block(name, params, data, reg[name]))
+                    for name, params in self._blocks.items()
+                )
+            )
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to fit the curvature.")
+        curvatures = self.curvature.fit(self.model, self.loss, data, self._blocks)
+        blocks = OrderedDict(
+            (
+                name,
+                TorchOperatorGradientComposition(
+                    self.solver.fit(curvatures[name], reg[name], name),
+                    self._gradient_provider(name, params),
+                ),
+            )
+            for name, params in self._blocks.items()
+        )
+        return self._new_block_mapper(blocks)
+
+    def _new_block_mapper(
+        self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
+    ) -> TorchBlockMapper:
+        """The block mapper of fitted blocks (a model may score some blocks otherwise)."""
+        return TorchBlockMapper(blocks)
+
+    def _gradient_provider(
+        self, block_name: str, block_params: Dict[str, torch.nn.Parameter]
+    ) -> TorchGradientProvider:
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required for per-sample gradients.")
+        return TorchGradientProvider(self.model, self.loss, block_params, block_name=block_name)
+
+    def to(self, device: torch.device) -> "TorchComposableInfluence":
+        """Move the model and everything fitted to `device`; return self."""
+        self.model = self.model.to(device)
+        if self.is_fitted:
+            self.block_mapper = self.block_mapper.to(device)
+        return self
+
+    def _create_batch(self, x: Any, y: Any) -> TorchBatch:
+        batch = self._cast(TorchBatch(x, y).to(self.device))
+        for leaf in leaves(batch.x):
+            check_batch_for_model(leaf, self.dtype, self.device, "x")
+        if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
+            check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
+        return batch
+
+    def _cast(self, batch: TorchBatch) -> TorchBatch:
+        """The batch with floating inputs and targets in the compute dtype, if the model was
+        copied to it (a low-precision model); unchanged otherwise."""
+        if self.model is self.original_model:
+            return batch
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.compute_dtype) if t.is_floating_point() else t
+
+        return TorchBatch(map_structure(convert, batch.x), map_structure(convert, batch.y))
+
+    def _prepare_data(self, data: DataLoader) -> DataLoader:
+        """The training data as this model computes on it (floating tensors converted to the
+        compute dtype for a low-precision model)."""
+        if self.model is self.original_model:
+            return data
+        return cast(DataLoader, CastData(data, self.compute_dtype))
+
+    def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
+        return self._create_batch(x, y).as_test()
+
+    def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
+        """The shape of one sample of the input that `InfluenceMode.Perturbation`
+        differentiates: `x.shape[1:]` for a tensor, or the shape of the entry of a structured
+        `x` chosen by the task (see [perturbation_entry][influx.torch.autodiff.model_call.perturbation_entry]).
+        Perturbation influences have shape `(N_test, N, *perturbation_shape(x))`."""
+        if self.loss is None:
+            raise ValueError("Parameter 'loss' is required to choose the perturbed input.")
+        structure = normalise_structure(x)
+        index, _ = perturbation_entry(structure, self.loss)
+        return tuple(leaves(structure)[index].shape[1:])
+
+    def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(list(tensors), dim=dim)
+
+    def with_regularization(self, regularization: RegularizationType) -> "TorchComposableInfluence":
+        """A copy of this model with another regularization, reusing the fitted curvature.
+
+        Nothing that does not depend on $\\lambda$ is recomputed (e.g. the Hessian of the
+        direct method, the eigenpairs of the low-rank methods). Self is unchanged.
+
+        Args:
+            regularization: a float, or a dict keyed by block name.
+        """
+        new = copy.copy(self)
+        new._set_regularization(regularization)
+        by_block = new._regularization_by_block
+        new._settings = dict(self.settings)
+        for key in ("regularization", "hessian_regularization"):
+            if key in new._settings:
+                new._settings[key] = regularization
+            if key in vars(new):
+                setattr(new, key, regularization)
+        if self.is_fitted:
+            new.block_mapper = self._new_block_mapper(
+                OrderedDict(
+                    (
+                        name,
+                        TorchOperatorGradientComposition(
+                            block.op.with_regularization(by_block[name]), block.gradient_provider
+                        ),
+                    )
+                    for name, block in self.block_mapper.composable_block_dict.items()
+                )
+            )
+        return new
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Save the fit (factorisations, eigenpairs, factors, ...) with the settings that
+        produced it, the model's parameter shapes and a fingerprint of their values, and the
+        library version, as plain tensors and JSON (see
+        [influx.torch.composition.persistence][influx.torch.composition.persistence]).
+
+        Raises:
+            NotFittedException: if the model is not fitted.
+        """
+        from ... import __version__
+
+        if not self.is_fitted:
+            raise NotFittedException(type(self))
+        tensors: Dict[str, torch.Tensor] = {}
+        blocks = []
+        for index, (name, block) in enumerate(self.block_mapper.composable_block_dict.items()):
+            flat, spec = block.op.export_state().flatten(f"{index}/")
+            tensors.update(flat)
+            blocks.append({"name": name, "operator": spec, "n_parameters": block.op.input_size})
+        header = {
+            "influx_version": __version__,
+            "class": type(self).__qualname__,
+            "settings": comparable(self.settings),
+            "parameter_shapes": parameter_shapes(self.model),
+            "fingerprint": fingerprint(self.model),
+            "blocks": blocks,
+        }
+        path = write_fit(path, header, tensors)
+        logger.info("Saved the fit of %s to %s", type(self).__name__, path)
+        return path
+
+    def load_fit(
+        self, path: Union[str, Path], data: Optional[DataLoader] = None
+    ) -> "TorchComposableInfluence":
+        """Load a fit saved by `save` into this (unfitted or fitted) model and return self.
+
+        The file must have been made by the same class with the same settings, for a model
+        with the same parameter shapes and values. Tensors are loaded onto this model's
+        device. Methods whose operators apply the curvature through the training data (CG,
+        LiSSA, ...) need that data again as `data`. Nothing in the file is executed.
+
+        Raises:
+            UnsafeFitFileError: for a file that is not a fit of the current format, or holds
+                anything but tensors and plain data.
+            ValueError: for a file of another class, other settings, another model shape or
+                other parameter values, or missing `data`.
+        """
+        from ... import __version__
+
+        header, tensors = read_fit(path, map_location=self.device)
+        self._check_fit_header(header, path)
+        if header["influx_version"] != __version__:
+            logger.warning(
+                "The fit in %s was saved by influx %s; this is influx %s.",
+                path,
+                header["influx_version"],
+                __version__,
+            )
+        names = [block["name"] for block in header["blocks"]]
+        if names != self.block_names:
+            raise ValueError(
+                f"The fit in {path} has blocks {names}, this model has {self.block_names}."
+            )
+        blocks: "OrderedDict[str, TorchOperatorGradientComposition]" = OrderedDict()
+        for index, block in enumerate(header["blocks"]):
+            name = block["name"]
+            params = self._blocks[name]
+            context = StateContext(self.model, self.loss, params, data, name)
+            state = OperatorState.unflatten(block["operator"], tensors, f"{index}/")
+            op = restore_operator(state, context)
+            blocks[name] = TorchOperatorGradientComposition(
+                op, self._gradient_provider(name, params)
+            )
+        self.block_mapper = self._new_block_mapper(blocks)
+        self._fitted = True
+        return self
+
+    def _check_fit_header(self, header: Dict[str, Any], path: Union[str, Path]) -> None:
+        expected_class = type(self).__qualname__
+        if header["class"] != expected_class:
+            raise ValueError(
+                f"The fit in {path} was made by {header['class']}, not by {expected_class}."
+            )
+        settings = comparable(self.settings)
+        if header["settings"] != settings:
+            differing = sorted(
+                k
+                for k in set(settings) | set(header["settings"])
+                if settings.get(k) != header["settings"].get(k)
+            )
+            details = ", ".join(
+                f"{k}: saved {header['settings'].get(k)!r}, given {settings.get(k)!r}"
+                for k in differing
+            )
+            raise ValueError(f"The fit in {path} was made with other settings ({details}).")
+        shapes = parameter_shapes(self.model)
+        if header["parameter_shapes"] != shapes:
+            raise ValueError(
+                f"The fit in {path} was made for a model with parameters "
+                f"{header['parameter_shapes']}, this model has {shapes}."
+            )
+        if header["fingerprint"] != fingerprint(self.model):
+            raise ValueError(
+                f"The fit in {path} was made for other parameter values of this model (it was "
+                "retrained or modified since): fit again."
+            )
+
+    def fit(self, data: DataLoader) -> "TorchComposableInfluence":
+        """Fit the curvature of every block to the training data and return self.
+
+        The order of the batches does not matter (a shuffling loader gives the same fit).
+        Before fitting, the first batch is checked: the model must be in eval mode if it has
+        dropout or batch norm, inputs and labels must have dtypes the model and loss take,
+        the model and loss must run on it, and the loss of the batch must be the mean of its
+        per-sample losses. After fitting, the state of every block is checked for NaN / Inf.
+
+        Args:
+            data: an iterable of `(x, y)` batches, typically a `DataLoader`.
+
+        Raises:
+            NonFiniteCurvatureError: if a block's curvature is not finite; the message names
+                the block and the first batch with non-finite values.
+            ValueError: if the model is in training mode with dropout or batch norm, if the
+                loss couples the samples of a batch, or if the first batch cannot be
+                evaluated (the torch error with the shapes and dtypes involved).
+            TypeError: for inputs of another dtype than the model, or float class labels.
+        """
+        data = self._prepare_data(data)
+        params = {n: p.detach() for block in self._blocks.values() for n, p in block.items()}
+        check_first_batch(self.model, self.loss, params, data, self.device)
+        try:
+            mapper = self._create_block_mapper(data)
+        except NonFiniteCurvatureError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, getattr(error, "block", None), str(error)
+            ) from error
+        except torch.linalg.LinAlgError as error:
+            raise non_finite_error(
+                self.model, self.loss, params, data, None, f"a factorisation failed: {error}"
+            ) from error
+        for name, block in mapper.composable_block_dict.items():
+            bad = non_finite_state(block.op)
+            if bad:
+                raise non_finite_error(
+                    self.model, self.loss, params, data, name, f"NaN or Inf in {', '.join(bad)}"
+                )
+        self.block_mapper = mapper
+        self._fitted = True
+        return self
+
+
+def _recording_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a constructor so that the outermost call records its arguments as settings."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: TorchComposableInfluence, *args: Any, **kwargs: Any) -> None:
+        if "_settings" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._arguments = {
+                name: value
+                for name, value in list(bound.arguments.items())[1:]
+                if signature.parameters[name].kind
+                not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            }
+            self._settings = {
+                name: value
+                for name, value in self._arguments.items()
+                if name not in ("model", "loss", "progress")
+            }
+        init(self, *args, **kwargs)
+
+    return wrapper
