@@ -37,7 +37,8 @@ from influx.torch import (
 )
 from influx.torch.curvature.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
 from influx.torch.curvature.operators import PrecomputedGaussNewtonOperator
-from influx.torch.curvature.tensor_operator import StateContext, TensorOperator, restore_operator
+from influx.torch.curvature.tensor_operator import TensorOperator
+from influx.torch.data.state import StateContext, restore_operator
 from influx.torch.functional import get_model_parameters
 
 F = torch.nn.functional

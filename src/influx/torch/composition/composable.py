@@ -42,15 +42,10 @@ from ...types import (
 )
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task, perturbation_entry
-from ..curvature.tensor_operator import (
-    OperatorState,
-    StateContext,
-    TensorDictOperator,
-    TensorOperator,
-    restore_operator,
-)
+from ..curvature.tensor_operator import TensorDictOperator, TensorOperator
 from ..data.batches import TorchBatch, leaves, map_structure, normalise_structure
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
+from ..data.state import OperatorState, StateContext, restore_operator
 from ..data.validation import (
     RegularizationType,
     check_batch_for_model,

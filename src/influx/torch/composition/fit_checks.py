@@ -24,8 +24,9 @@ from ..autodiff.derivatives import (
     create_per_sample_loss_function,
 )
 from ..autodiff.model_call import is_data_dependent_control_flow, is_task
-from ..curvature.tensor_operator import OperatorState, TensorOperator
+from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import iterate_batches, leaves, loader_items, map_structure, normalise_structure
+from ..data.state import OperatorState
 from ..data.validation import (
     check_batch_for_model,
     check_eval_mode,

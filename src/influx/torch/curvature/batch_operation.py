@@ -22,9 +22,9 @@ from ..autodiff.derivatives import (
 )
 from ..autodiff.hessian_products import batch_hessian, create_batch_hvp_function
 from ..data.batches import TorchBatch
+from ..data.state import OperatorState, StateContext, Stateful
 from ..data.validation import validate_regularization
 from .averaging import ChunkAveraging, PointAveraging, TensorAveragingType
-from .tensor_operator import OperatorState, StateContext, Stateful
 
 __all__ = [
     "BatchOperation",

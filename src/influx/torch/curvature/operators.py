@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..autodiff.derivatives import LossOrTask
 from ..data.batches import TorchBatch, iterate_batches
+from ..data.state import OperatorState, StateContext, restore_operator
 from .batch_operation import (
     BatchOperation,
     GaussNewtonBatchOperation,
@@ -34,7 +35,7 @@ from .batch_operation import (
     LossBatchOperation,
 )
 from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
-from .tensor_operator import OperatorState, StateContext, TensorDictOperator, restore_operator
+from .tensor_operator import TensorDictOperator
 
 __all__ = [
     "SecondOrderMode",

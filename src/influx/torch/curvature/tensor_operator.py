@@ -8,9 +8,10 @@ for all of them:
 * `to(device)`, moving every tensor (and nested operator) the operator holds;
 * `with_regularization(λ)`: a copy with another $\lambda$ that keeps everything fitted that
   does not depend on $\lambda$ (subclasses only say what to recompute);
-* `export_state()` / [restore_operator][influx.torch.curvature.tensor_operator.restore_operator]: the
-  fitted state as named tensors plus JSON settings, and the operator rebuilt from them. This is
-  what fit files store: no object graph, no code.
+* `export_state()` / `from_state` of the state protocol
+  ([influx.torch.data.state][influx.torch.data.state]): the fitted state as named tensors plus
+  JSON settings, and the operator rebuilt from them. This is what fit files store: no object
+  graph, no code.
 
 Regularization is an operator sum: [ShiftedOperator][influx.torch.curvature.tensor_operator.ShiftedOperator]
 is $C + \lambda I$ for any curvature $C$.
@@ -20,137 +21,26 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 
 from ...types import Operator, SolverDiagnostics
-from ..autodiff.derivatives import LossOrTask, flatten_dimensions
+from ..autodiff.derivatives import flatten_dimensions
+from ..data.state import OperatorState, StateContext, Stateful, restore_operator
 from ..data.validation import validate_regularization
 from ..gradients.bilinear import DictBilinearForm, OperatorBilinearForm
 
 __all__ = [
     "MatrixOperator",
     "move_to_device",
-    "OperatorState",
     "ShiftedOperator",
-    "StateContext",
     "TensorDictOperator",
     "TensorOperator",
-    "restore_operator",
 ]
 
-_REGISTRY: Dict[str, Any] = {}
 _Op = TypeVar("_Op", bound="TensorOperator")
 T = TypeVar("T")
-
-
-@dataclass
-class StateContext:
-    """What an operator rebuilt from its state needs that a fit file does not hold: the
-    user's model and loss, the block's parameters and, for operators that apply the curvature
-    through the data (CG, LiSSA, ...), the training data."""
-
-    model: Optional[torch.nn.Module] = None
-    loss: Optional[LossOrTask] = None
-    params: Optional[Mapping[str, torch.Tensor]] = None
-    data: Optional[Iterable] = None
-    block_name: Optional[str] = None
-
-    def require_data(self, what: str) -> Iterable:
-        """The training data, or a ValueError saying that `what` needs it."""
-        if self.data is None:
-            raise ValueError(
-                f"Parameter 'data' is required: {what} applies the curvature through the "
-                "training data; pass the training data loader to load_fit."
-            )
-        return self.data
-
-    def require_model(
-        self, what: str
-    ) -> Tuple[torch.nn.Module, LossOrTask, Mapping[str, torch.Tensor]]:
-        """The model, loss and block parameters, or a ValueError naming `what`."""
-        if self.model is None or self.loss is None or self.params is None:
-            raise ValueError(f"{what} needs the model, the loss and the block's parameters.")
-        return self.model, self.loss, self.params
-
-
-@dataclass
-class OperatorState:
-    """The fitted state of an operator: its class name, named tensors, JSON-serialisable
-    settings and the states of the operators it is built from."""
-
-    cls: str
-    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
-    settings: Dict[str, Any] = field(default_factory=dict)
-    children: Dict[str, "OperatorState"] = field(default_factory=dict)
-
-    def flatten(self, prefix: str = "") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-        """All tensors under `prefix` (keys joined with "/") and a JSON description."""
-        flat = {f"{prefix}{name}": tensor for name, tensor in self.tensors.items()}
-        children = {}
-        for name, child in self.children.items():
-            child_flat, child_spec = child.flatten(f"{prefix}{name}/")
-            flat.update(child_flat)
-            children[name] = child_spec
-        spec = {
-            "class": self.cls,
-            "settings": self.settings,
-            "tensors": sorted(self.tensors),
-            "children": children,
-        }
-        return flat, spec
-
-    @classmethod
-    def unflatten(
-        cls, spec: Dict[str, Any], tensors: Dict[str, torch.Tensor], prefix: str = ""
-    ) -> "OperatorState":
-        """The inverse of `flatten`."""
-        try:
-            own = {name: tensors[f"{prefix}{name}"] for name in spec["tensors"]}
-            children = {
-                name: cls.unflatten(child, tensors, f"{prefix}{name}/")
-                for name, child in spec["children"].items()
-            }
-            return cls(spec["class"], own, dict(spec["settings"]), children)
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"Incomplete operator state under {prefix!r}: {error}") from None
-
-
-class Stateful:
-    """A class whose fitted state can be exported and rebuilt; registered by class name."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__module__.startswith("influx.") and not cls.__name__.startswith("_"):
-            _REGISTRY[cls.__name__] = cls
-
-    def export_state(self) -> OperatorState:
-        """The fitted state as named tensors and JSON settings (see `restore_operator`)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot export its state.")
-
-    @classmethod
-    def from_state(cls, state: OperatorState, context: StateContext) -> Any:
-        """Rebuild an object from `export_state`'s result."""
-        raise NotImplementedError(f"{cls.__name__} cannot be rebuilt from a state.")
-
-
-def restore_operator(state: OperatorState, context: StateContext) -> Any:
-    """Rebuild the operator (or preconditioner, batch operation, ...) that exported `state`.
-
-    Only the library's own classes are known by name; anything else is rejected.
-
-    Raises:
-        ValueError: for an unknown class name.
-    """
-    known = _REGISTRY.get(state.cls)
-    if known is None:
-        raise ValueError(
-            f"Unknown operator class {state.cls!r} in the saved state: only influx's own "
-            "classes can be restored."
-        )
-    return known.from_state(state, context)
 
 
 def _moved(value: Any, device: torch.device, seen: Dict[int, Any]) -> Any:

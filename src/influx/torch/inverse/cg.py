@@ -23,13 +23,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..curvature.tensor_operator import (
-    OperatorState,
-    ShiftedOperator,
-    StateContext,
-    TensorOperator,
-    restore_operator,
-)
+from ..curvature.tensor_operator import ShiftedOperator, TensorOperator
+from ..data.state import OperatorState, StateContext, restore_operator
 from ..data.validation import (
     check_finite,
     check_nonconvergence_policy,

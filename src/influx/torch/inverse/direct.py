@@ -10,7 +10,8 @@ import torch
 
 from ...errors import NonFiniteCurvatureError
 from ...types import SolverDiagnostics
-from ..curvature.tensor_operator import OperatorState, StateContext, TensorOperator
+from ..curvature.tensor_operator import TensorOperator
+from ..data.state import OperatorState, StateContext
 from ..data.validation import is_finite, validate_regularization
 
 __all__ = ["DirectSolveOperator"]

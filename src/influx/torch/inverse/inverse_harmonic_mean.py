@@ -39,7 +39,7 @@ from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask
 from ..curvature.batch_operation import InverseHarmonicMeanBatchOperation
 from ..curvature.operators import AveragingBatchOperator
-from ..curvature.tensor_operator import OperatorState, StateContext
+from ..data.state import OperatorState, StateContext
 
 __all__ = ["InverseHarmonicMeanBatchOperation", "InverseHarmonicMeanOperator"]
 

@@ -18,13 +18,9 @@ from tqdm.auto import tqdm
 
 from ...errors import InfluxError
 from ..curvature.batch_operation import BatchOperation
-from ..curvature.tensor_operator import (
-    OperatorState,
-    StateContext,
-    TensorOperator,
-    restore_operator,
-)
+from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch, endless_batches, iterate_batches
+from ..data.state import OperatorState, StateContext, restore_operator
 from ..data.validation import (
     check_nonconvergence_policy,
     check_rows,

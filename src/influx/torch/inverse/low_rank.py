@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask
 from ..curvature.operators import SecondOrderMode, curvature_operator
-from ..curvature.tensor_operator import OperatorState, StateContext, TensorOperator
+from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch
+from ..data.state import OperatorState, StateContext
 from ..data.validation import validate_regularization
 from ..gradients.bilinear import OperatorBilinearForm
 from ..gradients.provider import TorchGradientProvider

@@ -27,14 +27,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..curvature.tensor_operator import (
-    OperatorState,
-    StateContext,
-    Stateful,
-    TensorOperator,
-    move_to_device,
-    restore_operator,
-)
+from ..curvature.tensor_operator import TensorOperator, move_to_device
+from ..data.state import OperatorState, StateContext, Stateful, restore_operator
 from ..data.validation import (
     check_positive_int,
     check_seed,

@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ...types import SolverDiagnostics
-from ..curvature.tensor_operator import OperatorState, StateContext, TensorDictOperator
+from ..curvature.tensor_operator import TensorDictOperator
+from ..data.state import OperatorState, StateContext
 from ..data.validation import validate_regularization
 from .factors import KroneckerEigenbasis, KroneckerFactors
 

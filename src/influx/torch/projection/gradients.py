@@ -28,8 +28,9 @@ from ..autodiff.model_call import LossOrTask, call_model, is_task, model_outputs
 from ..autodiff.stateless import structure_signature
 from ..composition.specifications import Curvature
 from ..curvature.operators import SecondOrderMode, check_second_order_mode
-from ..curvature.tensor_operator import MatrixOperator, OperatorState, StateContext, TensorOperator
+from ..curvature.tensor_operator import MatrixOperator, TensorOperator
 from ..data.batches import TorchBatch, iterate_batches, map_structure
+from ..data.state import OperatorState, StateContext
 from ..data.validation import check_finite
 from ..gradients.provider import TorchGradientProvider
 from .projections import BlockProjection
