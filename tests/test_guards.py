@@ -29,7 +29,7 @@ from influx.torch import (
     rank_training_points,
     top_k_influences,
 )
-from influx.torch.composition.specifications import KroneckerCurvature
+from influx.torch.composition.curvatures import KroneckerCurvature
 from influx.torch.curvature.operators import SecondOrderMode
 from influx.torch.curvature.tensor_operator import MatrixOperator
 from influx.torch.inverse.direct import DirectSolveOperator

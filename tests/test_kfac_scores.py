@@ -13,16 +13,11 @@ import torch
 from helpers import classification_data, loader
 from influx import InfluenceMode
 from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
-from influx.torch.composition.composable import TorchBlockMapper
-from influx.torch.composition.specifications import KroneckerCurvature
+from influx.torch.composition.block_mapper import TorchBlockMapper
+from influx.torch.composition.curvatures import KroneckerCurvature
 from influx.torch.kfac import scoring as kfac_scores
-from influx.torch.kfac.scoring import (
-    KroneckerBlockMapper,
-    UnscorableModelError,
-    layer_scores,
-    training_signals,
-    uses_contraction,
-)
+from influx.torch.kfac.scoring import KroneckerBlockMapper, layer_scores, uses_contraction
+from influx.torch.kfac.signals import UnscorableModelError, training_signals
 
 F = torch.nn.functional
 TOL = dict(rtol=1e-10, atol=1e-10)

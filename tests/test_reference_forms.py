@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 from helpers import loader, make_mlp, rel_err
-from influx.torch.composition.composable import TorchBatch
 from influx.torch.curvature.batch_operation import (
     ChunkAveraging,
     GaussNewtonBatchOperation,
     HessianBatchOperation,
     PointAveraging,
 )
+from influx.torch.data.batches import TorchBatch
 from influx.torch.functional import (
     create_batch_hvp_function,
     create_batch_loss_function,

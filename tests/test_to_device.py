@@ -25,9 +25,10 @@ from influx.torch import (
     NystroemPreconditioner,
     NystroemSketchInfluence,
 )
-from influx.torch.composition.composable import TorchBatch, TorchGradientProvider
 from influx.torch.curvature.batch_operation import GaussNewtonBatchOperation, HessianBatchOperation
+from influx.torch.data.batches import TorchBatch
 from influx.torch.functional import LowRankProductRepresentation
+from influx.torch.gradients.provider import TorchGradientProvider
 from influx.torch.inverse.cg import CgOperator
 from influx.torch.inverse.inverse_harmonic_mean import InverseHarmonicMeanBatchOperation
 from influx.torch.operator import DirectSolveOperator, HessianOperator, MatrixOperator

@@ -9,27 +9,16 @@ import importlib
 from typing import Any
 
 from ..types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
-from .composition.composable import (
-    DictBilinearForm,
-    OperatorBilinearForm,
-    TensorDictOperator,
-    TensorOperator,
-    TorchBatch,
-    TorchBlockMapper,
-    TorchComposableInfluence,
-    TorchGradientProvider,
-    TorchOperatorGradientComposition,
-)
-from .composition.specifications import (
+from .composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from .composition.composable import TorchComposableInfluence
+from .composition.curvatures import Curvature, KroneckerCurvature, ModeCurvature
+from .composition.solvers import (
     ArnoldiSolver,
     CgSolver,
-    Curvature,
     DirectSolver,
     FactoredSolver,
     InverseHarmonicMeanSolver,
-    KroneckerCurvature,
     LissaSolver,
-    ModeCurvature,
     NystroemSolver,
     Solver,
 )
@@ -46,29 +35,32 @@ from .curvature.operators import (
     HessianOperator,
     SecondOrderMode,
 )
-from .curvature.tensor_operator import MatrixOperator, ShiftedOperator
+from .curvature.tensor_operator import (
+    MatrixOperator,
+    ShiftedOperator,
+    TensorDictOperator,
+    TensorOperator,
+)
+from .data.batches import TorchBatch
 from .data.blocks import BlockMode
 from .data.task import SupervisedTask, Task
+from .gradients.bilinear import DictBilinearForm, OperatorBilinearForm
+from .gradients.provider import TorchGradientProvider
 from .inverse.cg import CgOperator
 from .inverse.direct import DirectSolveOperator
+from .inverse.ekfac_preconditioner import EkfacPreconditioner
 from .inverse.inverse_harmonic_mean import InverseHarmonicMeanOperator
 from .inverse.lissa import LissaOperator
-from .inverse.low_rank import (
+from .inverse.low_rank import LowRankBilinearForm, LowRankOperator
+from .inverse.low_rank_approximation import (
     LowRankApproximation,
-    LowRankBilinearForm,
-    LowRankOperator,
     lanczos_eigenpairs,
     lanczos_low_rank,
     model_hessian_low_rank,
     model_hessian_nystroem_approximation,
     nystroem_low_rank,
 )
-from .inverse.preconditioner import (
-    EkfacPreconditioner,
-    JacobiPreconditioner,
-    NystroemPreconditioner,
-    Preconditioner,
-)
+from .inverse.preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .inverse.sketch import LowRankProductRepresentation
 from .kfac.factors import NotImplementedLayerRepresentationException
 from .kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator

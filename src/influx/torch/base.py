@@ -9,13 +9,12 @@ provider, bilinear forms), [influx.torch.curvature.tensor_operator][influx.torch
 in the library imports this path.
 """
 
-from .composition.composable import (
-    OperatorBilinearFormType,
+from .composition.block_mapper import (
     TorchBlockMapper,
-    TorchComposableInfluence,
     TorchOperatorGradientComposition,
     TorchOperatorType,
 )
+from .composition.composable import TorchComposableInfluence
 from .curvature.tensor_operator import (
     TensorDictOperator,
     TensorOperator,
@@ -26,6 +25,7 @@ from .data.batches import (
 from .gradients.bilinear import (
     DictBilinearForm,
     OperatorBilinearForm,
+    OperatorBilinearFormType,
 )
 from .gradients.provider import (
     TorchGradientProvider,

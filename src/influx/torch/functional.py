@@ -33,7 +33,7 @@ from .autodiff.hessian_products import (
     hvp,
 )
 from .autodiff.stateless import ForwardModeSerialised, functional_forward
-from .inverse.low_rank import model_hessian_nystroem_approximation
+from .inverse.low_rank_approximation import model_hessian_nystroem_approximation
 from .inverse.sketch import (
     LowRankProductRepresentation,
     ShiftFunction,

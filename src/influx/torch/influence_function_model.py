@@ -4,7 +4,7 @@ A re-export module. The models live in [influx.torch.models][influx.torch.models
 per family; every model is a
 [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence] whose
 curvature and inverse method are set by its constructor (see
-[influx.torch.composition.specifications][influx.torch.composition.specifications]). Nothing in
+[influx.torch.composition][influx.torch.composition]). Nothing in
 the library imports this path.
 
 **Sign and scale.** Entry $(i, j)$ of `influences` is

@@ -5,8 +5,8 @@ A re-export module. The names live in
 library imports this path.
 """
 
+from .inverse.ekfac_preconditioner import EkfacPreconditioner
 from .inverse.preconditioner import (
-    EkfacPreconditioner,
     JacobiPreconditioner,
     NystroemPreconditioner,
     Preconditioner,

@@ -2,19 +2,19 @@ r"""Composition: influence models made of blocks, each an operator with its grad
 
 A [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence] splits the model's
 parameters into blocks (see [BlockMode][influx.torch.data.blocks.BlockMode]); each block is a
-[TorchOperatorGradientComposition][influx.torch.composition.composable.TorchOperatorGradientComposition] of an
+[TorchOperatorGradientComposition][influx.torch.composition.block_mapper.TorchOperatorGradientComposition] of an
 operator $A_b \approx (C_b + \lambda_b I)^{-1}$ and a
 [TorchGradientProvider][influx.torch.gradients.provider.TorchGradientProvider] restricted to the block.
-The operator comes from a [Curvature][influx.torch.composition.specifications.Curvature] and a
-[Solver][influx.torch.composition.specifications.Solver]. The influence of training point $z$ on test point
+The operator comes from a [Curvature][influx.torch.composition.curvatures.Curvature] and a
+[Solver][influx.torch.composition.solvers.Solver]. The influence of training point $z$ on test point
 $z'$ is the sum over blocks
 
 $$
 I(z', z) = \sum_b \langle A_b \nabla_{\theta_b} \ell(z'), \nabla_{\theta_b} \ell(z)\rangle .
 $$
 
-This module is also where pyDVL's `influence.torch.base` names live: the batch, the gradient
-provider, the bilinear forms and the operator bases are re-exported from their own modules.
+One block and the map over blocks are in
+[influx.torch.composition.block_mapper][influx.torch.composition.block_mapper].
 """
 
 from __future__ import annotations
@@ -26,26 +26,21 @@ import logging
 from abc import ABC
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch.utils.data import DataLoader
 
+from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
 from ...types import (
-    BlockMapper,
-    ComposableInfluence,
-    InfluenceMode,
-    OperatorGradientComposition,
     SolverDiagnostics,
-    check_mode,
 )
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task, perturbation_entry
-from ..curvature.tensor_operator import TensorDictOperator, TensorOperator
 from ..data.batches import TorchBatch, leaves, map_structure, normalise_structure
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
-from ..data.state import OperatorState, StateContext, restore_operator
+from ..data.state import StateContext
 from ..data.validation import (
     RegularizationType,
     check_batch_for_model,
@@ -53,118 +48,22 @@ from ..data.validation import (
     regularization_by_block,
     resolve_compute_dtype,
 )
-from ..gradients.bilinear import (
-    DictBilinearForm,
-    OperatorBilinearForm,
-    OperatorBilinearFormType,
-    perturbation_product,
-)
 from ..gradients.provider import TorchGradientProvider
-from ..inverse.low_rank import LowRankBilinearForm
+from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from .curvatures import Curvature
 from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
-from .persistence import comparable, fingerprint, parameter_shapes, read_fit, write_fit
-from .specifications import Curvature, Solver
+from .persistence import (
+    check_fit_header,
+    fit_contents,
+    read_fit,
+    restore_operators,
+    write_fit,
+)
+from .solvers import Solver
 
-__all__ = [
-    "TorchBatch",
-    "TorchGradientProvider",
-    "OperatorBilinearForm",
-    "DictBilinearForm",
-    "OperatorBilinearFormType",
-    "LowRankBilinearForm",
-    "TensorOperator",
-    "TensorDictOperator",
-    "TorchOperatorGradientComposition",
-    "TorchBlockMapper",
-    "TorchComposableInfluence",
-]
+__all__ = ["TorchComposableInfluence"]
 
 logger = logging.getLogger(__name__)
-
-
-TorchOperatorType = TypeVar("TorchOperatorType", bound=TensorOperator)
-
-
-class TorchOperatorGradientComposition(
-    OperatorGradientComposition[torch.Tensor, TorchBatch, TensorOperator, TorchGradientProvider]
-):
-    """One block: a [TensorOperator][influx.torch.curvature.tensor_operator.TensorOperator] with the gradient
-    provider restricted to the same parameters.
-
-    Args:
-        op: the operator, usually $(C_b + \\lambda_b I)^{-1}$ for the block's curvature.
-        gp: per-sample gradients restricted to the block.
-    """
-
-    op: TensorOperator
-    gradient_provider: TorchGradientProvider
-
-    def __init__(self, op: TensorOperator, gp: TorchGradientProvider):
-        if op.input_size != gp.input_size:
-            raise ValueError(
-                f"Operator input size {op.input_size} does not match the gradient size "
-                f"{gp.input_size} of the block."
-            )
-        super().__init__(op, gp)
-
-    def to(self, device: torch.device) -> "TorchOperatorGradientComposition":
-        """Move the operator and the gradient provider to `device`; return self."""
-        self.op = self.op.to(device)
-        self.gradient_provider = self.gradient_provider.to(device)
-        return self
-
-    def interactions_from_transformed_grads(
-        self, left_factors: torch.Tensor, right_batch: TorchBatch, mode: InfluenceMode
-    ) -> torch.Tensor:
-        r"""$\langle u_i, \nabla_\theta \ell(\text{right}_j)\rangle$ for pre-computed factors $u_i$.
-
-        With $\nabla_x \nabla_\theta \ell(\text{right}_j)$ on the right for `Perturbation`.
-        """
-        mode = check_mode(mode)
-        size = self.gradient_provider.input_size
-        if left_factors.ndim != 2 or left_factors.shape[1] != size:
-            raise ValueError(
-                f"Parameter 'z_test_factors' must have shape (N, {size}), got "
-                f"{tuple(left_factors.shape)}."
-            )
-        left_factors = left_factors.to(self.op.device)
-        if mode is InfluenceMode.Up:
-            return left_factors @ self.gradient_provider.flat_grads(right_batch).T
-        right_mixed = self.gradient_provider.flat_mixed_grads(right_batch)
-        shape = self.gradient_provider.perturbation_shape(right_batch)
-        return perturbation_product(left_factors, right_mixed, shape)
-
-    def self_interactions_from_transformed_grads(
-        self, factors: torch.Tensor, batch: TorchBatch, mode: InfluenceMode
-    ) -> torch.Tensor:
-        mode = check_mode(mode)
-        factors = factors.to(self.op.device)
-        if mode is InfluenceMode.Up:
-            return (factors * self.gradient_provider.flat_grads(batch)).sum(dim=1)
-        mixed = self.gradient_provider.flat_mixed_grads(batch)
-        values = torch.einsum("ip,ifp->if", factors, mixed)
-        return values.reshape(len(batch), *self.gradient_provider.perturbation_shape(batch))
-
-
-class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradientComposition]):
-    """Maps computations over blocks of [TorchOperatorGradientComposition][influx.torch.composition.composable.TorchOperatorGradientComposition]."""
-
-    composable_block_dict: "OrderedDict[str, TorchOperatorGradientComposition]"
-
-    def to(self, device: torch.device) -> "TorchBlockMapper":
-        """Move every block to `device`; return self."""
-        for block in self.composable_block_dict.values():
-            block.to(device)
-        return self
-
-    def _split_to_blocks(self, z: torch.Tensor, dim: int = -1) -> "OrderedDict[str, torch.Tensor]":
-        sizes = [block.op.input_size for block in self.composable_block_dict.values()]
-        if z.ndim != 2 or z.shape[dim] != sum(sizes):
-            raise ValueError(
-                f"Parameter 'z_test_factors' must have shape (N, {sum(sizes)}) (the number of "
-                f"parameters of all blocks), got {tuple(z.shape)}."
-            )
-        return OrderedDict(zip(self.composable_block_dict, torch.split(z, sizes, dim=dim)))
 
 
 class TorchComposableInfluence(
@@ -205,7 +104,7 @@ class TorchComposableInfluence(
 
     curvature: Optional[Curvature] = None
     """The curvature of every block (set by the presets; see
-    [influx.torch.composition.specifications][influx.torch.composition.specifications])."""
+    [influx.torch.composition][influx.torch.composition])."""
 
     solver: Optional[Solver] = None
     """The inverse method of every block."""
@@ -466,24 +365,14 @@ class TorchComposableInfluence(
         Raises:
             NotFittedException: if the model is not fitted.
         """
-        from ... import __version__
-
         if not self.is_fitted:
             raise NotFittedException(type(self))
-        tensors: Dict[str, torch.Tensor] = {}
-        blocks = []
-        for index, (name, block) in enumerate(self.block_mapper.composable_block_dict.items()):
-            flat, spec = block.op.export_state().flatten(f"{index}/")
-            tensors.update(flat)
-            blocks.append({"name": name, "operator": spec, "n_parameters": block.op.input_size})
-        header = {
-            "influx_version": __version__,
-            "class": type(self).__qualname__,
-            "settings": comparable(self.settings),
-            "parameter_shapes": parameter_shapes(self.model),
-            "fingerprint": fingerprint(self.model),
-            "blocks": blocks,
+        operators = {
+            name: block.op for name, block in self.block_mapper.composable_block_dict.items()
         }
+        header, tensors = fit_contents(
+            type(self).__qualname__, self.settings, self.model, operators
+        )
         path = write_fit(path, header, tensors)
         logger.info("Saved the fit of %s to %s", type(self).__name__, path)
         return path
@@ -504,65 +393,27 @@ class TorchComposableInfluence(
             ValueError: for a file of another class, other settings, another model shape or
                 other parameter values, or missing `data`.
         """
-        from ... import __version__
-
         header, tensors = read_fit(path, map_location=self.device)
-        self._check_fit_header(header, path)
-        if header["influx_version"] != __version__:
-            logger.warning(
-                "The fit in %s was saved by influx %s; this is influx %s.",
-                path,
-                header["influx_version"],
-                __version__,
+        check_fit_header(
+            header, path, type(self).__qualname__, self.settings, self.model, self.block_names
+        )
+
+        def context(name: str) -> StateContext:
+            return StateContext(self.model, self.loss, self._blocks[name], data, name)
+
+        operators = restore_operators(header, tensors, context)
+        blocks: "OrderedDict[str, TorchOperatorGradientComposition]" = OrderedDict(
+            (
+                name,
+                TorchOperatorGradientComposition(
+                    op, self._gradient_provider(name, self._blocks[name])
+                ),
             )
-        names = [block["name"] for block in header["blocks"]]
-        if names != self.block_names:
-            raise ValueError(
-                f"The fit in {path} has blocks {names}, this model has {self.block_names}."
-            )
-        blocks: "OrderedDict[str, TorchOperatorGradientComposition]" = OrderedDict()
-        for index, block in enumerate(header["blocks"]):
-            name = block["name"]
-            params = self._blocks[name]
-            context = StateContext(self.model, self.loss, params, data, name)
-            state = OperatorState.unflatten(block["operator"], tensors, f"{index}/")
-            op = restore_operator(state, context)
-            blocks[name] = TorchOperatorGradientComposition(
-                op, self._gradient_provider(name, params)
-            )
+            for name, op in operators.items()
+        )
         self.block_mapper = self._new_block_mapper(blocks)
         self._fitted = True
         return self
-
-    def _check_fit_header(self, header: Dict[str, Any], path: Union[str, Path]) -> None:
-        expected_class = type(self).__qualname__
-        if header["class"] != expected_class:
-            raise ValueError(
-                f"The fit in {path} was made by {header['class']}, not by {expected_class}."
-            )
-        settings = comparable(self.settings)
-        if header["settings"] != settings:
-            differing = sorted(
-                k
-                for k in set(settings) | set(header["settings"])
-                if settings.get(k) != header["settings"].get(k)
-            )
-            details = ", ".join(
-                f"{k}: saved {header['settings'].get(k)!r}, given {settings.get(k)!r}"
-                for k in differing
-            )
-            raise ValueError(f"The fit in {path} was made with other settings ({details}).")
-        shapes = parameter_shapes(self.model)
-        if header["parameter_shapes"] != shapes:
-            raise ValueError(
-                f"The fit in {path} was made for a model with parameters "
-                f"{header['parameter_shapes']}, this model has {shapes}."
-            )
-        if header["fingerprint"] != fingerprint(self.model):
-            raise ValueError(
-                f"The fit in {path} was made for other parameter values of this model (it was "
-                "retrained or modified since): fit again."
-            )
 
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
         """Fit the curvature of every block to the training data and return self.

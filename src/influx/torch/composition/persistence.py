@@ -25,19 +25,23 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 
 from ...errors import UnsafeFitFileError
+from ..data.state import OperatorState, StateContext, restore_operator
 
 __all__ = [
     "FORMAT",
+    "check_fit_header",
     "comparable",
     "fingerprint",
+    "fit_contents",
     "parameter_shapes",
     "read_fit",
     "read_fit_info",
+    "restore_operators",
     "write_fit",
 ]
 
@@ -83,6 +87,106 @@ def fingerprint(model: torch.nn.Module) -> str:
             digest.update(name.encode())
             digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def fit_contents(
+    class_name: str, settings: Dict[str, Any], model: torch.nn.Module, operators: Dict[str, Any]
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The header and the tensors of the fit of an influence model.
+
+    Args:
+        class_name: the influence model's class name.
+        settings: its settings (made `comparable` here).
+        model: the network, for its parameter shapes and fingerprint.
+        operators: block name -> the block's fitted operator, in block order.
+    """
+    from ... import __version__
+
+    tensors: Dict[str, torch.Tensor] = {}
+    blocks = []
+    for index, (name, op) in enumerate(operators.items()):
+        flat, spec = op.export_state().flatten(f"{index}/")
+        tensors.update(flat)
+        blocks.append({"name": name, "operator": spec, "n_parameters": op.input_size})
+    header = {
+        "influx_version": __version__,
+        "class": class_name,
+        "settings": comparable(settings),
+        "parameter_shapes": parameter_shapes(model),
+        "fingerprint": fingerprint(model),
+        "blocks": blocks,
+    }
+    return header, tensors
+
+
+def check_fit_header(
+    header: Dict[str, Any],
+    path: Union[str, Path],
+    class_name: str,
+    settings: Dict[str, Any],
+    model: torch.nn.Module,
+    block_names: List[str],
+) -> None:
+    """Check that a fit was made by `class_name` with `settings`, for `model` with the same
+    parameter shapes and values and the same blocks; log a warning if another version of the
+    library saved it.
+
+    Raises:
+        ValueError: naming what differs.
+    """
+    from ... import __version__
+
+    if header["class"] != class_name:
+        raise ValueError(f"The fit in {path} was made by {header['class']}, not by {class_name}.")
+    settings = comparable(settings)
+    if header["settings"] != settings:
+        differing = sorted(
+            k
+            for k in set(settings) | set(header["settings"])
+            if settings.get(k) != header["settings"].get(k)
+        )
+        details = ", ".join(
+            f"{k}: saved {header['settings'].get(k)!r}, given {settings.get(k)!r}"
+            for k in differing
+        )
+        raise ValueError(f"The fit in {path} was made with other settings ({details}).")
+    shapes = parameter_shapes(model)
+    if header["parameter_shapes"] != shapes:
+        raise ValueError(
+            f"The fit in {path} was made for a model with parameters "
+            f"{header['parameter_shapes']}, this model has {shapes}."
+        )
+    if header["fingerprint"] != fingerprint(model):
+        raise ValueError(
+            f"The fit in {path} was made for other parameter values of this model (it was "
+            "retrained or modified since): fit again."
+        )
+    if header["influx_version"] != __version__:
+        logger.warning(
+            "The fit in %s was saved by influx %s; this is influx %s.",
+            path,
+            header["influx_version"],
+            __version__,
+        )
+    names = [block["name"] for block in header["blocks"]]
+    if names != block_names:
+        raise ValueError(f"The fit in {path} has blocks {names}, this model has {block_names}.")
+
+
+def restore_operators(
+    header: Dict[str, Any],
+    tensors: Dict[str, torch.Tensor],
+    context: Callable[[str], StateContext],
+) -> Dict[str, Any]:
+    """Block name -> the operator rebuilt from the fit, in block order; `context(name)` gives
+    what the block's operator needs that the file does not hold."""
+    return {
+        block["name"]: restore_operator(
+            OperatorState.unflatten(block["operator"], tensors, f"{index}/"),
+            context(block["name"]),
+        )
+        for index, block in enumerate(header["blocks"])
+    }
 
 
 def write_fit(

@@ -11,7 +11,7 @@ $$
 every batch weighted by its number of points, so that the result does not depend on how the
 data is batched. Here are its Hessian-vector products, its Hessian and the Gauss-Newton matrix
 over the loader, and low-rank approximations of any
-[TensorOperator][influx.torch.composition.composable.TensorOperator]. All are also reachable from
+[TensorOperator][influx.torch.curvature.tensor_operator.TensorOperator]. All are also reachable from
 [influx.torch.functional][influx.torch.functional].
 """
 
@@ -213,7 +213,7 @@ def operator_nystroem_approximation(
 
     Args:
         operator: a symmetric positive semi-definite
-            [TensorOperator][influx.torch.composition.composable.TensorOperator].
+            [TensorOperator][influx.torch.curvature.tensor_operator.TensorOperator].
         rank: the sketch size (clipped to the operator's size with a warning).
         shift_func: $Y \mapsto \nu$, the stabilising shift of the sketch.
     """
@@ -237,12 +237,12 @@ def operator_spectral_approximation(
 ) -> LowRankProductRepresentation:
     r"""The `rank` eigenpairs of largest magnitude of a symmetric operator, $A \approx V D
     V^\top$, by the thick-restart Lanczos method in torch on the operator's device; see
-    [lanczos_eigenpairs][influx.torch.inverse.low_rank.lanczos_eigenpairs].
+    [lanczos_eigenpairs][influx.torch.inverse.low_rank_approximation.lanczos_eigenpairs].
 
     A `rank` larger than the operator's size is clipped to it with a logged warning.
 
     Args:
-        operator: a symmetric [TensorOperator][influx.torch.composition.composable.TensorOperator].
+        operator: a symmetric [TensorOperator][influx.torch.curvature.tensor_operator.TensorOperator].
         rank: the number of eigenpairs.
         krylov_dimension: the size of the Lanczos basis (None: $\min(P, \max(2r + 1, 20))$);
             capped at $P$.
@@ -251,7 +251,11 @@ def operator_spectral_approximation(
         eigen_computation_on_gpu: accepted for compatibility and ignored: the computation
             always runs in torch on the operator's device (a GPU if the operator is on one).
     """
-    from ..inverse.low_rank import default_krylov_dimension, lanczos_low_rank, validate_rank
+    from ..inverse.low_rank_approximation import (
+        default_krylov_dimension,
+        lanczos_low_rank,
+        validate_rank,
+    )
 
     del eigen_computation_on_gpu
     size = operator.input_size

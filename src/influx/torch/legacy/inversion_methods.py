@@ -18,16 +18,14 @@ from tqdm.auto import tqdm
 from ...inversion import InversionMethod, InversionRegistry
 from ...twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable
 from ..autodiff.derivatives import LossFunction, flatten_dimensions
-from ..composition.specifications import (
+from ..composition.curvatures import Curvature, KroneckerCurvature, ModeCurvature
+from ..composition.solvers import (
     ArnoldiSolver,
     CgSolver,
-    Curvature,
     DirectSolver,
     FactoredSolver,
     InverseHarmonicMeanSolver,
-    KroneckerCurvature,
     LissaSolver,
-    ModeCurvature,
     NystroemSolver,
     Solver,
 )
@@ -287,7 +285,7 @@ def solve_arnoldi(
     progress: bool = False,
 ) -> InverseHvpResult:
     r"""$x \approx V (D + \lambda I)^{-1} V^\top b$ from the `rank` eigenpairs $V, D$ of largest
-    magnitude of the Hessian ([lanczos_low_rank][influx.torch.inverse.low_rank.lanczos_low_rank]);
+    magnitude of the Hessian ([lanczos_low_rank][influx.torch.inverse.low_rank_approximation.lanczos_low_rank]);
     with `use_woodbury=True` the exact inverse of $V D V^\top + \lambda I$ instead. Exact at
     full rank."""
     solver = ArnoldiSolver(rank, krylov_dimension, tol, max_iter, use_woodbury, progress)
@@ -305,7 +303,7 @@ def solve_nystroem(
     seed: Optional[int] = None,
 ) -> InverseHvpResult:
     r"""$x \approx (\hat H + \lambda I)^{-1} b$ with a randomized Nyström sketch $\hat H$ of rank
-    `rank` of the Hessian ([nystroem_low_rank][influx.torch.inverse.low_rank.nystroem_low_rank]),
+    `rank` of the Hessian ([nystroem_low_rank][influx.torch.inverse.low_rank_approximation.nystroem_low_rank]),
     inverted by Woodbury (needs $\lambda > 0$). The Hessian must be positive semi-definite for
     the sketch to be exact at full rank."""
     solver = NystroemSolver(rank, seed)
@@ -344,7 +342,7 @@ def solve_ekfac(
 ) -> InverseHvpResult:
     r"""$x \approx (\hat F + \lambda I)^{-1} b$ with the layer-wise Kronecker-factored
     approximation $\hat F$ (EK-FAC, or K-FAC with `update_diagonal=False`) of the empirical
-    Fisher ([KroneckerCurvature][influx.torch.composition.specifications.KroneckerCurvature]). Every
+    Fisher ([KroneckerCurvature][influx.torch.composition.curvatures.KroneckerCurvature]). Every
     trainable parameter must belong to a supported layer (`nn.Linear`, `nn.Conv2d`)."""
     curvature = KroneckerCurvature(update_diagonal, progress=progress)
     return _solve(

@@ -38,7 +38,7 @@ from typing import (
 import torch
 from torch.utils.data import DataLoader
 
-from ...types import InfluenceFunctionModel
+from ...base_influence_function_model import InfluenceFunctionModel
 from ..autodiff.derivatives import get_model_parameters
 from ..curvature.tensor_operator import move_to_device
 from ..data.blocks import FULL_BLOCK_NAME, BlockMode, block_parameters

@@ -8,12 +8,10 @@ from typing import Optional
 import torch
 
 from ..autodiff.derivatives import LossFunction
-from ..composition.composable import (
-    TorchBlockMapper,
-    TorchComposableInfluence,
-    TorchOperatorGradientComposition,
-)
-from ..composition.specifications import Curvature, KroneckerCurvature, Solver
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import Curvature, KroneckerCurvature
+from ..composition.solvers import Solver
 from ..data.blocks import BlockMode, BlockStructure
 from ..data.validation import RegularizationType
 from ..kfac.scoring import layer_block_mapper
@@ -30,7 +28,7 @@ class ComposedInfluence(TorchComposableInfluence):
     $$
 
     with $C_b$ from `curvature` and $A_b$ from `solver` (see
-    [influx.torch.composition.specifications][influx.torch.composition.specifications]). The named models
+    [influx.torch.composition][influx.torch.composition]). The named models
     (`DirectInfluence`, `CgInfluence`, ...) are presets of this composition.
 
     Args:

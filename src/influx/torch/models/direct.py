@@ -8,7 +8,8 @@ import torch
 
 from ..autodiff.derivatives import LossFunction
 from ..composition.composable import TorchComposableInfluence
-from ..composition.specifications import DirectSolver, ModeCurvature
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import DirectSolver
 from ..curvature.operators import SecondOrderMode, check_second_order_mode
 from ..data.blocks import BlockMode, BlockStructure
 from ..data.validation import RegularizationType

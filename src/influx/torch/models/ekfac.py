@@ -9,12 +9,10 @@ import torch
 
 from ...types import InfluenceMode
 from ..autodiff.derivatives import LossFunction
-from ..composition.composable import (
-    TorchBlockMapper,
-    TorchComposableInfluence,
-    TorchOperatorGradientComposition,
-)
-from ..composition.specifications import FactoredSolver, KroneckerCurvature
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import KroneckerCurvature
+from ..composition.solvers import FactoredSolver
 from ..data.validation import RegularizationType, validate_regularization
 from ..kfac.factors import (
     KroneckerEigenbasis,
@@ -92,7 +90,7 @@ class EkfacInfluence(TorchComposableInfluence):
     Attributes:
         layer_specs: the layers used, by block name
             ([LayerSpec][influx.torch.kfac.layers.LayerSpec]).
-        curvature: the [KroneckerCurvature][influx.torch.composition.specifications.KroneckerCurvature]
+        curvature: the [KroneckerCurvature][influx.torch.composition.curvatures.KroneckerCurvature]
             fitted on `fit`; `ComposedInfluence(model, loss, KroneckerCurvature(), CgSolver())`
             inverts the same curvature by CG instead.
         kronecker_factors: after `fit`, $A$ and $G$ of every layer

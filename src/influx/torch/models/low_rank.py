@@ -8,7 +8,8 @@ import torch
 
 from ..autodiff.derivatives import LossFunction
 from ..composition.composable import TorchComposableInfluence
-from ..composition.specifications import ArnoldiSolver, ModeCurvature, NystroemSolver
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import ArnoldiSolver, NystroemSolver
 from ..curvature.operators import SecondOrderMode, check_second_order_mode
 from ..data.blocks import BlockMode, BlockStructure
 from ..data.validation import RegularizationType
@@ -21,7 +22,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
 
     On `fit`, the `rank` eigenpairs of largest magnitude of each block's curvature $C_b$
     (Hessian or Gauss-Newton matrix of the mean training loss) are computed by the
-    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.inverse.low_rank.lanczos_eigenpairs],
+    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.inverse.low_rank_approximation.lanczos_eigenpairs],
     matrix-free: only curvature-vector products, on the model's device), giving
     $C_b \approx V D V^\top$. The inverse is then applied by a
     [LowRankOperator][influx.torch.inverse.low_rank.LowRankOperator]:

@@ -10,12 +10,9 @@ import torch
 
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task
-from ..composition.composable import (
-    TorchBlockMapper,
-    TorchComposableInfluence,
-    TorchOperatorGradientComposition,
-)
-from ..composition.specifications import DirectSolver
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.solvers import DirectSolver
 from ..curvature.operators import SecondOrderMode
 from ..data.blocks import BlockMode, BlockStructure
 from ..data.validation import RegularizationType

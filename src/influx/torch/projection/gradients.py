@@ -26,7 +26,7 @@ from torch.func import jacrev, vmap
 from ..autodiff.derivatives import FunctionalModel, LossFunction
 from ..autodiff.model_call import LossOrTask, call_model, is_task, model_outputs, task_objective
 from ..autodiff.stateless import structure_signature
-from ..composition.specifications import Curvature
+from ..composition.curvatures import Curvature
 from ..curvature.operators import SecondOrderMode, check_second_order_mode
 from ..curvature.tensor_operator import MatrixOperator, TensorOperator
 from ..data.batches import TorchBatch, iterate_batches, map_structure
