@@ -22,6 +22,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.base_influence_function_model",
         ],
     ),
+    ("structures", ["influx.torch.data.structures"]),
     (
         "autodiff",
         [

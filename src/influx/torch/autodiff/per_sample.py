@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
 from torch.func import grad, vjp, vmap
 from torch.utils import _pytree as pytree
 
+import torch
+
+from ..data.structures import rows
 from .model_call import is_data_dependent_control_flow
 
 __all__ = ["CHUNK_SIZE", "PerSampleGradients"]
@@ -38,10 +40,6 @@ ParamDict = Dict[str, torch.Tensor]
 CHUNK_SIZE = 16
 """Samples per forward pass of the chunked fallback: its backward passes cost
 $|c|$ times those of one sample each."""
-
-
-def _rows(value: Any, start: int, stop: int) -> Any:
-    return pytree.tree_map(lambda t: t[start:stop], value)
 
 
 class PerSampleGradients:
@@ -91,7 +89,7 @@ class PerSampleGradients:
             try:
                 result = self.chunked(p, x, y)
                 n = min(2, int(pytree.tree_leaves(x)[0].shape[0]))
-                check = self.loop(p, _rows(x, 0, n), _rows(y, 0, n))
+                check = self.loop(p, rows(x, 0, n), rows(y, 0, n))
                 if not all(
                     torch.allclose(result[k][:n], check[k], rtol=1e-5, atol=1e-8) for k in p
                 ):
@@ -121,7 +119,7 @@ class PerSampleGradients:
         n = int(pytree.tree_leaves(x)[0].shape[0])
         parts: Dict[str, List[torch.Tensor]] = {name: [] for name in p}
         for start in range(0, n, chunk_size):
-            x_c, y_c = _rows(x, start, start + chunk_size), _rows(y, start, start + chunk_size)
+            x_c, y_c = rows(x, start, start + chunk_size), rows(y, start, start + chunk_size)
             m = int(pytree.tree_leaves(x_c)[0].shape[0])
             forward = vjp(lambda q, x_c=x_c: outputs_of(q, x_c), p)
             z, pullback = forward[0], forward[1]

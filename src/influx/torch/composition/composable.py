@@ -28,8 +28,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
-import torch
 from torch.utils.data import DataLoader
+
+import torch
 
 from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
@@ -38,9 +39,10 @@ from ...types import (
 )
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task, perturbation_entry
-from ..data.batches import TorchBatch, leaves, map_structure, normalise_structure
+from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.state import StateContext
+from ..data.structures import leaves, normalise_structure
 from ..data.validation import (
     RegularizationType,
     check_batch_for_model,
@@ -282,23 +284,13 @@ class TorchComposableInfluence(
         return self
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
-        batch = self._cast(TorchBatch(x, y).to(self.device))
+        low_precision = self.model is not self.original_model
+        batch = TorchBatch(x, y).to(self.device, self.compute_dtype if low_precision else None)
         for leaf in leaves(batch.x):
             check_batch_for_model(leaf, self.dtype, self.device, "x")
         if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
             check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
         return batch
-
-    def _cast(self, batch: TorchBatch) -> TorchBatch:
-        """The batch with floating inputs and targets in the compute dtype, if the model was
-        copied to it (a low-precision model); unchanged otherwise."""
-        if self.model is self.original_model:
-            return batch
-
-        def convert(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.compute_dtype) if t.is_floating_point() else t
-
-        return TorchBatch(map_structure(convert, batch.x), map_structure(convert, batch.y))
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the

@@ -25,8 +25,9 @@ from ..autodiff.derivatives import (
 )
 from ..autodiff.model_call import is_data_dependent_control_flow, is_task
 from ..curvature.tensor_operator import TensorOperator
-from ..data.batches import iterate_batches, leaves, loader_items, map_structure, normalise_structure
+from ..data.batches import iterate_batches, loader_items
 from ..data.state import OperatorState
+from ..data.structures import leaves, map_structure, normalise_structure
 from ..data.validation import (
     check_batch_for_model,
     check_eval_mode,

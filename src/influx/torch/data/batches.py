@@ -14,51 +14,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, cast
 
-import torch
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+import torch
+
 from ...types import Batch
+from .structures import leaves, map_structure, normalise_structure, rows
 
 __all__ = [
     "LABELS_KEY",
     "TorchBatch",
     "endless_batches",
     "iterate_batches",
-    "leaves",
     "loader_items",
-    "map_structure",
-    "normalise_structure",
     "split_batch",
 ]
 
 LABELS_KEY = "labels"
 """The entry of a `Mapping` batch that holds the targets (the Hugging Face convention)."""
-
-
-def normalise_structure(value: Any) -> Any:
-    """`value` with every `Mapping` that is not a plain dict (e.g. a `BatchEncoding`) turned
-    into a dict and every list into a tuple, recursively, so that `torch.func` can map over it;
-    tensors and other leaves are returned as they are."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        return {key: normalise_structure(item) for key, item in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(normalise_structure(item) for item in value))
-    if isinstance(value, (tuple, list)):
-        return tuple(normalise_structure(item) for item in value)
-    return value
-
-
-def leaves(value: Any) -> List[Any]:
-    """The leaves of a structure (a tensor is its own single leaf)."""
-    return pytree.tree_leaves(value)  # type: ignore[no-any-return]
-
-
-def map_structure(function: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    """Apply `function` to every tensor of a structure, keeping the structure."""
-    return pytree.tree_map(function, value)
 
 
 def _paths(value: Any, name: str) -> List[Tuple[str, Any]]:
@@ -147,17 +121,44 @@ class TorchBatch(Batch):
         """Whether `x` is a structure of tensors rather than one tensor."""
         return not isinstance(self.x, torch.Tensor)
 
-    def to(self, device: torch.device) -> "TorchBatch":
-        """A batch on `device` (self is unchanged)."""
-        return TorchBatch(
-            map_structure(lambda t: t.to(device), self.x),
-            map_structure(lambda t: t.to(device), self.y),
-            self.test,
+    @classmethod
+    def _of_checked(cls, x: Any, y: Any, test: bool) -> "TorchBatch":
+        """A batch of parts that are already normalised and checked (parts of a batch, or a
+        batch's parts moved or cast), made without checking them again."""
+        batch = object.__new__(cls)
+        object.__setattr__(batch, "x", x)
+        object.__setattr__(batch, "y", y)
+        object.__setattr__(batch, "test", test)
+        return batch
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TorchBatch":
+        return self._of_checked(
+            map_structure(function, self.x), map_structure(function, self.y), self.test
         )
+
+    def rows(self, start: int, stop: int) -> "TorchBatch":
+        """The samples `start:stop` of the batch, as a batch."""
+        return self._of_checked(rows(self.x, start, stop), rows(self.y, start, stop), self.test)
+
+    def chunks(self, size: int) -> Iterator["TorchBatch"]:
+        """The batch in consecutive chunks of `size` samples (the last one may be smaller)."""
+        for start in range(0, len(self), size):
+            yield self.rows(start, start + size)
+
+    def to(
+        self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    ) -> "TorchBatch":
+        """A batch on `device` with its floating tensors in `dtype` (None: unchanged); self is
+        unchanged."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return self._map(move)
 
     def as_test(self) -> "TorchBatch":
         """The same data marked as a test batch (see `test`)."""
-        return TorchBatch(self.x, self.y, True)
+        return self._of_checked(self.x, self.y, True)
 
 
 def split_batch(batch: Any, name: str = "data", index: Optional[int] = None) -> Tuple[Any, Any]:

@@ -23,7 +23,8 @@ from ..autodiff.derivatives import (
     get_model_parameters,
 )
 from ..autodiff.model_call import is_data_dependent_control_flow, perturbation_entry
-from ..data.batches import TorchBatch, leaves
+from ..data.batches import TorchBatch
+from ..data.structures import leaves
 from ..data.validation import check_finite
 
 __all__ = ["TorchGradientProvider"]

@@ -39,7 +39,7 @@ from ...types import InfluenceMode, check_mode
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task
 from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
-from ..data.batches import TorchBatch, map_structure
+from ..data.batches import TorchBatch
 from ..data.validation import check_finite
 from .layers import LayerSpec, layers_for_parameters
 from .operators import KroneckerFactoredCurvature
@@ -117,13 +117,6 @@ def _check_finite(values: torch.Tensor, layer: str) -> None:
         check_finite(values, "per-sample gradients", layer)
 
 
-def _slice(batch: TorchBatch, start: int, stop: int) -> TorchBatch:
-    def part(t: torch.Tensor) -> torch.Tensor:
-        return t[start:stop]
-
-    return TorchBatch(map_structure(part, batch.x), map_structure(part, batch.y), batch.test)
-
-
 class KroneckerBlockMapper(TorchBlockMapper):
     r"""Block mapper of a model whose blocks are `Linear` / `Conv2d` layers: the training side
     of `Up` influences and self-influences is computed from the layers' inputs and output
@@ -182,7 +175,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             recorder = SignalRecorder(self.model, self.layers, self.loss)
             while start < n:
                 stop = min(n, start + size)
-                signals = recorder.record(_slice(batch, start, stop))
+                signals = recorder.record(batch.rows(start, stop))
                 yield start, stop, signals
                 # the signals, and as much again for the activations of the backward pass
                 per_sample = 2 * sum(a[0].numel() + d[0].numel() for a, d in signals.values())
@@ -322,7 +315,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
         factor_bytes = sum(v.numel() for v in matrices.values()) * self._element_size
         for start, stop, signals in self._chunks(batch, factor_bytes // 2):
             if signals is None:
-                rest = _slice(batch, start, stop)
+                rest = batch.rows(start, stop)
                 for name, block in self.composable_block_dict.items():
                     flat = self.layers[name].flat_from_matrix(matrices[name])
                     scores[name][:, start:] += block.interactions_from_transformed_grads(
@@ -349,7 +342,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             size = max(MIN_CHUNK, self.chunk_bytes // (element * features * gp.input_size))
             parts = [
                 block.interactions_from_transformed_grads(
-                    factors[name], _slice(batch, start, start + size), InfluenceMode.Perturbation
+                    factors[name], batch.rows(start, start + size), InfluenceMode.Perturbation
                 )
                 for start in range(0, len(batch), size)
             ]
@@ -431,7 +424,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
         )
         for start, stop, signals in self._chunks(batch):
             if signals is None:
-                rest = _slice(batch, start, stop)
+                rest = batch.rows(start, stop)
                 for name, values in super().self_interactions(rest, mode).items():
                     result[name][start:] = values
                 break

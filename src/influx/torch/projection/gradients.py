@@ -20,8 +20,9 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
-import torch
 from torch.func import jacrev, vmap
+
+import torch
 
 from ..autodiff.derivatives import FunctionalModel, LossFunction
 from ..autodiff.model_call import LossOrTask, call_model, is_task, model_outputs, task_objective
@@ -29,8 +30,9 @@ from ..autodiff.stateless import structure_signature
 from ..composition.curvatures import Curvature
 from ..curvature.operators import SecondOrderMode, check_second_order_mode
 from ..curvature.tensor_operator import MatrixOperator, TensorOperator
-from ..data.batches import TorchBatch, iterate_batches, map_structure
+from ..data.batches import TorchBatch, iterate_batches
 from ..data.state import OperatorState, StateContext
+from ..data.structures import map_structure
 from ..data.validation import check_finite
 from ..gradients.provider import TorchGradientProvider
 from .projections import BlockProjection
@@ -187,12 +189,7 @@ class ProjectedGradientProvider(TorchGradientProvider):
         assert self.projection.dense is not None
         step = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, self.projection.dense.size))
         parts = []
-        for start in range(0, len(batch), step):
-
-            def rows(t: torch.Tensor, start: int = start) -> torch.Tensor:
-                return t[start : start + step]
-
-            sub = TorchBatch(map_structure(rows, batch.x), map_structure(rows, batch.y), batch.test)
+        for sub in batch.chunks(step):
             parts.append(self.projection.dense.apply(function(sub)))
         return torch.cat(parts)
 
