@@ -41,6 +41,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.data.blocks",
             "influx.torch.data.validation",
             "influx.torch.data.state",
+            "influx.torch.data.preparation",
         ],
     ),
     ("gradients", ["influx.torch.gradients.provider", "influx.torch.gradients.bilinear"]),

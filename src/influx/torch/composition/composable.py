@@ -38,22 +38,19 @@ from ...types import (
     SolverDiagnostics,
 )
 from ..autodiff.derivatives import LossOrTask
-from ..autodiff.model_call import is_task, perturbation_entry
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
+from ..data.preparation import model_batch, model_data, perturbation_shape
 from ..data.state import StateContext
-from ..data.structures import leaves, normalise_structure
 from ..data.validation import (
     RegularizationType,
-    check_batch_for_model,
-    check_labels_for_loss,
     regularization_by_block,
     resolve_compute_dtype,
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .curvatures import Curvature
-from .fit_checks import CastData, check_first_batch, non_finite_error, non_finite_state
+from .fit_checks import check_first_batch, non_finite_error, non_finite_state
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -283,21 +280,18 @@ class TorchComposableInfluence(
             self.block_mapper = self.block_mapper.to(device)
         return self
 
+    @property
+    def _cast_to(self) -> Optional[torch.dtype]:
+        """The dtype inputs are converted to (a low-precision model's compute dtype), or None."""
+        return None if self.model is self.original_model else self.compute_dtype
+
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
-        low_precision = self.model is not self.original_model
-        batch = TorchBatch(x, y).to(self.device, self.compute_dtype if low_precision else None)
-        for leaf in leaves(batch.x):
-            check_batch_for_model(leaf, self.dtype, self.device, "x")
-        if self.loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(self.loss):
-            check_labels_for_loss(batch.y, cast(Callable[..., Any], self.loss), "y")
-        return batch
+        return model_batch(x, y, self.model, self.loss, self._cast_to)
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the
         compute dtype for a low-precision model)."""
-        if self.model is self.original_model:
-            return data
-        return cast(DataLoader, CastData(data, self.compute_dtype))
+        return cast(DataLoader, model_data(data, self._cast_to))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         return self._create_batch(x, y).as_test()
@@ -307,11 +301,7 @@ class TorchComposableInfluence(
         differentiates: `x.shape[1:]` for a tensor, or the shape of the entry of a structured
         `x` chosen by the task (see [perturbation_entry][influx.torch.autodiff.model_call.perturbation_entry]).
         Perturbation influences have shape `(N_test, N, *perturbation_shape(x))`."""
-        if self.loss is None:
-            raise ValueError("Parameter 'loss' is required to choose the perturbed input.")
-        structure = normalise_structure(x)
-        index, _ = perturbation_entry(structure, self.loss)
-        return tuple(leaves(structure)[index].shape[1:])
+        return perturbation_shape(x, self.loss)
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)

@@ -11,8 +11,7 @@ back to the first batch with non-finite values. The checks on tensors themselves
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Dict, Iterable, List, Optional, cast
+from typing import Dict, Iterable, List, Optional, cast
 
 import torch
 
@@ -25,9 +24,9 @@ from ..autodiff.derivatives import (
 )
 from ..autodiff.model_call import is_data_dependent_control_flow, is_task
 from ..curvature.tensor_operator import TensorOperator
-from ..data.batches import iterate_batches, loader_items
+from ..data.batches import iterate_batches
 from ..data.state import OperatorState
-from ..data.structures import leaves, map_structure, normalise_structure
+from ..data.structures import leaves
 from ..data.validation import (
     check_batch_for_model,
     check_eval_mode,
@@ -37,7 +36,7 @@ from ..data.validation import (
     is_finite,
 )
 
-__all__ = ["CastData", "check_first_batch", "non_finite_error", "non_finite_state"]
+__all__ = ["check_first_batch", "non_finite_error", "non_finite_state"]
 
 _FORWARD_ERRORS = (RuntimeError, IndexError, TypeError, ValueError)
 
@@ -162,28 +161,3 @@ def non_finite_error(
         f"The fitted curvature of {name} is not finite ({cause}); {where}. Influences computed "
         "from it would be meaningless."
     )
-
-
-class CastData:
-    """A data loader whose floating inputs and targets are converted to `dtype`; its order
-    (`sampler`, `batch_sampler`) and length are those of the wrapped loader."""
-
-    def __init__(self, data: Iterable, dtype: torch.dtype):
-        self.data = data
-        self.dtype = dtype
-        self.sampler = getattr(data, "sampler", None)
-        self.batch_sampler = getattr(data, "batch_sampler", None)
-
-    def __iter__(self) -> Any:
-        for batch in loader_items(self.data):
-            if isinstance(batch, (tuple, list, Mapping)):
-                batch = map_structure(self._convert, normalise_structure(batch))
-            yield batch
-
-    def _convert(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(self.dtype)
-        return value
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]

@@ -50,9 +50,10 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+import torch
 
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import call_model, is_task, model_outputs, task_objective

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch.overrides import TorchFunctionMode
+
+import torch
 
 from ..autodiff.derivatives import FunctionalModel, LossOrTask
 from ..autodiff.model_call import task_objective
