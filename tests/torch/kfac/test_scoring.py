@@ -16,6 +16,7 @@ from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
 from influx.torch.composition.block_mapper import TorchBlockMapper
 from influx.torch.composition.curvatures import KroneckerCurvature
 from influx.torch.kfac import scoring as kfac_scores
+from influx.torch.kfac.layers import find_layers
 from influx.torch.kfac.scoring import KroneckerBlockMapper, layer_scores, uses_contraction
 from influx.torch.kfac.signals import UnscorableModelError, training_signals
 
@@ -193,14 +194,13 @@ def test_contraction_is_chosen_for_wide_single_position_layers_only() -> None:
 
 
 class _ScaledWeightLinear(torch.nn.Linear):
-    """A Linear whose forward passes a copy of its weight to `F.linear`: its calls cannot be
-    told from those of any other layer."""
+    """A Linear whose forward passes a copy of its weight to `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * 1.0, self.bias)
 
 
-def test_unrecorded_layer_calls_fall_back_to_per_sample_gradients() -> None:
+def test_layers_are_recorded_as_modules_whatever_their_forward_passes_to_linear() -> None:
     x, y = classification_data(20)
     x_test, y_test = classification_data(3, seed=3)
     torch.manual_seed(0)
@@ -208,14 +208,31 @@ def test_unrecorded_layer_calls_fall_back_to_per_sample_gradients() -> None:
     model = EkfacInfluence(net, update_diagonal=True, hessian_regularization=0.1)
     model.fit(loader(x, y))
     assert isinstance(model.block_mapper, KroneckerBlockMapper)
-    with pytest.raises(UnscorableModelError, match=r"layers \['0'\] were not called"):
-        training_signals(model.model, model.layer_specs, TorchBatch(x, y), F.cross_entropy)
+    signals = training_signals(model.model, model.layer_specs, TorchBatch(x, y), F.cross_entropy)
+    assert [tuple(a.shape) for a, _ in signals.values()] == [(20, 1, 6), (20, 1, 5)]
     values = model.influences(x_test, y_test, x, y)
     reference = _per_sample_path(model, lambda: model.influences(x_test, y_test, x, y))
     torch.testing.assert_close(values, reference, **TOL)
     torch.testing.assert_close(
         model.self_influences(x, y), _per_sample_path(model, lambda: model.self_influences(x, y))
     )
+
+
+def test_layers_used_functionally_are_not_recorded() -> None:
+    class Functional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.layer.weight, self.layer.bias)
+
+    x, y = classification_data(8)
+    net = Functional()
+    with pytest.raises(UnscorableModelError, match=r"Layers \['layer'\] were not called"):
+        training_signals(net, find_layers(net), TorchBatch(x, y), F.cross_entropy)
+    with pytest.raises(ValueError, match=r"Layers \['layer'\] were not called"):
+        EkfacInfluence(net, hessian_regularization=0.1).fit(loader(x, y))
 
 
 def test_non_finite_training_data_is_an_error_naming_the_layer() -> None:

@@ -353,7 +353,10 @@ def test_layers_not_called_are_named() -> None:
 
     x, y = classification_data(8)
     model = ProjectedInfluence(Functional(), F.cross_entropy, 8)
-    with pytest.raises(ValueError, match=r"Layers \['layer'\] of block 'model' were not called"):
+    with pytest.raises(
+        ValueError,
+        match=r"Layers \['layer'\] were not called.* Block 'model': use projection='gaussian'",
+    ):
         model.fit(loader(x, y))
     structure = OrderedDict([("all", ["layer.weight", "layer.bias"])])
     dense = ProjectedInfluence(

@@ -18,14 +18,16 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch.func import functional_call
+
+import torch
 
 __all__ = [
     "ForwardModeSerialised",
     "StructureSignature",
     "functional_forward",
     "structure_signature",
+    "thread_structure_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,17 @@ def _thread_structure_copy(
     for original, duplicate in zip(model.modules(), shell_modules):
         duplicate.training = original.training
     return shell
+
+
+def thread_structure_copy(
+    model: torch.nn.Module, signature: Optional[StructureSignature] = None
+) -> torch.nn.Module:
+    """The module [functional_forward][influx.torch.autodiff.stateless.functional_forward] runs
+    in this thread for `model`: its structure-only copy (`model` itself if its structure cannot
+    be copied). Hooks registered on it see this thread's functional evaluations only."""
+    return _thread_structure_copy(
+        model, structure_signature(model) if signature is None else signature
+    )
 
 
 def functional_forward(

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 import torch
 
 from ..autodiff.derivatives import LossOrTask
-from ..autodiff.model_call import call_model, is_task, model_outputs, task_objective
+from ..autodiff.model_call import call_model, is_task, model_outputs
 from ..data.batches import TorchBatch, iterate_batches
 from .layers import (
     ROOT_LAYER_NAME,
@@ -66,6 +66,7 @@ from .layers import (
     find_layers,
     layers_for_parameters,
 )
+from .signals import SignalRecorder
 
 __all__ = [
     "FISHER_TYPES",
@@ -134,69 +135,27 @@ def layer_signals(
 ) -> "Dict[str, Tuple[torch.Tensor, torch.Tensor]]":
     r"""One forward and backward pass: $(\tilde a, \delta)$ of every layer for one batch.
 
-    Forward hooks record each layer's input and output; the gradients of the (mean) batch loss
-    with respect to the outputs are taken with `torch.autograd.grad`, so the parameters'
-    `.grad` are left untouched. They are scaled by the batch size $|b|$ to give the gradients
-    of the per-sample losses. A layer called several times contributes its calls as further
-    positions.
+    Recorded by [SignalRecorder][influx.torch.kfac.signals.SignalRecorder] (the user's module
+    gets no hooks), with the training labels (`fisher="empirical"`) or labels drawn from the
+    model's predictions (`fisher="sampled"`).
 
     Returns:
         per layer name, $\tilde a$ `(N, T, input_factor_dim)` and $\delta$ `(N, T, out_dim)`,
         in the model's dtype.
+
+    Raises:
+        LayerRecordingError: (a ValueError) if a layer is not called by the forward pass, or
+            on inputs whose first dimension does not index samples.
     """
-    inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
-    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
+    objective = None
+    if fisher != "empirical" and not is_task(loss):
 
-    def make_hook(name: str) -> Callable[..., torch.Tensor]:
-        def hook(module: torch.nn.Module, args: Tuple, output: torch.Tensor) -> torch.Tensor:
-            inputs[name].append(args[0].detach())
-            outputs[name].append(output)
-            # Later in-place operations must not modify the tensor we differentiate against.
-            return output.clone()
+        def objective(f: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
+            prediction = model_outputs(call_model(f, x))
+            labels = _sample_labels(prediction, generator)
+            return loss(prediction, labels)  # type: ignore[operator, no-any-return]
 
-        return hook
-
-    handles = [spec.module.register_forward_hook(make_hook(name)) for name, spec in layers.items()]
-    try:
-        with torch.enable_grad():
-            if fisher == "empirical" or is_task(loss):
-                value = task_objective(loss)(model, batch.x, batch.y)
-            else:
-                prediction = model_outputs(call_model(model, batch.x))
-                value = loss(prediction, _sample_labels(prediction, generator))  # type: ignore[operator]
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in layers if not outputs[name]]
-    if missing:
-        raise ValueError(
-            f"Layers {missing} were not called by the model's forward pass (their parameters "
-            "may be used through a functional call): restrict the model to the layers it calls."
-        )
-    flat_outputs = [o for name in layers for o in outputs[name]]
-    if not value.requires_grad:
-        raise ValueError("The loss does not depend on the layers' parameters (no gradient).")
-    grads = torch.autograd.grad(value, flat_outputs, allow_unused=True)
-    n = len(batch)
-    result: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    position = 0
-    for name, spec in layers.items():
-        a_parts, d_parts = [], []
-        for inp, out in zip(inputs[name], outputs[name]):
-            g = grads[position]
-            position += 1
-            if inp.shape[0] != n:
-                raise ValueError(
-                    f"Layer {name!r} received an input with first dimension {inp.shape[0]}, "
-                    f"expected the batch size {n}: the first dimension must index samples."
-                )
-            g = torch.zeros_like(out) if g is None else g * n
-            a_parts.append(spec.expanded_inputs(inp))
-            d_parts.append(spec.output_gradients(g.detach()))
-        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
-        d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=1)
-        result[name] = (a, d)
-    return result
+    return SignalRecorder(model, layers, loss, objective=objective).record(batch)
 
 
 @dataclass

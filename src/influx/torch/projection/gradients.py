@@ -9,14 +9,13 @@ are the parts of [ProjectedInfluence][influx.torch.models.projected.ProjectedInf
 
 Batches may be structured and the loss a [Task][influx.torch.data.task.Task], as everywhere: the
 model is called as [call_model][influx.torch.autodiff.model_call.call_model] says (or as the task calls
-it), and the hooks of the Kronecker layers record whatever the forward pass feeds them.
+it), and the recorder of layer calls sees whatever the forward pass feeds the Kronecker layers.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
@@ -35,6 +34,7 @@ from ..data.state import OperatorState, StateContext
 from ..data.structures import map_structure
 from ..data.validation import check_finite
 from ..gradients.provider import TorchGradientProvider
+from ..kfac.signals import LayerCalls, LayerRecordingError
 from .projections import BlockProjection
 
 __all__ = [
@@ -53,9 +53,10 @@ SAMPLE_CHUNK_ELEMENTS = 2**24
 class ProjectedGradientProvider(TorchGradientProvider):
     r"""Projected per-sample gradients $P_b \nabla_{\theta_b} \ell_i$ of one block, `(N, k)`.
 
-    Kronecker layers are projected from their inputs and output gradients, captured by module
-    hooks on one forward and one backward pass of this thread (the pass runs on the thread's
-    copy of the module, see [functional_forward][influx.torch.autodiff.stateless.functional_forward]);
+    Kronecker layers are projected from their inputs and output gradients, recorded on one
+    forward and one backward pass of this thread by
+    [LayerCalls][influx.torch.kfac.signals.LayerCalls] (on the thread's copy of the module, see
+    [functional_forward][influx.torch.autodiff.stateless.functional_forward]);
     the other parameters from their explicit per-sample gradients, in sub-batches. Mixed
     derivatives (for `Perturbation`) are formed explicitly and projected.
 
@@ -130,40 +131,21 @@ class ProjectedGradientProvider(TorchGradientProvider):
 
     def _forward(self, run: Callable[[FunctionalModel], Any]) -> Tuple[Any, Dict[str, List[Any]]]:
         """`run(f)` for the module as a callable `f` (the loss or measurement of a batch, or
-        the model's outputs), with the inputs and outputs of every Kronecker layer's calls made
-        by this thread."""
-        owner = threading.get_ident()
-        records: Dict[str, List[Any]] = {name: [] for name in self.projection.layers}
-
-        def make_hook(name: str) -> Callable[..., Optional[torch.Tensor]]:
-            def hook(
-                module: torch.nn.Module, args: Tuple, kwargs: Dict[str, Any], output: torch.Tensor
-            ) -> Any:
-                if threading.get_ident() != owner:
-                    return None
-                inp = args[0] if args else next(iter(kwargs.values()))
-                records[name].append((inp.detach(), output))
-                return output.clone()  # in-place operations later must not change `output`
-
-            return hook
-
-        handles = [
-            layer.spec.module.register_forward_hook(make_hook(name), with_kwargs=True)
-            for name, layer in self.projection.layers.items()
-        ]
+        the model's outputs), with the inputs and outputs of every Kronecker layer's calls
+        (recorded by [LayerCalls][influx.torch.kfac.signals.LayerCalls])."""
+        functional = self._functional_model()
+        specs = {name: layer.spec for name, layer in self.projection.layers.items()}
+        calls = LayerCalls(self.model, specs, functional.signature)
+        with torch.enable_grad(), calls:
+            outputs = run(functional)
         try:
-            with torch.enable_grad():
-                outputs = run(self._functional_model())
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [name for name, calls in records.items() if not calls]
-        if missing:
-            raise ValueError(
-                f"Layers {missing} of block {self.block_name!r} were not called by the model's "
-                "forward pass: use projection='gaussian' for parameters used functionally."
-            )
-        return outputs, records
+            calls.check()
+        except LayerRecordingError as error:
+            raise LayerRecordingError(
+                f"{error} Block {self.block_name!r}: use projection='gaussian' for parameters "
+                "used functionally."
+            ) from None
+        return outputs, calls.calls
 
     def _project_layers(
         self, records: Dict[str, List[Any]], grads: Sequence[Optional[torch.Tensor]], scale: float
