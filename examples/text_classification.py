@@ -19,13 +19,14 @@ Needs `transformers` (`pip install influx[hf]`). Run: `python examples/text_clas
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import torch
 from influx.torch import CgInfluence, EkfacInfluence, SecondOrderMode, Task, rank_training_points
 
 logger = logging.getLogger("text_classification")
@@ -114,15 +115,25 @@ class TokenDataset(Dataset):
 
 
 def train(
-    model: torch.nn.Module, x: Dict[str, torch.Tensor], y: torch.Tensor, steps: int = 300
+    model: torch.nn.Module, x: Dict[str, torch.Tensor], y: torch.Tensor, steps: int = 200
 ) -> torch.nn.Module:
-    """Full-batch Adam with weight decay; the model is returned in eval mode."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    """Full-batch AdamW (weight decay 0.1) with a linear warm-up over the first tenth of the
+    steps, a cosine decay to zero after it and gradients clipped to norm 1; the model is
+    returned in eval mode. The schedule matters: a constant learning rate either stalls
+    (some seeds learn only part of the rule) or memorises the flipped labels."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + np.cos(np.pi * step / steps)),
+    )
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(**x).logits, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
     return model.eval()
 
 
@@ -137,13 +148,23 @@ def detection_auc(values: torch.Tensor, flipped: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def main(n_train: int = 400, n_val: int = 100, seed: int = 0) -> Dict[str, float]:
-    """Run the example; return the detection AUC of each method."""
+@dataclass
+class Result:
+    """What the example measured: the classifier's validation accuracy and, for each method,
+    the area under the ROC curve of finding the flipped labels."""
+
+    accuracy: float
+    auc: Dict[str, float]
+
+
+def main(n_train: int = 400, n_val: int = 100, seed: int = 0) -> Result:
+    """Run the example; return the validation accuracy and the detection AUC of each method."""
     x, y, flipped = token_data(n_train, seed, flip_fraction=0.1)
     x_val, y_val, _ = token_data(n_val, seed + 1)
     net = train(tiny_bert(seed), x, y)
-    accuracy = (net(**x_val).logits.argmax(1) == y_val).double().mean()
-    logger.info("Validation accuracy: %.0f%%", 100 * float(accuracy))
+    with torch.no_grad():
+        accuracy = float((net(**x_val).logits.argmax(1) == y_val).double().mean())
+    logger.info("Validation accuracy: %.0f%%", 100 * accuracy)
     # The embeddings and layer norms have no Kronecker-factored representation: freeze them
     # for every method (all of them then use the same parameters, those of the Linear layers).
     for name, parameter in net.named_parameters():
@@ -158,12 +179,12 @@ def main(n_train: int = 400, n_val: int = 100, seed: int = 0) -> Dict[str, float
             net, task, regularization=0.3, rtol=1e-8, second_order_mode=SecondOrderMode.GAUSS_NEWTON
         ),
     }
-    result = {}
+    auc = {}
     for name, model in models.items():
         ranking = rank_training_points(model.fit(train_loader), train_loader, val_loader)
-        result[name] = detection_auc(ranking.values, flipped)
-        logger.info("%s: flipped-label detection AUC %.3f", name, result[name])
-    return result
+        auc[name] = detection_auc(ranking.values, flipped)
+        logger.info("%s: flipped-label detection AUC %.3f", name, auc[name])
+    return Result(accuracy, auc)
 
 
 if __name__ == "__main__":

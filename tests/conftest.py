@@ -14,8 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
 
+import torch
 from helpers import LinearRegression
 
 if TYPE_CHECKING:
@@ -29,6 +29,21 @@ torch.set_num_threads(1)
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    """For tests that train a model and assert on what it learned: one torch thread and
+    torch's deterministic algorithms while the test runs, whatever the session set."""
+    threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
-def test_mislabel_detection() -> None:
+def test_mislabel_detection(deterministic: None) -> None:
     import mislabel_detection
 
-    assert mislabel_detection.main(n_train=400) > 0.5
+    # Seeds 0-5 find 85-95 % of the flipped labels among the 10 % most harmful points.
+    assert mislabel_detection.main(n_train=400) > 0.7
 
 
 def test_misclassified_point(tmp_path: Path) -> None:

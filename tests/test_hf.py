@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+import torch
 
 pytest.importorskip("transformers")
 
@@ -100,7 +101,11 @@ def test_ekfac_on_the_linear_layers(bert: Any) -> None:
     )
 
 
-def test_flipped_labels_are_found() -> None:
-    auc = tc.main(n_train=400, n_val=100, seed=0)
-    assert auc["EK-FAC"] >= 0.8
-    assert auc["CG"] >= 0.8
+def test_flipped_labels_are_found(deterministic: None) -> None:
+    """The example's training converges for every seed from 0 to 11 (validation accuracy
+    97-100 %, EK-FAC and CG AUC 0.87-1.00); the test first checks that the model learned the
+    task, then that both methods find the flipped labels."""
+    result = tc.main(n_train=400, n_val=100, seed=0)
+    assert result.accuracy >= 0.95, f"the classifier did not learn the task: {result.accuracy}"
+    assert result.auc["EK-FAC"] >= 0.85
+    assert result.auc["CG"] >= 0.85

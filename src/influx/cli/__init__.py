@@ -2,7 +2,8 @@
 
 Subcommands: `demo` (mislabeled digits found by influence), `rank` (rank the training points
 of your own model), `matrix` (the test x train influence matrix to zarr, resumable), `info`
-(what a saved fit holds) and `status` (how far a zarr write got).
+(what a saved fit holds), `status` (how far a zarr write got) and `evaluate` (the LDS of
+influence methods against retraining on subsets).
 
 Exit codes: 0 on success, 2 for a usage error (a bad argument, a missing file, a model or
 data that cannot be loaded), 1 for an error during the computation. Errors are reported on
@@ -18,15 +19,16 @@ import sys
 from typing import List, Optional, Sequence
 
 from .. import __version__
+from ..evaluation import detection_auc
 from .common import UsageError
 from .demo import (
     DemoReport,
     add_demo_parser,
-    detection_auc,
     plot_report,
     run_demo,
     write_influences_zarr,
 )
+from .evaluate import add_evaluate_parser
 from .info import add_info_parser
 from .matrix import add_matrix_parser, add_status_parser
 from .rank import add_rank_parser
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_matrix_parser(sub, parents)
     add_info_parser(sub, parents)
     add_status_parser(sub, parents)
+    add_evaluate_parser(sub, parents)
     return parser
 
 

@@ -17,6 +17,9 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from ..evaluation import detection_auc
+from .common import echo
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,24 +59,6 @@ class DemoReport:
         ]
 
 
-def detection_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for the boolean labels `positives` (ties: 1/2)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos = int(positives.sum())
-    n_neg = len(scores) - n_pos
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def run_demo(
     seed: int = 0,
     flip_fraction: float = 0.1,
@@ -94,10 +79,11 @@ def run_demo(
         progress: show a progress bar.
         with_matrix: also compute the full (held-out x train) influence matrix.
     """
-    import torch
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
+
+    import torch
 
     from ..torch import DirectInfluence
     from ..torch.workflows.valuation import rank_training_points
@@ -293,6 +279,15 @@ def add_demo_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
     )
     demo.add_argument("--no-plot", action="store_true", help="do not write the plots")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and the model")
+    demo.add_argument(
+        "--hidden", type=int, default=16, help="width of the MLP's hidden layer (default: 16)"
+    )
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=300,
+        help="L-BFGS iterations of the training (default: 300)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=run_demo_command)
 
@@ -302,11 +297,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     to_zarr = args.out is not None and args.out.suffix == ".zarr"
     report = run_demo(
         seed=args.seed,
+        hidden=args.hidden,
+        epochs=args.epochs,
         progress=not args.no_progress,
         with_matrix=args.out is not None and not to_zarr,
     )
     for line in report.lines():
-        logger.info(line)
+        echo(line)
     if args.out is not None:
         if to_zarr:
             x_test, y_test, x, y = report.data
@@ -325,12 +322,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
             assert report.influences is not None
             path = _write(report.influences, args.out)
             shape = report.influences.shape
-        logger.info("Influence matrix %s written to %s", shape, path)
+        echo(f"Influence matrix {shape} written to {path}")
     if not args.no_plot:
         try:
             plot_path = plot_report(report, args.plot)
         except ImportError:
             logger.info("Plots skipped: install matplotlib (pip install 'influx[plot]').")
         else:
-            logger.info("Plots written to %s", plot_path)
+            echo(f"Plots written to {plot_path}")
     return 0

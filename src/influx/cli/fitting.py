@@ -21,8 +21,9 @@ from .loading import (
 from .methods import METHODS, build_influence_model, methods_help, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch.utils.data import DataLoader, Dataset
+
+    import torch
 
     from ..torch.composition.composable import TorchComposableInfluence
 

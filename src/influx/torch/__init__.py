@@ -71,6 +71,7 @@ from .models import (
     ComposedInfluence,
     DirectInfluence,
     EkfacInfluence,
+    EnsembleInfluence,
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
@@ -86,6 +87,7 @@ from .workflows.valuation import (
 )
 
 __all__ = [
+    "EnsembleInfluence",
     "Task",
     "SupervisedTask",
     "ArnoldiSolver",

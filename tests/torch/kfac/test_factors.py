@@ -294,16 +294,8 @@ def test_conv2d_variants_refit_is_diagonal_of_rotated_fisher(conv: dict) -> None
     assert_refit_is_rotated_fisher(net, x, y, "0", True, conv.get("bias", True))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_digits_mlp_ekfac_beats_identity(one_thread) -> None:
+def test_digits_mlp_ekfac_beats_identity(deterministic: None) -> None:
     from scipy.stats import pearsonr, spearmanr
     from sklearn.datasets import load_digits
 
@@ -319,6 +311,11 @@ def test_digits_mlp_ekfac_beats_identity(one_thread) -> None:
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
         optimizer.step()
+    # The model learned the digits (seeds 0-5: held-out accuracy 0.92-0.93, EK-FAC Pearson
+    # 0.974-0.986 against the exact Gauss-Newton influences).
+    with torch.no_grad():
+        accuracy = float((net(x_all[1000:]).argmax(1) == y_all[1000:]).double().mean())
+    assert accuracy > 0.9, accuracy
     lam = 0.01
     data = loader(x, y, 100)
     exact = DirectInfluence(net, F.cross_entropy, lam, second_order_mode=GN).fit(data)

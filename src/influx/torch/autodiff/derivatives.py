@@ -32,9 +32,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
-import torch
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
+
+import torch
 
 from .model_call import (
     LossFunction,

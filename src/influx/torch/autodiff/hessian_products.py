@@ -24,9 +24,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils import _pytree as pytree
+
+import torch
 
 from .derivatives import (
     LossOrTask,

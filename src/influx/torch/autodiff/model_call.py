@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Protocol, Tuple, Union, cast, runtime_checkable
 
-import torch
 from torch.utils import _pytree as pytree
+
+import torch
 
 __all__ = [
     "LossFunction",

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, cast
 
-import torch
 from torch.func import grad, jvp, vjp, vmap
+
+import torch
 
 from ..autodiff.derivatives import (
     FunctionalModel,

@@ -21,9 +21,10 @@ import logging
 from enum import Enum
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Type
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+import torch
 
 from ..autodiff.derivatives import LossOrTask
 from ..data.batches import TorchBatch, iterate_batches

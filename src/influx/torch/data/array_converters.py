@@ -13,8 +13,9 @@ import logging
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+import torch
 
 from ...array import (
     LazyChunkSequence,

@@ -20,8 +20,9 @@ import logging
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-import torch
 from tqdm.auto import tqdm
+
+import torch
 
 from ..curvature.tensor_operator import ShiftedOperator, TensorOperator
 from ..data.state import OperatorState, StateContext, restore_operator

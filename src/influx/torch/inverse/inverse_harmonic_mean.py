@@ -32,8 +32,9 @@ from __future__ import annotations
 import copy
 from typing import Dict, Optional
 
-import torch
 from torch.utils.data import DataLoader
+
+import torch
 
 from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask

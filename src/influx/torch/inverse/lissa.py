@@ -12,9 +12,10 @@ import functools
 import logging
 from typing import Any, Callable, Iterator, Optional, Union
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+import torch
 
 from ...errors import InfluxError
 from ..curvature.batch_operation import BatchOperation

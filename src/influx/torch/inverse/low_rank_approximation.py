@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+import torch
 
 from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask

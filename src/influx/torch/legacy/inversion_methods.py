@@ -11,9 +11,10 @@ import logging
 import warnings
 from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+import torch
 
 from ...inversion import InversionMethod, InversionRegistry
 from ...twice_differentiable import InverseHvpResult, TensorUtilities, TwiceDifferentiable

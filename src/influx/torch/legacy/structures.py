@@ -35,8 +35,9 @@ from typing import (
     Union,
 )
 
-import torch
 from torch.utils.data import DataLoader
+
+import torch
 
 from ...base_influence_function_model import InfluenceFunctionModel
 from ..autodiff.derivatives import get_model_parameters

@@ -45,8 +45,9 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.nn import functional as F
+
+import torch
 
 from ..kfac.layers import LayerSpec, layers_for_parameters
 

@@ -39,6 +39,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 import numpy as np
+
 import torch
 
 from ...calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator

@@ -15,8 +15,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
-import torch
 from tqdm.auto import tqdm
+
+import torch
 
 from ...types import InfluenceMode, NotFittedException, SolverDiagnostics
 from ..composition.composable import TorchComposableInfluence
