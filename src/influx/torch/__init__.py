@@ -86,8 +86,12 @@ from .workflows.valuation import (
     top_k_influences,
 )
 
+# isort: split
+from .workflows.tracker import InfluenceTracker
+
 __all__ = [
     "EnsembleInfluence",
+    "InfluenceTracker",
     "Task",
     "SupervisedTask",
     "ArnoldiSolver",
