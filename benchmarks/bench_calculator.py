@@ -44,8 +44,9 @@ TRAIN_CHUNK = 1000
 def prepare(workdir: Path, n_test: int, n_train: int, seed: int = 0) -> None:
     """Digits tiled with small noise, and an MLP trained on the original digits."""
     import numpy as np
-    import torch
     from sklearn.datasets import load_digits
+
+    import torch
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -122,9 +123,10 @@ def _stop_worker_sampler(dask_worker: Any) -> float:
 def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, workdir: str) -> None:
     """Run one measurement and print a JSON line."""
     import numpy as np
-    import torch
     import zarr  # noqa: F401  (imported before timing, for both libraries)
     from torch.utils.data import DataLoader, TensorDataset
+
+    import torch
 
     if threads == "1":
         torch.set_num_threads(1)
@@ -172,8 +174,9 @@ def worker(lib: str, scheduler: str, threads: str, n_test: int, n_train: int, wo
         ):
 
             def warm_up(n_threads: str = threads, library: str = lib) -> None:
-                import torch as worker_torch
                 import zarr as worker_zarr  # noqa: F401
+
+                import torch as worker_torch
 
                 if n_threads == "1":
                     worker_torch.set_num_threads(1)

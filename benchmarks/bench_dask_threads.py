@@ -46,10 +46,10 @@ CONFIGS = {
 def worker(config: str, n_test: int, n_train: int, workdir: str) -> None:
     """Run one measurement and print a JSON line."""
     import numpy as np
-    import torch
     import zarr  # noqa: F401  (imported before timing)
     from torch.utils.data import DataLoader, TensorDataset
 
+    import torch
     from influx.torch import DirectInfluence, TorchNumpyConverter
 
     kind, n_workers, n_threads = CONFIGS[config]

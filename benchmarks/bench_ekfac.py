@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
 import torch
 
 HERE = Path(__file__).resolve()

@@ -26,10 +26,10 @@ METHODS = ["EkfacInfluence", "DirectInfluence", "CgInfluence", "ArnoldiInfluence
 
 def child(method: str) -> Dict[str, float]:
     start = time.perf_counter()
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     import influx.torch as it
+    import torch
 
     imported = time.perf_counter() - start
     torch.set_num_threads(1)

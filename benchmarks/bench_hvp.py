@@ -29,9 +29,9 @@ import time
 from functools import partial
 from typing import Callable, Dict, List
 
-import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+import torch
 from influx.torch.functional import (
     HVP_REVERSE_MAX_ROWS,
     HVP_REVERSE_VECTORISED_MAX_PARAMETERS,

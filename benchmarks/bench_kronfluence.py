@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+
 import torch
 
 HERE = Path(__file__).resolve()

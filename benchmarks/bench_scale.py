@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+
 import torch
 
 HERE = Path(__file__).resolve()

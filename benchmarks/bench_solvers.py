@@ -24,7 +24,6 @@ import logging
 import math
 from typing import Any, Dict, List, Optional
 
-import torch
 from common import (
     WORKLOADS,
     Case,
@@ -39,6 +38,8 @@ from common import (
     replace_readme_section,
     run_case,
 )
+
+import torch
 
 logger = logging.getLogger("bench_solvers")
 

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.torch import InfluenceTracker
 
 N_TRAIN = 1200

@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from _common import digits  # noqa: E402
 
 from influx.torch import HarmfulRanking, InfluenceTracker  # noqa: E402
-from influx.torch.tracker_report import detection_auc  # noqa: E402
+from influx.torch.workflows.tracker_report import detection_auc  # noqa: E402
 
 
 def data(seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:

@@ -31,7 +31,6 @@ import logging
 import time
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from common import (
     WORKLOADS,
     load_workload,
@@ -42,6 +41,7 @@ from common import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.torch import (
     CgInfluence,
     EkfacPreconditioner,

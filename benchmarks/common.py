@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent

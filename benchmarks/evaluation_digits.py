@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.evaluation import retrain_on_subsets
 from influx.torch import DirectInfluence, EnsembleInfluence
 

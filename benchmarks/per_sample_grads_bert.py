@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
 import torch.nn.functional as F
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

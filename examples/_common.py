@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
-import torch
 from sklearn.datasets import load_digits
+
+import torch
 
 Data = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -19,12 +19,12 @@ from typing import Optional
 
 import dask.array as da
 import numpy as np
-import torch
 import zarr
 from _common import digits, train_mlp
 from distributed import Client, LocalCluster
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx import DaskInfluenceCalculator
 from influx.array import dask_array_to_zarr, zarr_write_status
 from influx.torch import DirectInfluence, TorchNumpyConverter, top_k_from_array

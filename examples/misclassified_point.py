@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from _common import digits, train_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.torch import DirectInfluence, top_k_influences
 
 logger = logging.getLogger("misclassified_point")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from _common import digits, train_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.torch import DirectInfluence, rank_training_points
 
 logger = logging.getLogger("mislabel_detection")

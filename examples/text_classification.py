@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import torch
 from influx.torch import CgInfluence, EkfacInfluence, SecondOrderMode, Task, rank_training_points
 
 logger = logging.getLogger("text_classification")

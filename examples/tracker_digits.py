@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from _common import digits
 from torch.utils.data import DataLoader, TensorDataset
 
+import torch
 from influx.torch import InfluenceTracker
-from influx.torch.tracker_report import detection_auc
+from influx.torch.workflows.tracker_report import detection_auc
 
 logger = logging.getLogger("tracker_digits")
 

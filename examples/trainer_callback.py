@@ -25,7 +25,7 @@ import text_classification as tc
 from transformers import Trainer, TrainingArguments
 
 from influx.integrations.huggingface import InfluenceCallback
-from influx.torch.tracker_report import detection_auc
+from influx.torch.workflows.tracker_report import detection_auc
 
 logger = logging.getLogger("trainer_callback")
 

@@ -14,8 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
 
+import torch
 from helpers import LinearRegression
 
 if TYPE_CHECKING:

@@ -5,8 +5,9 @@ Import from here (`from helpers import make_mlp`); fixtures live in `conftest.py
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+import torch
 
 
 class LinearRegression:

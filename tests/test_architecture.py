@@ -5,19 +5,26 @@
 * no import of a private name from another module;
 * `types` and `errors` import no numerical framework; the calculators and the chunk/zarr layer
   import nothing of `influx.torch`;
-* no module longer than the size a reader keeps in their head.
+* no module longer than the size a reader keeps in their head;
+* every module is in a layer of the map in `tests/layers.py` and imports only its own layer and
+  the layers below; the chart of `docs/architecture.md` names every entry of the map in its
+  layer.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-MAX_LINES = 650
+from layers import LAYERS, PLANNED, entry_of, layer_index
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+MAX_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -159,15 +166,116 @@ def test_importing_the_torch_layer_loads_no_calculator_layer() -> None:
     assert result.stdout.strip() == ""
 
 
-def test_library_modules_do_not_import_the_compatibility_facades() -> None:
-    facades = {"influx.torch.functional", "influx.torch.util"}
+PYDVL_PATHS = {
+    f"influx.torch.{name}"
+    for name in (
+        "base",
+        "batch_operation",
+        "functional",
+        "influence_function_model",
+        "operator",
+        "preconditioner",
+        "twice_differentiable",
+        "util",
+    )
+}
+"""The pyDVL import paths kept at the top of `influx.torch`: thin re-export modules."""
+
+
+def test_library_modules_do_not_import_the_pydvl_paths() -> None:
     offenders = [
         f"{module} imports {target}"
         for module, path in _modules().items()
-        if module not in facades
-        and not module.startswith("influx.torch.__init__")
-        and module != "influx.torch"
+        if module not in PYDVL_PATHS and module != "influx.torch"
         for target, _ in _imports(module, path)
-        if target in facades
+        if target in PYDVL_PATHS
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("module", sorted(PYDVL_PATHS))
+def test_pydvl_paths_only_re_export(module: str) -> None:
+    """A docstring, imports and `__all__`: nothing is defined at a pyDVL path."""
+    tree = ast.parse(_modules()[module].read_text())
+    docstring, *body = tree.body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert "re-export" in docstring.value.value
+    kinds = {type(node).__name__ for node in body}
+    assert kinds <= {"ImportFrom", "Assign"}, kinds
+    assigned = [t.id for n in body if isinstance(n, ast.Assign) for t in n.targets]
+    assert assigned == ["__all__"]
+
+
+def test_torch_package_top_holds_role_packages_and_pydvl_paths() -> None:
+    top = SRC / "influx" / "torch"
+    modules = {p.stem for p in top.glob("*.py")} - {"__init__"}
+    assert {f"influx.torch.{m}" for m in modules} == PYDVL_PATHS
+    assert len(modules) <= 12
+
+
+def _layer_of_every_module() -> Dict[str, str]:
+    """Module -> its entry in the layer map ("" for a module in none)."""
+    entries = layer_index()
+    modules = _modules()
+    graph = _graph()
+    result = {}
+    for module, path in modules.items():
+        entry = entry_of(module, entries)
+        if not entry and path.name == "__init__.py" and not graph[module]:
+            continue  # a role package's docstring
+        result[module] = entry
+    return result
+
+
+def test_every_module_is_in_a_layer() -> None:
+    assert [m for m, entry in _layer_of_every_module().items() if not entry] == []
+
+
+def test_every_entry_of_the_layer_map_names_modules() -> None:
+    covered = set(_layer_of_every_module().values())
+    stale = [e for e in layer_index() if e not in covered and e not in PLANNED]
+    assert stale == []
+
+
+def test_modules_import_only_their_layer_and_below() -> None:
+    entries = layer_index()
+    located = _layer_of_every_module()
+    upward = []
+    for module, targets in _importers_of_package_init(_graph()).items():
+        if module not in located:
+            continue
+        for target in targets:
+            if target in located and entries[located[target]] > entries[located[module]]:
+                upward.append(
+                    f"{module} ({LAYERS[entries[located[module]]][0]}) imports {target} "
+                    f"({LAYERS[entries[located[target]]][0]})"
+                )
+    assert upward == []
+
+
+def _chart() -> List[Tuple[str, str]]:
+    """(layer, name) for every name in the table of the Layers section of the architecture
+    page; `a.{b, c}` stands for `a.b` and `a.c`."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]
+    named = []
+    layer = ""
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        layer = cells[0] or layer
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            match = re.fullmatch(r"([\w.]+)\.\{([^}]*)\}", token)
+            if match:
+                named += [(layer, f"{match[1]}.{n.strip()}") for n in match[2].split(",")]
+            else:
+                named.append((layer, token))
+    return named
+
+
+def test_architecture_chart_is_the_layer_map() -> None:
+    chart = _chart()
+    assert sorted(chart) == sorted(set(chart)), "a name appears twice in the chart"
+    expected = {(name, entry) for name, entries in LAYERS for entry in entries}
+    assert set(chart) - expected == set(), "named in the chart, not in this layer of the map"
+    assert expected - set(chart) == set(), "in the layer map, missing from the chart"

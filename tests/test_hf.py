@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+import torch
 
 pytest.importorskip("transformers")
 

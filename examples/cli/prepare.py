@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from tiny_model import make_model
+
+import torch
 
 
 def blobs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

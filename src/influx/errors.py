@@ -27,7 +27,7 @@ class InfluxError(Exception):
 
 
 class NotFittedException(InfluxError, ValueError):
-    """Raised when an influence model is used before [fit][influx.types.InfluenceFunctionModel.fit]."""
+    """Raised when an influence model is used before [fit][influx.base_influence_function_model.InfluenceFunctionModel.fit]."""
 
     def __init__(self, object_type: type):
         super().__init__(

@@ -3,7 +3,7 @@ r"""Solve $(H + \lambda I)\,x = b$ in one call, choosing the method by name.
 [solve_hvp][influx.inversion.solve_hvp] dispatches on the type of the wrapped model and the
 [InversionMethod][influx.inversion.InversionMethod] through the
 [InversionRegistry][influx.inversion.InversionRegistry]. The torch functions registered for
-each method (in `influx.torch.twice_differentiable`) build the matching operator of
+each method (in `influx.torch.legacy.inversion_methods`) build the matching operator of
 `influx.torch` and apply it: this module owns no numerical code.
 """
 

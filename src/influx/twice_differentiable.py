@@ -7,7 +7,7 @@ second-order directional derivatives. Together with
 thin layer over the operators of `influx.torch`: it owns no numerical method of its own.
 
 This module is framework-agnostic; the torch implementation is
-[TorchTwiceDifferentiable][influx.torch.twice_differentiable.TorchTwiceDifferentiable].
+[TorchTwiceDifferentiable][influx.torch.legacy.inversion_methods.TorchTwiceDifferentiable].
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from evaluation_ridge import RidgeProblem
 
+import torch
 from influx.cli import main
 from influx.evaluation import retrain_on_subsets
 

@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
+import torch
 from influx.evaluation import average_ranks, detection_auc, lds, subset_predictions
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from evaluation_ridge import RidgeProblem
 
+import torch
 from influx.evaluation import counterfactual_removal, leave_one_out
 
 

@@ -143,7 +143,7 @@ class LazyChunkSequence(Generic[TensorType]):
         Args:
             aggregator: how to combine the chunks; a
                 [ListAggregator][influx.array.ListAggregator] (a list of chunks) if None. Use
-                [TorchCatAggregator][influx.torch.util.TorchCatAggregator] for one tensor.
+                [TorchCatAggregator][influx.torch.data.array_converters.TorchCatAggregator] for one tensor.
 
         Returns:
             Whatever the aggregator returns.
@@ -268,7 +268,7 @@ class NestedLazyChunkSequence(Generic[TensorType]):
             aggregator: how to combine the chunks; a
                 [NestedListAggregator][influx.array.NestedListAggregator] (a list of lists of
                 chunks) if None. Use
-                [NestedTorchCatAggregator][influx.torch.util.NestedTorchCatAggregator] for one
+                [NestedTorchCatAggregator][influx.torch.data.array_converters.NestedTorchCatAggregator] for one
                 tensor.
 
         Returns:

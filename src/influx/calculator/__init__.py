@@ -1,7 +1,7 @@
 r"""Influence for large amounts of data: map a fitted influence model over chunks.
 
 Both calculators take a fitted
-[InfluenceFunctionModel][influx.types.InfluenceFunctionModel] and apply it chunk by chunk:
+[InfluenceFunctionModel][influx.base_influence_function_model.InfluenceFunctionModel] and apply it chunk by chunk:
 
 * [SequentialInfluenceCalculator][influx.calculator.SequentialInfluenceCalculator] over data
   iterables (e.g. `DataLoader`s), one chunk after the other, returning lazy sequences that
@@ -30,7 +30,7 @@ from ..array import LazyChunkRow as LazyChunkRow
 from ..array import LazyChunkSequence as LazyChunkSequence
 from ..array import NestedLazyChunkSequence as NestedLazyChunkSequence
 from ..array import NumpyConverter as NumpyConverter
-from ..types import InfluenceFunctionModel as InfluenceFunctionModel
+from ..base_influence_function_model import InfluenceFunctionModel as InfluenceFunctionModel
 from ..types import InfluenceMode as InfluenceMode
 from .checks import (
     DisableClientSingleThreadCheck,

@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..base_influence_function_model import InfluenceFunctionModel
 from ..ordering import check_ordered
-from ..types import InfluenceFunctionModel
 
 __all__ = [
     "DisableClientSingleThreadCheck",

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type, Union
 import numpy as np
 
 from ..array import NumpyConverter
-from ..types import InfluenceFunctionModel, InfluenceMode, check_mode
+from ..base_influence_function_model import InfluenceFunctionModel
+from ..types import InfluenceMode, check_mode
 from .checks import (
     DisableClientSingleThreadCheck,
     InvalidDimensionChunksError,
@@ -31,7 +32,8 @@ from .checks import (
     numpy_dtype,
     self_influence_function,
 )
-from .model_handles import EmbeddedModel, InstalledModel, ModelHandle
+from .dask_tasks import factors_task, influences_task, self_influences_task, serialize_model
+from .model_handles import EmbeddedModel, InstalledModel
 from .structured import first_leaf, is_structured, leaves_with_paths, map_leaves
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,67 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["DaskInfluenceCalculator"]
 
 logger = logging.getLogger(__name__)
-
-
-def _self_influences_task(
-    x: np.ndarray,
-    y: np.ndarray,
-    handle: ModelHandle,
-    converter: NumpyConverter,
-    mode: InfluenceMode,
-    dtype: np.dtype,
-) -> np.ndarray:
-    model = handle.resolve()
-    result = self_influence_function(model)(
-        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y), mode
-    )
-    return np.asarray(converter.to_numpy(result), dtype=dtype)
-
-
-def _factors_task(
-    x: np.ndarray,
-    y: np.ndarray,
-    handle: ModelHandle,
-    converter: NumpyConverter,
-    dtype: np.dtype,
-) -> np.ndarray:
-    model = handle.resolve()
-    result = model.influence_factors(
-        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y)
-    )
-    return np.asarray(converter.to_numpy(result), dtype=dtype)
-
-
-def _influences_task(
-    factors: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    handle: ModelHandle,
-    converter: NumpyConverter,
-    mode: InfluenceMode,
-    dtype: np.dtype,
-) -> np.ndarray:
-    model = handle.resolve()
-    result = model.influences_from_factors(
-        converter.from_numpy(factors),
-        map_leaves(converter.from_numpy, x),
-        map_leaves(converter.from_numpy, y),
-        mode,
-    )
-    return np.asarray(converter.to_numpy(result), dtype=dtype)
-
-
-def _serialize_model(model: InfluenceFunctionModel) -> bytes:
-    import cloudpickle
-
-    try:
-        return cloudpickle.dumps(model)  # type: ignore[no-any-return]
-    except Exception as error:
-        raise TypeError(
-            "Parameter 'influence_function_model' must be serialisable with cloudpickle to be "
-            f"sent to the Dask workers; serialising {type(model).__name__} failed with "
-            f"{type(error).__name__}: {error}"
-        ) from error
 
 
 class DaskInfluenceCalculator:
@@ -122,9 +63,9 @@ class DaskInfluenceCalculator:
 
     Args:
         influence_function_model: a fitted
-            [InfluenceFunctionModel][influx.types.InfluenceFunctionModel].
+            [InfluenceFunctionModel][influx.base_influence_function_model.InfluenceFunctionModel].
         converter: converts numpy chunks to the model's tensors and back, e.g.
-            [TorchNumpyConverter][influx.torch.util.TorchNumpyConverter].
+            [TorchNumpyConverter][influx.torch.data.array_converters.TorchNumpyConverter].
         client: a `distributed.Client`, or the class
             [DisableClientSingleThreadCheck][influx.calculator.DisableClientSingleThreadCheck]
             to skip the thread-safety check and embed the model in each task graph instead
@@ -193,7 +134,7 @@ class DaskInfluenceCalculator:
         self._check_threads(client, influence_function_model)
         from .worker_plugin import ModelInstaller
 
-        payload = _serialize_model(influence_function_model)
+        payload = serialize_model(influence_function_model)
         client.register_plugin(ModelInstaller(token, payload), name=token)
         logger.debug("Installed the model as worker plugin %s (%d bytes).", token, len(payload))
         self._plugin_name = token
@@ -322,7 +263,7 @@ class DaskInfluenceCalculator:
     def _factor_blocks(self, x: "dask.array.Array", y: "dask.array.Array") -> List[Any]:
         import dask
 
-        task = dask.delayed(_factors_task, pure=True)
+        task = dask.delayed(factors_task, pure=True)
         return [
             task(xb, yb, self._handle, self.numpy_converter, self._dtype)
             for xb, yb in zip(self._blocks(x), self._blocks(y))
@@ -414,7 +355,7 @@ class DaskInfluenceCalculator:
         import dask.array as da
 
         trailing = self._perturbation_shape(x) if mode is InfluenceMode.Perturbation else ()
-        task = dask.delayed(_influences_task, pure=True)
+        task = dask.delayed(influences_task, pure=True)
         x_blocks, y_blocks = self._blocks(x), self._blocks(y)
         grid = [
             [
@@ -460,7 +401,7 @@ class DaskInfluenceCalculator:
         self_influence_function(self.influence_function_model)
         self._check_pair(x, y, ("x", "y"))
         trailing = self._perturbation_shape(x) if mode is InfluenceMode.Perturbation else ()
-        task = dask.delayed(_self_influences_task, pure=True)
+        task = dask.delayed(self_influences_task, pure=True)
         blocks = [
             da.from_delayed(
                 task(xb, yb, self._handle, self.numpy_converter, mode, self._dtype),

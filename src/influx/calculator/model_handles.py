@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Tuple
 
-from ..types import InfluenceFunctionModel
+from ..base_influence_function_model import InfluenceFunctionModel
 from .checks import ThreadSafetyViolationError
 
 __all__ = ["EmbeddedModel", "InstalledModel", "ModelHandle", "ModelNotInstalledError"]

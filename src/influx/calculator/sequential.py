@@ -7,7 +7,8 @@ import functools
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from ..array import LazyChunk, LazyChunkRow, LazyChunkSequence, NestedLazyChunkSequence
-from ..types import InfluenceFunctionModel, InfluenceMode, check_mode
+from ..base_influence_function_model import InfluenceFunctionModel
+from ..types import InfluenceMode, check_mode
 from .checks import check_model, check_ordered_iterable, self_influence_function
 from .structured import first_leaf, is_structured, split_item
 
@@ -127,7 +128,7 @@ class SequentialInfluenceCalculator:
 
     Args:
         influence_function_model: a fitted
-            [InfluenceFunctionModel][influx.types.InfluenceFunctionModel].
+            [InfluenceFunctionModel][influx.base_influence_function_model.InfluenceFunctionModel].
 
     Example:
         ```python

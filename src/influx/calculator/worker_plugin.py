@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 from distributed import Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..types import InfluenceFunctionModel
+from ..base_influence_function_model import InfluenceFunctionModel
 
 __all__ = ["ModelInstaller", "ModelLoadError"]
 

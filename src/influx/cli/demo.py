@@ -79,13 +79,14 @@ def run_demo(
         progress: show a progress bar.
         with_matrix: also compute the full (held-out x train) influence matrix.
     """
-    import torch
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
+    import torch
+
     from ..torch import DirectInfluence
-    from ..torch.valuation import rank_training_points
+    from ..torch.workflows.valuation import rank_training_points
 
     start = time.perf_counter()
     steps = tqdm(total=4, desc="demo", disable=not progress)

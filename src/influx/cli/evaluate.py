@@ -33,8 +33,9 @@ from .methods import METHODS, build_influence_model, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
     from torch.utils.data import Dataset
+
+    import torch
 
 __all__ = ["EVALUATE_DESCRIPTION", "add_evaluate_parser", "run_evaluate"]
 
@@ -205,8 +206,9 @@ class Retrainer:
         self.factory, self.train_fn, self.train = factory, train_fn, train
 
     def __call__(self, indices: "np.ndarray", seed: int) -> "torch.nn.Module":
-        import torch
         from torch.utils.data import Subset
+
+        import torch
 
         torch.manual_seed(seed)
         model = self.factory()
@@ -270,6 +272,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run `influx evaluate` with the parsed arguments `args`."""
     _check_arguments(args)
     import numpy as np
+
     import torch
 
     from ..evaluation import lds, retrain_on_subsets

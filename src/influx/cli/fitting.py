@@ -22,10 +22,11 @@ from .loading import (
 from .methods import METHODS, build_influence_model, methods_help, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from ..torch.base import TorchComposableInfluence
+    import torch
+
+    from ..torch.composition.composable import TorchComposableInfluence
 
 __all__ = [
     "Fitted",

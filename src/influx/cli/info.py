@@ -40,7 +40,7 @@ def _value(value: Any) -> str:
 def run_info(args: argparse.Namespace) -> int:
     """Run `influx info` with the parsed arguments `args`."""
     require_file(args.fit, "FIT")
-    from ..torch.persistence import read_fit_info
+    from ..torch.composition.persistence import read_fit_info
 
     try:
         info = read_fit_info(args.fit)

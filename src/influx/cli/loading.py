@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 from .common import UsageError, require_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch.utils.data import Dataset
+
+    import torch
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -245,6 +246,7 @@ def _pair_from_mapping(content: Mapping, value: str, argument: str) -> Tuple[Any
 
 def _pair_from_file(path: Path, argument: str) -> Tuple[Any, Any]:
     import numpy as np
+
     import torch
 
     if path.suffix == ".npz":
@@ -285,6 +287,7 @@ def _pair_from_content(content: Any, value: str, argument: str) -> Tuple[Any, An
 
 def _as_tensor(value: Any, name: str, argument: str, dtype: "torch.dtype") -> "torch.Tensor":
     import numpy as np
+
     import torch
 
     if isinstance(value, np.ndarray):

@@ -159,7 +159,7 @@ class _ChunkBudgetReached(Exception):
 
 def _counting_converter(budget: Optional[int], bar: Any) -> Any:
     """A torch-to-numpy converter that advances `bar` per chunk and stops after `budget`."""
-    from ..torch.array_converters import TorchNumpyConverter
+    from ..torch.data.array_converters import TorchNumpyConverter
 
     class CountingConverter(TorchNumpyConverter):
         """Converts chunks to numpy, at most `budget` of them, counting them on `bar`."""
@@ -284,7 +284,7 @@ def _write_on_dask(
 
     from ..array import dask_array_to_zarr
     from ..calculator import DaskInfluenceCalculator, ThreadSafetyViolationError
-    from ..torch.array_converters import TorchNumpyConverter, torch_dataset_to_dask_array
+    from ..torch.data.array_converters import TorchNumpyConverter, torch_dataset_to_dask_array
 
     dtype = np.dtype(str(prepared.dtype).split(".")[-1]).type
     cluster = None

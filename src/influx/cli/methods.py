@@ -17,7 +17,7 @@ from .common import UsageError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..torch.base import TorchComposableInfluence
+    from ..torch.composition.composable import TorchComposableInfluence
 
 __all__ = ["METHODS", "Method", "build_influence_model", "parse_options"]
 

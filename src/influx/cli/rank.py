@@ -154,7 +154,7 @@ def run_rank(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     check_data_argument(args.validation, "--validation")
 
-    from ..torch.valuation import rank_training_points
+    from ..torch.workflows.valuation import rank_training_points
 
     prepared = build(args)
     validation = prepared.load(args.validation, "--validation")

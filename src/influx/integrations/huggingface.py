@@ -12,7 +12,7 @@ trainer.train()
 callback.ranking  # a HarmfulRanking of train_dataset, most harmful first
 ```
 
-The callback runs an [InfluenceTracker][influx.torch.tracker.InfluenceTracker] on the
+The callback runs an [InfluenceTracker][influx.torch.workflows.tracker.InfluenceTracker] on the
 Trainer's model: it counts the optimizer steps (`on_step_end`) and epochs (`on_epoch_end`),
 keeps checkpoints and ranks on the tracker's schedules, and ranks at the end of training
 (`on_train_end`), logging a summary and writing a report when `report_dir` is given. The
@@ -29,10 +29,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..torch import HarmfulRanking, InfluenceTracker, Task
+import torch
+
+from ..torch.data.task import Task
+from ..torch.workflows.tracker import InfluenceTracker
+from ..torch.workflows.valuation import HarmfulRanking
 
 try:
     from transformers import TrainerCallback, default_data_collator
@@ -60,14 +63,14 @@ class InfluenceCallback(TrainerCallback):  # type: ignore[misc]
             the ranking's indices are its indices.
         validation_dataset: the samples whose total loss (or the task's measurement) the
             influence is measured on.
-        loss: a [Task][influx.torch.task.Task] or a loss `loss(logits, labels)`; the default
+        loss: a [Task][influx.torch.data.task.Task] or a loss `loss(logits, labels)`; the default
             is the cross-entropy of the model's logits.
         data_collator: makes batches of samples (default: transformers'
             `default_data_collator`); its batches must be dicts with a `"labels"` entry.
         batch_size: the batch size of the callback's own passes.
         method: the influence model, as for the tracker (`"ekfac"`, `"cg"`, ...).
         **tracker_options: further arguments of
-            [InfluenceTracker][influx.torch.tracker.InfluenceTracker] (`regularization`,
+            [InfluenceTracker][influx.torch.workflows.tracker.InfluenceTracker] (`regularization`,
             `method_options`, `rank_every`, `checkpoint_every`, `checkpoint_averaging`,
             `report_dir`, `suspected`, ...). Its `learning_rate` is read from the Trainer's
             optimizer at each checkpoint.

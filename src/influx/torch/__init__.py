@@ -9,84 +9,76 @@ import importlib
 from typing import Any
 
 from ..types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeException
-from .base import (
-    DictBilinearForm,
-    OperatorBilinearForm,
-    TensorDictOperator,
-    TensorOperator,
-    TorchBatch,
-    TorchBlockMapper,
-    TorchComposableInfluence,
-    TorchGradientProvider,
-    TorchOperatorGradientComposition,
+from .composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from .composition.composable import TorchComposableInfluence
+from .composition.curvatures import Curvature, KroneckerCurvature, ModeCurvature
+from .composition.solvers import (
+    ArnoldiSolver,
+    CgSolver,
+    DirectSolver,
+    FactoredSolver,
+    InverseHarmonicMeanSolver,
+    LissaSolver,
+    NystroemSolver,
+    Solver,
 )
-from .batch_operation import (
+from .curvature.batch_operation import (
     BatchOperation,
     GaussNewtonBatchOperation,
     HessianBatchOperation,
     InverseHarmonicMeanBatchOperation,
 )
-from .blocks import BlockMode
-from .cg import CgOperator
-from .composition import (
-    ArnoldiSolver,
-    CgSolver,
-    Curvature,
-    DirectSolver,
-    FactoredSolver,
-    InverseHarmonicMeanSolver,
-    KroneckerCurvature,
-    LissaSolver,
-    ModeCurvature,
-    NystroemSolver,
-    Solver,
-)
-from .curvature import (
+from .curvature.generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
+from .curvature.operators import (
     GaussNewtonOperator,
     GeneralizedGaussNewtonOperator,
     HessianOperator,
     SecondOrderMode,
 )
-from .direct import DirectSolveOperator
-from .ensemble import EnsembleInfluence
-from .generalized_gauss_newton import GeneralizedGaussNewtonBatchOperation
-from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-from .kfac import NotImplementedLayerRepresentationException
-from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
-from .lissa import LissaOperator
-from .low_rank import (
+from .curvature.tensor_operator import (
+    MatrixOperator,
+    ShiftedOperator,
+    TensorDictOperator,
+    TensorOperator,
+)
+from .data.batches import TorchBatch
+from .data.blocks import BlockMode
+from .data.task import SupervisedTask, Task
+from .gradients.bilinear import DictBilinearForm, OperatorBilinearForm
+from .gradients.provider import TorchGradientProvider
+from .inverse.cg import CgOperator
+from .inverse.direct import DirectSolveOperator
+from .inverse.ekfac_preconditioner import EkfacPreconditioner
+from .inverse.inverse_harmonic_mean import InverseHarmonicMeanOperator
+from .inverse.lissa import LissaOperator
+from .inverse.low_rank import LowRankBilinearForm, LowRankOperator
+from .inverse.low_rank_approximation import (
     LowRankApproximation,
-    LowRankBilinearForm,
-    LowRankOperator,
     lanczos_eigenpairs,
     lanczos_low_rank,
     model_hessian_low_rank,
     model_hessian_nystroem_approximation,
     nystroem_low_rank,
 )
+from .inverse.preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+from .inverse.sketch import LowRankProductRepresentation
+from .kfac.factors import NotImplementedLayerRepresentationException
+from .kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
+from .legacy.inversion_methods import TorchTensorUtilities, TorchTwiceDifferentiable
 from .models import (
     ArnoldiInfluence,
     CgInfluence,
     ComposedInfluence,
     DirectInfluence,
     EkfacInfluence,
+    EnsembleInfluence,
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
     ProjectedInfluence,
 )
-from .preconditioner import (
-    EkfacPreconditioner,
-    JacobiPreconditioner,
-    NystroemPreconditioner,
-    Preconditioner,
-)
-from .projected_gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
-from .sketch import LowRankProductRepresentation
-from .task import SupervisedTask, Task
-from .tensor_operator import MatrixOperator, ShiftedOperator
-from .twice_differentiable import TorchTensorUtilities, TorchTwiceDifferentiable
-from .valuation import (
+from .projection.gradients import IdentityOperator, ProjectedCurvature, ProjectedGradientProvider
+from .workflows.valuation import (
     HarmfulRanking,
     TopKInfluences,
     rank_training_points,
@@ -95,7 +87,7 @@ from .valuation import (
 )
 
 # isort: split
-from .tracker import InfluenceTracker  # imports the names above from this package
+from .workflows.tracker import InfluenceTracker
 
 __all__ = [
     "EnsembleInfluence",
@@ -193,5 +185,5 @@ _CONVERTERS = {
 
 def __getattr__(name: str) -> Any:
     if name in _CONVERTERS:
-        return getattr(importlib.import_module(".array_converters", __name__), name)
+        return getattr(importlib.import_module(".data.array_converters", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

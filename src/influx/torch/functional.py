@@ -1,15 +1,17 @@
 r"""Pure tensor functions, at pyDVL's `influence.torch.functional` path.
 
-The functions live in [influx.torch.autodiff][influx.torch.autodiff] (per-sample gradients,
+A re-export module. The functions live in
+[influx.torch.autodiff.derivatives][influx.torch.autodiff.derivatives] (per-sample gradients,
 mixed derivatives, Hessian-vector products, dense curvatures of a batch),
-[influx.torch.stateless][influx.torch.stateless] (evaluating a module without touching it),
-[influx.torch.sketch][influx.torch.sketch] (low-rank representations and Nyström sketches),
-[influx.torch.data_functional][influx.torch.data_functional] (the same over a data loader) and
-[influx.torch.low_rank][influx.torch.low_rank]; this module gathers them. Nothing in the
-library imports it.
+[influx.torch.autodiff.stateless][influx.torch.autodiff.stateless] (evaluating a module without
+touching it), [influx.torch.inverse.sketch][influx.torch.inverse.sketch] (low-rank
+representations and Nyström sketches),
+[influx.torch.legacy.data_functional][influx.torch.legacy.data_functional] (the same over a data
+loader) and [influx.torch.inverse.low_rank][influx.torch.inverse.low_rank]. Nothing in the
+library imports this path.
 """
 
-from .autodiff import (
+from .autodiff.derivatives import (
     LossFunction,
     create_batch_loss_function,
     create_matrix_jacobian_product_function,
@@ -21,15 +23,7 @@ from .autodiff import (
     operator_to_dense,
     unflatten,
 )
-from .data_functional import (
-    create_empirical_loss_function,
-    create_hvp_function,
-    gauss_newton,
-    hessian,
-    operator_nystroem_approximation,
-    operator_spectral_approximation,
-)
-from .hessian_products import (
+from .autodiff.hessian_products import (
     HESSIAN_CHUNK_BUDGET,
     HVP_REVERSE_MAX_ROWS,
     HVP_REVERSE_VECTORISED_MAX_PARAMETERS,
@@ -38,14 +32,22 @@ from .hessian_products import (
     create_batch_hvp_reverse_function,
     hvp,
 )
-from .low_rank import model_hessian_nystroem_approximation
-from .sketch import (
+from .autodiff.stateless import ForwardModeSerialised, functional_forward
+from .inverse.low_rank_approximation import model_hessian_nystroem_approximation
+from .inverse.sketch import (
     LowRankProductRepresentation,
     ShiftFunction,
     nystroem_sketch,
     randomized_nystroem_approximation,
 )
-from .stateless import ForwardModeSerialised, functional_forward
+from .legacy.data_functional import (
+    create_empirical_loss_function,
+    create_hvp_function,
+    gauss_newton,
+    hessian,
+    operator_nystroem_approximation,
+    operator_spectral_approximation,
+)
 
 __all__ = [
     "HESSIAN_CHUNK_BUDGET",

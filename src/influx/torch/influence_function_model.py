@@ -1,8 +1,11 @@
-r"""The influence models, at pyDVL's import path.
+r"""The influence models, at pyDVL's `influence.torch.influence_function_model` path.
 
-They live in [influx.torch.models][influx.torch.models], one module per family; every model is
-a [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence] whose curvature and
-inverse method are set by its constructor (see [influx.torch.composition][influx.torch.composition]).
+A re-export module. The models live in [influx.torch.models][influx.torch.models], one module
+per family; every model is a
+[TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence] whose
+curvature and inverse method are set by its constructor (see
+[influx.torch.composition][influx.torch.composition]). Nothing in
+the library imports this path.
 
 **Sign and scale.** Entry $(i, j)$ of `influences` is
 
@@ -15,7 +18,7 @@ $z_j$ helps (up-weighting it lowers the loss of) test point $z'_i$. `Perturbatio
 differentiates the same quantity with respect to the features of $z_j$.
 """
 
-from .compat import TorchInfluenceFunctionModel
+from .legacy.structures import TorchInfluenceFunctionModel
 from .models import (
     ArnoldiInfluence,
     CgInfluence,

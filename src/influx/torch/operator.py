@@ -1,16 +1,20 @@
-"""The operators, at pyDVL's import path.
+"""The operators, at pyDVL's `influence.torch.operator` path.
 
-Curvature operators ([influx.torch.curvature][influx.torch.curvature]) apply $C$; inverse
-operators apply $(C + \\lambda I)^{-1}$: the direct solve ([influx.torch.direct][influx.torch.direct]),
-conjugate gradient ([influx.torch.cg][influx.torch.cg]), LiSSA
-([influx.torch.lissa][influx.torch.lissa]), low rank ([influx.torch.low_rank][influx.torch.low_rank]),
-the inverse harmonic mean ([influx.torch.inverse_harmonic_mean][influx.torch.inverse_harmonic_mean])
-and the Kronecker-factored inverse ([influx.torch.kfac_operator][influx.torch.kfac_operator]).
-Their common base is in [influx.torch.tensor_operator][influx.torch.tensor_operator].
+A re-export module. Curvature operators
+([influx.torch.curvature.operators][influx.torch.curvature.operators]) apply $C$; inverse
+operators apply $(C + \\lambda I)^{-1}$: the direct solve
+([influx.torch.inverse.direct][influx.torch.inverse.direct]), conjugate gradient
+([influx.torch.inverse.cg][influx.torch.inverse.cg]), LiSSA
+([influx.torch.inverse.lissa][influx.torch.inverse.lissa]), low rank
+([influx.torch.inverse.low_rank][influx.torch.inverse.low_rank]), the inverse harmonic mean
+([influx.torch.inverse.inverse_harmonic_mean][influx.torch.inverse.inverse_harmonic_mean]) and
+the Kronecker-factored inverse ([influx.torch.kfac.operators][influx.torch.kfac.operators]).
+Their common base is in
+[influx.torch.curvature.tensor_operator][influx.torch.curvature.tensor_operator]. Nothing in
+the library imports this path.
 """
 
-from .cg import CgOperator
-from .curvature import (
+from .curvature.operators import (
     AveragingBatchOperator,
     GaussNewtonOperator,
     GeneralizedGaussNewtonOperator,
@@ -19,13 +23,14 @@ from .curvature import (
     SecondOrderMode,
     curvature_operator,
 )
-from .data import iterate_batches
-from .direct import DirectSolveOperator
-from .inverse_harmonic_mean import InverseHarmonicMeanOperator
-from .kfac_operator import KroneckerFactoredCurvature, KroneckerFactoredOperator
-from .lissa import LissaOperator
-from .low_rank import LowRankOperator
-from .tensor_operator import MatrixOperator, ShiftedOperator
+from .curvature.tensor_operator import MatrixOperator, ShiftedOperator
+from .data.batches import iterate_batches
+from .inverse.cg import CgOperator
+from .inverse.direct import DirectSolveOperator
+from .inverse.inverse_harmonic_mean import InverseHarmonicMeanOperator
+from .inverse.lissa import LissaOperator
+from .inverse.low_rank import LowRankOperator
+from .kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
 
 __all__ = [
     "AveragingBatchOperator",

@@ -1,22 +1,25 @@
 """Torch helpers at pyDVL's `influence.torch.util` path.
 
-Block structures live in [influx.torch.blocks][influx.torch.blocks], regularization checks in
-[influx.torch.validation][influx.torch.validation], and the torch-side converters for the
-calculators (numpy conversion, aggregators, dask arrays from torch datasets) in
-[influx.torch.array_converters][influx.torch.array_converters]; this module re-exports them.
-Nothing in the library imports it: importing `influx.torch` does not load the chunk and zarr
-layer.
+A re-export module. Block structures live in [influx.torch.data.blocks][influx.torch.data.blocks],
+regularization checks in [influx.torch.data.validation][influx.torch.data.validation], the
+reference's tensor-structure helpers in
+[influx.torch.legacy.structures][influx.torch.legacy.structures], and the torch-side converters
+for the calculators (numpy conversion, aggregators, dask arrays from torch datasets) in
+[influx.torch.data.array_converters][influx.torch.data.array_converters]. Nothing in the library
+imports this path: importing `influx.torch` does not load the chunk and zarr layer.
 """
 
-from .array_converters import (
+from .autodiff.derivatives import flatten_dimensions, get_model_parameters
+from .curvature.operators import SecondOrderMode
+from .data.array_converters import (
     NestedTorchCatAggregator,
     TorchCatAggregator,
     TorchNumpyConverter,
     torch_dataset_to_dask_array,
 )
-from .autodiff import flatten_dimensions, get_model_parameters
-from .blocks import FULL_BLOCK_NAME, BlockMode, BlockStructure, block_parameters
-from .compat import (
+from .data.blocks import FULL_BLOCK_NAME, BlockMode, BlockStructure, block_parameters
+from .data.validation import RegularizationType, regularization_by_block, validate_regularization
+from .legacy.structures import (
     EkfacRepresentation,
     LossType,
     ModelInfoMixin,
@@ -30,8 +33,6 @@ from .compat import (
     safe_torch_linalg_eigh,
     to_model_device,
 )
-from .curvature import SecondOrderMode
-from .validation import RegularizationType, regularization_by_block, validate_regularization
 
 __all__ = [
     "EkfacRepresentation",

@@ -6,13 +6,14 @@ from typing import Optional
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
-from ..blocks import BlockMode, BlockStructure
-from ..composition import CgSolver, ModeCurvature
-from ..curvature import SecondOrderMode, check_second_order_mode
-from ..preconditioner import Preconditioner
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import CgSolver
+from ..curvature.operators import SecondOrderMode, check_second_order_mode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
+from ..inverse.preconditioner import Preconditioner
 
 __all__ = ["CgInfluence"]
 
@@ -26,7 +27,7 @@ class CgInfluence(TorchComposableInfluence):
     `fit` only sets up the operators (and fits the preconditioner of every block); the solves
     happen in `influence_factors` and `influences`, one per call, stopping when
     $\|g - (C_b + \lambda_b I)x\| \le \max(\text{rtol}\,\|g\|, \text{atol})$ for each
-    test gradient $g$. See [CgOperator][influx.torch.cg.CgOperator].
+    test gradient $g$. See [CgOperator][influx.torch.inverse.cg.CgOperator].
 
     After each call, `solver_diagnostics` reports per block the iterations, the achieved
     relative residual and whether every right-hand side converged.
@@ -48,20 +49,20 @@ class CgInfluence(TorchComposableInfluence):
             gradients of each block once in `fit` and keep them in memory ($n \times P_b$
             numbers), so that every CG iteration is two matrix products instead of a pass over
             the data. No effect with `SecondOrderMode.HESSIAN`.
-        preconditioner: a [Preconditioner][influx.torch.preconditioner.Preconditioner]; a copy
+        preconditioner: a [Preconditioner][influx.torch.inverse.preconditioner.Preconditioner]; a copy
             is fitted to every block.
         solve_simultaneously: solve all right-hand sides together with block CG.
         warn_on_max_iteration: log a warning with the achieved residual when the tolerance is
             not reached within `maxiter` iterations; if False, log it at debug level.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
         on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
             or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
             carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
 
     Example:
         ```python

@@ -7,12 +7,14 @@ from typing import Optional
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
-from ..blocks import BlockMode, BlockStructure
-from ..composition import Curvature, KroneckerCurvature, Solver
-from ..kfac_scores import layer_block_mapper
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import Curvature, KroneckerCurvature
+from ..composition.solvers import Solver
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
+from ..kfac.scoring import layer_block_mapper
 
 __all__ = ["ComposedInfluence"]
 
@@ -36,12 +38,12 @@ class ComposedInfluence(TorchComposableInfluence):
             `KroneckerCurvature(update_diagonal=True)`.
         solver: e.g. `CgSolver(preconditioner=JacobiPreconditioner())`, `ArnoldiSolver(rank=20)`.
         regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` (ignored by curvatures with their own blocks, such as
             the Kronecker curvature's layers).
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -75,7 +77,7 @@ class ComposedInfluence(TorchComposableInfluence):
         self, blocks: "OrderedDict[str, TorchOperatorGradientComposition]"
     ) -> TorchBlockMapper:
         # The blocks of a Kronecker curvature are layers: their training side is scored from
-        # the layers' inputs and output gradients (influx.torch.kfac_scores).
+        # the layers' inputs and output gradients (influx.torch.kfac.scoring).
         if isinstance(self.curvature, KroneckerCurvature) and self.loss is not None:
             return layer_block_mapper(blocks, self.model, self.loss)
         return super()._new_block_mapper(blocks)

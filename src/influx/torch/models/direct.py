@@ -6,12 +6,13 @@ from typing import Optional
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
-from ..blocks import BlockMode, BlockStructure
-from ..composition import DirectSolver, ModeCurvature
-from ..curvature import SecondOrderMode, check_second_order_mode
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import DirectSolver
+from ..curvature.operators import SecondOrderMode, check_second_order_mode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
 
 __all__ = ["DirectInfluence"]
 
@@ -23,7 +24,7 @@ class DirectInfluence(TorchComposableInfluence):
     Gauss-Newton matrix of the mean training loss, averaged over the data loader weighting every
     batch by its size) is formed as a dense $P_b \times P_b$ matrix and $C_b + \lambda_b I$ is
     factorised (Cholesky, or LU / pseudo-inverse when it is not positive definite; see
-    [DirectSolveOperator][influx.torch.direct.DirectSolveOperator]). Influence factors are
+    [DirectSolveOperator][influx.torch.inverse.direct.DirectSolveOperator]). Influence factors are
     then $(C_b + \lambda_b I)^{-1} \nabla_{\theta_b} \ell(z')$ and
 
     $$
@@ -41,13 +42,13 @@ class DirectInfluence(TorchComposableInfluence):
         loss: the loss `loss(prediction, target)` with mean reduction, e.g.
             `torch.nn.functional.cross_entropy`.
         regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
         progress: show a progress bar over the batches while the dense curvature is formed.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
 
     Example:
         ```python

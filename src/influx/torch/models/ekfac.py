@@ -8,13 +8,21 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ...types import InfluenceMode
-from ..autodiff import LossFunction
-from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
-from ..composition import FactoredSolver, KroneckerCurvature
-from ..kfac import KroneckerEigenbasis, KroneckerFactors, LayerSpec, find_layers, validate_fisher
-from ..kfac_operator import KroneckerFactoredCurvature
-from ..kfac_scores import layer_block_mapper
-from ..validation import RegularizationType, validate_regularization
+from ..autodiff.derivatives import LossFunction
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import KroneckerCurvature
+from ..composition.solvers import FactoredSolver
+from ..data.validation import RegularizationType, validate_regularization
+from ..kfac.factors import (
+    KroneckerEigenbasis,
+    KroneckerFactors,
+    LayerSpec,
+    find_layers,
+    validate_fisher,
+)
+from ..kfac.operators import KroneckerFactoredCurvature
+from ..kfac.scoring import layer_block_mapper
 
 __all__ = ["EkfacInfluence"]
 
@@ -27,7 +35,7 @@ class EkfacInfluence(TorchComposableInfluence):
     the data collects, per layer, the input covariance $A$ and the output-gradient covariance
     $G$ with module hooks, and eigendecomposes both in float64; with `update_diagonal=True`
     a second pass refits the eigenvalues in the Kronecker eigenbasis (EK-FAC). See
-    [influx.torch.kfac][influx.torch.kfac] for the formulas. Influence factors are
+    [influx.torch.kfac.factors][influx.torch.kfac.factors] for the formulas. Influence factors are
 
     $$
     (F_b + \lambda I)^{-1} \nabla_{\theta_b}\ell(z'), \qquad
@@ -35,7 +43,7 @@ class EkfacInfluence(TorchComposableInfluence):
     $$
 
     applied by rotating into the eigenbasis, dividing by $s + \lambda$ and rotating back
-    ([KroneckerFactoredOperator][influx.torch.kfac_operator.KroneckerFactoredOperator]), never forming a
+    ([KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator]), never forming a
     $P_b \times P_b$ matrix. Influences sum over layers; the curvature is block-diagonal
     across layers.
 
@@ -54,7 +62,7 @@ class EkfacInfluence(TorchComposableInfluence):
     Args:
         model: the trained model. Layers with trainable parameters that are neither `Linear`
             nor `Conv2d` raise
-            [NotImplementedLayerRepresentationException][influx.torch.kfac_layers.NotImplementedLayerRepresentationException]
+            [NotImplementedLayerRepresentationException][influx.torch.kfac.layers.NotImplementedLayerRepresentationException]
             unless frozen or left out with `layers`.
         update_diagonal: refit the eigenvalues (EK-FAC) instead of using the products of the
             factors' eigenvalues (K-FAC). One more pass over the data.
@@ -77,18 +85,18 @@ class EkfacInfluence(TorchComposableInfluence):
             them fits both to the same noise, a less accurate approximation).
         compute_dtype: the dtype of the factors' products and the solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
 
     Attributes:
         layer_specs: the layers used, by block name
-            ([LayerSpec][influx.torch.kfac_layers.LayerSpec]).
-        curvature: the [KroneckerCurvature][influx.torch.composition.KroneckerCurvature]
+            ([LayerSpec][influx.torch.kfac.layers.LayerSpec]).
+        curvature: the [KroneckerCurvature][influx.torch.composition.curvatures.KroneckerCurvature]
             fitted on `fit`; `ComposedInfluence(model, loss, KroneckerCurvature(), CgSolver())`
             inverts the same curvature by CG instead.
         kronecker_factors: after `fit`, $A$ and $G$ of every layer
-            ([KroneckerFactors][influx.torch.kfac.KroneckerFactors], float64).
+            ([KroneckerFactors][influx.torch.kfac.factors.KroneckerFactors], float64).
         eigenbases: after `fit`, their eigendecompositions
-            ([KroneckerEigenbasis][influx.torch.kfac.KroneckerEigenbasis]).
+            ([KroneckerEigenbasis][influx.torch.kfac.factors.KroneckerEigenbasis]).
         eigenvalues: after `fit`, the eigenvalues $s$ `(m, k)` of every layer in the
             Kronecker eigenbasis (refitted with `update_diagonal`, else
             $\lambda_G \lambda_A^\top$).

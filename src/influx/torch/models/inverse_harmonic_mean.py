@@ -6,12 +6,13 @@ from typing import Optional
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
-from ..blocks import BlockMode, BlockStructure
-from ..composition import InverseHarmonicMeanSolver, ModeCurvature
-from ..curvature import SecondOrderMode, check_second_order_mode
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import InverseHarmonicMeanSolver
+from ..curvature.operators import SecondOrderMode, check_second_order_mode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
 
 __all__ = ["InverseHarmonicMeanInfluence"]
 
@@ -28,7 +29,7 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
     $$
 
     each applied in closed form (Sherman–Morrison), see
-    [InverseHarmonicMeanOperator][influx.torch.inverse_harmonic_mean.InverseHarmonicMeanOperator].
+    [InverseHarmonicMeanOperator][influx.torch.inverse.inverse_harmonic_mean.InverseHarmonicMeanOperator].
     It is an approximation that does not converge to the direct method; its error is small
     when $\lambda$ is large compared to $\|g_i\|^2$ and grows with the block size, so it is
     usually used with a layer-wise block structure. `fit` computes nothing: every
@@ -39,13 +40,13 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         model: the trained model.
         loss: the loss function (mean reduction).
         regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or a custom structure.
         second_order_mode: only `SecondOrderMode.GAUSS_NEWTON`: the method is defined through
             the rank-one terms of the Gauss-Newton matrix; `HESSIAN` raises a ValueError.
         progress: show a progress bar over the training batches.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
     """
 
     def __init__(

@@ -6,12 +6,13 @@ from typing import Optional, Union
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
-from ..blocks import BlockMode, BlockStructure
-from ..composition import LissaSolver, ModeCurvature
-from ..curvature import SecondOrderMode, check_second_order_mode
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import LissaSolver
+from ..curvature.operators import SecondOrderMode, check_second_order_mode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
 
 __all__ = ["LissaInfluence"]
 
@@ -28,7 +29,7 @@ class LissaInfluence(TorchComposableInfluence):
 
     with $C_{b,t}$ the curvature (Hessian or Gauss-Newton matrix) of the $t$-th mini-batch of
     the training loader, iterated repeatedly. See
-    [LissaOperator][influx.torch.lissa.LissaOperator] for the choice of the scale $s$ (it
+    [LissaOperator][influx.torch.inverse.lissa.LissaOperator] for the choice of the scale $s$ (it
     must exceed half the largest batch eigenvalue; `scale="auto"` estimates it) and the
     divergence check. Each step costs one Hessian-vector product on one batch, so LiSSA suits
     large data sets; its result fluctuates with the batch size, and it needs many steps when
@@ -45,9 +46,9 @@ class LissaInfluence(TorchComposableInfluence):
         progress: show a progress bar over the iterations.
         warn_on_max_iteration: log a warning with the achieved relative change when `rtol` is
             not reached within `maxiter` iterations; if False, log it at debug level.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
-        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
         on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
             or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
             carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
@@ -55,7 +56,7 @@ class LissaInfluence(TorchComposableInfluence):
             batches are taken in the loader's order.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
     """
 
     def __init__(

@@ -6,12 +6,13 @@ from typing import Optional
 
 import torch
 
-from ..autodiff import LossFunction
-from ..base import TorchComposableInfluence
-from ..blocks import BlockMode, BlockStructure
-from ..composition import ArnoldiSolver, ModeCurvature, NystroemSolver
-from ..curvature import SecondOrderMode, check_second_order_mode
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossFunction
+from ..composition.composable import TorchComposableInfluence
+from ..composition.curvatures import ModeCurvature
+from ..composition.solvers import ArnoldiSolver, NystroemSolver
+from ..curvature.operators import SecondOrderMode, check_second_order_mode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
 
 __all__ = ["ArnoldiInfluence", "NystroemSketchInfluence"]
 
@@ -21,10 +22,10 @@ class ArnoldiInfluence(TorchComposableInfluence):
 
     On `fit`, the `rank` eigenpairs of largest magnitude of each block's curvature $C_b$
     (Hessian or Gauss-Newton matrix of the mean training loss) are computed by the
-    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.low_rank.lanczos_eigenpairs],
+    thick-restart Lanczos method ([lanczos_eigenpairs][influx.torch.inverse.low_rank_approximation.lanczos_eigenpairs],
     matrix-free: only curvature-vector products, on the model's device), giving
     $C_b \approx V D V^\top$. The inverse is then applied by a
-    [LowRankOperator][influx.torch.low_rank.LowRankOperator]:
+    [LowRankOperator][influx.torch.inverse.low_rank.LowRankOperator]:
 
     * `use_woodbury=False` (default): $V (D + \lambda I)^{-1} V^\top$, which ignores the
       directions outside the top eigenspace; the influences are paired through the
@@ -51,8 +52,8 @@ class ArnoldiInfluence(TorchComposableInfluence):
         max_iter: the maximum number of Lanczos restarts; None means $10 P_b$.
         eigen_computation_on_gpu: accepted for compatibility and ignored: the eigenpairs are
             always computed in torch on the model's device.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
-        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or a custom structure.
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
         use_woodbury: exact inverse of the low-rank approximation plus $\lambda I$ (True) or
             projected inverse (False).
         progress: show a progress bar over operator applications.
@@ -62,7 +63,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
         seed: seed of the Lanczos start block; the same seed gives the same eigenpairs.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
 
     Example:
         ```python
@@ -111,9 +112,9 @@ class NystroemSketchInfluence(TorchComposableInfluence):
 
     On `fit`, each block's curvature is applied once to `rank` random orthonormal vectors
     $Q$, and $C_b \approx (C_b Q)(Q^\top C_b Q)^{+}(C_b Q)^\top = V D V^\top$
-    ([randomized_nystroem_approximation][influx.torch.functional.randomized_nystroem_approximation]).
+    ([randomized_nystroem_approximation][influx.torch.inverse.sketch.randomized_nystroem_approximation]).
     The inverse of $V D V^\top + \lambda I$ is applied exactly by the Woodbury formula
-    ([LowRankOperator][influx.torch.low_rank.LowRankOperator]), so $\lambda > 0$ is required.
+    ([LowRankOperator][influx.torch.inverse.low_rank.LowRankOperator]), so $\lambda > 0$ is required.
 
     The sketch assumes a positive semi-definite curvature: it is exact at `rank` $= P_b$ for
     the Gauss-Newton matrix or the Hessian of a convex model. If the sketch finds negative
@@ -127,13 +128,13 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         loss: the loss function (mean reduction).
         regularization: $\lambda > 0$, a float or a dict keyed by block name (every block).
         rank: the sketch size per block, in $[1, P_b]$ for every block.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or a custom structure.
-        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.SecondOrderMode]).
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or a custom structure.
+        second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
         seed: seed of the random sketch; the same seed gives the same sketch.
         progress: show a progress bar over the batches while the sketch is computed.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
-            [TorchComposableInfluence][influx.torch.base.TorchComposableInfluence]).
+            [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
     """
 
     def __init__(

@@ -8,16 +8,17 @@ from typing import Any, Dict
 
 import torch
 
-from ..autodiff import LossOrTask
-from ..base import TorchBlockMapper, TorchComposableInfluence, TorchOperatorGradientComposition
-from ..blocks import BlockMode, BlockStructure
-from ..composition import DirectSolver
-from ..curvature import SecondOrderMode
-from ..gradients import TorchGradientProvider
-from ..model_call import is_task
-from ..projected_gradients import IdentityOperator, ProjectedCurvature
-from ..projection import PROJECTIONS
-from ..validation import RegularizationType
+from ..autodiff.derivatives import LossOrTask
+from ..autodiff.model_call import is_task
+from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from ..composition.composable import TorchComposableInfluence
+from ..composition.solvers import DirectSolver
+from ..curvature.operators import SecondOrderMode
+from ..data.blocks import BlockMode, BlockStructure
+from ..data.validation import RegularizationType
+from ..gradients.provider import TorchGradientProvider
+from ..projection.gradients import IdentityOperator, ProjectedCurvature
+from ..projection.projections import PROJECTIONS
 
 __all__ = ["ProjectedInfluence"]
 
@@ -38,7 +39,7 @@ class ProjectedInfluence(TorchComposableInfluence):
     projected by $P_{out} \otimes P_{in}$ from the layer's inputs and output gradients, never
     forming a per-sample gradient; the other parameters, and all parameters with `"gaussian"`
     or `"rademacher"`, are projected densely in chunks. See
-    [influx.torch.projection][influx.torch.projection] for the formulas.
+    [influx.torch.projection.projections][influx.torch.projection.projections] for the formulas.
 
     Memory: $k^2$ per block for the curvature and, per batch, the layers' inputs and output
     gradients and $N k$ projected gradients, whatever the number of parameters (for the
@@ -49,11 +50,11 @@ class ProjectedInfluence(TorchComposableInfluence):
 
     The projection is a function of `seed`, the block names and the parameter shapes: it is
     regenerated, not stored, by `load_fit`. Influence factors, `influences_from_factors` and
-    [the gradient store][influx.torch.gradient_store] work in the projected space (factors
+    [the gradient store][influx.torch.workflows.gradient_store] work in the projected space (factors
     have `factor_size` columns, not `n_parameters`).
 
     Batches may be structured (dicts, tuples, `Mapping`s such as a `BatchEncoding`, loaders of
-    Hugging Face collator dicts) and the loss a [Task][influx.torch.task.Task], as for every
+    Hugging Face collator dicts) and the loss a [Task][influx.torch.data.task.Task], as for every
     model: the Kronecker layers' inputs and output gradients are recorded from whatever forward
     pass the loss or the task makes, and the test side differentiates the task's
     `measurement`. The generalized Gauss-Newton curvature needs a loss function
@@ -62,14 +63,14 @@ class ProjectedInfluence(TorchComposableInfluence):
     Args:
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction, or a
-            [Task][influx.torch.task.Task] (with `second_order_mode=GAUSS_NEWTON`).
+            [Task][influx.torch.data.task.Task] (with `second_order_mode=GAUSS_NEWTON`).
         projection_dim: $k$, the projected dimension of every block (capped at its number
             of parameters; a Kronecker block may get slightly fewer, see `projected_sizes`).
         projection: `"kronecker"`, `"gaussian"` or `"rademacher"`.
         second_order_mode: `GAUSS_NEWTON` (the empirical Fisher) or
             `GENERALIZED_GAUSS_NEWTON`.
         regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
-        block_structure: a [BlockMode][influx.torch.util.BlockMode] or an
+        block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]`.
         seed: the seed of the random projections (an int: the projection must be the same
             when a fit is loaded).

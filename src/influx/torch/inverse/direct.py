@@ -1,0 +1,164 @@
+r"""The direct solve: $(A + \lambda I)^{-1}$ of a dense matrix through a factorisation computed
+once and reused by every application."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+
+from ...errors import NonFiniteCurvatureError
+from ...types import SolverDiagnostics
+from ..curvature.tensor_operator import TensorOperator
+from ..data.state import OperatorState, StateContext
+from ..data.validation import is_finite, validate_regularization
+
+__all__ = ["DirectSolveOperator"]
+
+logger = logging.getLogger(__name__)
+
+
+class DirectSolveOperator(TensorOperator):
+    r"""Solves $(A + \lambda I) x = b$ for a dense matrix $A$ with a factorisation computed once.
+
+    The factorisation is a Cholesky decomposition when $A + \lambda I$ is positive definite;
+    otherwise an LU decomposition; if the matrix is singular, a pseudo-inverse through the
+    symmetric eigendecomposition (eigenvalues below a relative tolerance are dropped, with a
+    warning). Every `apply` reuses it. A matrix with NaN or Inf raises a
+    [NonFiniteCurvatureError][influx.errors.NonFiniteCurvatureError] instead of falling back
+    to a meaningless pseudo-inverse.
+
+    Args:
+        matrix: the system matrix $A$ `(P, P)`, symmetric.
+        regularization: $\lambda \ge 0$, or None for none.
+        in_place_regularization: add $\lambda$ to the diagonal of `matrix` in place instead of
+            on a copy (saves memory for large matrices; `matrix` is modified).
+    """
+
+    def __init__(
+        self,
+        matrix: torch.Tensor,
+        regularization: Optional[float] = None,
+        in_place_regularization: bool = False,
+    ):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                f"Parameter 'matrix' must be a square matrix, got shape {tuple(matrix.shape)}."
+            )
+        validate_regularization(regularization)
+        self._regularization = regularization
+        self._size = int(matrix.shape[0])
+        if in_place_regularization:
+            matrix.diagonal().add_(regularization or 0.0)
+            self._base: Optional[torch.Tensor] = None
+            self._factorize(matrix)
+        else:
+            self._base = matrix
+            self._regularization_changed()
+
+    def _regularization_changed(self) -> None:
+        if self._base is None:
+            raise ValueError(
+                "A DirectSolveOperator created with in_place_regularization=True does not keep "
+                "the unregularized matrix: create a new operator instead."
+            )
+        regularized = self._base.clone()
+        regularized.diagonal().add_(self._regularization or 0.0)
+        self._factorize(regularized)
+
+    def export_state(self) -> OperatorState:
+        if self._base is None:
+            raise ValueError(
+                "A DirectSolveOperator created with in_place_regularization=True does not keep "
+                "the unregularized matrix and cannot export its state."
+            )
+        return OperatorState(
+            "DirectSolveOperator",
+            tensors={"matrix": self._base},
+            settings={"regularization": self._regularization},
+        )
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "DirectSolveOperator":
+        return cls(state.tensors["matrix"], state.settings["regularization"])
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The regularized matrix $A + \\lambda I$."""
+        if self._base is None:
+            raise ValueError(
+                "The matrix was regularized in place and is not kept: use the tensor passed "
+                "as 'matrix'."
+            )
+        return self._base + (self._regularization or 0.0) * torch.eye(
+            self._size, dtype=self._base.dtype, device=self._base.device
+        )
+
+    def _factorize(self, matrix: torch.Tensor) -> None:
+        self._decompose(matrix)
+        self.diagnostics = SolverDiagnostics(
+            method=f"direct/{self._method}", converged=True, iterations=None, residual=None
+        )
+
+    def _decompose(self, matrix: torch.Tensor) -> None:
+        self._factors: Tuple[torch.Tensor, ...]
+        if not is_finite(matrix):
+            raise NonFiniteCurvatureError(
+                "the matrix to factorise holds NaN or Inf, so it has no meaningful inverse "
+                "(no regularization helps): the curvature was computed from non-finite "
+                "inputs, targets, losses or parameters"
+            )
+        if matrix.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"Parameter 'matrix' must be float32 or float64 to be factorised, got "
+                f"{matrix.dtype}: use compute_dtype=torch.float32."
+            )
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            self._method, self._factors = "cholesky", (chol,)
+            return
+        lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        if int(info) == 0 and torch.isfinite(lu).all():
+            logger.debug("Matrix is not positive definite: using an LU factorisation.")
+            self._method, self._factors = "lu", (lu, pivots)
+            return
+        evals, evecs = torch.linalg.eigh(matrix)
+        tol = evals.abs().max() * matrix.shape[0] * torch.finfo(evals.dtype).eps
+        keep = evals.abs() > tol
+        logger.warning(
+            "The regularized matrix is singular (%d of %d eigenvalues below %.3g): using its "
+            "pseudo-inverse. Increase the regularization to make it invertible.",
+            int((~keep).sum()),
+            evals.numel(),
+            float(tol),
+        )
+        self._method, self._factors = "eigh", (evals[keep], evecs[:, keep])
+
+    @property
+    def input_size(self) -> int:
+        return self._size
+
+    @property
+    def device(self) -> torch.device:
+        return self._factors[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._factors[0].dtype
+
+    @property
+    def factorization(self) -> str:
+        """Which factorisation is used: `"cholesky"`, `"lu"` or `"eigh"` (pseudo-inverse)."""
+        return self._method
+
+    def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        rhs = tensor.T.to(self.dtype)
+        if self._method == "cholesky":
+            solution = torch.cholesky_solve(rhs, self._factors[0])
+        elif self._method == "lu":
+            solution = torch.linalg.lu_solve(self._factors[0], self._factors[1], rhs)
+        else:
+            evals, evecs = self._factors
+            solution = evecs @ ((evecs.T @ rhs) / evals.unsqueeze(1))
+        return solution.T

@@ -1,0 +1,267 @@
+r"""The layers that have a Kronecker-factored representation: `nn.Linear` and `nn.Conv2d`.
+
+A [LayerSpec][influx.torch.kfac.layers.LayerSpec] says how a layer's parameters map to the
+matrix $\tilde W = [W \mid b]$ and how its inputs and output gradients are laid out;
+[find_layers][influx.torch.kfac.layers.find_layers] and
+[layers_for_parameters][influx.torch.kfac.layers.layers_for_parameters] find them in a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...errors import NotImplementedLayerRepresentationException
+
+__all__ = [
+    "ROOT_LAYER_NAME",
+    "SUPPORTED_LAYERS",
+    "LayerSpec",
+    "NotImplementedLayerRepresentationException",
+    "find_layers",
+    "layers_for_parameters",
+]
+
+
+SUPPORTED_LAYERS: Tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    r"""A supported layer and how its parameters map to the matrix $\tilde W = [W \mid b]$.
+
+    Attributes:
+        name: the module name in `model.named_modules()` (the block name).
+        module: the layer.
+        weight_name: the full parameter name of the weight if it is trainable, else None.
+        bias_name: the full parameter name of the bias if it exists and is trainable, else None.
+    """
+
+    name: str
+    module: torch.nn.Module
+    weight_name: Optional[str]
+    bias_name: Optional[str]
+
+    @property
+    def device(self) -> torch.device:
+        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
+        return weight.device
+
+    @property
+    def out_dim(self) -> int:
+        """$m$: output features (Linear) or output channels (Conv2d)."""
+        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
+        return int(weight.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        """$d$: the number of columns of the weight as a matrix (`in_channels * kh * kw` for
+        a convolution)."""
+        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
+        return int(weight[0].numel())
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
+        return tuple(weight.shape)
+
+    @property
+    def input_factor_dim(self) -> int:
+        r"""The size of $\tilde a$: $d$ if the weight is trainable, plus one for a bias."""
+        return (self.in_dim if self.weight_name else 0) + (1 if self.bias_name else 0)
+
+    @property
+    def parameter_names(self) -> List[str]:
+        """The trainable parameters of the layer, in `named_parameters()` order."""
+        return [n for n in (self.weight_name, self.bias_name) if n is not None]
+
+    def expanded_inputs(self, inputs: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        r"""$\tilde a$ of every position, shape `(N, T, input_factor_dim)`.
+
+        Args:
+            inputs: the layer's input.
+            padded: for a convolution, whether `inputs` is already padded (what
+                `torch.nn.functional.conv2d` receives from a layer whose `padding_mode` is not
+                `"zeros"`), rather than the layer's own input.
+        """
+        n = inputs.shape[0]
+        parts: List[torch.Tensor] = []
+        if self.weight_name is not None:
+            if isinstance(self.module, torch.nn.Conv2d):
+                patches = _unfold_conv2d_input(self.module, inputs, padded)
+            else:
+                patches = inputs.reshape(n, -1, self.in_dim)
+            parts.append(patches)
+            positions = patches.shape[1]
+        else:
+            positions = self._positions_of_input(inputs)
+        if self.bias_name is not None:
+            parts.append(inputs.new_ones(n, positions, 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _positions_of_input(self, inputs: torch.Tensor) -> int:
+        if isinstance(self.module, torch.nn.Conv2d):
+            return int(_unfold_conv2d_input(self.module, inputs[:1]).shape[1])
+        return int(inputs[0].numel() // self.in_dim)
+
+    def matrix_from_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        r"""Rows `(N, P)` of the layer's flat parameters (weight flattened, then bias) as
+        matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)`."""
+        n, m = flat.shape[0], self.out_dim
+        if self.weight_name is None or self.bias_name is None:
+            return flat.reshape(n, m, -1)
+        weight = flat[:, : m * self.in_dim].reshape(n, m, self.in_dim)
+        return torch.cat([weight, flat[:, m * self.in_dim :].reshape(n, m, 1)], dim=2)
+
+    def flat_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        r"""Matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)` as flat rows `(N, P)`, the
+        inverse of `matrix_from_flat`."""
+        n = matrix.shape[0]
+        if self.weight_name is None or self.bias_name is None:
+            return matrix.reshape(n, -1)
+        return torch.cat([matrix[:, :, :-1].reshape(n, -1), matrix[:, :, -1]], dim=1)
+
+    def output_gradients(self, grad_output: torch.Tensor) -> torch.Tensor:
+        r"""$\delta$ of every position, shape `(N, T, out_dim)`."""
+        n = grad_output.shape[0]
+        if isinstance(self.module, torch.nn.Conv2d):
+            return grad_output.reshape(n, self.out_dim, -1).transpose(1, 2)
+        return grad_output.reshape(n, -1, self.out_dim)
+
+
+def _unfold_conv2d_input(
+    module: torch.nn.Conv2d, inputs: torch.Tensor, padded: bool = False
+) -> torch.Tensor:
+    """The input patches of a convolution, `(N, L, in_channels * kh * kw)`; `padded`: the
+    inputs already carry the padding of a non-`"zeros"` padding mode."""
+    padding = module.padding
+    if padded and module.padding_mode != "zeros":
+        padding = (0, 0)
+    elif module.padding_mode != "zeros" or isinstance(padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        inputs = torch.nn.functional.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0)
+    patches = torch.nn.functional.unfold(
+        inputs,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=padding,  # type: ignore[arg-type]
+        stride=module.stride,
+    )
+    return patches.transpose(1, 2)
+
+
+def _layer_spec(name: str, module: torch.nn.Module, block_name: str) -> Optional[LayerSpec]:
+    """The spec of a layer with trainable direct parameters, None if it has none."""
+    trainable = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if not trainable:
+        return None
+    label = f"{block_name!r} ({type(module).__name__})"
+    if not isinstance(module, SUPPORTED_LAYERS):
+        raise NotImplementedLayerRepresentationException(label)
+    if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+        raise NotImplementedLayerRepresentationException(
+            label, f"grouped convolutions (groups={module.groups}) are not supported"
+        )
+    prefix = f"{name}." if name else ""
+    names = {n for n, _ in trainable}
+    return LayerSpec(
+        name=block_name,
+        module=module,
+        weight_name=prefix + "weight" if "weight" in names else None,
+        bias_name=prefix + "bias" if "bias" in names else None,
+    )
+
+
+ROOT_LAYER_NAME = "model"
+"""The block name of a model that is itself a single layer (its module name is empty)."""
+
+
+def find_layers(
+    model: torch.nn.Module, layers: Optional[Sequence[str]] = None
+) -> "Dict[str, LayerSpec]":
+    """The layers with trainable parameters, by module name, in `named_modules()` order.
+
+    Frozen parameters are ignored; a layer whose parameters are all frozen is left out.
+
+    Args:
+        model: the model.
+        layers: the module names to use; None means every module with trainable parameters.
+
+    Raises:
+        NotImplementedLayerRepresentationException: for a selected layer with trainable
+            parameters that is not a Linear or a (non-grouped) Conv2d.
+        ValueError: for unknown names, selected layers without trainable parameters, or no
+            layer at all.
+    """
+    modules = dict(model.named_modules())
+    if layers is not None:
+        if isinstance(layers, str):
+            raise TypeError(
+                f"Parameter 'layers' must be a sequence of module names, got the string {layers!r}."
+            )
+        unknown = [name for name in layers if name not in modules and name != ROOT_LAYER_NAME]
+        if unknown:
+            valid = [n or ROOT_LAYER_NAME for n, m in modules.items() if _has_trainable(m)]
+            raise ValueError(
+                f"Parameter 'layers' names unknown modules {unknown}; modules with trainable "
+                f"parameters are {valid}."
+            )
+    result: Dict[str, LayerSpec] = {}
+    for name, module in modules.items():
+        block_name = name or ROOT_LAYER_NAME
+        if layers is not None and block_name not in layers and name not in layers:
+            continue
+        spec = _layer_spec(name, module, block_name)
+        if spec is None:
+            if layers is not None:
+                raise ValueError(
+                    f"Parameter 'layers': module {block_name!r} has no trainable parameters of "
+                    "its own."
+                )
+            continue
+        result[block_name] = spec
+    if not result:
+        raise ValueError(
+            "Parameter 'model' has no trainable Linear or Conv2d layer (requires_grad=True)."
+        )
+    return result
+
+
+def _has_trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def layers_for_parameters(
+    model: torch.nn.Module, parameter_names: Iterable[str]
+) -> "Dict[str, LayerSpec]":
+    """The supported layers holding some of the named parameters, in `named_modules()` order.
+
+    A `Linear` or (non-grouped) `Conv2d` layer is included if its weight or its bias is among
+    `parameter_names`; its spec covers exactly those of the two that are. Parameters of other
+    modules are left out without error (the caller treats them otherwise).
+
+    Args:
+        model: the model.
+        parameter_names: full parameter names, as in `model.named_parameters()`.
+
+    Returns:
+        the layer specs by block name (module name, or `"model"` for the model itself).
+    """
+    wanted = set(parameter_names)
+    result: Dict[str, LayerSpec] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        weight = prefix + "weight" if prefix + "weight" in wanted else None
+        bias = prefix + "bias" if module.bias is not None and prefix + "bias" in wanted else None
+        if weight is None and bias is None:
+            continue
+        block_name = name or ROOT_LAYER_NAME
+        result[block_name] = LayerSpec(block_name, module, weight, bias)
+    return result

@@ -1,0 +1,389 @@
+r"""Kronecker-factored operators of one layer: the curvature $Q\,\mathrm{diag}(s)\,Q^\top$ and
+its regularized inverse, for $Q = Q_G \otimes Q_A$ (see [influx.torch.kfac.factors][influx.torch.kfac.factors]
+for how the factors are fitted).
+
+Both act on the layer's flat gradients (weight flattened, then bias, the order of
+`named_parameters()`), laid out as the matrix $V = [W \mid b]$ `(m, k)`; the Kronecker
+structure is over the row-major flattening of $V$. Applying either costs two small matrix
+products on each side and never forms a $P \times P$ matrix:
+
+$$
+V \mapsto Q_G \left[ \left(Q_G^\top V Q_A\right) \odot S \right] Q_A^\top ,
+$$
+
+with $S = s$ for the curvature and $S = 1 / (s + \lambda)$ for the inverse.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ...types import SolverDiagnostics
+from ..curvature.tensor_operator import TensorDictOperator
+from ..data.state import OperatorState, StateContext
+from ..data.validation import validate_regularization
+from .factors import KroneckerEigenbasis, KroneckerFactors
+
+__all__ = ["KroneckerFactoredCurvature", "KroneckerFactoredOperator"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+class KroneckerFactoredCurvature(TensorDictOperator):
+    r"""The Kronecker-factored curvature $Q\,\mathrm{diag}(s)\,Q^\top$ of one layer.
+
+    For K-FAC $s = \lambda_G \lambda_A^\top$; for EK-FAC $s$ is refitted to the data. As a
+    curvature operator it can be inverted by any method that only needs its products (CG, low rank);
+    its exact inverse is [KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator].
+
+    Args:
+        input_eigenvectors: $Q_A$ `(k, k)`.
+        output_eigenvectors: $Q_G$ `(m, m)`.
+        eigenvalues: $s$ `(m, k)`, non-negative.
+        weight_name: the weight's parameter name, None if the weight is not part of the block.
+        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`).
+        bias_name: the bias's parameter name, None if the bias is not part of the block.
+        method: `"ekfac"` or `"kfac"`.
+        dtype: the dtype of inputs and results (the eigenvectors are cast to it); default
+            that of the eigenvectors.
+        layer_name: the layer's name, for messages and diagnostics.
+        factors: the Kronecker factors $A$ and $G$ the eigenbasis came from, if known.
+        eigenbasis: the eigendecompositions of the factors, if known.
+    """
+
+    supports_regularization = False
+
+    def __init__(
+        self,
+        input_eigenvectors: torch.Tensor,
+        output_eigenvectors: torch.Tensor,
+        eigenvalues: torch.Tensor,
+        weight_name: Optional[str],
+        weight_shape: Tuple[int, ...],
+        bias_name: Optional[str] = None,
+        method: str = "ekfac",
+        dtype: Optional[torch.dtype] = None,
+        layer_name: str = "",
+        factors: Optional[KroneckerFactors] = None,
+        eigenbasis: Optional[KroneckerEigenbasis] = None,
+    ):
+        k, m = input_eigenvectors.shape[0], output_eigenvectors.shape[0]
+        if input_eigenvectors.shape != (k, k) or output_eigenvectors.shape != (m, m):
+            raise ValueError(
+                "Parameters 'input_eigenvectors' and 'output_eigenvectors' must be square, got "
+                f"{tuple(input_eigenvectors.shape)} and {tuple(output_eigenvectors.shape)}."
+            )
+        if tuple(eigenvalues.shape) != (m, k):
+            raise ValueError(
+                f"Parameter 'eigenvalues' must have shape ({m}, {k}), got "
+                f"{tuple(eigenvalues.shape)}."
+            )
+        if weight_name is None and bias_name is None:
+            raise ValueError("Parameters 'weight_name' and 'bias_name' cannot both be None.")
+        d = int(torch.Size(weight_shape[1:]).numel())
+        expected_k = (d if weight_name is not None else 0) + (1 if bias_name is not None else 0)
+        if weight_shape[0] != m or expected_k != k:
+            raise ValueError(
+                f"Parameter 'weight_shape' {tuple(weight_shape)} does not match factors of sizes "
+                f"m={m}, k={k} (bias {'included' if bias_name else 'excluded'})."
+            )
+        self.method = method
+        self.layer_name = layer_name
+        self.weight_name = weight_name
+        self.bias_name = bias_name
+        self.weight_shape = tuple(weight_shape)
+        self._dtype = dtype or input_eigenvectors.dtype
+        self.eigenvalues = eigenvalues.to(torch.float64)
+        self._input_eigenvectors = input_eigenvectors
+        self._output_eigenvectors = output_eigenvectors
+        self._qa = input_eigenvectors.to(self._dtype)
+        self._qg = output_eigenvectors.to(self._dtype)
+        self._m, self._k, self._d = m, k, d
+        self.factors = factors
+        self.eigenbasis = eigenbasis
+        self._scale = self.eigenvalues.to(self._dtype)
+
+    @property
+    def input_size(self) -> int:
+        return self._m * self._k
+
+    @property
+    def input_dict_structure(self) -> Dict[str, Tuple[int, ...]]:
+        structure: Dict[str, Tuple[int, ...]] = {}
+        if self.weight_name is not None:
+            structure[self.weight_name] = self.weight_shape
+        if self.bias_name is not None:
+            structure[self.bias_name] = (self._m,)
+        return structure
+
+    @property
+    def device(self) -> torch.device:
+        return self._qa.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def input_eigenvectors(self) -> torch.Tensor:
+        """$Q_A$, as given."""
+        return self._input_eigenvectors
+
+    @property
+    def output_eigenvectors(self) -> torch.Tensor:
+        """$Q_G$, as given."""
+        return self._output_eigenvectors
+
+    def _to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Flat rows `(N, P)` to matrices $[W \\mid b]$ `(N, m, k)`."""
+        n = tensor.shape[0]
+        if self.weight_name is None or self.bias_name is None:
+            return tensor.reshape(n, self._m, self._k)
+        weight = tensor[:, : self._m * self._d].reshape(n, self._m, self._d)
+        bias = tensor[:, self._m * self._d :].reshape(n, self._m, 1)
+        return torch.cat([weight, bias], dim=2)
+
+    def _to_flat(self, matrix: torch.Tensor) -> torch.Tensor:
+        n = matrix.shape[0]
+        if self.weight_name is None or self.bias_name is None:
+            return matrix.reshape(n, -1)
+        return torch.cat([matrix[:, :, : self._d].reshape(n, -1), matrix[:, :, self._d]], dim=1)
+
+    def _scale_in_eigenbasis(self, matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rotated = self._qg.T @ matrix @ self._qa
+        return self._qg @ (rotated * scale) @ self._qa.T
+
+    def apply_to_matrices(self, matrices: torch.Tensor) -> torch.Tensor:
+        r"""The operator applied to gradients given as matrices $[W \mid b]$ `(N, m, k)`
+        (see `matrix_from_flat` of [LayerSpec][influx.torch.kfac.layers.LayerSpec]), without
+        the copies of the flat layout and with at most two matrices of that size alive.
+
+        Args:
+            matrices: `(N, m, k)`; not modified.
+
+        Returns:
+            `(N, m, k)` in the operator's dtype.
+        """
+        if matrices.ndim != 3 or tuple(matrices.shape[1:]) != (self._m, self._k):
+            raise ValueError(
+                f"Parameter 'matrices' must have shape (N, {self._m}, {self._k}), got "
+                f"{tuple(matrices.shape)}."
+            )
+        rotated = self._qg.T @ matrices.to(self._dtype)
+        rotated = rotated @ self._qa
+        rotated *= self._scale
+        result = self._qg @ rotated
+        del rotated
+        return result @ self._qa.T
+
+    def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        matrix = self._to_matrix(tensor.to(self._dtype))
+        return self._to_flat(self._scale_in_eigenbasis(matrix, self._scale))
+
+    def _apply_to_dict(self, mat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        n = next(iter(mat.values())).shape[0]
+        parts = []
+        if self.weight_name is not None:
+            parts.append(mat[self.weight_name].to(self._dtype).reshape(n, self._m, self._d))
+        if self.bias_name is not None:
+            parts.append(mat[self.bias_name].to(self._dtype).reshape(n, self._m, 1))
+        matrix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        result = self._scale_in_eigenbasis(matrix, self._scale)
+        out: Dict[str, torch.Tensor] = {}
+        if self.weight_name is not None:
+            out[self.weight_name] = result[:, :, : self._d].reshape(n, *self.weight_shape)
+        if self.bias_name is not None:
+            out[self.bias_name] = result[:, :, -1]
+        return out
+
+    def curvature_matrix(self) -> torch.Tensor:
+        r"""The dense curvature $Q\,\mathrm{diag}(s)\,Q^\top$ `(P, P)` in the flat parameter
+        order, without regularization, in float64. For tests and small layers only."""
+        eye = torch.eye(self.input_size, dtype=torch.float64, device=self.device)
+        qa = self._input_eigenvectors.to(torch.float64)
+        qg = self._output_eigenvectors.to(torch.float64)
+        rotated = qg.T @ self._to_matrix(eye) @ qa
+        return self._to_flat(qg @ (rotated * self.eigenvalues) @ qa.T)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense curvature `(P, P)` in the operator's dtype."""
+        return self.curvature_matrix().to(self._dtype)
+
+    def _layout(self) -> Dict[str, Any]:
+        return {
+            "weight_name": self.weight_name,
+            "weight_shape": list(self.weight_shape),
+            "bias_name": self.bias_name,
+            "method": self.method,
+            "dtype": str(self._dtype),
+            "layer_name": self.layer_name,
+        }
+
+    def _state_tensors(self) -> Dict[str, torch.Tensor]:
+        tensors = {
+            "input_eigenvectors": self._input_eigenvectors,
+            "output_eigenvectors": self._output_eigenvectors,
+            "eigenvalues": self.eigenvalues,
+        }
+        if self.factors is not None:
+            tensors["input_covariance"] = self.factors.input_covariance
+            tensors["output_grad_covariance"] = self.factors.output_grad_covariance
+        if self.eigenbasis is not None:
+            tensors["input_eigenvalues"] = self.eigenbasis.input_eigenvalues
+            tensors["output_eigenvalues"] = self.eigenbasis.output_eigenvalues
+        return tensors
+
+    def export_state(self) -> OperatorState:
+        settings = self._layout()
+        settings["n_samples"] = None if self.factors is None else self.factors.n_samples
+        return OperatorState(type(self).__name__, self._state_tensors(), settings)
+
+    @staticmethod
+    def _arguments(state: OperatorState) -> Dict[str, Any]:
+        t, s = state.tensors, state.settings
+        factors = eigenbasis = None
+        if "input_covariance" in t:
+            factors = KroneckerFactors(
+                t["input_covariance"], t["output_grad_covariance"], s["n_samples"]
+            )
+        if "input_eigenvalues" in t:
+            eigenbasis = KroneckerEigenbasis(
+                t["input_eigenvalues"],
+                t["input_eigenvectors"],
+                t["output_eigenvalues"],
+                t["output_eigenvectors"],
+            )
+        return {
+            "input_eigenvectors": t["input_eigenvectors"],
+            "output_eigenvectors": t["output_eigenvectors"],
+            "eigenvalues": t["eigenvalues"],
+            "weight_name": s["weight_name"],
+            "weight_shape": tuple(s["weight_shape"]),
+            "bias_name": s["bias_name"],
+            "method": s["method"],
+            "dtype": _DTYPES[s["dtype"]],
+            "layer_name": s["layer_name"],
+            "factors": factors,
+            "eigenbasis": eigenbasis,
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: OperatorState, context: StateContext
+    ) -> "KroneckerFactoredCurvature":
+        return cls(**cls._arguments(state))
+
+
+class KroneckerFactoredOperator(KroneckerFactoredCurvature):
+    r"""$(Q\,\mathrm{diag}(s)\,Q^\top + \lambda I)^{-1}$ for $Q = Q_G \otimes Q_A$, one layer.
+
+    Applied as $V \mapsto Q_G [(Q_G^\top V Q_A) \oslash (s + \lambda)] Q_A^\top$ (see the module
+    description). Entries with $s_{jk} + \lambda$ at rounding level are treated as zero
+    curvature and get a zero inverse (a pseudo-inverse, with a warning), as for
+    [DirectSolveOperator][influx.torch.inverse.direct.DirectSolveOperator].
+
+    Args:
+        input_eigenvectors: $Q_A$ `(k, k)`.
+        output_eigenvectors: $Q_G$ `(m, m)`.
+        eigenvalues: $s$ `(m, k)`, non-negative.
+        regularization: $\lambda \ge 0$ or None.
+        weight_name: the weight's parameter name, None if the weight is not part of the block.
+        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`).
+        bias_name: the bias's parameter name, None if the bias is not part of the block.
+        method: `"ekfac"` or `"kfac"`, reported in `diagnostics`.
+        dtype: the dtype of inputs and results; default that of the eigenvectors.
+        layer_name: the layer's name, for messages and diagnostics.
+        factors: the Kronecker factors, if known (kept for inspection).
+        eigenbasis: the factors' eigendecompositions, if known (kept for inspection).
+    """
+
+    supports_regularization = True
+
+    def __init__(
+        self,
+        input_eigenvectors: torch.Tensor,
+        output_eigenvectors: torch.Tensor,
+        eigenvalues: torch.Tensor,
+        regularization: Optional[float],
+        weight_name: Optional[str],
+        weight_shape: Tuple[int, ...],
+        bias_name: Optional[str] = None,
+        method: str = "ekfac",
+        dtype: Optional[torch.dtype] = None,
+        layer_name: str = "",
+        factors: Optional[KroneckerFactors] = None,
+        eigenbasis: Optional[KroneckerEigenbasis] = None,
+    ):
+        validate_regularization(regularization)
+        super().__init__(
+            input_eigenvectors,
+            output_eigenvectors,
+            eigenvalues,
+            weight_name,
+            weight_shape,
+            bias_name,
+            method,
+            dtype,
+            layer_name,
+            factors,
+            eigenbasis,
+        )
+        self._regularization = regularization
+        self._regularization_changed()
+
+    @classmethod
+    def from_curvature(
+        cls, curvature: KroneckerFactoredCurvature, regularization: Optional[float]
+    ) -> "KroneckerFactoredOperator":
+        """The inverse of `curvature` plus $\\lambda I$."""
+        arguments = cls._arguments(curvature.export_state())
+        return cls(regularization=regularization, **arguments)
+
+    @property
+    def curvature(self) -> KroneckerFactoredCurvature:
+        """The curvature this operator inverts (without regularization)."""
+        state = KroneckerFactoredCurvature.export_state(self)
+        return KroneckerFactoredCurvature(**self._arguments(state))
+
+    def _regularization_changed(self) -> None:
+        shifted = self.eigenvalues + (self._regularization or 0.0)
+        tol = float(shifted.abs().max()) * shifted.numel() * torch.finfo(torch.float64).eps
+        keep = shifted > tol
+        n_zero = int((~keep).sum())
+        if n_zero:
+            logger.warning(
+                "Layer %r: %d of %d Kronecker eigenvalues (plus regularization) are zero up to "
+                "rounding; their inverse is set to zero (pseudo-inverse). Increase the "
+                "regularization to make the curvature invertible.",
+                self.layer_name,
+                n_zero,
+                shifted.numel(),
+            )
+        inverse = torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), 0.0)
+        self._scale = inverse.to(self._dtype)
+        self.diagnostics = SolverDiagnostics(
+            method=self.method,
+            converged=True,
+            details={
+                "layer": self.layer_name,
+                "factor_shapes": ((self._k, self._k), (self._m, self._m)),
+                "regularization": self._regularization,
+                "min_eigenvalue": float(self.eigenvalues.min()),
+                "max_eigenvalue": float(self.eigenvalues.max()),
+                "n_zero_inverse": n_zero,
+            },
+        )
+
+    def export_state(self) -> OperatorState:
+        state = super().export_state()
+        state.settings["regularization"] = self._regularization
+        return state
+
+    @classmethod
+    def from_state(cls, state: OperatorState, context: StateContext) -> "KroneckerFactoredOperator":
+        return cls(regularization=state.settings["regularization"], **cls._arguments(state))

@@ -1,0 +1,405 @@
+r"""Random projections of per-sample gradients, and their curvature in the projected space.
+
+A projection $P_b \in \mathbb{R}^{k \times p_b}$ of a block of $p_b$ parameters maps every
+per-sample gradient $g = \nabla_{\theta_b} \ell(z)$ to $P_b g \in \mathbb{R}^k$. Influence is
+then computed exactly in the projected space,
+
+$$
+I(z', z) = (P_b g')^\top \big(P_b C_b P_b^\top + \lambda I\big)^{-1} (P_b g) ,
+$$
+
+with the curvature $C_b$ (the empirical Fisher or the generalized Gauss-Newton matrix)
+formed only as the $k \times k$ matrix $P_b C_b P_b^\top$. For a square orthogonal $P_b$ this is
+the unprojected influence; as $k$ grows it approaches it (entries of the random matrices have
+variance $1/k$, so that $\mathbb{E}[P^\top P] = I$).
+
+**Kronecker projections.** For a `Linear` or `Conv2d` layer with output $s_t = \tilde W \tilde
+a_t$ at positions $t$ (a sequence, or the pixels of a convolution whose input is unfolded into
+patches), the per-sample gradient of $\tilde W = [W \mid b]$ is
+$\sum_t \delta_t \tilde a_t^\top$ with $\delta_t = \partial \ell / \partial s_t$. The projection
+$P_{out} \otimes P_{in}$ of its row-major flattening is
+
+$$
+P_{out} \Big(\sum_t \delta_t \tilde a_t^\top\Big) P_{in}^\top
+= \sum_t (P_{out}\delta_t)(P_{in}\tilde a_t)^\top ,
+$$
+
+computed from the layer's inputs and output gradients (module hooks on one forward and one
+backward pass) without forming the $m \times d$ gradient of any sample. The other parameters
+of a block, and every parameter with the dense projections (`"gaussian"`, `"rademacher"`),
+are projected from their flattened per-sample gradients, column chunk by column chunk, each
+chunk of $P$ generated from the seed (and kept if the whole matrix fits in a memory budget).
+
+A block's projected dimension is shared out among its layers in equal parts, a layer getting
+at most its number of parameters (the rest goes to the others); a layer's share $k_l$ is split
+as $k_{out} \cdot k_{in} \le k_l$ with $k_{out} \le m$, $k_{in} \le d$, as balanced as
+possible. With $k \ge p_b$ every layer gets its full size and the projection is square.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from torch.nn import functional as F
+
+import torch
+
+from ..kfac.layers import LayerSpec, layers_for_parameters
+
+__all__ = [
+    "PROJECTIONS",
+    "BlockProjection",
+    "DenseProjection",
+    "KroneckerLayerProjection",
+    "allocate_dimensions",
+    "kronecker_shape",
+    "random_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("kronecker", "gaussian", "rademacher")
+"""The kinds of projection: Kronecker-structured per layer, or dense Gaussian / Rademacher."""
+
+DENSE_CHUNK_COLUMNS = 4096
+"""Columns of a dense projection generated from one seed (part of its definition)."""
+
+
+def _generator(seed: int, labels: Sequence[str]) -> torch.Generator:
+    """A CPU generator seeded from `seed` and string labels, independent of the process."""
+    entropy = [int(seed)] + [zlib.crc32(label.encode()) for label in labels]
+    words = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    value = ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def random_matrix(
+    rows: int, columns: int, distribution: str, seed: int, labels: Sequence[str]
+) -> torch.Tensor:
+    r"""A `(rows, columns)` float64 matrix with independent entries of mean 0 and variance
+    $1/\text{rows}$: Gaussian, or $\pm 1/\sqrt{\text{rows}}$ (`"rademacher"`), generated on
+    the CPU from `seed` and `labels` (the same numbers on every machine and device)."""
+    generator = _generator(seed, labels)
+    if distribution == "rademacher":
+        signs = torch.randint(0, 2, (rows, columns), generator=generator).to(torch.float64)
+        return (2.0 * signs - 1.0) / math.sqrt(rows)
+    return torch.randn(rows, columns, generator=generator, dtype=torch.float64) / math.sqrt(rows)
+
+
+def _orthonormal_rows(matrix: torch.Tensor) -> torch.Tensor:
+    r"""The rows of `matrix` `(k, p)`, $k \le p$, made orthogonal (QR of its transpose) and
+    scaled by $\sqrt{p / k}$, so that $\mathbb{E}[P^\top P] = I$ as for the random matrix; a
+    square result is orthogonal."""
+    q, r = torch.linalg.qr(matrix.T)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    scale = math.sqrt(matrix.shape[1] / matrix.shape[0])
+    return ((q * signs).T * scale).contiguous()
+
+
+def allocate_dimensions(capacities: Sequence[int], total: int) -> List[int]:
+    """Share `total` among parts in equal shares, each at most its capacity (water-filling).
+
+    Returns:
+        one share per part; their sum is `min(total, sum(capacities))`.
+    """
+    shares = [0] * len(capacities)
+    remaining = min(total, sum(capacities))
+    open_parts = [i for i, c in enumerate(capacities) if c > 0]
+    while remaining > 0 and open_parts:
+        base, extra = divmod(remaining, len(open_parts))
+        still_open = []
+        for rank, i in enumerate(open_parts):
+            give = min(capacities[i] - shares[i], base + (1 if rank < extra else 0))
+            shares[i] += give
+            remaining -= give
+            if shares[i] < capacities[i]:
+                still_open.append(i)
+        open_parts = still_open
+    return shares
+
+
+def kronecker_shape(share: int, out_dim: int, in_dim: int) -> Tuple[int, int]:
+    r"""$(k_{out}, k_{in})$ with $k_{out} \le$ `out_dim`, $k_{in} \le$ `in_dim`, the largest
+    product $\le$ `share`, and among those the most balanced."""
+    best = (1, 1)
+    best_key = (-1, 0.0)
+    for k_out in range(1, min(out_dim, share) + 1):
+        k_in = min(in_dim, share // k_out)
+        if k_in < 1:
+            continue
+        key = (k_out * k_in, -abs(math.log(k_out / k_in)))
+        if key > best_key:
+            best, best_key = (k_out, k_in), key
+    return best
+
+
+class DenseProjection:
+    r"""A dense random projection $P$ `(k, p)`, generated in chunks of
+    `DENSE_CHUNK_COLUMNS` columns, each from its own seed.
+
+    The whole matrix is kept once generated if it takes at most `max_cache_bytes` (in
+    float64); otherwise each application generates the chunks again. With `orthogonal`, the
+    rows of a kept matrix are made orthogonal (scaled so that $\mathbb{E}[P^\top P] = I$); a
+    matrix over the budget keeps the rows as drawn, nearly orthogonal for $k \ll p$.
+
+    Args:
+        size: $p$, the number of coordinates projected.
+        dim: $k$.
+        distribution: `"gaussian"` or `"rademacher"`.
+        seed: the seed.
+        label: distinguishes the projections of different blocks with the same seed.
+        orthogonal: make the rows orthonormal.
+        max_cache_bytes: memory budget of the kept matrix.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        distribution: str,
+        seed: int,
+        label: str,
+        orthogonal: bool = True,
+        max_cache_bytes: float = 2**28,
+    ):
+        self.size, self.dim = int(size), int(dim)
+        self.distribution, self.seed, self.label = distribution, int(seed), label
+        self._matrix: Optional[torch.Tensor] = None
+        self._keep = self.size * self.dim * 8 <= max_cache_bytes
+        self.orthogonal = orthogonal and self._keep
+        if orthogonal and not self._keep:
+            logger.info(
+                "Projection %r: %d x %d is over the memory budget; its rows are left as drawn "
+                "(not orthogonalised).",
+                label,
+                self.dim,
+                self.size,
+            )
+        if self.orthogonal:
+            self._matrix = _orthonormal_rows(self._generate_all())
+
+    def _chunk(self, index: int) -> torch.Tensor:
+        start = index * DENSE_CHUNK_COLUMNS
+        width = min(DENSE_CHUNK_COLUMNS, self.size - start)
+        # Scaled by 1/sqrt(k) as a whole, whatever the chunking.
+        return random_matrix(
+            self.dim, width, self.distribution, self.seed, [self.label, str(index)]
+        )
+
+    def _generate_all(self) -> torch.Tensor:
+        n_chunks = -(-self.size // DENSE_CHUNK_COLUMNS)
+        return torch.cat([self._chunk(i) for i in range(n_chunks)], dim=1)
+
+    def matrix(self) -> torch.Tensor:
+        """$P$ as a float64 CPU tensor `(k, p)`."""
+        if self._matrix is not None:
+            return self._matrix
+        full = self._generate_all()
+        if self._keep:
+            self._matrix = full
+        return full
+
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        """$P v$ for the last dimension of `values` `(..., p)`, result `(..., k)`."""
+        if self._keep or self._matrix is not None:
+            matrix = self.matrix().to(device=values.device, dtype=values.dtype)
+            return values @ matrix.T
+        result = values.new_zeros(*values.shape[:-1], self.dim)
+        for index, start in enumerate(range(0, self.size, DENSE_CHUNK_COLUMNS)):
+            chunk = self._chunk(index).to(device=values.device, dtype=values.dtype)
+            result += values[..., start : start + chunk.shape[1]] @ chunk.T
+        return result
+
+
+class KroneckerLayerProjection:
+    r"""$P_{out} \otimes P_{in}$ for one `Linear` / `Conv2d` layer, `(k_out, m)` and `(k_in, d)`
+    with $d$ the size of $\tilde a$ (the weight's columns, plus one for a bias).
+
+    Args:
+        spec: the layer (which of its weight and bias are projected).
+        k_out: rows of $P_{out}$.
+        k_in: rows of $P_{in}$.
+        seed: the seed.
+        label: distinguishes layers and blocks.
+        orthogonal: make the rows of both factors orthogonal (scaled, see `DenseProjection`).
+    """
+
+    def __init__(
+        self, spec: LayerSpec, k_out: int, k_in: int, seed: int, label: str, orthogonal: bool
+    ):
+        self.spec = spec
+        p_out = random_matrix(k_out, spec.out_dim, "gaussian", seed, [label, "out"])
+        p_in = random_matrix(k_in, spec.input_factor_dim, "gaussian", seed, [label, "in"])
+        if orthogonal:
+            p_out, p_in = _orthonormal_rows(p_out), _orthonormal_rows(p_in)
+        self.p_out, self.p_in = p_out, p_in
+
+    @property
+    def dim(self) -> int:
+        return int(self.p_out.shape[0] * self.p_in.shape[0])
+
+    def _factors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.p_out.to(device=like.device, dtype=like.dtype),
+            self.p_in.to(device=like.device, dtype=like.dtype),
+        )
+
+    def project_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""$\sum_t (P_{out}\delta_t)(P_{in}\tilde a_t)^\top$ flattened, `(N, k_out k_in)`, from
+        $\tilde a$ `(N, T, d)` and $\delta$ `(N, T, m)` (leading dimensions may be more)."""
+        p_out, p_in = self._factors(inputs)
+        left = output_grads @ p_out.T
+        right = inputs @ p_in.T
+        return torch.einsum("...tk,...tj->...kj", left, right).flatten(-2)
+
+    def projected_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        r"""$P_{in} \tilde a_t$ of every position, `(N, T, k_in)`, from the layer's raw input.
+
+        For a convolution this is itself a convolution of the input with the $k_{in}$ rows of
+        $P_{in}$ as filters (the patches are never unfolded); for a linear layer a matrix
+        product; the bias column of $P_{in}$ is added to every position.
+        """
+        spec, module = self.spec, self.spec.module
+        if spec.weight_name is None:
+            return spec.expanded_inputs(inputs) @ self._factors(inputs)[1].T
+        p_in = self._factors(inputs)[1]
+        rows = p_in[:, : spec.in_dim]
+        if isinstance(module, torch.nn.Conv2d):
+            padding: Any = module.padding
+            if module.padding_mode != "zeros" or isinstance(padding, str):
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            kernel = rows.reshape(rows.shape[0], *module.weight.shape[1:])
+            projected = F.conv2d(inputs, kernel, None, module.stride, padding, module.dilation)
+            result = projected.flatten(2).transpose(1, 2)
+        else:
+            result = inputs.reshape(inputs.shape[0], -1, spec.in_dim) @ rows.T
+        if spec.bias_name is not None:
+            result = result + p_in[:, spec.in_dim]
+        return result
+
+    def project_raw(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""As `project_signals`, from the layer's raw input and the gradient of its raw
+        output, `(N, k_out k_in)`."""
+        p_out = self._factors(output_grads)[0]
+        left = self.spec.output_gradients(output_grads) @ p_out.T
+        return torch.bmm(left.transpose(1, 2), self.projected_inputs(inputs)).flatten(1)
+
+    def project_gradient(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        r"""$P_{out} \tilde G P_{in}^\top$ flattened for explicit gradients `parts` (by parameter
+        name, each `(..., *shape)`), the matrix $\tilde G = [G_W \mid g_b]$."""
+        spec = self.spec
+        columns: List[torch.Tensor] = []
+        if spec.weight_name is not None:
+            weight = parts[spec.weight_name]
+            lead = weight.shape[: weight.ndim - len(spec.weight_shape)]
+            columns.append(weight.reshape(*lead, spec.out_dim, spec.in_dim))
+        if spec.bias_name is not None:
+            columns.append(parts[spec.bias_name].unsqueeze(-1))
+        matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+        p_out, p_in = self._factors(matrix)
+        return (p_out @ matrix @ p_in.T).flatten(-2)
+
+
+class BlockProjection:
+    r"""The projection of one block: Kronecker projections of its `Linear` / `Conv2d` layers
+    (with `kind="kronecker"`) and a dense projection of the remaining parameters.
+
+    The projected coordinates are those of the layers in model order, then the dense part.
+
+    Args:
+        model: the model.
+        params: the block's parameters by name.
+        projection_dim: $k$; the block gets $\min(k, p_b)$ or slightly fewer coordinates (the
+            layers' shares are products $k_{out} k_{in}$).
+        kind: one of [PROJECTIONS][influx.torch.projection.projections.PROJECTIONS].
+        seed: the seed of every random matrix.
+        block_name: the block's name (part of the seeds).
+        orthogonal: make the rows of every random matrix orthogonal.
+        max_cache_mb: memory budget of a dense projection kept between applications.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Dict[str, torch.Tensor],
+        projection_dim: int,
+        kind: str,
+        seed: int,
+        block_name: str,
+        orthogonal: bool = True,
+        max_cache_mb: float = 256.0,
+    ):
+        self.names = list(params)
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.size = sum(p.numel() for p in params.values())
+        specs = layers_for_parameters(model, self.names) if kind == "kronecker" else {}
+        covered = {n for spec in specs.values() for n in spec.parameter_names}
+        self.dense_names = [n for n in self.names if n not in covered]
+        dense_size = sum(params[n].numel() for n in self.dense_names)
+        capacities = [spec.out_dim * spec.input_factor_dim for spec in specs.values()]
+        shares = allocate_dimensions(capacities + [dense_size], projection_dim)
+        self.layers: "OrderedDict[str, KroneckerLayerProjection]" = OrderedDict()
+        for (name, spec), share in zip(specs.items(), shares):
+            if share == 0:
+                raise ValueError(
+                    f"Parameter 'projection_dim' = {projection_dim} is too small for block "
+                    f"{block_name!r}: layer {name!r} would get no coordinate; use at least "
+                    f"{len(capacities) + (1 if dense_size else 0)}."
+                )
+            k_out, k_in = kronecker_shape(share, spec.out_dim, spec.input_factor_dim)
+            label = f"{block_name}/{name}"
+            self.layers[name] = KroneckerLayerProjection(spec, k_out, k_in, seed, label, orthogonal)
+        self.dense: Optional[DenseProjection] = None
+        if dense_size:
+            distribution = "gaussian" if kind == "kronecker" else kind
+            self.dense = DenseProjection(
+                dense_size,
+                max(1, shares[-1]),
+                distribution,
+                seed,
+                f"{block_name}/dense",
+                orthogonal,
+                max_cache_mb * 2**20,
+            )
+        logger.debug(
+            "Block %r: %d parameters projected to %d (%s).",
+            block_name,
+            self.size,
+            self.dim,
+            ", ".join(f"{n}: {p.p_out.shape[0]}x{p.p_in.shape[0]}" for n, p in self.layers.items()),
+        )
+
+    @property
+    def dim(self) -> int:
+        """The number of projected coordinates."""
+        return sum(p.dim for p in self.layers.values()) + (self.dense.dim if self.dense else 0)
+
+    def _split(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        sizes = [math.prod(self.shapes[n]) for n in self.names]
+        lead = flat.shape[:-1]
+        return {
+            n: part.reshape(*lead, *self.shapes[n])
+            for n, part in zip(self.names, torch.split(flat, sizes, dim=-1))
+        }
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """$P v$ for explicit vectors `(..., p_b)` in the block's parameter order: `(..., k)`."""
+        parts = self._split(flat)
+        pieces = [layer.project_gradient(parts) for layer in self.layers.values()]
+        if self.dense is not None:
+            lead = flat.shape[:-1]
+            rest = torch.cat([parts[n].reshape(*lead, -1) for n in self.dense_names], dim=-1)
+            pieces.append(self.dense.apply(rest))
+        return torch.cat(pieces, dim=-1)
+
+    def matrix(self) -> torch.Tensor:
+        """$P$ `(k, p_b)` as a float64 matrix (for small blocks and tests)."""
+        return self.project_flat(torch.eye(self.size, dtype=torch.float64)).T
