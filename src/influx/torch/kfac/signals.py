@@ -55,6 +55,14 @@ UnscorableModelError = LayerRecordingError
 per-sample gradients instead)."""
 
 
+_FORWARD_HOOK_REGISTRIES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+"""The registries `register_forward_hook` writes to."""
+
+
 class LayerCalls:
     """Records the input and output of every call of the given layers in this thread's
     functional evaluations of `model`, while entered (a context manager).
@@ -82,6 +90,7 @@ class LayerCalls:
             name: [] for name in layers
         }
         self._handles: List[Any] = []
+        self._restore: List[Tuple[torch.nn.Module, Dict[str, Any]]] = []
 
     def _hook(self, name: str) -> Callable[..., torch.Tensor]:
         def hook(
@@ -97,13 +106,23 @@ class LayerCalls:
         shell = thread_structure_copy(self.model, self.signature)
         for name, path in self.paths.items():
             module = shell.get_submodule(path) if path else shell
+            # The copy shares the hook registries of the user's module (so that the user's
+            # hooks apply to it); the recorder's hook goes into private copies of them, seen
+            # by this thread's copy only, and the shared ones are put back on exit.
+            shared = {key: getattr(module, key) for key in _FORWARD_HOOK_REGISTRIES}
+            for key, registry in shared.items():
+                setattr(module, key, type(registry)(registry))
+            self._restore.append((module, shared))
             self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for module, shared in self._restore:
+            for key, registry in shared.items():
+                setattr(module, key, registry)
+        self._handles, self._restore = [], []
 
     def check(self, n: Optional[int] = None) -> None:
         """Raise a LayerRecordingError unless every layer was called (on inputs of `n`
