@@ -74,6 +74,8 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.inverse.cg",
             "influx.torch.inverse.lissa",
             "influx.torch.inverse.spectrum",
+            "influx.torch.inverse.conditioning",
+            "influx.torch.inverse.damping",
             "influx.torch.inverse.sketch",
             "influx.torch.inverse.low_rank_approximation",
             "influx.torch.inverse.low_rank",

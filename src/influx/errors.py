@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 __all__ = [
+    "IllConditionedError",
     "InfluxError",
     "NotImplementedLayerRepresentationException",
     "NonConvergenceError",
@@ -94,3 +95,26 @@ class UnorderedDataError(InfluxError, ValueError):
     """Raised when a call that returns training indices gets a data loader whose order is
     not fixed (a shuffling or otherwise random sampler): the indices would point at the
     wrong samples."""
+
+
+class IllConditionedError(NonConvergenceError):
+    """Raised when the regularized curvature $C + \\lambda I$ a solver inverts is too
+    ill-conditioned (or, for CG, not positive definite) for the compute dtype: its solution
+    would not be meaningful.
+
+    Attributes:
+        diagnostics: the [SolverDiagnostics][influx.types.SolverDiagnostics] of the solve.
+        regularization: the $\\lambda$ used.
+        safe_regularization: the smallest $\\lambda$ that would be safe (an estimate).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        diagnostics: Any = None,
+        regularization: Optional[float] = None,
+        safe_regularization: Optional[float] = None,
+    ):
+        super().__init__(message, diagnostics)
+        self.regularization = regularization
+        self.safe_regularization = safe_regularization

@@ -113,6 +113,11 @@ class SolverDiagnostics:
             over right-hand sides), None where not measured.
         details: further, method-specific figures (per right-hand side iterations, tolerance,
             scale, ...).
+        regularization: the $\\lambda$ of the system solved (the value `"auto"` chose, if
+            so), None if none.
+        condition_number: the solver's estimate of the condition number of what it inverts
+            (the ratio of the largest to the smallest absolute eigenvalue of $C + \\lambda I$),
+            None where not estimated.
     """
 
     method: str
@@ -120,6 +125,8 @@ class SolverDiagnostics:
     iterations: Optional[int] = None
     residual: Optional[float] = None
     details: Dict[str, Any] = field(default_factory=dict)
+    regularization: Optional[float] = None
+    condition_number: Optional[float] = None
 
 
 def check_mode(mode: Any) -> InfluenceMode:

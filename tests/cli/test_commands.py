@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import runpy
 import shlex
 import subprocess
@@ -540,3 +541,21 @@ def test_validation_of_the_wrong_width_fails_before_the_fit(
     assert "--validation: the model cannot be evaluated on its first points" in err
     assert "inputs (2, 5)" in err
     assert "Fitting" not in caplog.text  # refused before the fit
+
+
+def test_rank_with_automatic_regularization_prints_the_chosen_lambda(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.delitem(sys.modules, "cli_test_net", raising=False)
+    args = ["rank", "--model", "cli_test_net:make_net", "--weights", "weights.pt"]
+    args += ["--train", "train.pt", "--validation", "cli_test_net:test_set", "--top", "2"]
+    assert main([*args, "--regularization", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda = auto)" in out
+    chosen = re.search(r"model: direct/\w+, converged, lambda = ([0-9.e+-]+)", out)
+    assert chosen is not None and float(chosen.group(1)) > 0
+    sys.modules.pop("cli_test_net", None)
+    assert main([*args, "--regularization", "-1"]) == 2
+    assert "--regularization: must be >= 0 or auto, got -1.0" in capsys.readouterr().err

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple
 
 from .common import UsageError, echo, require_file
-from .fitting import DEFAULT_REGULARIZATION, data_loader
+from .fitting import (
+    DEFAULT_REGULARIZATION,
+    check_regularization_argument,
+    data_loader,
+    lambda_text,
+    regularization_argument,
+)
 from .loading import (
     LOSSES,
     check_data_argument,
@@ -103,10 +109,10 @@ def add_evaluate_parser(sub: Any, parents: List[argparse.ArgumentParser]) -> Non
     )
     group.add_argument(
         "--regularization",
-        type=float,
+        type=regularization_argument,
         default=DEFAULT_REGULARIZATION,
         metavar="LAMBDA",
-        help="lambda of every method (default: %(default)s)",
+        help="lambda of every method, or 'auto' (default: %(default)s)",
     )
     group.add_argument(
         "--option",
@@ -191,8 +197,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--subsets", f"must be an integer >= 2, got {args.subsets}")
     if not 0 < args.fraction < 1:
         raise UsageError("--fraction", f"must be strictly between 0 and 1, got {args.fraction}")
-    if args.regularization < 0:
-        raise UsageError("--regularization", f"must be >= 0, got {args.regularization}")
+    check_regularization_argument(args.regularization)
     if args.batch_size < 1:
         raise UsageError("--batch-size", f"must be a positive integer, got {args.batch_size}")
     parse_options(args.option)
@@ -350,7 +355,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f", {result.n_undefined} with constant losses left out" if result.n_undefined else ""
         )
         echo(
-            f"{name}: LDS {result.mean:.4f} (lambda = {args.regularization:g}, "
+            f"{name}: LDS {result.mean:.4f} (lambda = {lambda_text(args.regularization)}, "
             f"{len(result.per_test) - result.n_undefined} test points{left_out}; fit and "
             f"scores in {seconds:.1f} s)"
         )

@@ -46,6 +46,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_REGULARIZATION = 0.01
 
 
+def regularization_argument(text: str) -> Any:
+    """`--regularization`: `auto` (0.1 trace / P of each block's curvature) or a number."""
+    return "auto" if text.strip().lower() == "auto" else float(text)
+
+
+def check_regularization_argument(value: Any) -> None:
+    """Raise a UsageError naming `--regularization` for a negative number."""
+    if value != "auto" and value < 0:
+        raise UsageError("--regularization", f"must be >= 0 or auto, got {value}")
+
+
+def lambda_text(value: Any) -> str:
+    """`value` as printed in summaries."""
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the model, training data and method options to `parser`."""
     group = parser.add_argument_group("model and training data")
@@ -88,10 +104,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--regularization",
-        type=float,
+        type=regularization_argument,
         default=DEFAULT_REGULARIZATION,
         metavar="LAMBDA",
-        help="lambda added to the curvature, H + lambda I (default: %(default)s)",
+        help="lambda added to the curvature, H + lambda I, or 'auto' for 0.1 trace(C) / P of "
+        "each block's curvature C (the chosen values are printed) (default: %(default)s)",
     )
     group.add_argument(
         "--option",
@@ -130,8 +147,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     check_data_argument(args.train, "--train")
     if args.loss not in LOSSES and args.loss != AUTO_LOSS:
         check_object_path(args.loss, "--loss", "FUNCTION")
-    if args.regularization < 0:
-        raise UsageError("--regularization", f"must be >= 0, got {args.regularization}")
+    check_regularization_argument(args.regularization)
     if args.batch_size < 1:
         raise UsageError("--batch-size", f"must be a positive integer, got {args.batch_size}")
     parse_options(args.option)
@@ -292,6 +308,10 @@ def diagnostics_lines(model: "TorchComposableInfluence") -> List[str]:
             parts.append(f"{report.iterations} iterations")
         if report.residual is not None:
             parts.append(f"relative residual {report.residual:.3g}")
+        if report.regularization is not None:
+            parts.append(f"lambda = {report.regularization:.3g}")
+        if report.condition_number is not None:
+            parts.append(f"condition number {report.condition_number:.3g}")
         lines.append(f"  {name}: {', '.join(parts)}")
     return lines
 

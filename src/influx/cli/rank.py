@@ -19,6 +19,7 @@ from .fitting import (
     data_loader,
     diagnostics_lines,
     fit,
+    lambda_text,
     warn_non_convergence,
 )
 from .loading import check_data_argument
@@ -177,7 +178,7 @@ def run_rank(args: argparse.Namespace) -> int:
     n_harmful = sum(v < 0 for v in values)
     echo(
         f"{type(model).__name__} (--method {args.method}, --loss {args.loss}, "
-        f"lambda = {args.regularization:g}), "
+        f"lambda = {lambda_text(args.regularization)}), "
         f"{model.n_parameters} parameters; {n_train} training points ranked by their total "
         f"influence on {n_validation} validation points; {n_harmful} harmful (negative)."
     )

@@ -95,7 +95,13 @@ def test_composed_influence_checks_its_parts() -> None:
     with pytest.raises(TypeError, match="Parameter 'solver' must be a Solver, got int"):
         ComposedInfluence(net, F.cross_entropy, ModeCurvature(GN), 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'regularization' must be positive for every block"):
-        ComposedInfluence(net, F.cross_entropy, ModeCurvature(GN), InverseHarmonicMeanSolver())
+        ComposedInfluence(
+            net,
+            F.cross_entropy,
+            ModeCurvature(GN),
+            InverseHarmonicMeanSolver(),
+            regularization=None,
+        )
 
 
 def _models(net: torch.nn.Module):  # type: ignore[no-untyped-def]

@@ -89,14 +89,19 @@ def test_negative_or_non_finite_regularization(value: float) -> None:
     ):
         DirectInfluence(make_mlp(), F.cross_entropy, value)
     with pytest.raises(ValueError, match=r"'regularization\['2'\]' must be a non-negative"):
-        DirectInfluence(make_mlp(), F.cross_entropy, {"2": value}, BlockMode.LAYER_WISE)
+        DirectInfluence(make_mlp(), F.cross_entropy, {"0": 0.1, "2": value}, BlockMode.LAYER_WISE)
     with pytest.raises(ValueError, match="non-negative"):
         DirectSolveOperator(torch.eye(2), value)
 
 
 def test_regularization_wrong_type() -> None:
-    with pytest.raises(TypeError, match="'regularization' must be a float or None, got str"):
-        DirectInfluence(make_mlp(), F.cross_entropy, "0.1")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError,
+        match="""'regularization' must be a non-negative number, "auto" or None, got '0.1'""",
+    ):
+        DirectInfluence(make_mlp(), F.cross_entropy, "0.1")
+    with pytest.raises(TypeError, match="'regularization' must be .* or None, got list"):
+        DirectInfluence(make_mlp(), F.cross_entropy, [0.1])  # type: ignore[arg-type]
 
 
 def test_unknown_block_names() -> None:

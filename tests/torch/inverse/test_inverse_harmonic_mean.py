@@ -157,7 +157,7 @@ def test_errors(setup) -> None:
     with pytest.raises(ValueError, match="'regularization' must be a non-negative number, got -1"):
         InverseHarmonicMeanInfluence(net, loss, -1.0)
     with pytest.raises(ValueError, match=r"'regularization' must be positive.*\{'2': None\}"):
-        InverseHarmonicMeanInfluence(net, loss, {"0": 0.1}, BlockMode.LAYER_WISE)
+        InverseHarmonicMeanInfluence(net, loss, {"0": 0.1, "2": None}, BlockMode.LAYER_WISE)
     with pytest.raises(
         ValueError, match="'second_order_mode' must be SecondOrderMode.GAUSS_NEWTON"
     ):

@@ -461,7 +461,7 @@ def test_errors(trained) -> None:
         with pytest.raises(ValueError, match=rf"'regularization' must be positive.*got {bad}"):
             NystroemSketchInfluence(net, loss, bad, rank=5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'regularization' must be positive.*'2': None"):
-        NystroemSketchInfluence(net, loss, {"0": 0.1}, 5, BlockMode.LAYER_WISE)
+        NystroemSketchInfluence(net, loss, {"0": 0.1, "2": None}, 5, BlockMode.LAYER_WISE)
     with pytest.raises(ValueError, match="'regularization' must be a non-negative number"):
         ArnoldiInfluence(net, loss, -1.0)
     with pytest.raises(ValueError, match="'second_order_mode' must be one of"):

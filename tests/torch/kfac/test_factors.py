@@ -432,7 +432,7 @@ def test_with_regularization_and_explore(fitted_mlp) -> None:
         expected = target.influences_by_layer(x[:6], y[:6])
         for name in expected:
             assert rel_err(explored[lam][name], expected[name]) < 1e-12
-    by_layer = model.with_regularization({"0": 0.1})
+    by_layer = model.with_regularization({"0": 0.1, "2": None})
     assert by_layer.solver_diagnostics["0"].details["regularization"] == 0.1
     assert by_layer.solver_diagnostics["2"].details["regularization"] is None
 
@@ -550,7 +550,7 @@ def test_operator_arguments() -> None:
 def test_zero_regularization_uses_pseudo_inverse(caplog) -> None:
     """Two-class cross-entropy: G is singular, so lambda = 0 needs the pseudo-inverse."""
     net, x, y = separable_binary_task(bias=False)
-    model = EkfacInfluence(net).fit(loader(x, y))
+    model = EkfacInfluence(net, hessian_regularization=None).fit(loader(x, y))
     assert "zero up to rounding" in caplog.text
     values = model.influences(x[:3], y[:3], x, y)
     assert torch.isfinite(values).all()

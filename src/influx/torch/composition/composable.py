@@ -20,6 +20,7 @@ One block and the map over blocks are in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -43,6 +44,7 @@ from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.preparation import model_batch, model_data, perturbation_shape
 from ..data.state import StateContext
 from ..data.validation import (
+    AUTO_REGULARIZATION,
     RegularizationType,
     regularization_by_block,
     resolve_compute_dtype,
@@ -58,7 +60,7 @@ from .persistence import (
     restore_operators,
     write_fit,
 )
-from .solvers import Solver
+from .solvers import Solver, resolve_auto_regularization
 
 __all__ = ["TorchComposableInfluence"]
 
@@ -78,8 +80,11 @@ class TorchComposableInfluence(
         model: the trained model. Its device and dtype are used for all computations.
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` of block names to parameter names.
-        regularization: $\\lambda \\ge 0$ added to the curvature, either one float for every
-            block or a dict keyed by block name (missing blocks get none).
+        regularization: $\\lambda \\ge 0$ added to the curvature: one value for every block
+            or a dict naming every block. A value is a number (numpy scalars and 0-d tensors
+            are accepted), `"auto"` ($0.1 \\operatorname{tr}(C_b) / P_b$, chosen at `fit`; see
+            [influx.torch.inverse.damping][influx.torch.inverse.damping]) or None (none: the
+            solvers refuse a curvature too ill-conditioned for the compute dtype).
         compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
             means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
             When it differs from the model's dtype, a copy of the model with parameters in
@@ -177,6 +182,17 @@ class TorchComposableInfluence(
         self._regularization_by_block = by_block
 
     @property
+    def regularization_by_block(self) -> Dict[str, Optional[float]]:
+        """The $\\lambda$ every block uses: the given values, with `"auto"` resolved once the
+        model is fitted (before, `"auto"` blocks are None)."""
+        fitted = self.block_mapper.composable_block_dict if self.is_fitted else {}
+        return {
+            name: (getattr(fitted[name].op, "regularization", None) if name in fitted else None)
+            if value == AUTO_REGULARIZATION else value  # type: ignore[misc]
+            for name, value in self._regularization_by_block.items()
+        }  # fmt: skip
+
+    @property
     def block_sizes(self) -> Dict[str, int]:
         """The number of parameters of every block, by name."""
         return {
@@ -190,10 +206,15 @@ class TorchComposableInfluence(
         it converged. None for blocks whose operator does not solve a system."""
         if not self.is_fitted:
             return OrderedDict((name, None) for name in self.block_names)
-        return OrderedDict(
-            (name, block.op.diagnostics)
-            for name, block in self.block_mapper.composable_block_dict.items()
-        )
+        result: "OrderedDict[str, Optional[SolverDiagnostics]]" = OrderedDict()
+        for name, block in self.block_mapper.composable_block_dict.items():
+            diagnostics = block.op.diagnostics
+            if diagnostics is not None:
+                diagnostics = dataclasses.replace(
+                    diagnostics, regularization=getattr(block.op, "regularization", None)
+                )
+            result[name] = diagnostics
+        return result
 
     @property
     def block_names(self) -> List[str]:
@@ -241,7 +262,7 @@ class TorchComposableInfluence(
         if self.curvature is None or self.solver is None:
             return TorchBlockMapper(
                 OrderedDict(
-                    (name, self._create_block(name, params, data, reg[name]))
+                    (name, self._create_block(name, params, data, reg[name]))  # type: ignore[arg-type]
                     for name, params in self._blocks.items()
                 )
             )
@@ -252,12 +273,13 @@ class TorchComposableInfluence(
             (
                 name,
                 TorchOperatorGradientComposition(
-                    self.solver.fit(curvatures[name], reg[name], name),
+                    self.solver.fit_block(curvatures[name], reg[name], name),
                     self._gradient_provider(name, params),
                 ),
             )
             for name, params in self._blocks.items()
         )
+        self._auto_values = {n: b.op.regularization for n, b in blocks.items() if reg[n] == "auto"}
         return self._new_block_mapper(blocks)
 
     def _new_block_mapper(
@@ -317,7 +339,12 @@ class TorchComposableInfluence(
         """
         new = copy.copy(self)
         new._set_regularization(regularization)
-        by_block = new._regularization_by_block
+        by_block: Dict[str, Any] = new._regularization_by_block
+        if self.is_fitted:
+            by_block = resolve_auto_regularization(
+                by_block, self._regularization_by_block, self.regularization_by_block,
+                getattr(self, "_auto_values", {}),
+            )  # fmt: skip
         new._settings = dict(self.settings)
         for key in ("regularization", "hessian_regularization"):
             if key in new._settings:
@@ -330,7 +357,8 @@ class TorchComposableInfluence(
                     (
                         name,
                         TorchOperatorGradientComposition(
-                            block.op.with_regularization(by_block[name]), block.gradient_provider
+                            block.op.with_regularization(by_block[name]),  # type: ignore[arg-type]
+                            block.gradient_provider,
                         ),
                     )
                     for name, block in self.block_mapper.composable_block_dict.items()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ...errors import NonConvergenceError, NonFiniteCurvatureError
 from ..curvature.batch_operation import GaussNewtonBatchOperation
@@ -21,6 +21,7 @@ from ..curvature.operators import (
 )
 from ..curvature.tensor_operator import TensorOperator
 from ..data.validation import (
+    AUTO_REGULARIZATION,
     check_nonconvergence_policy,
     check_seed,
     make_generator,
@@ -29,6 +30,7 @@ from ..data.validation import (
     validate_lissa_settings,
 )
 from ..inverse.cg import CgOperator
+from ..inverse.damping import auto_regularization, auto_regularization_of_matrix
 from ..inverse.direct import DirectSolveOperator
 from ..inverse.inverse_harmonic_mean import InverseHarmonicMeanOperator
 from ..inverse.lissa import LissaOperator
@@ -56,6 +58,7 @@ LISSA_DEFAULTS: Dict[str, Any] = dict(
 """LiSSA's settings and their defaults (those of [LissaOperator][influx.torch.inverse.lissa.LissaOperator])."""
 
 __all__ = [
+    "resolve_auto_regularization",
     "Solver",
     "LowRankSolver",
     "DirectSolver",
@@ -74,6 +77,36 @@ def _unsupported(solver: "Solver", curvature: TensorOperator, needs: str) -> Typ
     return TypeError(
         f"{type(solver).__name__} cannot invert a {type(curvature).__name__}: it needs {needs}."
     )
+
+
+def resolve_auto_regularization(
+    requested: Dict[str, Any],
+    fitted_with: Dict[str, Any],
+    used: Dict[str, Optional[float]],
+    chosen: Dict[str, Optional[float]],
+) -> Dict[str, Optional[float]]:
+    """The $\\lambda$ of every block for `with_regularization` on a fitted model: `"auto"`
+    becomes the value it chose at `fit` (`chosen`, or `used` for a block still on `"auto"`).
+
+    Raises:
+        ValueError: for `"auto"` on a block fitted with an explicit value (the curvature's
+            scale was never measured).
+    """
+    result: Dict[str, Optional[float]] = {}
+    for name, value in requested.items():
+        if value != AUTO_REGULARIZATION:
+            result[name] = value
+        elif name in chosen:
+            result[name] = chosen[name]
+        elif fitted_with[name] == AUTO_REGULARIZATION:
+            result[name] = used[name]
+        else:
+            raise ValueError(
+                f"Parameter 'regularization': \"auto\" for block {name!r} needs the curvature, "
+                f"but this model was fitted with {fitted_with[name]!r}: construct the model "
+                'with regularization="auto" and fit it.'
+            )
+    return result
 
 
 class Solver(ABC):
@@ -101,19 +134,48 @@ class Solver(ABC):
     ) -> TensorOperator:
         """The inverse operator of one block."""
 
+    def fit_block(
+        self,
+        curvature: TensorOperator,
+        regularization: Optional[Union[float, str]],
+        block_name: str,
+    ) -> TensorOperator:
+        """The inverse operator of one block, resolving `"auto"` to
+        [auto_regularization][influx.torch.inverse.damping.auto_regularization] of the
+        curvature first."""
+        if regularization == AUTO_REGULARIZATION:
+            regularization = auto_regularization(curvature)
+            logger.info("Block %r: automatic regularization %.3g.", block_name, regularization)
+        return self.fit(curvature, regularization, block_name)  # type: ignore[arg-type]
+
 
 class DirectSolver(Solver):
     """The dense curvature of each block, factorised once
     ([DirectSolveOperator][influx.torch.inverse.direct.DirectSolveOperator])."""
 
+    def fit_block(
+        self,
+        curvature: TensorOperator,
+        regularization: Optional[Union[float, str]],
+        block_name: str,
+    ) -> TensorOperator:
+        return self.fit(curvature, regularization, block_name)  # type: ignore[arg-type]
+
     def fit(
-        self, curvature: TensorOperator, regularization: Optional[float], block_name: str
+        self,
+        curvature: TensorOperator,
+        regularization: Optional[Union[float, str]],
+        block_name: str,
     ) -> TensorOperator:
         to_dense = getattr(curvature, "to_dense", None)
         if to_dense is None:
             raise _unsupported(self, curvature, "a curvature with a dense matrix (to_dense)")
+        matrix = to_dense()
+        if regularization == AUTO_REGULARIZATION:
+            regularization = auto_regularization_of_matrix(matrix)
+            logger.info("Block %r: automatic regularization %.3g.", block_name, regularization)
         try:
-            op = DirectSolveOperator(to_dense(), regularization=regularization)
+            op = DirectSolveOperator(matrix, regularization=regularization)  # type: ignore[arg-type]
         except NonFiniteCurvatureError as error:
             error.block = block_name  # type: ignore[attr-defined]
             raise

@@ -17,7 +17,9 @@ import torch
 from ...ordering import check_ordered as check_data_order
 
 __all__ = [
+    "AUTO_REGULARIZATION",
     "RegularizationType",
+    "as_regularization",
     "check_batch_for_model",
     "check_dampen",
     "check_eval_mode",
@@ -46,8 +48,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RegularizationType = Optional[Union[float, Mapping[str, Optional[float]]]]
-"""A regularization $\\lambda$: one value for every block, or a dict keyed by block name."""
+RegularizationType = Optional[Union[float, str, Mapping[str, Optional[Union[float, str]]]]]
+"""A regularization $\\lambda$: one value for every block, or a dict keyed by block name (naming
+every block); a value is a number $\\ge 0$, `"auto"` (a multiple of the curvature's mean
+eigenvalue, chosen at `fit`) or None (no regularization)."""
+
+AUTO_REGULARIZATION = "auto"
+"""The regularization value that asks for the automatic, curvature-relative choice."""
 
 
 def validate_regularization(value: Optional[float], name: str = "regularization") -> None:
@@ -60,16 +67,51 @@ def validate_regularization(value: Optional[float], name: str = "regularization"
         raise ValueError(f"Parameter '{name}' must be a non-negative number, got {value}.")
 
 
-def regularization_by_block(
-    regularization: RegularizationType, block_names: List[str]
-) -> Dict[str, Optional[float]]:
-    """Expand a float or a dict keyed by block name into one value per block.
+def as_regularization(value: Any, name: str = "regularization") -> Optional[Union[float, str]]:
+    """`value` as a regularization of one block: None, `"auto"` or a float.
 
-    Blocks missing from a dict get no regularization (None).
+    Python numbers, numpy scalars and 0-d tensors (or one-element arrays) are accepted as
+    numbers and returned as a Python float.
 
     Raises:
-        ValueError: for negative values or keys that are not block names (the message lists
-            the valid names).
+        TypeError: for anything else (the message names `name`).
+        ValueError: for a negative or non-finite number, or a string other than `"auto"`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != AUTO_REGULARIZATION:
+            raise ValueError(
+                f"Parameter '{name}' must be a non-negative number, \"auto\" or None, got "
+                f"{value!r}."
+            )
+        return value
+    if not isinstance(value, (bool, int, float)):
+        size = getattr(value, "size", None)
+        numel = value.numel() if isinstance(value, torch.Tensor) else size
+        if numel == 1 and hasattr(value, "item"):
+            value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"Parameter '{name}' must be a non-negative number, \"auto\" or None, got "
+            f"{type(value).__name__}."
+        )
+    validate_regularization(float(value), name)
+    return float(value)
+
+
+def regularization_by_block(
+    regularization: RegularizationType, block_names: List[str]
+) -> Dict[str, Optional[Union[float, str]]]:
+    """Expand one value or a dict keyed by block name into one value per block.
+
+    Values are normalised by [as_regularization][influx.torch.data.validation.as_regularization]
+    (numpy scalars and 0-d tensors become floats).
+
+    Raises:
+        ValueError: for negative values, for keys that are not block names (the message lists
+            the valid names) and for a dict that does not name every block (the message lists
+            the missing ones).
     """
     if isinstance(regularization, Mapping):
         unknown = [k for k in regularization if k not in block_names]
@@ -78,11 +120,18 @@ def regularization_by_block(
                 f"Parameter 'regularization' names unknown blocks {unknown}; valid block names "
                 f"are {block_names}."
             )
-        for k, v in regularization.items():
-            validate_regularization(v, f"regularization[{k!r}]")
-        return {name: regularization.get(name) for name in block_names}
-    validate_regularization(regularization)
-    return {name: regularization for name in block_names}
+        missing = [name for name in block_names if name not in regularization]
+        if missing:
+            raise ValueError(
+                f"Parameter 'regularization' must name every block, got no value for "
+                f'{missing}: give each a number, "auto" or None (no regularization).'
+            )
+        return {
+            name: as_regularization(regularization[name], f"regularization[{name!r}]")
+            for name in block_names
+        }
+    value = as_regularization(regularization)
+    return {name: value for name in block_names}
 
 
 def require_positive_regularization(
@@ -90,7 +139,11 @@ def require_positive_regularization(
 ) -> None:
     """Raise a ValueError naming 'regularization' unless every block gets $\\lambda > 0$."""
     by_block = regularization_by_block(regularization, block_names)
-    bad = {name: value for name, value in by_block.items() if value is None or value <= 0}
+    bad = {
+        name: value
+        for name, value in by_block.items()
+        if value is None or (value != AUTO_REGULARIZATION and float(value) <= 0)
+    }
     if bad:
         if isinstance(regularization, Mapping):
             given = ", ".join(f"{name!r}: {value}" for name, value in bad.items())

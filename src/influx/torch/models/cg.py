@@ -38,7 +38,9 @@ class CgInfluence(TorchComposableInfluence):
     Args:
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction.
-        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
+            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         rtol: relative tolerance on the residual norm, $> 0$; None means $10^{-7}$, or ten
             times the machine epsilon of the compute dtype if larger.
         atol: absolute tolerance on the residual norm, $\ge 0$; None as for `rtol`.
@@ -77,7 +79,7 @@ class CgInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         loss: LossFunction,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         rtol: Optional[float] = None,
         atol: Optional[float] = None,
         maxiter: Optional[int] = None,

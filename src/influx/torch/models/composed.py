@@ -37,7 +37,9 @@ class ComposedInfluence(TorchComposableInfluence):
         curvature: e.g. `ModeCurvature(SecondOrderMode.GENERALIZED_GAUSS_NEWTON)` or
             `KroneckerCurvature(update_diagonal=True)`.
         solver: e.g. `CgSolver(preconditioner=JacobiPreconditioner())`, `ArnoldiSolver(rank=20)`.
-        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
+            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` (ignored by curvatures with their own blocks, such as
             the Kronecker curvature's layers).
@@ -59,7 +61,7 @@ class ComposedInfluence(TorchComposableInfluence):
         loss: LossFunction,
         curvature: Curvature,
         solver: Solver,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         block_structure: BlockStructure = BlockMode.FULL,
         compute_dtype: Optional[torch.dtype] = None,
     ):

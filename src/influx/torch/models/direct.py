@@ -41,7 +41,9 @@ class DirectInfluence(TorchComposableInfluence):
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction, e.g.
             `torch.nn.functional.cross_entropy`.
-        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
+            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.
         second_order_mode: the curvature (a [SecondOrderMode][influx.torch.curvature.operators.SecondOrderMode]).
@@ -61,7 +63,7 @@ class DirectInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         loss: LossFunction,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         block_structure: BlockStructure = BlockMode.FULL,
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
         progress: bool = False,

@@ -114,7 +114,7 @@ class EkfacInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         update_diagonal: bool = False,
-        hessian_regularization: RegularizationType = 0.0,
+        hessian_regularization: RegularizationType = "auto",
         progress: bool = False,
         *,
         loss: Optional[LossFunction] = None,
@@ -136,7 +136,7 @@ class EkfacInfluence(TorchComposableInfluence):
                 "argument is update_diagonal, pass the loss by keyword (loss=...)."
             )
         if regularization is not None:
-            if hessian_regularization not in (None, 0.0) and (
+            if hessian_regularization not in (None, "auto") and (
                 hessian_regularization != regularization
             ):
                 raise ValueError(

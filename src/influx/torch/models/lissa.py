@@ -38,7 +38,9 @@ class LissaInfluence(TorchComposableInfluence):
     Args:
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction.
-        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
+            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         maxiter: maximum number of iterations (batches).
         dampen: the dampening $d \in [0, 1)$.
         scale: the scale $s > 0$, or `"auto"`.
@@ -63,7 +65,7 @@ class LissaInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         loss: LossFunction,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         maxiter: int = 1000,
         dampen: float = 0.0,
         scale: Union[float, str] = 10.0,

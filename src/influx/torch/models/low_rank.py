@@ -42,8 +42,10 @@ class ArnoldiInfluence(TorchComposableInfluence):
     Args:
         model: the trained model.
         loss: the loss function (mean reduction).
-        regularization: $\lambda$, a float or a dict keyed by block name; must be positive for
-            every block with `use_woodbury=True`.
+        regularization: $\lambda$, a number or a dict naming every block; must be positive for
+            every block with `use_woodbury=True`. `"auto"` (the default) is
+            $0.1 \operatorname{tr}(C_b) / P_b$ per block (see
+            [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         rank: the number of eigenpairs per block, in $[1, P_b]$ for every block.
         krylov_dimension: the size of the Lanczos basis; None means
             $\min(P_b, \max(2\,\text{rank} + 1, 20))$. Larger values converge in fewer
@@ -76,7 +78,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         loss: LossFunction,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         rank: int = 10,
         krylov_dimension: Optional[int] = None,
         tol: float = 1e-6,

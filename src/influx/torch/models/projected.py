@@ -69,7 +69,9 @@ class ProjectedInfluence(TorchComposableInfluence):
         projection: `"kronecker"`, `"gaussian"` or `"rademacher"`.
         second_order_mode: `GAUSS_NEWTON` (the empirical Fisher) or
             `GENERALIZED_GAUSS_NEWTON`.
-        regularization: $\lambda \ge 0$, a float for all blocks or a dict keyed by block name.
+        regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
+            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]`.
         seed: the seed of the random projections (an int: the projection must be the same
@@ -96,7 +98,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         projection_dim: int = 1024,
         projection: str = "kronecker",
         second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
-        regularization: RegularizationType = None,
+        regularization: RegularizationType = "auto",
         block_structure: BlockStructure = BlockMode.FULL,
         seed: int = 0,
         orthogonal: bool = True,
