@@ -320,11 +320,11 @@ def test_rank_with_options_matches_the_api_method(
     monkeypatch.delitem(sys.modules, "cli_test_net", raising=False)
     args = ["rank", "--model", "cli_test_net:make_net", "--weights", "weights.pt"]
     args += ["--train", "train.pt", "--validation", "cli_test_net:test_set", "--top", "3"]
-    args += ["--method", "cg", "--regularization", "0.05", "--option", "rtol=1e-12"]
+    args += ["--method", "cg", "--regularization", "0.5", "--option", "rtol=1e-12"]
     args += ["--option", "atol=1e-14", "--batch-size", "8", "--out", "r.json"]
     assert main([*args, "--fit-out", "cg.fit"]) == 0
     out = capsys.readouterr().out
-    assert "CgInfluence (--method cg, --loss cross_entropy, lambda = 0.05)" in out
+    assert "CgInfluence (--method cg, --loss cross_entropy, lambda = 0.5)" in out
     assert "model: cg, converged" in out
     records = json.loads((project / "r.json").read_text())
     sys.modules.pop("cli_test_net", None)
@@ -337,7 +337,7 @@ def test_rank_with_options_matches_the_api_method(
     net = module.make_net()
     net.load_state_dict(torch.load(project / "weights.pt", weights_only=True))
     model = CgInfluence(
-        net.eval(), torch.nn.functional.cross_entropy, 0.05, rtol=1e-12, atol=1e-14
+        net.eval(), torch.nn.functional.cross_entropy, 0.5, rtol=1e-12, atol=1e-14
     ).fit(train_loader)
     expected = rank_training_points(
         model, train_loader, DataLoader(module.test_set(), batch_size=8)
@@ -349,7 +349,7 @@ def test_rank_with_options_matches_the_api_method(
     assert main(["info", "cg.fit"]) == 0
     info = fields(capsys.readouterr().out)
     assert info["class"] == "CgInfluence" and info["rtol"] == "1e-12"
-    assert info["regularization"] == "0.05" and info["parameters"] == "26"
+    assert info["regularization"] == "0.5" and info["parameters"] == "26"
 
 
 def test_computation_error_exits_1_traceback_with_debug(

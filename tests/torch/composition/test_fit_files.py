@@ -100,7 +100,15 @@ def test_fit_written_by_the_earlier_layout_loads(name: str) -> None:
         assert "Parameter 'data' is required" in str(error)
         model.load_fit(FITS / f"{name}.pt", data=_loader())
     expected = torch.tensor(json.loads((FITS / "influences.json").read_text())[name])
+    if name == "cg":
+        # H + 0.1 I of this network is indefinite: CG now stops at the first direction of
+        # negative curvature (the stored values came from running on), as a fresh fit does
+        expected = _influences(MODELS[name](_network()).fit(_loader()))
     torch.testing.assert_close(_influences(model), expected, rtol=1e-9, atol=1e-12)
+    if name == "cg":
+        diagnostics = model.solver_diagnostics["model"]
+        assert diagnostics is not None and not diagnostics.converged
+        assert diagnostics.condition_number == float("inf")
 
 
 if __name__ == "__main__":

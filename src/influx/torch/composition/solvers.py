@@ -14,7 +14,7 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Union
 
-from ...errors import NonConvergenceError, NonFiniteCurvatureError
+from ...errors import IllConditionedError, NonConvergenceError, NonFiniteCurvatureError
 from ..curvature.batch_operation import GaussNewtonBatchOperation
 from ..curvature.operators import (
     AveragingBatchOperator,
@@ -151,7 +151,11 @@ class Solver(ABC):
 
 class DirectSolver(Solver):
     """The dense curvature of each block, factorised once
-    ([DirectSolveOperator][influx.torch.inverse.direct.DirectSolveOperator])."""
+    ([DirectSolveOperator][influx.torch.inverse.direct.DirectSolveOperator]); a block too
+    ill-conditioned for the compute dtype raises (`on_nonconvergence="raise"`) or warns."""
+
+    def __init__(self, on_nonconvergence: str = "raise"):
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
 
     def fit_block(
         self,
@@ -175,7 +179,18 @@ class DirectSolver(Solver):
             regularization = auto_regularization_of_matrix(matrix)
             logger.info("Block %r: automatic regularization %.3g.", block_name, regularization)
         try:
-            op = DirectSolveOperator(matrix, regularization=regularization)  # type: ignore[arg-type]
+            op = DirectSolveOperator(
+                matrix,
+                regularization=regularization,  # type: ignore[arg-type]
+                on_nonconvergence=getattr(self, "on_nonconvergence", "raise"),
+            )
+        except IllConditionedError as error:
+            raise IllConditionedError(
+                f"Block {block_name!r}: {error}",
+                error.diagnostics,
+                error.regularization,
+                error.safe_regularization,
+            ) from None
         except NonFiniteCurvatureError as error:
             error.block = block_name  # type: ignore[attr-defined]
             raise

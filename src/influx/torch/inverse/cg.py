@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 from tqdm.auto import tqdm
 
@@ -34,6 +34,12 @@ from ..data.validation import (
     validate_cg_settings,
     validate_regularization,
 )
+from .conditioning import (
+    cg_ritz_values,
+    max_condition_number,
+    report_ill_conditioning,
+    safe_regularization,
+)
 from .preconditioner import Preconditioner, check_preconditioner
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence, row_dot
 
@@ -42,6 +48,17 @@ __all__ = ["conjugate_gradient", "block_conjugate_gradient", "CgOperator"]
 logger = logging.getLogger(__name__)
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]
+
+MAXITER_CAP = 1000
+"""The default `maxiter` is $\\min(10 P, 1000)$: CG in exact arithmetic needs at most $P$
+iterations, and a system that 1000 iterations do not solve needs a preconditioner or a larger
+$\\lambda$ rather than more iterations (each one applies the curvature to every unconverged
+right-hand side)."""
+
+
+def default_maxiter(size: int) -> int:
+    """$\\min(10 P, 1000)$ (see [MAXITER_CAP][influx.torch.inverse.cg.MAXITER_CAP])."""
+    return min(10 * size, MAXITER_CAP)
 
 
 class _Start(NamedTuple):
@@ -75,7 +92,7 @@ def _start(
     tol = torch.clamp(rtol * b_norm, min=atol)
     return _Start(
         n=n,
-        maxiter=10 * size if maxiter is None else maxiter,
+        maxiter=default_maxiter(size) if maxiter is None else maxiter,
         precondition=preconditioner if preconditioner is not None else (lambda v: v),
         x=torch.zeros_like(rhs),
         r=rhs.clone(),
@@ -113,13 +130,21 @@ def conjugate_gradient(
     unconverged right-hand sides share one call of `apply` per iteration. The residual is the
     recursively updated one.
 
+    A right-hand side whose search direction has $p_k^\top M p_k \le 0$ stops there (CG is
+    only defined for a positive definite $M$), flagged in `negative_curvature`. The
+    coefficients $\alpha_k, \beta_k$ define the Lanczos tridiagonal of each recurrence, whose
+    extreme eigenvalues (Ritz values, see
+    [cg_ritz_values][influx.torch.inverse.conditioning.cg_ritz_values]) estimate those of
+    $M$ (of $P^{-1} M$ with a preconditioner) from the inside; with the Rayleigh quotients
+    $p_k^\top M p_k / p_k^\top p_k$ they give `spectrum`.
+
     Args:
         apply: $V \mapsto V M^\top$ for rows `V` `(K, P)`; $M$ must be symmetric positive
             definite.
         rhs: the right-hand sides, one per row, `(N, P)`.
         rtol: relative tolerance on the residual norm, $> 0$.
         atol: absolute tolerance on the residual norm, $\ge 0$.
-        maxiter: maximum number of iterations; None means $10 P$.
+        maxiter: maximum number of iterations; None means $\min(10 P, 1000)$.
         preconditioner: $V \mapsto V P^{-\top}$ for rows, an approximation of $M^{-1}$.
         progress: show a progress bar over the iterations.
 
@@ -134,6 +159,10 @@ def conjugate_gradient(
         direction = z
         rz = row_dot(r[active], z)
 
+    negative = torch.zeros(n, dtype=torch.bool, device=rhs.device)
+    alphas: List[List[float]] = [[] for _ in range(n)]
+    betas: List[List[float]] = [[] for _ in range(n)]
+    rayleigh = [math.inf, -math.inf]
     bar = tqdm(total=maxiter, desc="CG", disable=not progress, leave=False)
     for it in range(1, maxiter + 1):
         if active.numel() == 0:
@@ -142,8 +171,17 @@ def conjugate_gradient(
         q = apply(direction)
         check_finite(q, "operator's products")
         curvature = row_dot(direction, q)
-        breakdown = curvature == 0
+        quotients = curvature / row_dot(direction, direction)
+        rayleigh = [
+            min(rayleigh[0], float(quotients.min())),
+            max(rayleigh[1], float(quotients.max())),
+        ]
+        breakdown = curvature <= 0
+        negative[active[breakdown]] = True
         alpha = torch.where(breakdown, torch.zeros_like(curvature), rz / curvature)
+        for row, value in zip(active.tolist(), alpha.tolist()):
+            if value > 0:
+                alphas[row].append(value)
         x_a = x[active] + alpha.unsqueeze(1) * direction
         r_a = r[active] - alpha.unsqueeze(1) * q
         x[active] = x_a
@@ -153,18 +191,28 @@ def conjugate_gradient(
         iterations[active] = it
         keep = (norms > tol[active]) & ~breakdown
         if bool(breakdown.any()):
-            logger.debug("CG: zero curvature (breakdown) for %d rows.", int(breakdown.sum()))
+            logger.debug("CG: curvature <= 0 (breakdown) for %d rows.", int(breakdown.sum()))
         r_k = r_a[keep]
         z = precondition(r_k)
         rz_new = row_dot(r_k, z)
+        for row, value in zip(active[keep].tolist(), (rz_new / rz[keep]).tolist()):
+            betas[row].append(value)
         direction = z + (rz_new / rz[keep]).unsqueeze(1) * direction[keep]
         rz = rz_new
         active = active[keep]
     bar.close()
 
-    converged = r_norm <= tol
+    converged = (r_norm <= tol) & ~negative
     residuals = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), 0.0)
-    return IterativeSolution(x, iterations, residuals, converged)
+    spectrum = None
+    if math.isfinite(rayleigh[0]):
+        # Ritz values of P^{-1} M are no bounds of M's spectrum: only the Rayleigh quotients
+        # are used with a preconditioner.
+        ritz = [cg_ritz_values(a, b) for a, b in zip(alphas, betas) if a and preconditioner is None]
+        low = min([rayleigh[0], *(r[0] for r in ritz)])
+        high = max([rayleigh[1], *(r[1] for r in ritz)])
+        spectrum = (low, high)
+    return IterativeSolution(x, iterations, residuals, converged, spectrum, negative)
 
 
 _RESTART_AFTER = 10
@@ -237,7 +285,7 @@ def block_conjugate_gradient(
         rhs: the right-hand sides, one per row, `(N, P)`.
         rtol: relative tolerance on each residual norm, $> 0$.
         atol: absolute tolerance on each residual norm, $\ge 0$.
-        maxiter: maximum number of iterations; None means $10 P$.
+        maxiter: maximum number of iterations; None means $\min(10 P, 1000)$.
         preconditioner: $V \mapsto V P^{-\top}$ for rows, an approximation of $M^{-1}$.
         progress: show a progress bar over the iterations.
 
@@ -321,7 +369,8 @@ class CgOperator(TensorOperator):
         regularization: $\lambda \ge 0$, or None.
         rtol: relative tolerance on the residual norm, $> 0$.
         atol: absolute tolerance on the residual norm, $\ge 0$.
-        maxiter: maximum number of iterations; None means $10 P$ for $P$ parameters.
+        maxiter: maximum number of iterations; None means $\min(10 P, 1000)$ for $P$
+            parameters.
         progress: show a progress bar over the iterations.
         preconditioner: an approximation of $(A + \lambda I)^{-1}$ that speeds up convergence.
             An unfitted preconditioner is fitted (a copy of it) to `operator` and
@@ -392,7 +441,7 @@ class CgOperator(TensorOperator):
             preconditioner=None if self.preconditioner is None else self.preconditioner.solve,
             progress=self.progress,
         )
-        maxiter = 10 * self.input_size if self.maxiter is None else self.maxiter
+        maxiter = default_maxiter(self.input_size) if self.maxiter is None else self.maxiter
         self.diagnostics = diagnostics_of(
             method,
             result,
@@ -403,6 +452,7 @@ class CgOperator(TensorOperator):
             if self.preconditioner is None
             else type(self.preconditioner).__name__,
         )
+        self._check_conditioning(result)
         report_non_convergence(
             "Block CG" if self.use_block_cg else "CG",
             result,
@@ -414,6 +464,34 @@ class CgOperator(TensorOperator):
             self.diagnostics,
         )
         return result.solution
+
+    def _check_conditioning(self, result: IterativeSolution) -> None:
+        """Estimate the condition number from the solve's spectrum estimates; report negative
+        curvature or a condition number the dtype does not resolve (per the policy)."""
+        if result.spectrum is None or self.diagnostics is None:
+            return
+        low, high = result.spectrum
+        indefinite = low <= 0 or (
+            result.negative_curvature is not None and bool(result.negative_curvature.any())
+        )
+        kappa = math.inf if indefinite else high / low
+        self.diagnostics.condition_number = kappa
+        self.diagnostics.details["spectrum_estimate"] = [low, high]
+        if kappa <= max_condition_number(self.dtype):
+            return
+        self.diagnostics.converged = False
+        safe = safe_regularization(low, high, self._regularization, self.dtype)
+        self.diagnostics.details["safe_regularization"] = safe
+        detail = None
+        if indefinite:
+            detail = (
+                f"is not positive definite: CG met curvature p^T(C + λI)p <= 0 along a search "
+                f"direction (smallest eigenvalue estimate {low:.3g}) and stopped"
+            )
+        report_ill_conditioning(
+            "CG", kappa, safe, self._regularization, self.dtype, self.on_nonconvergence,
+            self.warn_on_max_iteration, self.diagnostics, detail=detail,
+        )  # fmt: skip
 
     def _regularization_changed(self) -> None:
         # The preconditioner is refitted only if its fit depends on the regularization.

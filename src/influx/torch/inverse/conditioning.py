@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ from ...errors import IllConditionedError
 from ...types import SolverDiagnostics
 
 __all__ = [
+    "cg_ritz_values",
     "condition_number",
     "max_condition_number",
     "report_ill_conditioning",
@@ -53,6 +54,28 @@ def condition_number(eigenvalues: torch.Tensor) -> float:
     magnitudes = eigenvalues.abs()
     bottom = float(magnitudes.min())
     return math.inf if bottom == 0 else float(magnitudes.max()) / bottom
+
+
+def cg_ritz_values(alphas: List[float], betas: List[float]) -> Tuple[float, float]:
+    r"""The extreme Ritz values of the Lanczos tridiagonal of a CG recurrence.
+
+    CG's step lengths $lpha_j$ and $eta_j = r_{j+1}^	op z_{j+1} / r_j^	op z_j$ define
+    $T_k$ with diagonal $1/lpha_j + eta_{j-1}/lpha_{j-1}$ ($eta_{-1} = 0$) and
+    off-diagonal $\sqrt{eta_j}/lpha_j$; its eigenvalues approximate those of the
+    (preconditioned) system from the inside, the extremes first.
+
+    Returns:
+        `(smallest, largest)`.
+    """
+    k = len(alphas)
+    a = torch.tensor(alphas, dtype=torch.float64)
+    b = torch.tensor(betas[: k - 1], dtype=torch.float64)
+    diagonal = 1.0 / a
+    diagonal[1:] += b / a[:-1]
+    off = torch.sqrt(b) / a[:-1]
+    tridiagonal = torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(tridiagonal)
+    return float(ritz[0]), float(ritz[-1])
 
 
 def safe_regularization(
@@ -76,6 +99,7 @@ def report_ill_conditioning(
     warn: bool = True,
     diagnostics: Optional[SolverDiagnostics] = None,
     where: str = "",
+    detail: Optional[str] = None,
 ) -> bool:
     r"""Check the condition number `kappa` of $C + \lambda I$ against what `dtype` resolves.
 
@@ -95,15 +119,17 @@ def report_ill_conditioning(
         warn: log at warning level (else debug) when not raising.
         diagnostics: attached to the error.
         where: a prefix for the message (e.g. the block).
+        detail: what is wrong, instead of "has condition number ...".
     """
     limit = max_condition_number(dtype)
     if kappa <= limit:
         return True
+    if detail is None:
+        detail = f"has condition number {kappa:.3g} > {limit:.3g}, more than {dtype} resolves"
     message = (
-        f"{where}{method}: C + λI with regularization={regularization!r} has condition number "
-        f"{kappa:.3g} > {limit:.3g}, more than {dtype} resolves, so its solution is not "
-        f"meaningful. Use regularization >= {safe:.3g} (the smallest safe value), or "
-        'regularization="auto".'
+        f"{where}{method}: C + λI with regularization={regularization!r} {detail}, so its "
+        f"solution is not meaningful. Use regularization >= {safe:.3g} (the smallest safe "
+        'value), or regularization="auto".'
     )
     if on_nonconvergence == "raise":
         raise IllConditionedError(message, diagnostics, regularization, safe)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -34,12 +34,18 @@ class IterativeSolution:
             $\\|b - (A + \\lambda I)x\\| / \\|b\\|$ for CG, the last relative change
             $\\|h_{t+1} - h_t\\| / \\|h_{t+1}\\|$ for LiSSA, `(N,)` (0 where $b = 0$).
         converged: per right-hand side, whether it reached the tolerance, `(N,)`.
+        spectrum: estimates `(smallest, largest)` of the extreme eigenvalues of the solved
+            system (CG's Ritz values), None where not estimated.
+        negative_curvature: per right-hand side, whether the solve stopped at a search
+            direction $p$ with $p^\top M p \\le 0$ (CG), None where not checked.
     """
 
     solution: torch.Tensor
     iterations: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
+    spectrum: Optional[Tuple[float, float]] = None
+    negative_curvature: Optional[torch.Tensor] = None
 
     @property
     def max_iterations(self) -> int:

@@ -51,6 +51,10 @@ class DirectInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
+        Solving raises an [IllConditionedError][influx.errors.IllConditionedError] naming
+            $\lambda$ and the smallest safe value when $C_b + \lambda_b I$ is too
+            ill-conditioned for the compute dtype (see
+            [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
 
     Example:
         ```python
@@ -71,6 +75,7 @@ class DirectInfluence(TorchComposableInfluence):
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode, progress=progress)
+        solver = DirectSolver()
         self._compose(
-            model, loss, curvature, DirectSolver(), block_structure, regularization, compute_dtype
+            model, loss, curvature, solver, block_structure, regularization, compute_dtype
         )
