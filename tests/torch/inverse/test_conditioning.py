@@ -129,6 +129,6 @@ def test_cg_reports_its_condition_number_from_its_coefficients() -> None:
 
 
 def test_cg_default_maxiter_is_capped() -> None:
-    from influx.torch.inverse.cg import default_maxiter
+    from influx.torch.inverse.conditioning import default_maxiter
 
     assert default_maxiter(10) == 100 and default_maxiter(6110) == 1000

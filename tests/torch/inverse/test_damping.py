@@ -52,11 +52,15 @@ def test_auto_for_kfac_is_a_tenth_of_the_mean_kronecker_eigenvalue() -> None:
     net, x, y = _setup()
     model = EkfacInfluence(net).fit(loader(x, y))
     for name, s in model.eigenvalues.items():
-        assert model.regularization_by_block[name] == pytest.approx(0.1 * float(s.mean()))
+        lam = 0.1 * float(s.mean())
+        assert model.regularization_by_block[name] == pytest.approx(lam)
         diagnostics = model.solver_diagnostics[name]
-        assert diagnostics is None or diagnostics.regularization == pytest.approx(
-            0.1 * float(s.mean())
-        )
+        assert diagnostics is not None and diagnostics.regularization == pytest.approx(lam)
+        shifted = s + lam
+        assert diagnostics.converged
+        assert diagnostics.condition_number == pytest.approx(float(shifted.max() / shifted.min()))
+    unregularized = model.with_regularization(None)
+    assert any(not d.converged for d in unregularized.solver_diagnostics.values())
 
 
 def test_auto_for_cg_estimates_the_trace_reproducibly() -> None:

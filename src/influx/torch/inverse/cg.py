@@ -34,12 +34,7 @@ from ..data.validation import (
     validate_cg_settings,
     validate_regularization,
 )
-from .conditioning import (
-    cg_ritz_values,
-    max_condition_number,
-    report_ill_conditioning,
-    safe_regularization,
-)
+from .conditioning import cg_ritz_values, check_solve_conditioning, default_maxiter
 from .preconditioner import Preconditioner, check_preconditioner
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence, row_dot
 
@@ -48,17 +43,6 @@ __all__ = ["conjugate_gradient", "block_conjugate_gradient", "CgOperator"]
 logger = logging.getLogger(__name__)
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]
-
-MAXITER_CAP = 1000
-"""The default `maxiter` is $\\min(10 P, 1000)$: CG in exact arithmetic needs at most $P$
-iterations, and a system that 1000 iterations do not solve needs a preconditioner or a larger
-$\\lambda$ rather than more iterations (each one applies the curvature to every unconverged
-right-hand side)."""
-
-
-def default_maxiter(size: int) -> int:
-    """$\\min(10 P, 1000)$ (see [MAXITER_CAP][influx.torch.inverse.cg.MAXITER_CAP])."""
-    return min(10 * size, MAXITER_CAP)
 
 
 class _Start(NamedTuple):
@@ -452,7 +436,10 @@ class CgOperator(TensorOperator):
             if self.preconditioner is None
             else type(self.preconditioner).__name__,
         )
-        self._check_conditioning(result)
+        check_solve_conditioning(
+            "CG", result, self.diagnostics, self._regularization, self.dtype,
+            self.on_nonconvergence, self.warn_on_max_iteration,
+        )  # fmt: skip
         report_non_convergence(
             "Block CG" if self.use_block_cg else "CG",
             result,
@@ -464,34 +451,6 @@ class CgOperator(TensorOperator):
             self.diagnostics,
         )
         return result.solution
-
-    def _check_conditioning(self, result: IterativeSolution) -> None:
-        """Estimate the condition number from the solve's spectrum estimates; report negative
-        curvature or a condition number the dtype does not resolve (per the policy)."""
-        if result.spectrum is None or self.diagnostics is None:
-            return
-        low, high = result.spectrum
-        indefinite = low <= 0 or (
-            result.negative_curvature is not None and bool(result.negative_curvature.any())
-        )
-        kappa = math.inf if indefinite else high / low
-        self.diagnostics.condition_number = kappa
-        self.diagnostics.details["spectrum_estimate"] = [low, high]
-        if kappa <= max_condition_number(self.dtype):
-            return
-        self.diagnostics.converged = False
-        safe = safe_regularization(low, high, self._regularization, self.dtype)
-        self.diagnostics.details["safe_regularization"] = safe
-        detail = None
-        if indefinite:
-            detail = (
-                f"is not positive definite: CG met curvature p^T(C + λI)p <= 0 along a search "
-                f"direction (smallest eigenvalue estimate {low:.3g}) and stopped"
-            )
-        report_ill_conditioning(
-            "CG", kappa, safe, self._regularization, self.dtype, self.on_nonconvergence,
-            self.warn_on_max_iteration, self.diagnostics, detail=detail,
-        )  # fmt: skip
 
     def _regularization_changed(self) -> None:
         # The preconditioner is refitted only if its fit depends on the regularization.

@@ -32,9 +32,13 @@ import torch
 
 from ...errors import IllConditionedError
 from ...types import SolverDiagnostics
+from .solution import IterativeSolution
 
 __all__ = [
+    "MAXITER_CAP",
     "cg_ritz_values",
+    "check_solve_conditioning",
+    "default_maxiter",
     "condition_number",
     "max_condition_number",
     "report_ill_conditioning",
@@ -42,6 +46,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+MAXITER_CAP = 1000
+"""The default `maxiter` is $\\min(10 P, 1000)$: CG in exact arithmetic needs at most $P$
+iterations, and a system that 1000 iterations do not solve needs a preconditioner or a larger
+$\\lambda$ rather than more iterations (each one applies the curvature to every unconverged
+right-hand side)."""
+
+
+def default_maxiter(size: int) -> int:
+    """$\\min(10 P, 1000)$ (see [MAXITER_CAP][influx.torch.inverse.conditioning.MAXITER_CAP])."""
+    return min(10 * size, MAXITER_CAP)
 
 
 def max_condition_number(dtype: torch.dtype) -> float:
@@ -135,3 +150,41 @@ def report_ill_conditioning(
         raise IllConditionedError(message, diagnostics, regularization, safe)
     logger.log(logging.WARNING if warn else logging.DEBUG, "%s", message)
     return False
+
+
+def check_solve_conditioning(
+    method: str,
+    result: IterativeSolution,
+    diagnostics: Optional[SolverDiagnostics],
+    regularization: Optional[float],
+    dtype: torch.dtype,
+    on_nonconvergence: str,
+    warn: bool,
+) -> None:
+    """Complete the `diagnostics` of an iterative solve from its spectrum estimates (the
+    condition number, `converged=False` for negative curvature or a condition number the dtype
+    does not resolve) and report such a system per the policy."""
+    if result.spectrum is None or diagnostics is None:
+        return
+    low, high = result.spectrum
+    indefinite = low <= 0 or (
+        result.negative_curvature is not None and bool(result.negative_curvature.any())
+    )
+    kappa = math.inf if indefinite else high / low
+    diagnostics.condition_number = kappa
+    diagnostics.details["spectrum_estimate"] = [low, high]
+    if kappa <= max_condition_number(dtype):
+        return
+    diagnostics.converged = False
+    safe = safe_regularization(low, high, regularization, dtype)
+    diagnostics.details["safe_regularization"] = safe
+    detail = None
+    if indefinite:
+        detail = (
+            f"is not positive definite: {method} met curvature p^T(C + λI)p <= 0 along a "
+            f"search direction (smallest eigenvalue estimate {low:.3g}) and stopped"
+        )
+    report_ill_conditioning(
+        method, kappa, safe, regularization, dtype, on_nonconvergence, warn, diagnostics,
+        detail=detail,
+    )  # fmt: skip

@@ -17,6 +17,7 @@ with $S = s$ for the curvature and $S = 1 / (s + \lambda)$ for the inverse.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -366,9 +367,16 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
             )
         inverse = torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), 0.0)
         self._scale = inverse.to(self._dtype)
+        # The condition number of s + λ (the eigenvalues of what is inverted); beyond
+        # 1 / (100 eps) of the compute dtype the (pseudo-)inverse is not reported converged.
+        smallest = float(shifted.abs().min())
+        kappa = math.inf if smallest == 0 else float(shifted.abs().max()) / smallest
+        resolvable = kappa <= 1.0 / (100.0 * torch.finfo(self._dtype).eps)
         self.diagnostics = SolverDiagnostics(
             method=self.method,
-            converged=True,
+            converged=resolvable and n_zero == 0,
+            regularization=self._regularization,
+            condition_number=kappa,
             details={
                 "layer": self.layer_name,
                 "factor_shapes": ((self._k, self._k), (self._m, self._m)),

@@ -37,6 +37,10 @@ class DirectInfluence(TorchComposableInfluence):
     Memory is $O(P_b^2)$ per block: use it for models up to a few ten thousand parameters per
     block, or with a layer-wise or parameter-wise block structure.
 
+    Fitting raises an [IllConditionedError][influx.errors.IllConditionedError] naming
+    $\lambda$ and the smallest safe value when $C_b + \lambda_b I$ is too ill-conditioned for
+    the compute dtype (see [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
+
     Args:
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction, e.g.
@@ -51,10 +55,6 @@ class DirectInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
-        Solving raises an [IllConditionedError][influx.errors.IllConditionedError] naming
-            $\lambda$ and the smallest safe value when $C_b + \lambda_b I$ is too
-            ill-conditioned for the compute dtype (see
-            [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
 
     Example:
         ```python
