@@ -38,6 +38,7 @@ from ...types import (
     SolverDiagnostics,
 )
 from ..autodiff.derivatives import LossOrTask
+from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.preparation import model_batch, model_data, perturbation_shape
@@ -50,7 +51,14 @@ from ..data.validation import (
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .curvatures import Curvature
-from .fit_checks import check_first_batch, non_finite_error, non_finite_state
+from .fit_checks import (
+    check_first_batch,
+    check_gradients_nonzero,
+    check_unchanged,
+    non_finite_error,
+    non_finite_state,
+    tensor_versions,
+)
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -286,6 +294,9 @@ class TorchComposableInfluence(
         return None if self.model is self.original_model else self.compute_dtype
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
+        fitted = self.__dict__.get("_fitted_versions")
+        if fitted is not None:
+            check_unchanged(fitted, tensor_versions(self.original_model, self.model))
         return model_batch(x, y, self.model, self.loss, self._cast_to)
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
@@ -294,7 +305,13 @@ class TorchComposableInfluence(
         return cast(DataLoader, model_data(data, self._cast_to))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
-        return self._create_batch(x, y).as_test()
+        batch = self._create_batch(x, y).as_test()
+        if self.loss is not None:
+            params = {n: p.detach() for block in self._blocks.values() for n, p in block.items()}
+            check_gradients_nonzero(
+                self.model, self.loss, params, batch, "x_test", measurement=is_task(self.loss)
+            )
+        return batch
 
     def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
         """The shape of one sample of the input that `InfluenceMode.Perturbation`
@@ -353,7 +370,7 @@ class TorchComposableInfluence(
             name: block.op for name, block in self.block_mapper.composable_block_dict.items()
         }
         header, tensors = fit_contents(
-            type(self).__qualname__, self.settings, self.model, operators
+            type(self).__qualname__, self.settings, self.model, operators, self.loss
         )
         path = write_fit(path, header, tensors)
         logger.info("Saved the fit of %s to %s", type(self).__name__, path)
@@ -377,7 +394,13 @@ class TorchComposableInfluence(
         """
         header, tensors = read_fit(path, map_location=self.device)
         check_fit_header(
-            header, path, type(self).__qualname__, self.settings, self.model, self.block_names
+            header,
+            path,
+            type(self).__qualname__,
+            self.settings,
+            self.model,
+            self.block_names,
+            self.loss,
         )
 
         def context(name: str) -> StateContext:
@@ -395,6 +418,7 @@ class TorchComposableInfluence(
         )
         self.block_mapper = self._new_block_mapper(blocks)
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
@@ -438,6 +462,7 @@ class TorchComposableInfluence(
                 )
         self.block_mapper = mapper
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
 
