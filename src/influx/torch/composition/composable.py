@@ -47,6 +47,7 @@ from ..data.validation import (
     RegularizationType,
     regularization_by_block,
     resolve_compute_dtype,
+    takes_class_indices,
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
@@ -169,6 +170,12 @@ class TorchComposableInfluence(
         TorchComposableInfluence.__init__(
             self, model, block_structure, regularization, compute_dtype
         )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if state.get("_fitted_versions") is not None:
+            # a copy or an unpickled model (a worker's): other tensor objects, fresh counters
+            self._fitted_versions = tensor_versions(self.original_model, self.model)
 
     def __getattr__(self, name: str) -> Any:
         # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
@@ -301,8 +308,10 @@ class TorchComposableInfluence(
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the
-        compute dtype for a low-precision model)."""
-        return cast(DataLoader, model_data(data, self._cast_to))
+        compute dtype for a low-precision model; integer class labels of cross-entropy or the
+        negative log-likelihood as int64)."""
+        long_labels = not is_task(self.loss) and takes_class_indices(self.loss)
+        return cast(DataLoader, model_data(data, self._cast_to, long_labels))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         batch = self._create_batch(x, y).as_test()
@@ -333,6 +342,8 @@ class TorchComposableInfluence(
             regularization: a float, or a dict keyed by block name.
         """
         new = copy.copy(self)
+        if "_fitted_versions" in self.__dict__:  # the copy shares the model: same tensors
+            new._fitted_versions = self._fitted_versions
         new._set_regularization(regularization)
         by_block = new._regularization_by_block
         new._settings = dict(self.settings)
