@@ -1,8 +1,9 @@
 """Checks of `fit` and of the test points that turn a silently meaningless answer into an
-error: gradients that are zero at every point of a batch."""
+error: gradients that are zero at every point of a batch, weights changed after `fit`."""
 
 from __future__ import annotations
 
+import cloudpickle
 import pytest
 import torch.nn.functional as F
 
@@ -97,3 +98,17 @@ def test_a_replaced_parameter_or_a_batch_norm_update_is_refused() -> None:
     net[2].weight = torch.nn.Parameter(net[2].weight.detach() * 2)
     with pytest.raises(ValueError, match=r"\['2.weight'\] changed after 'fit'"):
         model.influences(x[:2], y[:2], x, y)
+
+
+def test_a_copy_keeps_the_check_and_an_unpickled_model_takes_its_own_tensors() -> None:
+    torch.manual_seed(0)
+    net, (x, y) = make_mlp().eval(), classification_data(n=24)
+    model = DirectInfluence(net, F.cross_entropy, 0.1).fit(loader(x, y))
+    restored = cloudpickle.loads(cloudpickle.dumps(model))  # as a Dask worker receives it
+    torch.testing.assert_close(
+        restored.influences(x[:2], y[:2], x, y), model.influences(x[:2], y[:2], x, y)
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] changed after 'fit'"):
+        model.with_regularization(0.2).influences(x[:2], y[:2], x, y)
