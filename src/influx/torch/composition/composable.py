@@ -54,7 +54,7 @@ from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .curvatures import Curvature
 from .fit_checks import (
     check_first_batch,
-    check_gradients_nonzero,
+    check_test_gradients,
     check_unchanged,
     non_finite_error,
     non_finite_state,
@@ -172,9 +172,8 @@ class TorchComposableInfluence(
         )
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(state)  # a copy or an unpickled model: other tensors, counters
         if state.get("_fitted_versions") is not None:
-            # a copy or an unpickled model (a worker's): other tensor objects, fresh counters
             self._fitted_versions = tensor_versions(self.original_model, self.model)
 
     def __getattr__(self, name: str) -> Any:
@@ -301,9 +300,7 @@ class TorchComposableInfluence(
         return None if self.model is self.original_model else self.compute_dtype
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
-        fitted = self.__dict__.get("_fitted_versions")
-        if fitted is not None:
-            check_unchanged(fitted, tensor_versions(self.original_model, self.model))
+        check_unchanged(self.__dict__.get("_fitted_versions"), self.original_model, self.model)
         return model_batch(x, y, self.model, self.loss, self._cast_to)
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
@@ -315,11 +312,7 @@ class TorchComposableInfluence(
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         batch = self._create_batch(x, y).as_test()
-        if self.loss is not None:
-            params = {n: p.detach() for block in self._blocks.values() for n, p in block.items()}
-            check_gradients_nonzero(
-                self.model, self.loss, params, batch, "x_test", measurement=is_task(self.loss)
-            )
+        check_test_gradients(self.model, self.loss, self._blocks, batch)
         return batch
 
     def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
@@ -404,15 +397,8 @@ class TorchComposableInfluence(
                 other parameter values, or missing `data`.
         """
         header, tensors = read_fit(path, map_location=self.device)
-        check_fit_header(
-            header,
-            path,
-            type(self).__qualname__,
-            self.settings,
-            self.model,
-            self.block_names,
-            self.loss,
-        )
+        name = type(self).__qualname__
+        check_fit_header(header, path, name, self.settings, self.model, self.block_names, self.loss)
 
         def context(name: str) -> StateContext:
             return StateContext(self.model, self.loss, self._blocks[name], data, name)

@@ -39,6 +39,7 @@ from ..data.validation import (
 __all__ = [
     "check_first_batch",
     "check_gradients_nonzero",
+    "check_test_gradients",
     "check_unchanged",
     "loss_name",
     "non_finite_error",
@@ -109,6 +110,20 @@ def check_first_batch(
             raise forward_error(error, batch.x, batch.y, model, "data") from error
     check_loss_decomposes(value, per_sample)
     check_gradients_nonzero(model, loss, params, batch, "data")
+
+
+def check_test_gradients(
+    model: torch.nn.Module,
+    loss: Optional[LossOrTask],
+    blocks: Dict[str, Dict[str, torch.nn.Parameter]],
+    batch: TorchBatch,
+) -> None:
+    """`check_gradients_nonzero` for test points (`x_test`): the gradients of a task's
+    measurement, of the loss otherwise; nothing to check without a loss."""
+    if loss is None:
+        return
+    params = {n: p.detach() for block in blocks.values() for n, p in block.items()}
+    check_gradients_nonzero(model, loss, params, batch, "x_test", measurement=is_task(loss))
 
 
 def loss_name(loss: Any) -> str:
@@ -262,9 +277,12 @@ def tensor_versions(*models: torch.nn.Module) -> TensorVersions:
     return versions
 
 
-def check_unchanged(fitted: TensorVersions, current: TensorVersions) -> None:
-    """Raise a ValueError naming `fit` if the model's tensors changed since it was fitted
-    (see `tensor_versions`)."""
+def check_unchanged(fitted: Optional[TensorVersions], *models: torch.nn.Module) -> None:
+    """Raise a ValueError naming `fit` if the tensors of the models changed since they were
+    fitted (`fitted`, see `tensor_versions`; None: not fitted, nothing to check)."""
+    if fitted is None:
+        return
+    current = tensor_versions(*models)
     if fitted == current:
         return
     changed = sorted(
