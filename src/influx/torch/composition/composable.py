@@ -385,16 +385,18 @@ class TorchComposableInfluence(
     ) -> "TorchComposableInfluence":
         """Load a fit saved by `save` into this (unfitted or fitted) model and return self.
 
-        The file must have been made by the same class with the same settings, for a model
-        with the same parameter shapes and values. Tensors are loaded onto this model's
+        The file must have been made by the same class with the same settings and loss (see
+        [loss_description][influx.torch.composition.persistence.loss_description]), for a
+        model with the same parameter shapes and values, frozen parameters and buffers
+        included. Tensors are loaded onto this model's
         device. Methods whose operators apply the curvature through the training data (CG,
         LiSSA, ...) need that data again as `data`. Nothing in the file is executed.
 
         Raises:
             UnsafeFitFileError: for a file that is not a fit of the current format, or holds
                 anything but tensors and plain data.
-            ValueError: for a file of another class, other settings, another model shape or
-                other parameter values, or missing `data`.
+            ValueError: for a file of another class, other settings, another loss, another
+                model shape or other parameter or buffer values, or missing `data`.
         """
         header, tensors = read_fit(path, map_location=self.device)
         name = type(self).__qualname__
