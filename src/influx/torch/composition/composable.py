@@ -20,7 +20,6 @@ One block and the map over blocks are in
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import inspect
 import logging
@@ -39,20 +38,28 @@ from ...types import (
     SolverDiagnostics,
 )
 from ..autodiff.derivatives import LossOrTask
+from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.preparation import model_batch, model_data, perturbation_shape
 from ..data.state import StateContext
 from ..data.validation import (
-    AUTO_REGULARIZATION,
     RegularizationType,
     regularization_by_block,
     resolve_compute_dtype,
+    takes_class_indices,
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .curvatures import Curvature
-from .fit_checks import check_first_batch, non_finite_error, non_finite_state
+from .fit_checks import (
+    check_first_batch,
+    check_test_gradients,
+    check_unchanged,
+    non_finite_error,
+    non_finite_state,
+    tensor_versions,
+)
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -60,7 +67,8 @@ from .persistence import (
     restore_operators,
     write_fit,
 )
-from .solvers import Solver, resolve_auto_regularization
+from .solvers import Solver, block_diagnostics, regularization_in_use
+from .solvers import resolve_auto_regularization as resolve_auto
 
 __all__ = ["TorchComposableInfluence"]
 
@@ -80,11 +88,9 @@ class TorchComposableInfluence(
         model: the trained model. Its device and dtype are used for all computations.
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` of block names to parameter names.
-        regularization: $\\lambda \\ge 0$ added to the curvature: one value for every block
-            or a dict naming every block. A value is a number (numpy scalars and 0-d tensors
-            are accepted), `"auto"` ($0.1 \\operatorname{tr}(C_b) / P_b$, chosen at `fit`; see
-            [influx.torch.inverse.damping][influx.torch.inverse.damping]) or None (none: the
-            solvers refuse a curvature too ill-conditioned for the compute dtype).
+        regularization: $\\lambda$ per block (one value or a dict naming every block): a number
+            $\\ge 0$, `"auto"` ([influx.torch.inverse.damping][influx.torch.inverse.damping])
+            or None (none; see [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
         compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
             means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
             When it differs from the model's dtype, a copy of the model with parameters in
@@ -167,6 +173,11 @@ class TorchComposableInfluence(
             self, model, block_structure, regularization, compute_dtype
         )
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)  # a copy or an unpickled model: other tensors, counters
+        if state.get("_fitted_versions") is not None:
+            self._fitted_versions = tensor_versions(self.original_model, self.model)
+
     def __getattr__(self, name: str) -> Any:
         # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
         arguments = self.__dict__.get("_arguments")
@@ -178,19 +189,13 @@ class TorchComposableInfluence(
         by_block = regularization_by_block(regularization, list(self._blocks))
         if self.solver is not None:
             self.solver.check_regularization(regularization, list(self._blocks))
-        self.regularization = regularization
-        self._regularization_by_block = by_block
+        self.regularization, self._regularization_by_block = regularization, by_block
 
     @property
     def regularization_by_block(self) -> Dict[str, Optional[float]]:
-        """The $\\lambda$ every block uses: the given values, with `"auto"` resolved once the
-        model is fitted (before, `"auto"` blocks are None)."""
+        """The $\\lambda$ of every block, `"auto"` resolved once fitted (None before)."""
         fitted = self.block_mapper.composable_block_dict if self.is_fitted else {}
-        return {
-            name: (getattr(fitted[name].op, "regularization", None) if name in fitted else None)
-            if value == AUTO_REGULARIZATION else value  # type: ignore[misc]
-            for name, value in self._regularization_by_block.items()
-        }  # fmt: skip
+        return regularization_in_use(self._regularization_by_block, fitted)
 
     @property
     def block_sizes(self) -> Dict[str, int]:
@@ -206,15 +211,8 @@ class TorchComposableInfluence(
         it converged. None for blocks whose operator does not solve a system."""
         if not self.is_fitted:
             return OrderedDict((name, None) for name in self.block_names)
-        result: "OrderedDict[str, Optional[SolverDiagnostics]]" = OrderedDict()
-        for name, block in self.block_mapper.composable_block_dict.items():
-            diagnostics = block.op.diagnostics
-            if diagnostics is not None:
-                diagnostics = dataclasses.replace(
-                    diagnostics, regularization=getattr(block.op, "regularization", None)
-                )
-            result[name] = diagnostics
-        return result
+        blocks = self.block_mapper.composable_block_dict.items()
+        return OrderedDict((name, block_diagnostics(block.op)) for name, block in blocks)
 
     @property
     def block_names(self) -> List[str]:
@@ -308,15 +306,20 @@ class TorchComposableInfluence(
         return None if self.model is self.original_model else self.compute_dtype
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
+        check_unchanged(self.__dict__.get("_fitted_versions"), self.original_model, self.model)
         return model_batch(x, y, self.model, self.loss, self._cast_to)
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the
-        compute dtype for a low-precision model)."""
-        return cast(DataLoader, model_data(data, self._cast_to))
+        compute dtype for a low-precision model; integer class labels of cross-entropy or the
+        negative log-likelihood as int64)."""
+        long_labels = not is_task(self.loss) and takes_class_indices(self.loss)
+        return cast(DataLoader, model_data(data, self._cast_to, long_labels))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
-        return self._create_batch(x, y).as_test()
+        batch = self._create_batch(x, y).as_test()
+        check_test_gradients(self.model, self.loss, self._blocks, batch)
+        return batch
 
     def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
         """The shape of one sample of the input that `InfluenceMode.Perturbation`
@@ -338,13 +341,13 @@ class TorchComposableInfluence(
             regularization: a float, or a dict keyed by block name.
         """
         new = copy.copy(self)
+        if "_fitted_versions" in self.__dict__:  # the copy shares the model: same tensors
+            new._fitted_versions = self._fitted_versions
         new._set_regularization(regularization)
         by_block: Dict[str, Any] = new._regularization_by_block
         if self.is_fitted:
-            by_block = resolve_auto_regularization(
-                by_block, self._regularization_by_block, self.regularization_by_block,
-                getattr(self, "_auto_values", {}),
-            )  # fmt: skip
+            used, chosen = self.regularization_by_block, getattr(self, "_auto_values", {})
+            by_block = resolve_auto(by_block, self._regularization_by_block, used, chosen)
         new._settings = dict(self.settings)
         for key in ("regularization", "hessian_regularization"):
             if key in new._settings:
@@ -381,7 +384,7 @@ class TorchComposableInfluence(
             name: block.op for name, block in self.block_mapper.composable_block_dict.items()
         }
         header, tensors = fit_contents(
-            type(self).__qualname__, self.settings, self.model, operators
+            type(self).__qualname__, self.settings, self.model, operators, self.loss
         )
         path = write_fit(path, header, tensors)
         logger.info("Saved the fit of %s to %s", type(self).__name__, path)
@@ -392,21 +395,22 @@ class TorchComposableInfluence(
     ) -> "TorchComposableInfluence":
         """Load a fit saved by `save` into this (unfitted or fitted) model and return self.
 
-        The file must have been made by the same class with the same settings, for a model
-        with the same parameter shapes and values. Tensors are loaded onto this model's
+        The file must have been made by the same class with the same settings and loss (see
+        [loss_description][influx.torch.composition.persistence.loss_description]), for a
+        model with the same parameter shapes and values, frozen parameters and buffers
+        included. Tensors are loaded onto this model's
         device. Methods whose operators apply the curvature through the training data (CG,
         LiSSA, ...) need that data again as `data`. Nothing in the file is executed.
 
         Raises:
             UnsafeFitFileError: for a file that is not a fit of the current format, or holds
                 anything but tensors and plain data.
-            ValueError: for a file of another class, other settings, another model shape or
-                other parameter values, or missing `data`.
+            ValueError: for a file of another class, other settings, another loss, another
+                model shape or other parameter or buffer values, or missing `data`.
         """
         header, tensors = read_fit(path, map_location=self.device)
-        check_fit_header(
-            header, path, type(self).__qualname__, self.settings, self.model, self.block_names
-        )
+        name = type(self).__qualname__
+        check_fit_header(header, path, name, self.settings, self.model, self.block_names, self.loss)
 
         def context(name: str) -> StateContext:
             return StateContext(self.model, self.loss, self._blocks[name], data, name)
@@ -423,6 +427,7 @@ class TorchComposableInfluence(
         )
         self.block_mapper = self._new_block_mapper(blocks)
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
@@ -466,6 +471,7 @@ class TorchComposableInfluence(
                 )
         self.block_mapper = mapper
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
 

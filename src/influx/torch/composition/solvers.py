@@ -10,11 +10,13 @@ otherwise.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Union
 
 from ...errors import IllConditionedError, NonConvergenceError, NonFiniteCurvatureError
+from ...types import SolverDiagnostics
 from ..curvature.batch_operation import GaussNewtonBatchOperation
 from ..curvature.operators import (
     AveragingBatchOperator,
@@ -58,6 +60,8 @@ LISSA_DEFAULTS: Dict[str, Any] = dict(
 """LiSSA's settings and their defaults (those of [LissaOperator][influx.torch.inverse.lissa.LissaOperator])."""
 
 __all__ = [
+    "block_diagnostics",
+    "regularization_in_use",
     "resolve_auto_regularization",
     "Solver",
     "LowRankSolver",
@@ -77,6 +81,26 @@ def _unsupported(solver: "Solver", curvature: TensorOperator, needs: str) -> Typ
     return TypeError(
         f"{type(solver).__name__} cannot invert a {type(curvature).__name__}: it needs {needs}."
     )
+
+
+def regularization_in_use(
+    requested: Dict[str, Any], fitted: Dict[str, Any]
+) -> Dict[str, Optional[float]]:
+    """The $\\lambda$ of every block: `requested`, with `"auto"` replaced by the value of the
+    fitted operator of the block in `fitted` (None if not fitted)."""
+    return {
+        name: (getattr(fitted[name].op, "regularization", None) if name in fitted else None)
+        if value == AUTO_REGULARIZATION else value
+        for name, value in requested.items()
+    }  # fmt: skip
+
+
+def block_diagnostics(op: TensorOperator) -> Optional[SolverDiagnostics]:
+    """The diagnostics of a block's operator, with the $\\lambda$ it uses."""
+    diagnostics = getattr(op, "diagnostics", None)
+    if diagnostics is None:
+        return None
+    return dataclasses.replace(diagnostics, regularization=getattr(op, "regularization", None))
 
 
 def resolve_auto_regularization(
