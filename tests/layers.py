@@ -41,6 +41,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.data.task",
             "influx.torch.data.blocks",
             "influx.torch.data.validation",
+            "influx.torch.data.regularization",
             "influx.torch.data.state",
             "influx.torch.data.preparation",
         ],

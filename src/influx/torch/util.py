@@ -18,7 +18,8 @@ from .data.array_converters import (
     torch_dataset_to_dask_array,
 )
 from .data.blocks import FULL_BLOCK_NAME, BlockMode, BlockStructure, block_parameters
-from .data.validation import RegularizationType, regularization_by_block, validate_regularization
+from .data.regularization import regularization_by_block
+from .data.validation import RegularizationType, validate_regularization
 from .legacy.structures import (
     EkfacRepresentation,
     LossType,

@@ -42,10 +42,10 @@ from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.preparation import model_batch, model_data, perturbation_shape
+from ..data.regularization import regularization_by_block
 from ..data.state import StateContext
 from ..data.validation import (
     RegularizationType,
-    regularization_by_block,
     resolve_compute_dtype,
     takes_class_indices,
 )

@@ -22,12 +22,11 @@ from ..curvature.operators import (
     AveragingBatchOperator,
 )
 from ..curvature.tensor_operator import TensorOperator
+from ..data.regularization import AUTO_REGULARIZATION, require_positive_regularization
 from ..data.validation import (
-    AUTO_REGULARIZATION,
     check_nonconvergence_policy,
     check_seed,
     make_generator,
-    require_positive_regularization,
     validate_cg_settings,
     validate_lissa_settings,
 )
