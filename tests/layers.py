@@ -39,6 +39,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
         [
             "influx.torch.data.batches",
             "influx.torch.data.task",
+            "influx.torch.data.causal_lm",
             "influx.torch.data.blocks",
             "influx.torch.data.validation",
             "influx.torch.data.state",
