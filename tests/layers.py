@@ -91,6 +91,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.block_mapper",
             "influx.torch.composition.fit_checks",
             "influx.torch.composition.persistence",
+            "influx.torch.composition.per_token",
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",
             "influx.torch.projection.projections",

@@ -32,11 +32,9 @@ from torch.utils.data import DataLoader
 
 import torch
 
-from ...base_influence_function_model import ComposableInfluence
+from ...base_influence_function_model import ComposableInfluence, InfluenceFunctionModel
 from ...errors import NonFiniteCurvatureError, NotFittedException
-from ...types import (
-    SolverDiagnostics,
-)
+from ...types import InfluenceMode, SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
@@ -51,6 +49,7 @@ from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .curvatures import Curvature
 from .fit_checks import check_first_batch, non_finite_error, non_finite_state
+from .per_token import per_token_influences
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -295,6 +294,27 @@ class TorchComposableInfluence(
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
         return self._create_batch(x, y).as_test()
+
+    @InfluenceFunctionModel.fit_required
+    def influences(
+        self,
+        x_test: Any,
+        y_test: Any,
+        x: Optional[Any] = None,
+        y: Optional[Any] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+        per_token: Optional[str] = None,
+    ) -> torch.Tensor:
+        r"""$I(z'_i, z_j)$ `(n_test, n_train)` (see the module), or per token for a task with
+        per-token values ([CausalLMTask][influx.torch.data.causal_lm.CausalLMTask]):
+        `per_token="test"` gives `(n_test, T_test, n_train)`, the influence on each test
+        token's measurement, and `per_token="train"` gives `(n_test, n_train, T_train)`, the
+        contribution of each training token's loss; both sum over tokens to the
+        per-sequence values (see [influx.torch.composition.per_token][]).
+        """
+        if per_token is None:
+            return super().influences(x_test, y_test, x, y, mode)  # type: ignore[no-any-return]
+        return per_token_influences(self, x_test, y_test, x, y, mode, per_token)
 
     def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
         """The shape of one sample of the input that `InfluenceMode.Perturbation`

@@ -158,6 +158,18 @@ class CausalLMTask(Task):
         losses, weights = self.token_losses(model, x, y, completion)
         return (losses * weights).sum(1)
 
+    def token_loss_terms(self, model: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
+        r"""The weighted per-token losses $w_t \ell_t$ `(N, T)`, summing over $T$ to the
+        sequences' losses: the per-token values of the training side."""
+        losses, weights = self.token_losses(model, x, y)
+        return losses * weights
+
+    def token_measurements(self, model: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
+        r"""The weighted per-token losses on the completion `(N, T)`, summing over $T$ to the
+        sequences' measurements: the per-token values of the test side."""
+        losses, weights = self.token_losses(model, x, y, completion=True)
+        return losses * weights
+
     def loss(self, model: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
         return self.sequence_losses(model, x, y).mean()
 

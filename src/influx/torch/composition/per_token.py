@@ -1,0 +1,158 @@
+r"""Per-token influences of sequence models: which test tokens, which training tokens.
+
+For a task whose per-sample quantity is a sum over the tokens of a sequence (a
+[CausalLMTask][influx.torch.data.causal_lm.CausalLMTask]: $m(z') = \sum_t m_t(z')$ and
+$\ell(z) = \sum_s \ell_s(z)$, each term a token's weighted loss), the influence splits over
+tokens on either side:
+
+$$
+I(z', z) = \sum_t \underbrace{\langle A \nabla_\theta m_t(z'), \nabla_\theta \ell(z)
+\rangle}_{\text{test side: } (n_{test}, T_{test}, n_{train})}
+= \sum_s \underbrace{\langle A \nabla_\theta m(z'), \nabla_\theta \ell_s(z)
+\rangle}_{\text{training side: } (n_{test}, n_{train}, T_{train})},
+$$
+
+with $A = \bigoplus_b (C_b + \lambda_b I)^{-1}$ the fitted block operators. Summed over the
+tokens, both equal the per-sequence influences.
+
+**Test side.** The gradients $\nabla_\theta m_t(z'_i)$ of every token of every test sequence
+come from one forward pass per test batch and backward passes vectorised over the tokens
+(`vmap` of `jacrev`), not from one pass per token; each block's operator is applied to
+them and the products with the training gradients summed over blocks.
+
+The task must provide `token_measurements(model, x, y)` (the test side) and
+`token_loss_terms(model, x, y)` (the training side), both `(N, T)` and summing over $T$ to the
+per-sample measurement and loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from torch.func import jacrev, vmap
+from torch.utils import _pytree as pytree
+
+import torch
+
+from ...types import InfluenceMode, check_mode
+from ..autodiff.derivatives import create_batch_loss_function
+from ..autodiff.model_call import is_data_dependent_control_flow
+from ..data.structures import rows
+
+__all__ = ["PER_TOKEN_SIDES", "TokenObjective", "per_token_influences", "token_gradients"]
+
+PER_TOKEN_SIDES = ("test", "train")
+"""The values of `per_token`."""
+
+ParamDict = Dict[str, torch.Tensor]
+
+
+class TokenObjective:
+    """A task whose loss and measurement are the per-token values `(N, T)` of another task:
+    what [token_gradients][influx.torch.composition.per_token.token_gradients] differentiates.
+
+    Args:
+        task: a task with `token_measurements(model, x, y)` and `token_loss_terms(model, x, y)`.
+    """
+
+    def __init__(self, task: Any):
+        self.task = task
+
+    def loss(self, model: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
+        return self.task.token_loss_terms(model, x, y)  # type: ignore[no-any-return]
+
+    def measurement(self, model: Callable[..., Any], x: Any, y: Any) -> torch.Tensor:
+        return self.task.token_measurements(model, x, y)  # type: ignore[no-any-return]
+
+    def perturbation_input(self, x: Any) -> Optional[str]:
+        return None
+
+
+def check_token_task(loss: Any) -> None:
+    """Raise a TypeError unless `loss` is a task with per-token values."""
+    if not all(
+        callable(getattr(loss, name, None)) for name in ("token_measurements", "token_loss_terms")
+    ):
+        raise TypeError(
+            "Parameter 'per_token' needs a task with per-token values (token_measurements and "
+            f"token_loss_terms, e.g. influx.torch.CausalLMTask), got {type(loss).__name__}."
+        )
+
+
+def token_gradients(
+    model: torch.nn.Module, task: Any, params: ParamDict, x: Any, y: Any, measurement: bool
+) -> ParamDict:
+    r"""$\{\text{name}: (\nabla_\theta v_{it})_{it}\}$, shapes `(N, T, *p.shape)`, for the
+    per-token values $v_{it}$ of the task (its measurements, or its loss terms unless
+    `measurement`): one forward pass per sample, vectorised over the samples, and backward
+    passes vectorised over the tokens.
+
+    A model that `vmap` cannot map over the samples (a branch on the values of its inputs) is
+    differentiated one sample at a time, still vectorised over the tokens.
+    """
+    batch_values = create_batch_loss_function(model, TokenObjective(task), params, measurement)
+
+    def single(p: ParamDict, xi: Any, yi: Any) -> torch.Tensor:
+        unsqueeze = lambda t: t.unsqueeze(0)  # noqa: E731
+        return batch_values(p, pytree.tree_map(unsqueeze, xi), pytree.tree_map(unsqueeze, yi))[0]
+
+    jacobian = jacrev(single)
+    try:
+        return vmap(jacobian, in_dims=(None, 0, 0))(params, x, y)  # type: ignore[no-any-return]
+    except RuntimeError as error:
+        if not is_data_dependent_control_flow(error):
+            raise
+    n = int(pytree.tree_leaves(x)[0].shape[0])
+    parts = [
+        jacobian(params, *[pytree.tree_map(lambda t: t[0], rows(v, i, i + 1)) for v in (x, y)])
+        for i in range(n)
+    ]
+    return {name: torch.stack([part[name] for part in parts]) for name in params}
+
+
+def per_token_influences(
+    influence: Any,
+    x_test: Any,
+    y_test: Any,
+    x: Any,
+    y: Any,
+    mode: InfluenceMode,
+    per_token: str,
+) -> torch.Tensor:
+    """The per-token influences of a fitted
+    [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]
+    (see the module)."""
+    mode = check_mode(mode)
+    if per_token not in PER_TOKEN_SIDES:
+        raise ValueError(
+            f"Parameter 'per_token' must be None, 'test' or 'train', got {per_token!r}."
+        )
+    if mode is not InfluenceMode.Up:
+        raise ValueError(
+            f"Parameter 'mode' must be InfluenceMode.Up with per_token, got {mode.name}."
+        )
+    if x is None or y is None:
+        raise ValueError(
+            "Parameters 'x' and 'y' (the training sequences) are required with per_token."
+        )
+    task = influence.loss
+    check_token_task(task)
+    test = influence._create_test_batch(x_test, y_test)
+    train = influence._create_batch(x, y)
+    blocks = influence.block_mapper.composable_block_dict
+    params: ParamDict = {}
+    for block in blocks.values():
+        params.update(block.gradient_provider.params)
+    if per_token == "test":
+        grads = token_gradients(influence.model, task, params, test.x, test.y, True)
+        n, t = next(iter(grads.values())).shape[:2]
+        total: Optional[torch.Tensor] = None
+        for block in blocks.values():
+            names = list(block.gradient_provider.params)
+            flat = torch.cat([grads[name].reshape(n * t, -1) for name in names], dim=1)
+            factors = block.op.apply(flat.to(block.op.dtype))
+            values = block.interactions_from_transformed_grads(factors, train, mode)
+            total = values if total is None else total + values
+        assert total is not None
+        return total.reshape(n, t, -1)
+    raise NotImplementedError("per_token='train' is not available yet.")
