@@ -8,7 +8,13 @@ from typing import Any, Dict, Tuple
 import pytest
 
 import torch
-from influx.torch import CausalLMTask, DirectInfluence, EkfacInfluence, SecondOrderMode
+from influx.torch import (
+    CausalLMTask,
+    DirectInfluence,
+    EkfacInfluence,
+    InfluenceMode,
+    SecondOrderMode,
+)
 from influx.torch.kfac.layers import is_conv1d
 
 transformers = pytest.importorskip("transformers")
@@ -91,3 +97,70 @@ def test_a_test_token_equals_a_measurement_on_that_token(gpt2_models: Dict[str, 
         torch.testing.assert_close(
             model.influences(one, y_test, x, y), per_token[:, t], rtol=1e-10, atol=1e-12
         )
+
+
+@pytest.mark.parametrize("method", ["direct", "ekfac"])
+def test_training_side_tokens_sum_to_the_sequences(
+    gpt2_models: Dict[str, Any], method: str
+) -> None:
+    model = gpt2_models[method]
+    x, y = gpt2_models["data"]
+    x_test, y_test = corpus(3, 1)
+    per_sequence = model.influences(x_test, y_test, x, y)
+    per_token = model.influences(x_test, y_test, x, y, per_token="train")
+    assert per_token.shape == (3, 12, T)
+    torch.testing.assert_close(per_token.sum(2), per_sequence, rtol=1e-10, atol=1e-10)
+
+
+def test_training_side_of_a_kronecker_layer_is_its_positions() -> None:
+    """Position s of a Kronecker layer contributes delta_s^T U a_s: checked with autograd on
+    the module's own output, one training sequence at a time."""
+    net = tiny_gpt2()
+    layer = "transformer.h.0.mlp.c_fc"
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(name.startswith(layer))
+    x, y = corpus(5, 2)
+    task = CausalLMTask()
+    model = EkfacInfluence(net, False, loss=task, regularization=0.1, layers=[layer])
+    model.fit([(x, y)])
+    x_test, y_test = corpus(2, 3)
+    per_token = model.influences(x_test, y_test, x, y, per_token="train")
+    u = model.influence_factors(x_test, y_test)  # (2, P): weight (d, m) flattened, then bias
+    module = net.get_submodule(layer)
+    d_in, m = module.weight.shape
+    u_weight = u[:, : d_in * m].reshape(2, d_in, m)
+    u_bias = u[:, d_in * m :]
+    recorded: Dict[str, torch.Tensor] = {}
+
+    def hook(_: Any, inputs: Tuple[torch.Tensor], output: torch.Tensor) -> None:
+        output.retain_grad()
+        recorded["a"], recorded["out"] = inputs[0], output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for j in range(5):
+            xj = {k: v[j : j + 1] for k, v in x.items()}
+            task.loss(net, xj, y[j : j + 1]).backward()
+            a, delta = recorded["a"][0].detach(), recorded["out"].grad[0]
+            expected = torch.einsum("sd,idm,sm->is", a, u_weight, delta) + u_bias @ delta.T
+            torch.testing.assert_close(per_token[:, j], expected, rtol=1e-10, atol=1e-12)
+            net.zero_grad()
+    finally:
+        handle.remove()
+
+
+def test_per_token_errors_name_the_parameter(gpt2_models: Dict[str, Any]) -> None:
+    model = gpt2_models["direct"]
+    x, y = gpt2_models["data"]
+    with pytest.raises(ValueError, match="Parameter 'per_token' must be None, 'test' or 'train'"):
+        model.influences(x, y, x, y, per_token="both")
+    with pytest.raises(ValueError, match="Parameters 'x' and 'y' .* are required"):
+        model.influences(x, y, per_token="test")
+    with pytest.raises(ValueError, match="Parameter 'mode' must be InfluenceMode.Up"):
+        model.influences(x, y, x, y, mode=InfluenceMode.Perturbation, per_token="test")
+    plain = torch.nn.Linear(3, 2).double()
+    direct = DirectInfluence(plain, torch.nn.functional.cross_entropy, regularization=0.1)
+    inputs, targets = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    direct.fit([(inputs, targets)])
+    with pytest.raises(TypeError, match="Parameter 'per_token' needs a task with per-token"):
+        direct.influences(inputs, targets, inputs, targets, per_token="test")

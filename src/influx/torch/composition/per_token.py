@@ -20,6 +20,21 @@ come from one forward pass per test batch and backward passes vectorised over th
 (`vmap` of `jacrev`), not from one pass per token; each block's operator is applied to
 them and the products with the training gradients summed over blocks.
 
+**Training side.** For a block of one Kronecker-factored layer (EK-FAC, K-FAC), the
+per-sample gradient is a sum over the layer's positions,
+$\nabla_W \ell(z) = \sum_s \delta_s \tilde a_s^\top$, with $\tilde a_s$ the layer's input
+and $\delta_s$ the gradient of the sequence's loss with respect to its output at position
+$s$ (what the layer recorder gives, one forward and one backward pass per training batch).
+The contribution of position $s$ is that term: the contraction
+$\delta_s^\top U_i \tilde a_s$ with the test factor $U_i = A \nabla_W m(z'_i)$ as a matrix,
+without the sum over positions. For the other blocks (and methods), the training side is
+split over the tokens' loss terms, $\nabla_\theta \ell(z) = \sum_s \nabla_\theta
+\ell_s(z)$: one gradient per training token (vectorised backward passes, as on the test side,
+memory $n_{train} \times T \times P$), slower. The two splits differ for a model that mixes
+positions (attention): the first attributes to position $s$ what passes through the layer
+there, the second what token $s$'s loss owes to the parameters; both sum over the tokens to
+the per-sequence influences.
+
 The task must provide `token_measurements(model, x, y)` (the test side) and
 `token_loss_terms(model, x, y)` (the training side), both `(N, T)` and summing over $T$ to the
 per-sample measurement and loss.
@@ -38,6 +53,9 @@ from ...types import InfluenceMode, check_mode
 from ..autodiff.derivatives import create_batch_loss_function
 from ..autodiff.model_call import is_data_dependent_control_flow
 from ..data.structures import rows
+from ..kfac.layers import layers_for_parameters
+from ..kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
+from ..kfac.signals import SignalRecorder
 
 __all__ = ["PER_TOKEN_SIDES", "TokenObjective", "per_token_influences", "token_gradients"]
 
@@ -155,4 +173,54 @@ def per_token_influences(
             total = values if total is None else total + values
         assert total is not None
         return total.reshape(n, t, -1)
-    raise NotImplementedError("per_token='train' is not available yet.")
+    return _training_side(influence, task, blocks, test, train, mode)
+
+
+def _training_side(
+    influence: Any, task: Any, blocks: Any, test: Any, train: Any, mode: InfluenceMode
+) -> torch.Tensor:
+    """`(n_test, n_train, T_train)`: from the layer signals for the Kronecker-factored blocks,
+    from the gradients of the training tokens' loss terms for the others."""
+    kronecker = {
+        name: block
+        for name, block in blocks.items()
+        if isinstance(block.op, (KroneckerFactoredOperator, KroneckerFactoredCurvature))
+    }
+    specs = {}
+    for name, block in list(kronecker.items()):
+        found = layers_for_parameters(influence.model, block.gradient_provider.params)
+        if len(found) != 1:
+            kronecker.pop(name)
+            continue
+        specs[name] = next(iter(found.values()))
+    total: Optional[torch.Tensor] = None
+    t_train = int(train.y.shape[1]) if isinstance(train.y, torch.Tensor) else None
+    if specs:
+        signals = SignalRecorder(influence.model, specs, task).record(train)
+        for name, spec in specs.items():
+            a, d = signals[name]
+            if t_train is not None and a.shape[1] != t_train:
+                raise ValueError(
+                    f"Parameter 'per_token': layer {name!r} has {a.shape[1]} positions per "
+                    f"training sequence, not its {t_train} tokens (a layer called more than "
+                    "once, or a convolution); per-token scores need one position per token."
+                )
+            factors = kronecker[name].transformed_grads(test)
+            matrices = spec.matrix_from_flat(factors.to(a.dtype))  # (n_test, m, k)
+            left = torch.einsum("imk,jsk->ijsm", matrices, a)
+            values = torch.einsum("ijsm,jsm->ijs", left, d)
+            total = values if total is None else total + values
+    rest = [block for name, block in blocks.items() if name not in specs]
+    if rest:
+        params: ParamDict = {}
+        for block in rest:
+            params.update(block.gradient_provider.params)
+        grads = token_gradients(influence.model, task, params, train.x, train.y, False)
+        for block in rest:
+            factors = block.transformed_grads(test)
+            names = list(block.gradient_provider.params)
+            flat = torch.cat([grads[name].flatten(2) for name in names], dim=2)
+            values = torch.einsum("ip,jsp->ijs", factors.to(flat.dtype), flat)
+            total = values if total is None else total + values
+    assert total is not None
+    return total
