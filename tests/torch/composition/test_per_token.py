@@ -1,5 +1,5 @@
 """Per-token influences: test-side and training-side splits that sum to the per-sequence
-influences, for Direct and EK-FAC on a tiny GPT-2 and a plain module."""
+influences, for Direct, EK-FAC and the Kronecker projection on a tiny GPT-2."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from influx.torch import (
     DirectInfluence,
     EkfacInfluence,
     InfluenceMode,
+    ProjectedInfluence,
     SecondOrderMode,
 )
 from influx.torch.kfac.layers import is_conv1d
@@ -63,14 +64,16 @@ def gpt2_models() -> Dict[str, Any]:
         net, task, regularization=0.1, second_order_mode=SecondOrderMode.GAUSS_NEWTON
     )
     ekfac = EkfacInfluence(net, True, loss=task, regularization=0.1, layers=layers)
+    projected = ProjectedInfluence(net, task, projection_dim=16, regularization=0.1)
     return {
         "direct": direct.fit([(x, y)]),
         "ekfac": ekfac.fit([(x, y)]),
+        "projected": projected.fit([(x, y)]),
         "data": (x, y),
     }
 
 
-@pytest.mark.parametrize("method", ["direct", "ekfac"])
+@pytest.mark.parametrize("method", ["direct", "ekfac", "projected"])
 def test_test_side_tokens_sum_to_the_sequences(gpt2_models: Dict[str, Any], method: str) -> None:
     model = gpt2_models[method]
     x, y = gpt2_models["data"]
@@ -99,7 +102,7 @@ def test_a_test_token_equals_a_measurement_on_that_token(gpt2_models: Dict[str, 
         )
 
 
-@pytest.mark.parametrize("method", ["direct", "ekfac"])
+@pytest.mark.parametrize("method", ["direct", "ekfac", "projected"])
 def test_training_side_tokens_sum_to_the_sequences(
     gpt2_models: Dict[str, Any], method: str
 ) -> None:

@@ -128,6 +128,13 @@ def token_gradients(
     return {name: torch.stack([part[name] for part in parts]) for name in params}
 
 
+def _block_coordinates(block: Any, flat: torch.Tensor) -> torch.Tensor:
+    """Gradients `(..., p_b)` in the block's parameter order as the block's operator takes
+    them: projected for a block of projected gradients, else as they are."""
+    projection = getattr(block.gradient_provider, "projection", None)
+    return flat if projection is None else projection.project_flat(flat)  # type: ignore[no-any-return]
+
+
 def per_token_influences(
     influence: Any,
     x_test: Any,
@@ -168,7 +175,7 @@ def per_token_influences(
         for block in blocks.values():
             names = list(block.gradient_provider.params)
             flat = torch.cat([grads[name].reshape(n * t, -1) for name in names], dim=1)
-            factors = block.op.apply(flat.to(block.op.dtype))
+            factors = block.op.apply(_block_coordinates(block, flat).to(block.op.dtype))
             values = block.interactions_from_transformed_grads(factors, train, mode)
             total = values if total is None else total + values
         assert total is not None
@@ -188,6 +195,9 @@ def _training_side(
     }
     specs = {}
     for name, block in list(kronecker.items()):
+        if getattr(block.gradient_provider, "projection", None) is not None:
+            kronecker.pop(name)
+            continue
         found = layers_for_parameters(influence.model, block.gradient_provider.params)
         if len(found) != 1:
             kronecker.pop(name)
@@ -219,7 +229,9 @@ def _training_side(
         for block in rest:
             factors = block.transformed_grads(test)
             names = list(block.gradient_provider.params)
-            flat = torch.cat([grads[name].flatten(2) for name in names], dim=2)
+            flat = _block_coordinates(
+                block, torch.cat([grads[name].flatten(2) for name in names], dim=2)
+            )
             values = torch.einsum("ip,jsp->ijs", factors.to(flat.dtype), flat)
             total = values if total is None else total + values
     assert total is not None
