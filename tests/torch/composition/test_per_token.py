@@ -167,3 +167,18 @@ def test_per_token_errors_name_the_parameter(gpt2_models: Dict[str, Any]) -> Non
     direct.fit([(inputs, targets)])
     with pytest.raises(TypeError, match="Parameter 'per_token' needs a task with per-token"):
         direct.influences(inputs, targets, inputs, targets, per_token="test")
+
+
+def test_position_scores_in_chunks_equal_one_chunk(
+    gpt2_models: Dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from influx.torch.composition import per_token
+
+    model = gpt2_models["ekfac"]
+    x, y = gpt2_models["data"]
+    x_test, y_test = corpus(2, 1)
+    whole = model.influences(x_test, y_test, x, y, per_token="train")
+    monkeypatch.setattr(per_token, "CHUNK_ELEMENTS", 1)  # one training sequence at a time
+    torch.testing.assert_close(
+        model.influences(x_test, y_test, x, y, per_token="train"), whole, rtol=1e-12, atol=0
+    )

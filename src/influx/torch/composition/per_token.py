@@ -135,6 +135,26 @@ def _block_coordinates(block: Any, flat: torch.Tensor) -> torch.Tensor:
     return flat if projection is None else projection.project_flat(flat)  # type: ignore[no-any-return]
 
 
+CHUNK_ELEMENTS = 1 << 24
+"""The largest intermediate `(n_test, chunk, T, m)` of the position scores, in elements."""
+
+
+def _position_scores(u: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    r"""$\delta_{js}^\top U_i \tilde a_{js}$ `(n_test, n_train, T)` for test factors $U$
+    `(n_test, m, k)`, inputs $\tilde a$ `(n_train, T, k)` and output gradients $\delta$
+    `(n_train, T, m)`, over chunks of training sequences."""
+    n_test, m = u.shape[0], u.shape[1]
+    n_train, t = a.shape[0], a.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, n_test * t * m))
+    parts = []
+    for start in range(0, n_train, chunk):
+        stop = start + chunk
+        left = torch.einsum("imk,jsk->ijsm", u, a[start:stop])
+        parts.append(torch.einsum("ijsm,jsm->ijs", left, d[start:stop]))
+        del left
+    return torch.cat(parts, dim=1)
+
+
 def per_token_influences(
     influence: Any,
     x_test: Any,
@@ -217,8 +237,7 @@ def _training_side(
                 )
             factors = kronecker[name].transformed_grads(test)
             matrices = spec.matrix_from_flat(factors.to(a.dtype))  # (n_test, m, k)
-            left = torch.einsum("imk,jsk->ijsm", matrices, a)
-            values = torch.einsum("ijsm,jsm->ijs", left, d)
+            values = _position_scores(matrices, a, d)
             total = values if total is None else total + values
     rest = [block for name, block in blocks.items() if name not in specs]
     if rest:
