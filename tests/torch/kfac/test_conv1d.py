@@ -110,3 +110,18 @@ def test_ekfac_on_the_conv1d_layers_of_gpt2() -> None:
     assert values.shape == (2, 10) and bool(torch.isfinite(values).all())
     # a sequence helps itself most
     assert bool((values.argmax(1) == torch.arange(2)).all())
+
+
+def test_a_saved_conv1d_fit_loads(tmp_path: Any) -> None:
+    """The transposed layout is part of the operators' state."""
+    x, y = data()
+    model, _ = twin_models()
+    fitted = EkfacInfluence(model, True, loss=F.cross_entropy, regularization=0.01).fit([(x, y)])
+    path = fitted.save(tmp_path / "fit")
+    loaded = EkfacInfluence(model, True, loss=F.cross_entropy, regularization=0.01).load_fit(path)
+    torch.testing.assert_close(
+        loaded.influences(x[:3], y[:3], x, y),
+        fitted.influences(x[:3], y[:3], x, y),
+        rtol=1e-14,
+        atol=1e-14,
+    )
