@@ -94,11 +94,16 @@ def test_a_test_token_equals_a_measurement_on_that_token(gpt2_models: Dict[str, 
     x, y = gpt2_models["data"]
     x_test, y_test = corpus(2, 1)
     per_token = model.influences(x_test, y_test, x, y, per_token="test")
-    for t in (2, 3):
-        one = {**x_test, "completion_mask": torch.zeros_like(y_test)}
-        one["completion_mask"][:, t] = x_test["completion_mask"][:, t]
+    completion = x_test["completion_mask"]
+    for k in (0, 1):  # the first, then the second completion token of every sequence
+        positions = completion.argmax(1) + k
+        one = {**x_test, "completion_mask": torch.zeros_like(completion)}
+        one["completion_mask"][torch.arange(2), positions] = 1
         torch.testing.assert_close(
-            model.influences(one, y_test, x, y), per_token[:, t], rtol=1e-10, atol=1e-12
+            model.influences(one, y_test, x, y),
+            per_token[torch.arange(2), positions],
+            rtol=1e-10,
+            atol=1e-12,
         )
 
 

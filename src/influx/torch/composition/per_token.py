@@ -49,6 +49,7 @@ from torch.utils import _pytree as pytree
 
 import torch
 
+from ...base_influence_function_model import InfluenceFunctionModel
 from ...types import InfluenceMode, check_mode
 from ..autodiff.derivatives import create_batch_loss_function
 from ..autodiff.model_call import is_data_dependent_control_flow
@@ -57,7 +58,13 @@ from ..kfac.layers import layers_for_parameters
 from ..kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
 from ..kfac.signals import SignalRecorder
 
-__all__ = ["PER_TOKEN_SIDES", "TokenObjective", "per_token_influences", "token_gradients"]
+__all__ = [
+    "PER_TOKEN_SIDES",
+    "PerTokenInfluences",
+    "TokenObjective",
+    "per_token_influences",
+    "token_gradients",
+]
 
 PER_TOKEN_SIDES = ("test", "train")
 """The values of `per_token`."""
@@ -255,3 +262,30 @@ def _training_side(
             total = values if total is None else total + values
     assert total is not None
     return total
+
+
+class PerTokenInfluences:
+    """The `per_token` argument of the influences of
+    [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]
+    (a base class placed before the framework-agnostic one)."""
+
+    @InfluenceFunctionModel.fit_required
+    def influences(
+        self,
+        x_test: Any,
+        y_test: Any,
+        x: Optional[Any] = None,
+        y: Optional[Any] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+        per_token: Optional[str] = None,
+    ) -> torch.Tensor:
+        r"""$I(z'_i, z_j)$ `(n_test, n_train)`, or per token for a task with per-token values
+        ([CausalLMTask][influx.torch.data.causal_lm.CausalLMTask]): `per_token="test"` gives
+        `(n_test, T_test, n_train)`, the influence on each test token's measurement, and
+        `per_token="train"` gives `(n_test, n_train, T_train)`, the contribution of each
+        training position; both sum over the tokens to the per-sequence values (see
+        [influx.torch.composition.per_token][]).
+        """
+        if per_token is None:
+            return super().influences(x_test, y_test, x, y, mode)  # type: ignore[misc,no-any-return]
+        return per_token_influences(self, x_test, y_test, x, y, mode, per_token)
