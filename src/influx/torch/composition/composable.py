@@ -34,9 +34,7 @@ import torch
 
 from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
-from ...types import (
-    SolverDiagnostics,
-)
+from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
@@ -60,6 +58,7 @@ from .fit_checks import (
     non_finite_state,
     tensor_versions,
 )
+from .per_token import PerTokenInfluences
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -76,7 +75,9 @@ logger = logging.getLogger(__name__)
 
 
 class TorchComposableInfluence(
-    ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper], ABC
+    PerTokenInfluences,
+    ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper],
+    ABC,
 ):
     """Base of the torch influence models: block-wise composition of one operator per block.
 
@@ -206,9 +207,8 @@ class TorchComposableInfluence(
 
     @property
     def solver_diagnostics(self) -> "OrderedDict[str, Optional[SolverDiagnostics]]":
-        """Per block, what its solver reported on its most recent application (the last
-        `influence_factors` or `influences` call): iterations, achieved residual and whether
-        it converged. None for blocks whose operator does not solve a system."""
+        """Per block, what its solver reported on its last application (`influences`, ...):
+        iterations, residual, convergence, λ. None where the operator solves no system."""
         if not self.is_fitted:
             return OrderedDict((name, None) for name in self.block_names)
         blocks = self.block_mapper.composable_block_dict.items()
