@@ -36,7 +36,7 @@ from .derivatives import (
     tree_to_device,
     unflatten,
 )
-from .stateless import ForwardModeSerialised
+from .stateless import ForwardModeSerialised, MathAttentionOnFailure
 
 __all__ = [
     "HESSIAN_CHUNK_BUDGET",
@@ -195,7 +195,7 @@ def create_batch_hvp_reverse_function(
                 start += step
         return result
 
-    return hvp
+    return MathAttentionOnFailure(hvp)
 
 
 def hvp(
@@ -371,7 +371,7 @@ def _create_rows_hvp_function(
             return reverse_over_reverse(p, x, y, vs)
         return serialised(p, x, y, vs)  # type: ignore[no-any-return]
 
-    return rows_hvp
+    return MathAttentionOnFailure(rows_hvp)
 
 
 HESSIAN_CHUNK_BUDGET = 2**17
@@ -431,4 +431,4 @@ def create_batch_hessian_function(
             result[start:stop] = torch.cat([rows[n].reshape(stop - start, -1) for n in names], 1)
         return result
 
-    return dense
+    return MathAttentionOnFailure(dense, "Hessian")
