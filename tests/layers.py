@@ -90,6 +90,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.block_mapper",
             "influx.torch.composition.fit_checks",
             "influx.torch.composition.persistence",
+            "influx.torch.composition.chunking",
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",
             "influx.torch.projection.projections",

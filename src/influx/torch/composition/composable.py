@@ -35,7 +35,9 @@ import torch
 from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
 from ...types import (
+    InfluenceMode,
     SolverDiagnostics,
+    check_mode,
 )
 from ..autodiff.derivatives import LossOrTask
 from ..data.batches import TorchBatch
@@ -49,6 +51,7 @@ from ..data.validation import (
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from .chunking import INFLUENCES_MEMORY_BUDGET, influences_in_chunks
 from .curvatures import Curvature
 from .fit_checks import check_first_batch, non_finite_error, non_finite_state
 from .persistence import (
@@ -89,6 +92,9 @@ class TorchComposableInfluence(
 
     _settings: Dict[str, Any]
     _arguments: Dict[str, Any]
+    influences_memory_budget: float = INFLUENCES_MEMORY_BUDGET
+    """Bytes of training-side per-sample gradients `influences` forms at once (see
+    [influx.torch.composition.chunking][influx.torch.composition.chunking])."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -305,6 +311,24 @@ class TorchComposableInfluence(
 
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)
+
+    @ComposableInfluence.fit_required
+    def influences(
+        self,
+        x_test: Any,
+        y_test: Any,
+        x: Optional[Any] = None,
+        y: Optional[Any] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> torch.Tensor:
+        """The influence matrix (see the base class), the training side in chunks whose
+        per-sample gradients fit in `influences_memory_budget` bytes (same values)."""
+        mode = check_mode(mode)
+        if x is not None and y is not None:
+            chunked = influences_in_chunks(self, x_test, y_test, x, y, mode)
+            if chunked is not None:
+                return chunked
+        return super().influences(x_test, y_test, x, y, mode)
 
     def with_regularization(self, regularization: RegularizationType) -> "TorchComposableInfluence":
         """A copy of this model with another regularization, reusing the fitted curvature.
