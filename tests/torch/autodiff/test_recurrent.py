@@ -10,6 +10,7 @@ import pytest
 
 import torch
 from helpers import loader, rel_err
+from influx import InfluenceMode
 from influx.torch import (
     ArnoldiInfluence,
     CgInfluence,
@@ -20,7 +21,7 @@ from influx.torch import (
 )
 from influx.torch.autodiff.derivatives import create_per_sample_gradient_function
 from influx.torch.autodiff.model_call import is_vmap_limitation, vmap_unsupported_modules
-from references import explicit_influences, per_sample_grads
+from references import explicit_influences, flat_loss, per_sample_grads
 
 F = torch.nn.functional
 D_IN, HIDDEN, STEPS, CLASSES = 2, 3, 4, 2
@@ -169,3 +170,31 @@ def test_recurrent_modules_are_recognised() -> None:
     error = RuntimeError("Batching rule not implemented for aten::lstm.input.")
     assert is_vmap_limitation(error)
     assert not is_vmap_limitation(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_perturbation_mode_matches_torch_func_reference() -> None:
+    torch.manual_seed(0)
+    net = SequenceClassifier("LSTM").eval()
+    x, y = data(n=8)
+    lam = 0.01
+    model = DirectInfluence(net, F.cross_entropy, lam).fit(loader(x, y, 4))
+    values = model.influences(x[:2], y[:2], x[:3], y[:3], InfluenceMode.Perturbation)
+    f, theta = flat_loss(net, F.cross_entropy, None, x, y)
+    h = torch.func.hessian(f)(theta)
+    g_test = per_sample_grads(net, F.cross_entropy, None, x[:2], y[:2], loop=True)
+    factors = torch.linalg.solve(h + lam * torch.eye(h.shape[0]), g_test.T).T
+    expected = torch.stack(
+        [
+            torch.einsum(
+                "ip,ptd->itd",
+                factors,
+                torch.func.jacrev(
+                    lambda xi, j=j: torch.func.grad(f)(theta, xi[None], y[j : j + 1])
+                )(x[j]),
+            )
+            for j in range(3)
+        ],
+        dim=1,
+    )
+    assert values.shape == (2, 3, STEPS, D_IN)
+    assert rel_err(values, expected) < 1e-10

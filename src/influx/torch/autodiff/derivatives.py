@@ -292,6 +292,8 @@ def create_per_sample_mixed_derivative_function(
     has shape `(N, F, *p.shape)` with $F$ the number of input features. For structured inputs
     the derivative is taken with respect to one tensor of `x` (see
     [perturbation_entry][influx.torch.autodiff.model_call.perturbation_entry]), the others held fixed.
+    For a model with recurrent layers (whose kernels `vmap` cannot map over samples) the
+    samples are taken one at a time.
     """
     if params is None:
         return _at_call_time(
@@ -321,8 +323,17 @@ def create_per_sample_mixed_derivative_function(
         def per_sample(pp: ParamDict, e: torch.Tensor, others: List[Any], yy: Any) -> ParamDict:
             return one_sample(pp, e, others, spec, index, yy)
 
+        if unmappable:  # one sample at a time, vectorised over the features only
+            rows = [
+                per_sample(
+                    p, flat[index][i], [t[i] for t in flat], pytree.tree_map(lambda t: t[i], y)
+                )
+                for i in range(int(flat[index].shape[0]))
+            ]
+            return {name: torch.stack([row[name] for row in rows]) for name in p}
         return vmap(per_sample, in_dims=(None, 0, 0, 0))(p, flat[index], flat, y)  # type: ignore[no-any-return]
 
+    unmappable = bool(vmap_unsupported_modules(model))
     return ForwardModeSerialised(mixed)
 
 
