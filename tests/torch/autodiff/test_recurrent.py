@@ -5,6 +5,7 @@ cannot map: per-sample gradients, curvature products and every inverse method, a
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -197,4 +198,61 @@ def test_perturbation_mode_matches_torch_func_reference() -> None:
         dim=1,
     )
     assert values.shape == (2, 3, STEPS, D_IN)
+    assert rel_err(values, expected) < 1e-10
+
+
+class PackedClassifier(torch.nn.Module):
+    """Padded sequences and their lengths, packed for the GRU; the head on the last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.GRU(D_IN, HIDDEN, batch_first=True)
+        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        return self.head(self.rnn(packed)[1][-1])  # type: ignore[no-any-return]
+
+
+class PackedData(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor):
+        self.x, self.lengths, self.y = x, lengths, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        return (self.x[i], self.lengths[i]), self.y[i]
+
+
+def test_packed_sequences_match_the_autograd_hessian() -> None:
+    torch.manual_seed(0)
+    net = PackedClassifier().eval()
+    x, y = data(n=10)
+    lengths = torch.randint(1, STEPS + 1, (10,), generator=torch.Generator().manual_seed(4))
+    model = DirectInfluence(net, F.cross_entropy, 0.01)
+    model.fit(torch.utils.data.DataLoader(PackedData(x, lengths, y), batch_size=5))
+    values = model.influences((x[:2], lengths[:2]), y[:2], (x, lengths), y)
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(t: torch.Tensor, xx: torch.Tensor, ll: torch.Tensor, yy: torch.Tensor) -> Any:
+        parts = torch.split(t, [s.numel() for s in shapes])
+        p = {n: c.reshape(s) for n, c, s in zip(names, parts, shapes)}
+        return F.cross_entropy(torch.func.functional_call(net, p, (xx, ll)), yy)
+
+    # torch.func's transforms cannot run packed sequences: torch.autograd references
+    h = torch.autograd.functional.hessian(lambda t: loss(t, x, lengths, y), theta)
+    g = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda t, i=i: loss(t, x[i : i + 1], lengths[i : i + 1], y[i : i + 1]), theta
+            )
+            for i in range(10)
+        ]
+    )
+    expected = g[:2] @ torch.linalg.solve(h + 0.01 * torch.eye(h.shape[0]), g.T)
     assert rel_err(values, expected) < 1e-10

@@ -326,7 +326,7 @@ def create_per_sample_mixed_derivative_function(
         if unmappable:  # one sample at a time, vectorised over the features only
             rows = [
                 per_sample(
-                    p, flat[index][i], [t[i] for t in flat], pytree.tree_map(lambda t: t[i], y)
+                    p, flat[index][i], [t[i] for t in flat], pytree.tree_map(lambda t, i=i: t[i], y)
                 )
                 for i in range(int(flat[index].shape[0]))
             ]
