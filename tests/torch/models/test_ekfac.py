@@ -44,6 +44,7 @@ def test_batch_norm_is_held_fixed_by_default(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.INFO, logger="influx.torch.models.ekfac"):
         model = EkfacInfluence(net, True, loss=F.cross_entropy, regularization=0.01)
     assert model.block_names == ["0", "3", "7"]
+    assert model.settings["other_layers"] == "freeze"  # it decides which layers are used
     lines = [r.getMessage() for r in caplog.records if r.name == "influx.torch.models.ekfac"]
     assert len(lines) == 1
     assert "3 Kronecker-factored layers (Conv2d x2, Linear x1)" in lines[0]
@@ -57,6 +58,13 @@ def test_batch_norm_is_held_fixed_by_default(caplog: pytest.LogCaptureFixture) -
     frozen = EkfacInfluence(net, True, loss=F.cross_entropy, regularization=0.01)
     expected = frozen.fit(loader(x, y, 10)).influences(x[:4], y[:4], x, y)
     assert rel_err(values, expected) < 1e-12
+
+
+def test_other_layers_is_no_setting_of_a_fully_factored_model() -> None:
+    """Fits of models whose trainable modules are all factored do not depend on it (and fits
+    saved before it existed load)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    assert "other_layers" not in EkfacInfluence(net).settings
 
 
 def test_other_layers_error() -> None:

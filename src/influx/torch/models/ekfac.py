@@ -170,6 +170,10 @@ class EkfacInfluence(TorchComposableInfluence):
         self.other_layers = other_layers
         if layers is None and other_layers == "freeze":
             layers = _factored_layers(model)
+        if layers is None or self._arguments.get("layers") is not None:
+            # every trainable module is factored (or they are listed): the fit does not
+            # depend on other_layers, and fits saved before it existed load
+            self._settings.pop("other_layers", None)
         loss = torch.nn.functional.cross_entropy if loss is None else loss
         self.fisher = validate_fisher(fisher, loss)
         self.layer_specs: Dict[str, LayerSpec] = find_layers(model, layers)
