@@ -199,13 +199,15 @@ def test_disable_client_check_with_synchronous_scheduler(direct64: DirectInfluen
 def test_torch_dataset_to_dask_array() -> None:
     x, y, _, _ = _data()
     dx, dy = torch_dataset_to_dask_array(TensorDataset(x, y), chunk_size=8)
-    assert dx.chunks == ((8, 8, 8, 8, 5), (5,)) and dx.dtype == np.float32
+    # the dataset's own dtype by default: float64 samples for a float64 model stay float64
+    assert x.dtype == torch.float64
+    assert dx.chunks == ((8, 8, 8, 8, 5), (5,)) and dx.dtype == np.float64
     assert dy.dtype == np.int64 and dy.chunks == ((8, 8, 8, 8, 5),)
     with dask.config.set(scheduler="synchronous"):
-        np.testing.assert_allclose(dx.compute(), x.numpy().astype(np.float32))
+        np.testing.assert_array_equal(dx.compute(), x.numpy())
         np.testing.assert_array_equal(dy.compute(), y.numpy())
-    (d64,) = torch_dataset_to_dask_array(TensorDataset(x), 10, resulting_dtype=np.float64)
-    assert d64.dtype == np.float64
+    (d32,) = torch_dataset_to_dask_array(TensorDataset(x), 10, resulting_dtype=np.float32)
+    assert d32.dtype == np.float32
     with pytest.raises(ValueError, match="'chunk_size' must be a positive integer, got 0"):
         torch_dataset_to_dask_array(TensorDataset(x, y), 0)
     with pytest.raises(

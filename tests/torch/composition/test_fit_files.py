@@ -10,6 +10,7 @@ again (only when the file format changes on purpose).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Tuple
@@ -91,7 +92,8 @@ def write_fits() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_fit_written_by_the_earlier_layout_loads(name: str) -> None:
+def test_fit_written_by_the_earlier_layout_loads(name: str, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="influx.torch.composition.persistence")
     model = MODELS[name](_network())
     try:
         model.load_fit(FITS / f"{name}.pt")
@@ -101,6 +103,8 @@ def test_fit_written_by_the_earlier_layout_loads(name: str) -> None:
         model.load_fit(FITS / f"{name}.pt", data=_loader())
     expected = torch.tensor(json.loads((FITS / "influences.json").read_text())[name])
     torch.testing.assert_close(_influences(model), expected, rtol=1e-9, atol=1e-12)
+    # written before frozen parameters, buffers and the loss were recorded: a logged note
+    assert "predates the fingerprint of frozen parameters and buffers" in caplog.text
 
 
 if __name__ == "__main__":

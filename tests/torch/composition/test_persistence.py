@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,71 @@ def test_read_fit_info_without_the_network(tmp_path: Path) -> None:
         ValueError, match="Parameter 'path': .*other.pt is not a fit saved by influx"
     ):
         read_fit_info(tmp_path / "other.pt")
+
+
+# --- the fingerprint covers every tensor the influences depend on, and the loss ------------
+
+
+def _head_on_backbone(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    backbone = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh())
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(backbone, torch.nn.Linear(6, 3)).eval()
+
+
+def test_a_fit_on_another_frozen_backbone_is_refused(tmp_path: Path) -> None:
+    x, y = classification_data()
+    path = DirectInfluence(_head_on_backbone(1), F.cross_entropy, 0.1).fit(loader(x, y))
+    path = path.save(tmp_path / "fit.pt")
+    other = DirectInfluence(_head_on_backbone(2), F.cross_entropy, 0.1)
+    with pytest.raises(ValueError, match="other values of this model's frozen parameters or"):
+        other.load_fit(path)
+    DirectInfluence(_head_on_backbone(1), F.cross_entropy, 0.1).load_fit(path)
+
+
+def test_a_fit_with_other_batch_norm_statistics_is_refused(tmp_path: Path) -> None:
+    x, y = classification_data()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    path = DirectInfluence(net.eval(), F.cross_entropy, 0.1).fit(loader(x, y)).save(tmp_path / "f")
+    net.train()(x)  # updates the running statistics only
+    with pytest.raises(ValueError, match="BatchNorm running statistics"):
+        DirectInfluence(net.eval(), F.cross_entropy, 0.1).load_fit(path)
+
+
+def test_a_fit_with_another_loss_is_refused(tmp_path: Path) -> None:
+    x, y = classification_data()
+    net = make_mlp().eval()
+    plain = torch.nn.CrossEntropyLoss()
+    path = DirectInfluence(net, plain, 0.1).fit(loader(x, y)).save(tmp_path / "fit.pt")
+    DirectInfluence(net, torch.nn.CrossEntropyLoss(), 0.1).load_fit(path)
+    smoothed = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"another loss: .*'label_smoothing': 0\.1"):
+        DirectInfluence(net, smoothed, 0.1).load_fit(path)
+    with pytest.raises(ValueError, match="another loss"):
+        DirectInfluence(net, F.cross_entropy, 0.1).load_fit(path)
+    partial = functools.partial(F.cross_entropy, label_smoothing=0.0)
+    path = DirectInfluence(net, partial, 0.1).fit(loader(x, y)).save(tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DirectInfluence(net, functools.partial(F.cross_entropy, label_smoothing=0.2), 0.1).load_fit(
+            path
+        )
+
+
+def test_closures_are_declared_the_same_loss_by_their_loss_id(tmp_path: Path) -> None:
+    x, y = classification_data()
+    net = make_mlp().eval()
+
+    def closure(scale: float):
+        def loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return scale * F.cross_entropy(outputs, target)
+
+        loss.loss_id = f"scaled-ce-{scale}"  # type: ignore[attr-defined]
+        return loss
+
+    path = DirectInfluence(net, closure(1.0), 0.1).fit(loader(x, y)).save(tmp_path / "fit.pt")
+    DirectInfluence(net, closure(1.0), 0.1).load_fit(path)
+    with pytest.raises(ValueError, match="scaled-ce-2.0"):
+        DirectInfluence(net, closure(2.0), 0.1).load_fit(path)

@@ -167,3 +167,35 @@ def test_model_type_and_no_parameters() -> None:
         DirectInfluence(lambda x: x, F.cross_entropy)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'model' has no trainable parameters"):
         DirectInfluence(torch.nn.ReLU(), F.cross_entropy)
+
+
+# --- labels and empty batches at influences ------------------------------------------------
+
+
+def _fitted_classifier() -> tuple:
+    x, y = classification_data(n=24)
+    return DirectInfluence(make_mlp().eval(), F.cross_entropy, 0.1).fit(loader(x, y)), x, y
+
+
+def test_n_by_1_class_labels_at_influences_name_y() -> None:
+    model, x, y = _fitted_classifier()
+    message = r"'y' must hold class indices of shape \(N,\) for cross_entropy, got shape \(2, 1\)"
+    with pytest.raises(ValueError, match=message):
+        model.influences(x[:2], y[:2, None], x, y)
+
+
+def test_zero_points_at_influences_are_refused() -> None:
+    model, x, y = _fitted_classifier()
+    message = r"Parameters 'x' and 'y' hold no points \(first dimension 0\)"
+    with pytest.raises(ValueError, match=message):
+        model.influences(x[:2], y[:2], x[:0], y[:0])
+    with pytest.raises(ValueError, match=message):
+        model.influences(x[:0], y[:0], x, y)
+
+
+def test_int32_class_labels_are_accepted() -> None:
+    model, x, y = _fitted_classifier()
+    reference = model.influences(x[:3], y[:3], x, y)
+    model32 = DirectInfluence(model.model, F.cross_entropy, 0.1).fit(loader(x, y.int()))
+    values = model32.influences(x[:3], y[:3].int(), x, y.to(torch.int32))
+    torch.testing.assert_close(values, reference, rtol=1e-12, atol=0)

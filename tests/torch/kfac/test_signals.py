@@ -1,13 +1,20 @@
 """The recorder of layer inputs and output gradients: it records on this thread's copy of the
-model and never on the user's module (whose hook registries the copy shares)."""
+model and never on the user's module (whose hook registries the copy shares); a layer called
+several times contributes the sum over its calls."""
 
 from __future__ import annotations
 
 import threading
 from typing import List
 
+import torch.nn.functional as F
+
 import torch
+from helpers import loader, rel_err
+from influx.torch import DirectInfluence, EkfacInfluence
 from influx.torch.autodiff.stateless import functional_forward, structure_signature
+from influx.torch.curvature.operators import SecondOrderMode
+from influx.torch.data.blocks import BlockMode
 from influx.torch.kfac.layers import find_layers
 from influx.torch.kfac.signals import LayerCalls
 
@@ -60,3 +67,63 @@ def test_two_threads_record_only_their_own_passes() -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert errors == []
+
+
+class _CalledTwice(torch.nn.Module):
+    """A hand-written recurrent step: layer `a` is applied twice in one forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.h = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+def _trained_twice() -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    net = _CalledTwice()
+    optimizer = torch.optim.Adam(net.parameters(), 0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net.eval(), x, y
+
+
+def test_a_layer_called_twice_contributes_the_sum_over_its_calls() -> None:
+    # At a huge lambda, (C + lambda I)^-1 ~ I / lambda: the influence is g_test^T g / lambda,
+    # with g the full gradient of the shared layer (the sum over both calls).
+    net, x, y = _trained_twice()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def single(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(net, p, (xi[None],)), yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(params, x, y)
+    g = torch.cat([grads[k].reshape(len(x), -1) for k in params], 1)
+    lam = 1e8
+    reference = g[:5] @ g.T / lam
+    for update_diagonal in (False, True):
+        model = EkfacInfluence(net, update_diagonal, lam, loss=F.cross_entropy)
+        values = model.fit(loader(x, y, 32)).influences(x[:5], y[:5], x, y)
+        assert rel_err(values, reference) < 1e-6
+
+
+def test_a_layer_called_twice_agrees_with_the_exact_layer_wise_gauss_newton() -> None:
+    net, x, y = _trained_twice()
+    exact = DirectInfluence(
+        net,
+        F.cross_entropy,
+        0.1,
+        block_structure=BlockMode.LAYER_WISE,
+        second_order_mode=SecondOrderMode.GAUSS_NEWTON,
+    ).fit(loader(x, y, 32))
+    reference = exact.influences(x[:8], y[:8], x, y).flatten()
+    for update_diagonal in (False, True):
+        model = EkfacInfluence(net, update_diagonal, 0.1, loss=F.cross_entropy)
+        values = model.fit(loader(x, y, 32)).influences(x[:8], y[:8], x, y).flatten()
+        assert torch.corrcoef(torch.stack([values, reference]))[0, 1] > 0.95

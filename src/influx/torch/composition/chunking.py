@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from typing import Any, List, Optional, Protocol, Tuple
+from typing import Any, List, Optional, Protocol, Tuple, cast
 
 import torch
 
-from ...types import InfluenceMode
+from ...types import InfluenceMode, check_mode
 from ..data.batches import TorchBatch
 from ..data.structures import rows
 
 __all__ = [
     "INFLUENCES_MEMORY_BUDGET",
+    "ChunkedInfluences",
     "FittedInfluence",
     "influences_in_chunks",
     "training_rows_per_chunk",
@@ -100,3 +101,30 @@ def influences_in_chunks(
         for start in range(0, n, step)
     ]
     return torch.cat(parts, dim=1)
+
+
+class ChunkedInfluences:
+    """The `influences` of [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]:
+    the training side in chunks (see
+    [influences_in_chunks][influx.torch.composition.chunking.influences_in_chunks])."""
+
+    influences_memory_budget: float = INFLUENCES_MEMORY_BUDGET
+    """Bytes of training-side per-sample gradients `influences` forms at once."""
+
+    def influences(
+        self,
+        x_test: Any,
+        y_test: Any,
+        x: Optional[Any] = None,
+        y: Optional[Any] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> torch.Tensor:
+        """The influence matrix (see `ComposableInfluence.influences`), the training side in
+        chunks whose per-sample gradients fit in `influences_memory_budget` bytes (the same
+        values)."""
+        mode = check_mode(mode)
+        if x is not None and y is not None and getattr(self, "is_fitted", False):
+            chunked = influences_in_chunks(cast(FittedInfluence, self), x_test, y_test, x, y, mode)
+            if chunked is not None:
+                return chunked
+        return super().influences(x_test, y_test, x, y, mode)  # type: ignore[misc, no-any-return]

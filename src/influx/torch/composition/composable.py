@@ -35,11 +35,10 @@ import torch
 from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
 from ...types import (
-    InfluenceMode,
     SolverDiagnostics,
-    check_mode,
 )
 from ..autodiff.derivatives import LossOrTask
+from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
 from ..data.blocks import BlockMode, BlockStructure, block_parameters
 from ..data.preparation import model_batch, model_data, perturbation_shape
@@ -48,12 +47,20 @@ from ..data.validation import (
     RegularizationType,
     regularization_by_block,
     resolve_compute_dtype,
+    takes_class_indices,
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
-from .chunking import INFLUENCES_MEMORY_BUDGET, influences_in_chunks
+from .chunking import ChunkedInfluences
 from .curvatures import Curvature
-from .fit_checks import check_first_batch, non_finite_error, non_finite_state
+from .fit_checks import (
+    check_first_batch,
+    check_test_gradients,
+    check_unchanged,
+    non_finite_error,
+    non_finite_state,
+    tensor_versions,
+)
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -69,7 +76,9 @@ logger = logging.getLogger(__name__)
 
 
 class TorchComposableInfluence(
-    ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper], ABC
+    ChunkedInfluences,
+    ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper],
+    ABC,
 ):
     """Base of the torch influence models: block-wise composition of one operator per block.
 
@@ -92,9 +101,6 @@ class TorchComposableInfluence(
 
     _settings: Dict[str, Any]
     _arguments: Dict[str, Any]
-    influences_memory_budget: float = INFLUENCES_MEMORY_BUDGET
-    """Bytes of training-side per-sample gradients `influences` forms at once (see
-    [influx.torch.composition.chunking][influx.torch.composition.chunking])."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -167,6 +173,11 @@ class TorchComposableInfluence(
         TorchComposableInfluence.__init__(
             self, model, block_structure, regularization, compute_dtype
         )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)  # a copy or an unpickled model: other tensors, counters
+        if state.get("_fitted_versions") is not None:
+            self._fitted_versions = tensor_versions(self.original_model, self.model)
 
     def __getattr__(self, name: str) -> Any:
         # The constructor arguments are readable as attributes (model.rtol, model.rank, ...).
@@ -292,15 +303,20 @@ class TorchComposableInfluence(
         return None if self.model is self.original_model else self.compute_dtype
 
     def _create_batch(self, x: Any, y: Any) -> TorchBatch:
+        check_unchanged(self.__dict__.get("_fitted_versions"), self.original_model, self.model)
         return model_batch(x, y, self.model, self.loss, self._cast_to)
 
     def _prepare_data(self, data: DataLoader) -> DataLoader:
         """The training data as this model computes on it (floating tensors converted to the
-        compute dtype for a low-precision model)."""
-        return cast(DataLoader, model_data(data, self._cast_to))
+        compute dtype for a low-precision model; integer class labels of cross-entropy or the
+        negative log-likelihood as int64)."""
+        long_labels = not is_task(self.loss) and takes_class_indices(self.loss)
+        return cast(DataLoader, model_data(data, self._cast_to, long_labels))
 
     def _create_test_batch(self, x: Any, y: Any) -> TorchBatch:
-        return self._create_batch(x, y).as_test()
+        batch = self._create_batch(x, y).as_test()
+        check_test_gradients(self.model, self.loss, self._blocks, batch)
+        return batch
 
     def perturbation_shape(self, x: Any) -> Tuple[int, ...]:
         """The shape of one sample of the input that `InfluenceMode.Perturbation`
@@ -312,24 +328,6 @@ class TorchComposableInfluence(
     def _concat(self, tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(list(tensors), dim=dim)
 
-    @ComposableInfluence.fit_required
-    def influences(
-        self,
-        x_test: Any,
-        y_test: Any,
-        x: Optional[Any] = None,
-        y: Optional[Any] = None,
-        mode: InfluenceMode = InfluenceMode.Up,
-    ) -> torch.Tensor:
-        """The influence matrix (see the base class), the training side in chunks whose
-        per-sample gradients fit in `influences_memory_budget` bytes (same values)."""
-        mode = check_mode(mode)
-        if x is not None and y is not None:
-            chunked = influences_in_chunks(self, x_test, y_test, x, y, mode)
-            if chunked is not None:
-                return chunked
-        return super().influences(x_test, y_test, x, y, mode)
-
     def with_regularization(self, regularization: RegularizationType) -> "TorchComposableInfluence":
         """A copy of this model with another regularization, reusing the fitted curvature.
 
@@ -340,6 +338,8 @@ class TorchComposableInfluence(
             regularization: a float, or a dict keyed by block name.
         """
         new = copy.copy(self)
+        if "_fitted_versions" in self.__dict__:  # the copy shares the model: same tensors
+            new._fitted_versions = self._fitted_versions
         new._set_regularization(regularization)
         by_block = new._regularization_by_block
         new._settings = dict(self.settings)
@@ -377,7 +377,7 @@ class TorchComposableInfluence(
             name: block.op for name, block in self.block_mapper.composable_block_dict.items()
         }
         header, tensors = fit_contents(
-            type(self).__qualname__, self.settings, self.model, operators
+            type(self).__qualname__, self.settings, self.model, operators, self.loss
         )
         path = write_fit(path, header, tensors)
         logger.info("Saved the fit of %s to %s", type(self).__name__, path)
@@ -388,21 +388,22 @@ class TorchComposableInfluence(
     ) -> "TorchComposableInfluence":
         """Load a fit saved by `save` into this (unfitted or fitted) model and return self.
 
-        The file must have been made by the same class with the same settings, for a model
-        with the same parameter shapes and values. Tensors are loaded onto this model's
+        The file must have been made by the same class with the same settings and loss (see
+        [loss_description][influx.torch.composition.persistence.loss_description]), for a
+        model with the same parameter shapes and values, frozen parameters and buffers
+        included. Tensors are loaded onto this model's
         device. Methods whose operators apply the curvature through the training data (CG,
         LiSSA, ...) need that data again as `data`. Nothing in the file is executed.
 
         Raises:
             UnsafeFitFileError: for a file that is not a fit of the current format, or holds
                 anything but tensors and plain data.
-            ValueError: for a file of another class, other settings, another model shape or
-                other parameter values, or missing `data`.
+            ValueError: for a file of another class, other settings, another loss, another
+                model shape or other parameter or buffer values, or missing `data`.
         """
         header, tensors = read_fit(path, map_location=self.device)
-        check_fit_header(
-            header, path, type(self).__qualname__, self.settings, self.model, self.block_names
-        )
+        name = type(self).__qualname__
+        check_fit_header(header, path, name, self.settings, self.model, self.block_names, self.loss)
 
         def context(name: str) -> StateContext:
             return StateContext(self.model, self.loss, self._blocks[name], data, name)
@@ -419,6 +420,7 @@ class TorchComposableInfluence(
         )
         self.block_mapper = self._new_block_mapper(blocks)
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
     def fit(self, data: DataLoader) -> "TorchComposableInfluence":
@@ -462,6 +464,7 @@ class TorchComposableInfluence(
                 )
         self.block_mapper = mapper
         self._fitted = True
+        self._fitted_versions = tensor_versions(self.original_model, self.model)
         return self
 
 

@@ -11,7 +11,7 @@ back to the first batch with non-finite values. The checks on tensors themselves
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, cast
+from typing import Any, Dict, Iterable, List, Optional, Tuple, cast
 
 import torch
 
@@ -24,7 +24,7 @@ from ..autodiff.derivatives import (
 )
 from ..autodiff.model_call import is_task, is_vmap_limitation
 from ..curvature.tensor_operator import TensorOperator
-from ..data.batches import iterate_batches
+from ..data.batches import TorchBatch, iterate_batches
 from ..data.state import OperatorState
 from ..data.structures import leaves
 from ..data.validation import (
@@ -36,7 +36,16 @@ from ..data.validation import (
     is_finite,
 )
 
-__all__ = ["check_first_batch", "non_finite_error", "non_finite_state"]
+__all__ = [
+    "check_first_batch",
+    "check_gradients_nonzero",
+    "check_test_gradients",
+    "check_unchanged",
+    "loss_name",
+    "non_finite_error",
+    "non_finite_state",
+    "tensor_versions",
+]
 
 _FORWARD_ERRORS = (RuntimeError, IndexError, TypeError, ValueError)
 
@@ -100,6 +109,93 @@ def check_first_batch(
                 return  # a model vmap cannot map: per-sample values are computed otherwise
             raise forward_error(error, batch.x, batch.y, model, "data") from error
     check_loss_decomposes(value, per_sample)
+    check_gradients_nonzero(model, loss, params, batch, "data")
+
+
+def check_test_gradients(
+    model: torch.nn.Module,
+    loss: Optional[LossOrTask],
+    blocks: Dict[str, Dict[str, torch.nn.Parameter]],
+    batch: TorchBatch,
+) -> None:
+    """`check_gradients_nonzero` for test points (`x_test`): the gradients of a task's
+    measurement, of the loss otherwise; nothing to check without a loss."""
+    if loss is None:
+        return
+    params = {n: p.detach() for block in blocks.values() for n, p in block.items()}
+    check_gradients_nonzero(model, loss, params, batch, "x_test", measurement=is_task(loss))
+
+
+def loss_name(loss: Any) -> str:
+    """The qualified name of a loss function, module or task (for messages)."""
+    inner = getattr(loss, "func", None)  # functools.partial
+    target = inner if callable(inner) else loss
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return f"{module}.{name}" if module and module != "builtins" else str(name)
+
+
+def check_gradients_nonzero(
+    model: torch.nn.Module,
+    loss: LossOrTask,
+    params: Dict[str, torch.Tensor],
+    batch: TorchBatch,
+    name: str,
+    measurement: bool = False,
+) -> None:
+    r"""Raise a ValueError if the gradients of the loss at every sample of `batch` are zero.
+
+    One backward pass of a random combination $\sum_i w_i \ell_i(\theta)$ of the
+    per-sample losses, $w_i \sim \mathcal{N}(0, 1)$: its gradient
+    $\sum_i w_i \nabla_\theta \ell_i$ vanishes (almost surely) only if every per-sample
+    gradient does. It counts as zero when its norm is at most
+    $\sqrt{t} \max(1, \lVert\theta\rVert)$, $t$ the smallest normal number of the
+    parameters' dtype: tiny gradients of confidently fitted points (1e-70 in float64) still
+    rank training points, gradients that underflow or vanish identically do not. Every influence of such a batch would be 0: the loss does not
+    depend on the parameters at these points (cross-entropy on a model with one output, a
+    loss that ignores the model's outputs).
+
+    Models that `vmap` cannot map (data-dependent control flow) are not checked.
+
+    Args:
+        model: the model.
+        loss: the loss or task.
+        params: the parameters of all blocks.
+        batch: the batch.
+        name: the parameter the batch comes from (for the message).
+        measurement: differentiate a task's measurement instead of its loss (test points).
+    """
+    if len(batch) == 0 or not params:
+        return
+    first = next(iter(params.values()))
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(len(batch), generator=generator, dtype=first.dtype).to(first.device)
+    leaf = {key: value.detach().requires_grad_() for key, value in params.items()}
+    try:
+        with torch.enable_grad():
+            values = create_per_sample_loss_function(model, loss, leaf, measurement)(
+                leaf, batch.x, batch.y
+            )
+            total = (values.reshape(len(batch), -1).sum(1) * weights.to(values.dtype)).sum()
+            grads = (
+                torch.autograd.grad(total, list(leaf.values()), allow_unused=True)
+                if total.requires_grad
+                else [None] * len(leaf)
+            )
+    except _FORWARD_ERRORS:
+        return  # the first batch's own checks report errors; vmap-incompatible models pass
+    norm = sum(float((g.detach().double() ** 2).sum()) for g in grads if g is not None) ** 0.5
+    scale = sum(float((p.detach().double() ** 2).sum()) for p in leaf.values()) ** 0.5
+    tiny = torch.finfo(first.dtype).tiny if first.is_floating_point() else 0.0
+    if norm <= tiny**0.5 * max(1.0, scale):
+        what = "measurement of the task" if measurement and is_task(loss) else "loss"
+        raise ValueError(
+            f"The gradients of the {what} {loss_name(loss)} with respect to the model's "
+            f"parameters are zero at every point of {name!r} ({len(batch)} points, gradient norm "
+            f"{norm:.3g}): every influence would be 0 and any ranking meaningless. The "
+            "loss does not depend on the parameters at these points; check parameter 'loss' "
+            "(e.g. cross_entropy on a model with one output: use mse_loss for regression)."
+        )
 
 
 def non_finite_state(op: TensorOperator) -> List[str]:
@@ -160,4 +256,45 @@ def non_finite_error(
     return NonFiniteCurvatureError(
         f"The fitted curvature of {name} is not finite ({cause}); {where}. Influences computed "
         "from it would be meaningless."
+    )
+
+
+TensorVersions = Dict[str, Tuple[int, int, float]]
+
+
+def tensor_versions(*models: torch.nn.Module) -> TensorVersions:
+    """The identity and the in-place version counter of every parameter and buffer of the
+    models, by name, and the sum of every buffer: an optimizer step, `load_state_dict`, a
+    replaced parameter or a BatchNorm update in training mode (whose kernel updates the
+    running statistics without counting a version) changes them, reading the model does not."""
+    versions: TensorVersions = {}
+    for index, model in enumerate(models):
+        for name, parameter in model.named_parameters():
+            versions[f"{index}:{name}"] = (id(parameter), parameter._version, 0.0)
+        for name, tensor in model.named_buffers():
+            total = float(tensor.detach().double().nan_to_num().sum()) if tensor.numel() else 0.0
+            versions[f"{index}:{name}"] = (id(tensor), tensor._version, total)
+    return versions
+
+
+def check_unchanged(fitted: Optional[TensorVersions], *models: torch.nn.Module) -> None:
+    """Raise a ValueError naming `fit` if the tensors of the models changed since they were
+    fitted (`fitted`, see `tensor_versions`; None: not fitted, nothing to check)."""
+    if fitted is None:
+        return
+    current = tensor_versions(*models)
+    if fitted == current:
+        return
+    changed = sorted(
+        {
+            key.split(":", 1)[1]
+            for key in set(fitted) | set(current)
+            if fitted.get(key) != current.get(key)
+        }
+    )
+    raise ValueError(
+        f"The model's parameters or buffers {changed[:5]} changed after 'fit' (trained, "
+        "loaded or modified in place since): the fitted curvature no longer matches them and "
+        "the influences would mix new gradients with the old fit. Call 'fit' again (or "
+        "'load_fit' of a fit of the current weights)."
     )

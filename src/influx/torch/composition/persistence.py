@@ -4,8 +4,11 @@ r"""The file format of saved fits: plain tensors and JSON, never code.
 
 * a JSON header: the format version, the library version, the influence model's class name
   and settings (its constructor arguments but the model and the loss), the names and shapes of
-  the model's trainable parameters, a fingerprint of their values, and per block the class
-  names and settings of its operators (from a registry of the library's own classes);
+  the model's trainable parameters, a fingerprint of their values, a fingerprint of every
+  tensor of the model (frozen parameters and buffers such as BatchNorm running statistics
+  included), a description of the loss or task (see
+  [loss_description][influx.torch.composition.persistence.loss_description]), and per block the
+  class names and settings of its operators (from a registry of the library's own classes);
 * a flat dict of named tensors: every block's fitted state (factorised curvature, eigenpairs,
   Kronecker factors, preconditioner, ...).
 
@@ -20,12 +23,13 @@ Files of format `influx-fit/1` (library 0.1, a pickled object graph) are not rea
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -38,10 +42,12 @@ __all__ = [
     "comparable",
     "fingerprint",
     "fit_contents",
+    "loss_description",
     "parameter_shapes",
     "read_fit",
     "read_fit_info",
     "restore_operators",
+    "state_fingerprint",
     "write_fit",
 ]
 
@@ -89,16 +95,76 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """A SHA-256 digest of the names and values of every tensor of the model: trainable and
+    frozen parameters and buffers (BatchNorm running statistics, ...)."""
+    digest = hashlib.sha256()
+    for kind, tensors in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, tensor in tensors:
+            digest.update(f"{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            value = tensor.detach().to("cpu")
+            value = value.to(torch.float64) if value.is_floating_point() else value.to(torch.int64)
+            digest.update(value.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def loss_description(loss: Any) -> Any:
+    """A comparable description of a loss or task: what a fit's file records of it.
+
+    * an object with a `loss_id` attribute (a closure, a lambda, any callable): that id. Set
+      it to say "the same loss" where nothing else can tell: `my_loss.loss_id = "focal-2"`;
+    * a `functools.partial`: the function's qualified name with the bound arguments;
+    * a function: its module and qualified name;
+    * a loss module or a task: its qualified name and its public settings
+      (`label_smoothing`, `reduction`, ...) and buffers (class weights).
+    """
+    if loss is None:
+        return None
+    loss_id = getattr(loss, "loss_id", None)
+    if loss_id is not None:
+        return {"loss_id": comparable(loss_id)}
+    if isinstance(loss, functools.partial):
+        return {
+            "function": loss_description(loss.func),
+            "args": comparable(list(loss.args)),
+            "keywords": comparable(dict(loss.keywords)),
+        }
+    if isinstance(loss, torch.nn.Module):
+        settings = {
+            k: comparable(v)
+            for k, v in sorted(vars(loss).items())
+            if not k.startswith("_") and k != "training"
+        }
+        buffers = {
+            name: comparable(buffer.detach().to("cpu", torch.float64).flatten().tolist())
+            for name, buffer in loss.named_buffers()
+        }
+        return {"type": _qualified(type(loss)), **settings, **buffers}
+    if callable(loss) and hasattr(loss, "__qualname__"):
+        return _qualified(loss)
+    return comparable(loss)
+
+
+def _qualified(obj: Any) -> str:
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{obj.__qualname__}" if module else str(obj.__qualname__)
+
+
 def fit_contents(
-    class_name: str, settings: Dict[str, Any], model: torch.nn.Module, operators: Dict[str, Any]
+    class_name: str,
+    settings: Dict[str, Any],
+    model: torch.nn.Module,
+    operators: Dict[str, Any],
+    loss: Optional[Any] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The header and the tensors of the fit of an influence model.
 
     Args:
         class_name: the influence model's class name.
         settings: its settings (made `comparable` here).
-        model: the network, for its parameter shapes and fingerprint.
+        model: the network, for its parameter shapes and fingerprints.
         operators: block name -> the block's fitted operator, in block order.
+        loss: the loss or task of the fit (see `loss_description`).
     """
     from ... import __version__
 
@@ -114,6 +180,8 @@ def fit_contents(
         "settings": comparable(settings),
         "parameter_shapes": parameter_shapes(model),
         "fingerprint": fingerprint(model),
+        "state_fingerprint": state_fingerprint(model),
+        "loss": loss_description(loss),
         "blocks": blocks,
     }
     return header, tensors
@@ -126,10 +194,14 @@ def check_fit_header(
     settings: Dict[str, Any],
     model: torch.nn.Module,
     block_names: List[str],
+    loss: Optional[Any] = None,
 ) -> None:
     """Check that a fit was made by `class_name` with `settings`, for `model` with the same
-    parameter shapes and values and the same blocks; log a warning if another version of the
-    library saved it.
+    parameter shapes and values (frozen parameters and buffers included) and the same blocks,
+    with the same loss; log a warning if another version of the library saved it.
+
+    Files written before the fingerprint of every tensor and the loss were recorded pass
+    those two checks with a logged note.
 
     Raises:
         ValueError: naming what differs.
@@ -161,6 +233,26 @@ def check_fit_header(
             f"The fit in {path} was made for other parameter values of this model (it was "
             "retrained or modified since): fit again."
         )
+    if "state_fingerprint" not in header:
+        logger.info(
+            "The fit in %s predates the fingerprint of frozen parameters and buffers and the "
+            "record of the loss: only its trainable parameters were checked.",
+            path,
+        )
+    else:
+        if header["state_fingerprint"] != state_fingerprint(model):
+            raise ValueError(
+                f"The fit in {path} was made for other values of this model's frozen "
+                "parameters or buffers (a frozen backbone, BatchNorm running statistics, ...); "
+                "the influences depend on them: fit again."
+            )
+        given = loss_description(loss)
+        if header.get("loss") != given:
+            raise ValueError(
+                f"The fit in {path} was made with another loss: saved {header.get('loss')!r}, "
+                f"given {given!r}. Fit again with this loss; for a closure or lambda, set the "
+                "same `loss_id` attribute on both to declare them the same loss."
+            )
     if header["influx_version"] != __version__:
         logger.warning(
             "The fit in %s was saved by influx %s; this is influx %s.",

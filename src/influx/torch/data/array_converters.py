@@ -150,7 +150,7 @@ def torch_dataset_to_dask_array(
     dataset: Any,
     chunk_size: int,
     total_size: Optional[int] = None,
-    resulting_dtype: Type[np.number] = np.float32,
+    resulting_dtype: Optional[Type[np.number]] = None,
 ) -> Tuple["dask.array.Array", ...]:
     """Wrap a map-style torch dataset as dask arrays, one per element of its items.
 
@@ -164,8 +164,9 @@ def torch_dataset_to_dask_array(
         total_size: the number of samples, for datasets without `len` (without it, such a
             dataset is read once, item by item, to count its samples, as pyDVL does). If
             given for a dataset with `len`, it must agree.
-        resulting_dtype: the dtype of the arrays of floating-point elements; integer elements
-            (labels) keep their dtype.
+        resulting_dtype: the dtype of the arrays of floating-point elements; None (the
+            default) keeps the dataset's own dtype (float64 samples stay float64 for a float64
+            model). Integer elements (labels) keep their dtype.
 
     Returns:
         One dask array per element of the items, chunked along the first axis.
@@ -196,7 +197,7 @@ def torch_dataset_to_dask_array(
     sample = tuple(torch.as_tensor(s) for s in sample)
     dtypes = [
         np.dtype(resulting_dtype)
-        if s.is_floating_point()
+        if s.is_floating_point() and resulting_dtype is not None
         else np.dtype(str(s.dtype).removeprefix("torch."))
         for s in sample
     ]

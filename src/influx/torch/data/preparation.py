@@ -17,7 +17,7 @@ import torch
 from ..autodiff.model_call import LossOrTask, is_task, perturbation_entry
 from .batches import TorchBatch, loader_items
 from .structures import leaves, map_structure, normalise_structure
-from .validation import check_batch_for_model, check_labels_for_loss
+from .validation import check_batch_for_model, class_labels
 
 __all__ = ["CastData", "model_batch", "model_data", "perturbation_shape"]
 
@@ -38,16 +38,29 @@ def model_batch(
     """
     parameter = next(model.parameters())
     batch = TorchBatch(x, y).to(parameter.device, cast_to)
+    if len(batch) == 0:
+        raise ValueError(
+            "Parameters 'x' and 'y' hold no points (first dimension 0): influences need at "
+            "least one training point and one test point."
+        )
     for leaf in leaves(batch.x):
         check_batch_for_model(leaf, parameter.dtype, parameter.device, "x")
     if loss is not None and isinstance(batch.y, torch.Tensor) and not is_task(loss):
-        check_labels_for_loss(batch.y, cast(Callable[..., Any], loss), "y")
+        labels = class_labels(batch.y, cast(Callable[..., Any], loss), "y")
+        if labels is not batch.y:
+            batch = TorchBatch(batch.x, labels, batch.test)
     return batch
 
 
-def model_data(data: Iterable, cast_to: Optional[torch.dtype] = None) -> Iterable:
-    """The training data with floating tensors in `cast_to`; `data` itself if None."""
-    return data if cast_to is None else CastData(data, cast_to)
+def model_data(
+    data: Iterable, cast_to: Optional[torch.dtype] = None, long_labels: bool = False
+) -> Iterable:
+    """The training data with floating tensors in `cast_to` and, with `long_labels`, integer
+    targets of another dtype (int32, uint8, ...) as int64 class indices; `data` itself if
+    there is nothing to convert."""
+    if cast_to is None and not long_labels:
+        return data
+    return CastData(data, cast_to, long_labels)
 
 
 def perturbation_shape(x: Any, loss: Optional[LossOrTask]) -> Tuple[int, ...]:
@@ -65,13 +78,24 @@ def perturbation_shape(x: Any, loss: Optional[LossOrTask]) -> Tuple[int, ...]:
     return tuple(leaves(structure)[index].shape[1:])
 
 
+def _integer(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    )
+
+
 class CastData:
-    """A data loader whose floating inputs and targets are converted to `dtype`; its order
+    """A data loader whose floating inputs and targets are converted to `dtype` (None:
+    unchanged) and, with `long_labels`, integer targets to int64; its order
     (`sampler`, `batch_sampler`) and length are those of the wrapped loader."""
 
-    def __init__(self, data: Iterable, dtype: torch.dtype):
+    def __init__(self, data: Iterable, dtype: Optional[torch.dtype], long_labels: bool = False):
         self.data = data
         self.dtype = dtype
+        self.long_labels = long_labels
         self.sampler = getattr(data, "sampler", None)
         self.batch_sampler = getattr(data, "batch_sampler", None)
 
@@ -79,11 +103,16 @@ class CastData:
         for batch in loader_items(self.data):
             if isinstance(batch, (tuple, list, Mapping)):
                 batch = map_structure(self._convert, normalise_structure(batch))
+            if self.long_labels and isinstance(batch, tuple) and len(batch) == 2:
+                x, y = batch
+                if _integer(y) and y.dtype != torch.int64:
+                    batch = (x, y.long())
             yield batch
 
     def _convert(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(self.dtype)
+        if self.dtype is not None and isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                return value.to(self.dtype)
         return value
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "check_dampen",
     "check_eval_mode",
     "check_labels_for_loss",
+    "class_labels",
     "check_loss_decomposes",
     "check_nonconvergence_policy",
     "check_ordered",
@@ -42,6 +43,7 @@ __all__ = [
     "validate_cg_settings",
     "validate_lissa_settings",
     "validate_regularization",
+    "takes_class_indices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -374,6 +376,32 @@ def check_labels_for_loss(y: torch.Tensor, loss: Callable[..., Any], name: str =
         f"(shape (N,)), got dtype {y.dtype} with shape {tuple(y.shape)}: convert the labels "
         f"with {name}.long()."
     )
+
+
+def takes_class_indices(loss: Any) -> bool:
+    """Whether `loss` is (a partial or module of) cross-entropy or the negative
+    log-likelihood, whose integer targets are int64 class indices."""
+    return callable(loss) and _loss_kind(loss) is not None
+
+
+def class_labels(y: torch.Tensor, loss: Callable[..., Any], name: str = "y") -> torch.Tensor:
+    """The targets as the loss takes them: checked by `check_labels_for_loss`, integer class
+    indices of another dtype (int32, uint8, ...) converted to int64.
+
+    Raises:
+        TypeError: for floating class labels (see `check_labels_for_loss`).
+        ValueError: for class indices of shape `(N, 1)`.
+    """
+    check_labels_for_loss(y, loss, name)
+    kind = _loss_kind(loss)
+    if kind is None or y.is_floating_point() or y.dtype == torch.bool:
+        return y
+    if y.ndim == 2 and y.shape[1] == 1:
+        raise ValueError(
+            f"Parameter '{name}' must hold class indices of shape (N,) for {kind}, got shape "
+            f"{tuple(y.shape)}: use {name}.squeeze(1)."
+        )
+    return y if y.dtype == torch.int64 else y.long()
 
 
 def _describe(value: Any) -> str:

@@ -228,6 +228,7 @@ def find_layers(
         raise ValueError(
             "Parameter 'model' has no trainable Linear or Conv2d layer (requires_grad=True)."
         )
+    check_untied(model, result)
     return result
 
 
@@ -265,6 +266,7 @@ def layers_for_parameters(
             continue
         block_name = name or ROOT_LAYER_NAME
         result[block_name] = LayerSpec(block_name, module, weight, bias)
+    check_untied(model, result)
     return result
 
 
@@ -286,3 +288,31 @@ def split_layers(model: torch.nn.Module) -> "Tuple[List[str], Dict[str, str]]":
                 f" with groups={groups}" if groups != 1 else ""
             )
     return supported, others
+
+
+def check_untied(model: torch.nn.Module, layers: "Dict[str, LayerSpec]") -> None:
+    r"""Raise a ValueError if a parameter of one of `layers` is shared with another module.
+
+    A tied weight (`b.weight = a.weight`, as tied embeddings and output heads) has the
+    gradient $\sum_m \delta_m \tilde a_m^\top$ summed over the modules that use it; the
+    recorder sees each layer on its own, so K-FAC, EK-FAC and the Kronecker projection would
+    treat such a weight as the parameter of one layer only.
+    """
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name or ROOT_LAYER_NAME)
+    for spec in layers.values():
+        for attribute in ("weight", "bias"):
+            parameter = getattr(spec.module, attribute, None)
+            tied = sorted(set(owners.get(id(parameter), []))) if parameter is not None else []
+            if len(tied) > 1:
+                raise ValueError(
+                    f"Parameter 'model' ties the {attribute} of modules {tied} (one tensor "
+                    "shared by several modules): layer-wise Kronecker methods (K-FAC, EK-FAC, "
+                    "projection='kronecker') record each layer on its own and would take the "
+                    "gradient of one module for that of the shared tensor. Use an exact method "
+                    "(DirectInfluence, CgInfluence, ...) or projection='gaussian', or untie "
+                    "the weights."
+                )
