@@ -39,6 +39,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
         [
             "influx.torch.data.batches",
             "influx.torch.data.task",
+            "influx.torch.data.causal_lm",
             "influx.torch.data.blocks",
             "influx.torch.data.validation",
             "influx.torch.data.state",
@@ -90,6 +91,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.block_mapper",
             "influx.torch.composition.fit_checks",
             "influx.torch.composition.persistence",
+            "influx.torch.composition.per_token",
             "influx.torch.composition.chunking",
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",

@@ -38,3 +38,13 @@ def test_dask_zarr(tmp_path: Path, dask_client: Any) -> None:
     stored = zarr.open_array(str(out), mode="r")
     assert stored.shape == (30, 900)
     assert np.isfinite(stored[...]).all()
+
+
+def test_lm_per_token() -> None:
+    pytest.importorskip("transformers")
+    import lm_per_token
+
+    # Small sizes: the run, not the recall (the default sizes reach a query accuracy of 1).
+    result = lm_per_token.main(copies=2, n_background=8, steps=40)
+    assert 0.0 <= result.recall_at_10 <= 1.0 and 0.0 <= result.fact_token_top <= 1.0
+    assert result.recall_at_10 > 0.0

@@ -54,16 +54,17 @@ class UnsafeFitFileError(InfluxError, ValueError):
 class NotImplementedLayerRepresentationException(InfluxError, ValueError):
     """Raised for a trainable layer that has no Kronecker-factored representation.
 
-    Only `torch.nn.Linear` and `torch.nn.Conv2d` (with `groups=1`) are supported. Freeze the
-    layer's parameters (`requires_grad_(False)`) or restrict the model to supported layers
-    (the `layers` argument of [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence])
+    Only `torch.nn.Linear`, `torch.nn.Conv2d` (with `groups=1`) and transformers' `Conv1D` are
+    supported. Freeze the layer's parameters (`requires_grad_(False)`) or restrict the model to
+    supported layers (the `layers` argument of [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence])
     to leave it out.
     """
 
     def __init__(self, module_id: str, reason: Optional[str] = None):
         self.module_id = module_id
         detail = reason or (
-            "only torch.nn.Linear and torch.nn.Conv2d have a Kronecker-factored representation"
+            "only torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D have a "
+            "Kronecker-factored representation"
         )
         super().__init__(
             f"Layer {module_id}: {detail}. Freeze its parameters (requires_grad_(False)) or "

@@ -43,6 +43,7 @@ from .curvature.tensor_operator import (
 )
 from .data.batches import TorchBatch
 from .data.blocks import BlockMode
+from .data.causal_lm import CausalLMTask
 from .data.task import SupervisedTask, Task
 from .gradients.bilinear import DictBilinearForm, OperatorBilinearForm
 from .gradients.provider import TorchGradientProvider
@@ -93,6 +94,7 @@ __all__ = [
     "EnsembleInfluence",
     "InfluenceTracker",
     "Task",
+    "CausalLMTask",
     "SupervisedTask",
     "ArnoldiSolver",
     "CgSolver",

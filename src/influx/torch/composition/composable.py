@@ -34,9 +34,7 @@ import torch
 
 from ...base_influence_function_model import ComposableInfluence
 from ...errors import NonFiniteCurvatureError, NotFittedException
-from ...types import (
-    SolverDiagnostics,
-)
+from ...types import SolverDiagnostics
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import is_task
 from ..data.batches import TorchBatch
@@ -61,6 +59,7 @@ from .fit_checks import (
     non_finite_state,
     tensor_versions,
 )
+from .per_token import PerTokenInfluences
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -76,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 
 class TorchComposableInfluence(
+    PerTokenInfluences,
     ChunkedInfluences,
     ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper],
     ABC,

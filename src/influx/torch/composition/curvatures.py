@@ -195,5 +195,6 @@ class KroneckerCurvature(Curvature):
                 layer_name=name,
                 factors=factors[name],
                 eigenbasis=basis,
+                weight_transposed=spec.weight_transposed,
             )
         return result

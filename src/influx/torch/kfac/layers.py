@@ -1,4 +1,6 @@
-r"""The layers that have a Kronecker-factored representation: `nn.Linear` and `nn.Conv2d`.
+r"""The layers that have a Kronecker-factored representation: `nn.Linear`, `nn.Conv2d` and
+transformers' `Conv1D` (GPT-2's linear layers: $s = a W + b$, a `Linear` whose weight is
+stored transposed, `(d, m)`), recognised without importing transformers.
 
 A [LayerSpec][influx.torch.kfac.layers.LayerSpec] says how a layer's parameters map to the
 matrix $\tilde W = [W \mid b]$ and how its inputs and output gradients are laid out;
@@ -8,6 +10,7 @@ matrix $\tilde W = [W \mid b]$ and how its inputs and output gradients are laid 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -21,12 +24,32 @@ __all__ = [
     "LayerSpec",
     "NotImplementedLayerRepresentationException",
     "find_layers",
+    "is_conv1d",
+    "is_supported_layer",
     "layers_for_parameters",
     "split_layers",
 ]
 
 
 SUPPORTED_LAYERS: Tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d)
+"""The torch layers with a Kronecker-factored representation; transformers' `Conv1D` too (see
+[is_supported_layer][influx.torch.kfac.layers.is_supported_layer])."""
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """Whether `module` is (a subclass of) `transformers.pytorch_utils.Conv1D`, checked without
+    importing transformers (a module of that class exists only if transformers is loaded)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return isinstance(conv1d, type) and isinstance(module, conv1d)
+
+
+def is_supported_layer(module: torch.nn.Module) -> bool:
+    """Whether `module` has a Kronecker-factored representation: a `Linear`, a non-grouped
+    `Conv2d` or a transformers `Conv1D`."""
+    if isinstance(module, torch.nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -51,17 +74,22 @@ class LayerSpec:
         return weight.device
 
     @property
+    def weight_transposed(self) -> bool:
+        """Whether the weight is stored as $W^\\top$ `(d, m)` (transformers' `Conv1D`)."""
+        return is_conv1d(self.module)
+
+    @property
     def out_dim(self) -> int:
-        """$m$: output features (Linear) or output channels (Conv2d)."""
+        """$m$: output features (Linear, Conv1D) or output channels (Conv2d)."""
         weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return int(weight.shape[0])
+        return int(weight.shape[1] if self.weight_transposed else weight.shape[0])
 
     @property
     def in_dim(self) -> int:
         """$d$: the number of columns of the weight as a matrix (`in_channels * kh * kw` for
         a convolution)."""
         weight: torch.Tensor = self.module.weight  # type: ignore[assignment]
-        return int(weight[0].numel())
+        return int(weight.shape[0] if self.weight_transposed else weight[0].numel())
 
     @property
     def weight_shape(self) -> Tuple[int, ...]:
@@ -107,22 +135,43 @@ class LayerSpec:
             return int(_unfold_conv2d_input(self.module, inputs[:1]).shape[1])
         return int(inputs[0].numel() // self.in_dim)
 
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Weights (or their gradients) `(*lead, *weight_shape)` as matrices
+        `(*lead, out_dim, in_dim)`, transposing a `Conv1D` weight."""
+        lead = weight.shape[: weight.ndim - len(self.weight_shape)]
+        if self.weight_transposed:
+            return weight.reshape(*lead, self.in_dim, self.out_dim).transpose(-1, -2)
+        return weight.reshape(*lead, self.out_dim, self.in_dim)
+
+    def weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Matrices `(*lead, out_dim, in_dim)` as weights `(*lead, *weight_shape)`, the
+        inverse of `weight_matrix`."""
+        lead = matrix.shape[:-2]
+        if self.weight_transposed:
+            matrix = matrix.transpose(-1, -2)
+        return matrix.reshape(*lead, *self.weight_shape)
+
     def matrix_from_flat(self, flat: torch.Tensor) -> torch.Tensor:
         r"""Rows `(N, P)` of the layer's flat parameters (weight flattened, then bias) as
         matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)`."""
         n, m = flat.shape[0], self.out_dim
-        if self.weight_name is None or self.bias_name is None:
+        if self.weight_name is None:
             return flat.reshape(n, m, -1)
-        weight = flat[:, : m * self.in_dim].reshape(n, m, self.in_dim)
+        weight = self.weight_matrix(flat[:, : m * self.in_dim].reshape(n, *self.weight_shape))
+        if self.bias_name is None:
+            return weight
         return torch.cat([weight, flat[:, m * self.in_dim :].reshape(n, m, 1)], dim=2)
 
     def flat_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         r"""Matrices $[W \mid b]$ `(N, out_dim, input_factor_dim)` as flat rows `(N, P)`, the
         inverse of `matrix_from_flat`."""
         n = matrix.shape[0]
-        if self.weight_name is None or self.bias_name is None:
+        if self.weight_name is None:
             return matrix.reshape(n, -1)
-        return torch.cat([matrix[:, :, :-1].reshape(n, -1), matrix[:, :, -1]], dim=1)
+        weight = self.weight_from_matrix(matrix[:, :, : self.in_dim]).reshape(n, -1)
+        if self.bias_name is None:
+            return weight
+        return torch.cat([weight, matrix[:, :, -1]], dim=1)
 
     def output_gradients(self, grad_output: torch.Tensor) -> torch.Tensor:
         r"""$\delta$ of every position, shape `(N, T, out_dim)`."""
@@ -160,7 +209,7 @@ def _layer_spec(name: str, module: torch.nn.Module, block_name: str) -> Optional
     if not trainable:
         return None
     label = f"{block_name!r} ({type(module).__name__})"
-    if not isinstance(module, SUPPORTED_LAYERS):
+    if not isinstance(module, SUPPORTED_LAYERS) and not is_conv1d(module):
         raise NotImplementedLayerRepresentationException(label)
     if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
         raise NotImplementedLayerRepresentationException(
@@ -241,7 +290,7 @@ def layers_for_parameters(
 ) -> "Dict[str, LayerSpec]":
     """The supported layers holding some of the named parameters, in `named_modules()` order.
 
-    A `Linear` or (non-grouped) `Conv2d` layer is included if its weight or its bias is among
+    A `Linear`, (non-grouped) `Conv2d` or transformers `Conv1D` layer is included if its weight or its bias is among
     `parameter_names`; its spec covers exactly those of the two that are. Parameters of other
     modules are left out without error (the caller treats them otherwise).
 
@@ -255,9 +304,7 @@ def layers_for_parameters(
     wanted = set(parameter_names)
     result: Dict[str, LayerSpec] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+        if not is_supported_layer(module):
             continue
         prefix = f"{name}." if name else ""
         weight = prefix + "weight" if prefix + "weight" in wanted else None

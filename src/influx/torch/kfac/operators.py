@@ -46,7 +46,8 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         output_eigenvectors: $Q_G$ `(m, m)`.
         eigenvalues: $s$ `(m, k)`, non-negative.
         weight_name: the weight's parameter name, None if the weight is not part of the block.
-        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`).
+        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`; `(d, m)` for a
+            transposed weight).
         bias_name: the bias's parameter name, None if the bias is not part of the block.
         method: `"ekfac"` or `"kfac"`.
         dtype: the dtype of inputs and results (the eigenvectors are cast to it); default
@@ -54,6 +55,8 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         layer_name: the layer's name, for messages and diagnostics.
         factors: the Kronecker factors $A$ and $G$ the eigenbasis came from, if known.
         eigenbasis: the eigendecompositions of the factors, if known.
+        weight_transposed: whether the weight is stored as $W^\top$ `(d, m)` (GPT-2's
+            `Conv1D`, $s = a W + b$).
     """
 
     supports_regularization = False
@@ -71,6 +74,7 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         layer_name: str = "",
         factors: Optional[KroneckerFactors] = None,
         eigenbasis: Optional[KroneckerEigenbasis] = None,
+        weight_transposed: bool = False,
     ):
         k, m = input_eigenvectors.shape[0], output_eigenvectors.shape[0]
         if input_eigenvectors.shape != (k, k) or output_eigenvectors.shape != (m, m):
@@ -85,9 +89,15 @@ class KroneckerFactoredCurvature(TensorDictOperator):
             )
         if weight_name is None and bias_name is None:
             raise ValueError("Parameters 'weight_name' and 'bias_name' cannot both be None.")
-        d = int(torch.Size(weight_shape[1:]).numel())
+        if weight_transposed and len(weight_shape) != 2:
+            raise ValueError(
+                "Parameter 'weight_shape' must have two dimensions (d, m) for a transposed "
+                f"weight, got {tuple(weight_shape)}."
+            )
+        rows = tuple(weight_shape[::-1]) if weight_transposed else tuple(weight_shape)
+        d = int(torch.Size(rows[1:]).numel())
         expected_k = (d if weight_name is not None else 0) + (1 if bias_name is not None else 0)
-        if weight_shape[0] != m or expected_k != k:
+        if rows[0] != m or expected_k != k:
             raise ValueError(
                 f"Parameter 'weight_shape' {tuple(weight_shape)} does not match factors of sizes "
                 f"m={m}, k={k} (bias {'included' if bias_name else 'excluded'})."
@@ -97,6 +107,7 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         self.weight_name = weight_name
         self.bias_name = bias_name
         self.weight_shape = tuple(weight_shape)
+        self.weight_transposed = bool(weight_transposed)
         self._dtype = dtype or input_eigenvectors.dtype
         self.eigenvalues = eigenvalues.to(torch.float64)
         self._input_eigenvectors = input_eigenvectors
@@ -139,20 +150,38 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         """$Q_G$, as given."""
         return self._output_eigenvectors
 
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Weights `(N, ...)` (any layout of `weight_shape`) as matrices `(N, m, d)`."""
+        n = weight.shape[0]
+        if self.weight_transposed:
+            return weight.reshape(n, self._d, self._m).transpose(1, 2)
+        return weight.reshape(n, self._m, self._d)
+
+    def _weight_rows(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Matrices `(N, m, d)` as weights `(N, *weight_shape)`."""
+        if self.weight_transposed:
+            matrix = matrix.transpose(1, 2)
+        return matrix.reshape(matrix.shape[0], *self.weight_shape)
+
     def _to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """Flat rows `(N, P)` to matrices $[W \\mid b]$ `(N, m, k)`."""
         n = tensor.shape[0]
-        if self.weight_name is None or self.bias_name is None:
+        if self.weight_name is None:
             return tensor.reshape(n, self._m, self._k)
-        weight = tensor[:, : self._m * self._d].reshape(n, self._m, self._d)
+        weight = self._weight_matrix(tensor[:, : self._m * self._d])
+        if self.bias_name is None:
+            return weight
         bias = tensor[:, self._m * self._d :].reshape(n, self._m, 1)
         return torch.cat([weight, bias], dim=2)
 
     def _to_flat(self, matrix: torch.Tensor) -> torch.Tensor:
         n = matrix.shape[0]
-        if self.weight_name is None or self.bias_name is None:
+        if self.weight_name is None:
             return matrix.reshape(n, -1)
-        return torch.cat([matrix[:, :, : self._d].reshape(n, -1), matrix[:, :, self._d]], dim=1)
+        weight = self._weight_rows(matrix[:, :, : self._d]).reshape(n, -1)
+        if self.bias_name is None:
+            return weight
+        return torch.cat([weight, matrix[:, :, self._d]], dim=1)
 
     def _scale_in_eigenbasis(self, matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         rotated = self._qg.T @ matrix @ self._qa
@@ -189,14 +218,14 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         n = next(iter(mat.values())).shape[0]
         parts = []
         if self.weight_name is not None:
-            parts.append(mat[self.weight_name].to(self._dtype).reshape(n, self._m, self._d))
+            parts.append(self._weight_matrix(mat[self.weight_name].to(self._dtype)))
         if self.bias_name is not None:
             parts.append(mat[self.bias_name].to(self._dtype).reshape(n, self._m, 1))
         matrix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         result = self._scale_in_eigenbasis(matrix, self._scale)
         out: Dict[str, torch.Tensor] = {}
         if self.weight_name is not None:
-            out[self.weight_name] = result[:, :, : self._d].reshape(n, *self.weight_shape)
+            out[self.weight_name] = self._weight_rows(result[:, :, : self._d])
         if self.bias_name is not None:
             out[self.bias_name] = result[:, :, -1]
         return out
@@ -218,6 +247,7 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         return {
             "weight_name": self.weight_name,
             "weight_shape": list(self.weight_shape),
+            "weight_transposed": self.weight_transposed,
             "bias_name": self.bias_name,
             "method": self.method,
             "dtype": str(self._dtype),
@@ -264,6 +294,7 @@ class KroneckerFactoredCurvature(TensorDictOperator):
             "eigenvalues": t["eigenvalues"],
             "weight_name": s["weight_name"],
             "weight_shape": tuple(s["weight_shape"]),
+            "weight_transposed": bool(s.get("weight_transposed", False)),
             "bias_name": s["bias_name"],
             "method": s["method"],
             "dtype": _DTYPES[s["dtype"]],
@@ -293,13 +324,15 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         eigenvalues: $s$ `(m, k)`, non-negative.
         regularization: $\lambda \ge 0$ or None.
         weight_name: the weight's parameter name, None if the weight is not part of the block.
-        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`).
+        weight_shape: the weight's shape (`(m, d)` or `(m, c, kh, kw)`; `(d, m)` for a
+            transposed weight).
         bias_name: the bias's parameter name, None if the bias is not part of the block.
         method: `"ekfac"` or `"kfac"`, reported in `diagnostics`.
         dtype: the dtype of inputs and results; default that of the eigenvectors.
         layer_name: the layer's name, for messages and diagnostics.
         factors: the Kronecker factors, if known (kept for inspection).
         eigenbasis: the factors' eigendecompositions, if known (kept for inspection).
+        weight_transposed: whether the weight is stored as $W^\top$ `(d, m)`.
     """
 
     supports_regularization = True
@@ -318,6 +351,7 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         layer_name: str = "",
         factors: Optional[KroneckerFactors] = None,
         eigenbasis: Optional[KroneckerEigenbasis] = None,
+        weight_transposed: bool = False,
     ):
         validate_regularization(regularization)
         super().__init__(
@@ -332,6 +366,7 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
             layer_name,
             factors,
             eigenbasis,
+            weight_transposed,
         )
         self._regularization = regularization
         self._regularization_changed()

@@ -175,6 +175,7 @@ def _layer_operator(
         method=method,
         dtype=dtype,
         layer_name=spec.name,
+        weight_transposed=spec.weight_transposed,
     )
 
 

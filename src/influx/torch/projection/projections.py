@@ -298,9 +298,7 @@ class KroneckerLayerProjection:
         spec = self.spec
         columns: List[torch.Tensor] = []
         if spec.weight_name is not None:
-            weight = parts[spec.weight_name]
-            lead = weight.shape[: weight.ndim - len(spec.weight_shape)]
-            columns.append(weight.reshape(*lead, spec.out_dim, spec.in_dim))
+            columns.append(spec.weight_matrix(parts[spec.weight_name]))
         if spec.bias_name is not None:
             columns.append(parts[spec.bias_name].unsqueeze(-1))
         matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
