@@ -56,14 +56,23 @@ def exact_hessian(net: torch.nn.Module, loss: Loss, params: Params, x: Any, y: A
 
 
 def per_sample_grads(
-    net: torch.nn.Module, loss: Loss, params: Params, x: torch.Tensor, y: torch.Tensor
+    net: torch.nn.Module,
+    loss: Loss,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loop: bool = False,
 ) -> torch.Tensor:
-    """The per-sample gradients `(n, P)` of the loss of each point alone."""
+    """The per-sample gradients `(n, P)` of the loss of each point alone, vectorised with
+    `vmap`, or with `loop` one `torch.func.grad` per point (for layers `vmap` cannot map,
+    such as the recurrent ones)."""
     f, theta = flat_loss(net, loss, params, x, y)
 
     def single(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return f(t, xi[None], yi[None])
 
+    if loop:
+        return torch.stack([grad(single)(theta, x[i], y[i]) for i in range(x.shape[0])])
     return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y)  # type: ignore[no-any-return]
 
 
@@ -84,11 +93,12 @@ def explicit_influences(
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     lam: float,
+    loop: bool = False,
 ) -> torch.Tensor:
     r"""$I_{ij} = g'^\top_i (H + \lambda I)^{-1} g_j$ `(n_test, n)`, with the Hessian of the mean
-    loss over `(x, y)` inverted explicitly."""
+    loss over `(x, y)` inverted explicitly (`loop`: see [per_sample_grads][])."""
     h = exact_hessian(net, loss, params, x, y)
     inverse = torch.linalg.inv(h + lam * torch.eye(h.shape[0], dtype=h.dtype))
-    g_train = per_sample_grads(net, loss, params, x, y)
-    g_test = per_sample_grads(net, loss, params, x_test, y_test)
+    g_train = per_sample_grads(net, loss, params, x, y, loop)
+    g_test = per_sample_grads(net, loss, params, x_test, y_test, loop)
     return g_test @ inverse @ g_train.T

@@ -76,10 +76,12 @@ def test_direct_and_cg_agree_on_padded_batches(bert: Any) -> None:
 def test_ekfac_on_the_linear_layers(bert: Any) -> None:
     net, x, y = bert
     loader = DataLoader(tc.TokenDataset(x, y), batch_size=20)
-    # The layer norms have no Kronecker-factored representation: a clear error...
+    # The layer norms have no Kronecker-factored representation: a clear error if asked...
     with pytest.raises(NotImplementedLayerRepresentationException, match="LayerNorm"):
-        EkfacInfluence(net, True, loss=F.cross_entropy, regularization=0.01).fit(loader)
-    # ... unless the model is restricted to Linear layers (3-D activations in the encoder).
+        EkfacInfluence(
+            net, True, loss=F.cross_entropy, regularization=0.01, other_layers="error"
+        ).fit(loader)
+    # ... the model restricted to Linear layers (3-D activations in the encoder).
     layers = [
         "bert.encoder.layer.0.attention.self.query",
         "bert.encoder.layer.0.intermediate.dense",

@@ -486,14 +486,19 @@ def test_unsupported_layer_is_named() -> None:
     with pytest.raises(
         NotImplementedLayerRepresentationException, match=r"Layer '1' \(LayerNorm\)"
     ):
-        EkfacInfluence(net)
+        EkfacInfluence(net, other_layers="error")
+    assert EkfacInfluence(net).block_names == ["0", "2"]  # other_layers="freeze"
     net[1].requires_grad_(False)
     assert EkfacInfluence(net).block_names == ["0", "2"]
     net[1].requires_grad_(True)
     assert EkfacInfluence(net, layers=["0", "2"]).block_names == ["0", "2"]
     grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2))
     with pytest.raises(NotImplementedLayerRepresentationException, match="groups=2"):
-        EkfacInfluence(grouped)
+        EkfacInfluence(grouped)  # nothing to factor
+    with pytest.raises(
+        ValueError, match=r"'other_layers' must be one of \['freeze', 'error'\], got 'drop'"
+    ):
+        EkfacInfluence(net, other_layers="drop")
 
 
 def test_bad_arguments() -> None:

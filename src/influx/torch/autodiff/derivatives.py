@@ -45,6 +45,7 @@ from .model_call import (
     model_outputs,
     perturbation_entry,
     task_objective,
+    vmap_unsupported_modules,
 )
 from .per_sample import PerSampleGradients
 from .stateless import (
@@ -222,12 +223,29 @@ def create_per_sample_loss_function(
     params: Optional[ParamDict] = None,
     measurement: bool = False,
 ) -> Callable[[ParamDict, Any, Any], torch.Tensor]:
-    r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch."""
+    r"""$(\theta, x, y) \mapsto (\ell_i(\theta))_i$, vectorised over the batch (one sample at a
+    time for a model with recurrent layers, whose kernels `vmap` cannot map)."""
     if params is None:
         return _at_call_time(
             model, lambda p: create_per_sample_loss_function(model, loss, p, measurement)
         )
     single = _create_single_sample_loss_function(model, loss, params, measurement)
+    if vmap_unsupported_modules(model):
+        # recurrent kernels have no batching rule: one sample at a time
+        def loop(p: ParamDict, x: Any, y: Any) -> torch.Tensor:
+            n = int(pytree.tree_leaves(x)[0].shape[0])
+            return torch.stack(
+                [
+                    single(
+                        p,
+                        pytree.tree_map(lambda t, i=i: t[i], x),
+                        pytree.tree_map(lambda t, i=i: t[i], y),
+                    )
+                    for i in range(n)
+                ]
+            )
+
+        return loop
     return vmap(single, in_dims=(None, 0, 0))  # type: ignore[no-any-return]
 
 
@@ -248,15 +266,16 @@ def create_per_sample_gradient_function(
             model, lambda p: create_per_sample_gradient_function(model, loss, p, measurement)
         )
     single = _create_single_sample_loss_function(model, loss, params, measurement)
+    name, unmappable = type(model).__name__, vmap_unsupported_modules(model)
     if is_task(loss):
-        return PerSampleGradients(single, model_name=type(model).__name__)
+        return PerSampleGradients(single, model_name=name, unmappable=unmappable)
     merge = with_frozen(params, model)
     signature = structure_signature(model)
 
     def outputs(p: ParamDict, x: Any) -> Any:
         return model_outputs(call_model(FunctionalModel(model, merge(p), signature), x))
 
-    return PerSampleGradients(single, outputs, cast(LossFunction, loss), type(model).__name__)
+    return PerSampleGradients(single, outputs, cast(LossFunction, loss), name, unmappable)
 
 
 def create_per_sample_mixed_derivative_function(
@@ -273,6 +292,8 @@ def create_per_sample_mixed_derivative_function(
     has shape `(N, F, *p.shape)` with $F$ the number of input features. For structured inputs
     the derivative is taken with respect to one tensor of `x` (see
     [perturbation_entry][influx.torch.autodiff.model_call.perturbation_entry]), the others held fixed.
+    For a model with recurrent layers (whose kernels `vmap` cannot map over samples) the
+    samples are taken one at a time.
     """
     if params is None:
         return _at_call_time(
@@ -302,8 +323,17 @@ def create_per_sample_mixed_derivative_function(
         def per_sample(pp: ParamDict, e: torch.Tensor, others: List[Any], yy: Any) -> ParamDict:
             return one_sample(pp, e, others, spec, index, yy)
 
+        if unmappable:  # one sample at a time, vectorised over the features only
+            rows = [
+                per_sample(
+                    p, flat[index][i], [t[i] for t in flat], pytree.tree_map(lambda t, i=i: t[i], y)
+                )
+                for i in range(int(flat[index].shape[0]))
+            ]
+            return {name: torch.stack([row[name] for row in rows]) for name in p}
         return vmap(per_sample, in_dims=(None, 0, 0, 0))(p, flat[index], flat, y)  # type: ignore[no-any-return]
 
+    unmappable = bool(vmap_unsupported_modules(model))
     return ForwardModeSerialised(mixed)
 
 

@@ -36,7 +36,8 @@ from .derivatives import (
     tree_to_device,
     unflatten,
 )
-from .stateless import ForwardModeSerialised
+from .model_call import vmap_unsupported_modules
+from .stateless import ForwardModeSerialised, MathAttentionOnFailure
 
 __all__ = [
     "HESSIAN_CHUNK_BUDGET",
@@ -195,7 +196,7 @@ def create_batch_hvp_reverse_function(
                 start += step
         return result
 
-    return hvp
+    return MathAttentionOnFailure(hvp)
 
 
 def hvp(
@@ -371,7 +372,7 @@ def _create_rows_hvp_function(
             return reverse_over_reverse(p, x, y, vs)
         return serialised(p, x, y, vs)  # type: ignore[no-any-return]
 
-    return rows_hvp
+    return MathAttentionOnFailure(rows_hvp)
 
 
 HESSIAN_CHUNK_BUDGET = 2**17
@@ -406,8 +407,24 @@ def create_batch_hessian_function(
     pushed through that product $c$ at a time, vectorised with `vmap`. The forward pass and
     the first backward pass are shared by all $P$ columns, and only reverse-mode derivatives
     are used (several threads may run it at once). The transformed functions are built here,
-    once.
+    once. For a model with recurrent layers the columns are taken with `torch.autograd`
+    ([create_batch_hvp_reverse_function][influx.torch.autodiff.hessian_products.create_batch_hvp_reverse_function]),
+    whose graphs also hold packed sequences.
     """
+    if vmap_unsupported_modules(model):
+        # recurrent kernels: torch.autograd only (torch.func's wrappers fail on packed
+        # sequences), the P columns in one batched backward pass
+        reverse = create_batch_hvp_reverse_function(model, loss, params)
+
+        def dense_by_autograd(
+            p: ParamDict, x: Any, y: Any, chunk_size: Optional[int] = None
+        ) -> torch.Tensor:
+            first = next(iter(p.values()))
+            size = sum(t.numel() for t in p.values())
+            eye = torch.eye(size, dtype=first.dtype, device=first.device)
+            return reverse(p, x, y, eye)  # type: ignore[no-any-return]
+
+        return MathAttentionOnFailure(dense_by_autograd, "Hessian")
     batch_loss = create_batch_loss_function(model, loss, params)
     names = list(params)
     gradient = grad(batch_loss)
@@ -431,4 +448,4 @@ def create_batch_hessian_function(
             result[start:stop] = torch.cat([rows[n].reshape(stop - start, -1) for n in names], 1)
         return result
 
-    return dense
+    return MathAttentionOnFailure(dense, "Hessian")

@@ -10,7 +10,17 @@ A batch's inputs `x` are a tensor or a structure of tensors (see
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Protocol, Tuple, Union, cast, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+    Union,
+    cast,
+    runtime_checkable,
+)
 
 from torch.utils import _pytree as pytree
 
@@ -23,9 +33,11 @@ __all__ = [
     "call_model",
     "is_data_dependent_control_flow",
     "is_task",
+    "is_vmap_limitation",
     "model_outputs",
     "perturbation_entry",
     "task_objective",
+    "vmap_unsupported_modules",
 ]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,6 +109,34 @@ def is_data_dependent_control_flow(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "data-dependent control flow" in text or "calling .item() on a Tensor" in text
     )
+
+
+def is_vmap_limitation(error: BaseException) -> bool:
+    """Whether `error` is one of `vmap`'s own limitations rather than a fault of the model or
+    the data: data-dependent control flow (see
+    [is_data_dependent_control_flow][influx.torch.autodiff.model_call.is_data_dependent_control_flow])
+    or an operator without a batching rule (`"Batching rule not implemented for aten::..."`,
+    e.g. the fused recurrent kernels). The same computation without `vmap` gives the values."""
+    return is_data_dependent_control_flow(error) or (
+        isinstance(error, RuntimeError) and "Batching rule not implemented" in str(error)
+    )
+
+
+RECURRENT_MODULES: Tuple[type, ...] = (torch.nn.RNNBase, torch.nn.RNNCellBase)
+"""Modules whose fused kernels (`aten::lstm`, `aten::gru_cell`, ...) `vmap` cannot map over
+samples: the forward pass has no batching rule and the backward pass writes in place."""
+
+
+def vmap_unsupported_modules(model: torch.nn.Module) -> List[str]:
+    """The names of the submodules of `model` that `vmap` cannot map over samples (the
+    recurrent layers and cells of `torch.nn`, see
+    [RECURRENT_MODULES][influx.torch.autodiff.model_call.RECURRENT_MODULES]); empty if there
+    are none."""
+    return [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, RECURRENT_MODULES)
+    ]
 
 
 def perturbation_entry(x: Any, loss: LossOrTask) -> Tuple[int, str]:

@@ -3,9 +3,10 @@ r"""Per-sample gradients, also for models that `vmap` cannot map.
 [PerSampleGradients][influx.torch.autodiff.per_sample.PerSampleGradients] computes
 $\{\text{name}: (\nabla_\theta \ell_i)_i\}$ with one `vmap` over the samples of a batch. Some
 models take a Python branch on the values of their inputs (the attention of Hugging Face
-models skips a 2-D padding mask `if mask.all()`), which `vmap` cannot map. Such a model is
-detected on the first call (one warning) and from then on differentiated without mapping the
-forward pass:
+models skips a 2-D padding mask `if mask.all()`), and some operators have no batching rule
+(the fused kernels of `nn.LSTM`, `nn.GRU`, `nn.RNN` and their cells), which `vmap` cannot map.
+Such a model is detected on the first call (one warning; recurrent layers are recognised up
+front, with one info line) and from then on differentiated without mapping the forward pass:
 
 - for a loss function `loss(outputs, y)`, chunk by chunk: one forward pass of the chunk, the
   per-sample output gradients $u_i = |c| \, \partial L_c / \partial z_i$ of the chunk loss
@@ -30,7 +31,7 @@ from torch.utils import _pytree as pytree
 import torch
 
 from ..data.structures import rows
-from .model_call import is_data_dependent_control_flow
+from .model_call import is_data_dependent_control_flow, is_vmap_limitation
 
 __all__ = ["CHUNK_SIZE", "PerSampleGradients"]
 
@@ -54,6 +55,8 @@ class PerSampleGradients:
             batch, with `loss` the function `loss(outputs, y)`; None if there is none (a task).
         loss: the loss function of `outputs`.
         model_name: the model's name, for the warning.
+        unmappable: the names of the model's modules that `vmap` is known not to map (its
+            recurrent layers): the fallback is then taken from the first call.
     """
 
     def __init__(
@@ -62,28 +65,34 @@ class PerSampleGradients:
         outputs: Optional[Callable[[ParamDict, Any], Any]] = None,
         loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
         model_name: str = "the model",
+        unmappable: Optional[List[str]] = None,
     ):
         self._single = single
         self._vectorised = vmap(grad(single), in_dims=(None, 0, 0))
         self._outputs = outputs
         self._loss = loss
         self._model_name = model_name
+        self._unmappable = list(unmappable or [])
         self.strategy = "vmap"
         """`"vmap"`, then `"chunked"` or `"loop"` once the model is found not to map."""
 
     def __call__(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
         if self.strategy == "vmap":
+            if self._unmappable:
+                return self._choose_fallback(p, x, y)
             try:
                 return self._vectorised(p, x, y)  # type: ignore[no-any-return]
             except RuntimeError as error:
-                if not is_data_dependent_control_flow(error):
+                if not is_vmap_limitation(error):
                     raise
-                return self._choose_fallback(p, x, y)
+                return self._choose_fallback(p, x, y, error)
         if self.strategy == "chunked":
             return self.chunked(p, x, y)
         return self.loop(p, x, y)
 
-    def _choose_fallback(self, p: ParamDict, x: Any, y: Any) -> ParamDict:
+    def _choose_fallback(
+        self, p: ParamDict, x: Any, y: Any, error: Optional[RuntimeError] = None
+    ) -> ParamDict:
         result: Optional[ParamDict] = None
         if self._outputs is not None:
             try:
@@ -102,13 +111,30 @@ class PerSampleGradients:
             if result is not None
             else "one sample at a time"
         )
-        logger.warning(
-            "Per-sample gradients: %s branches on the values of its inputs, which vmap cannot "
-            "map; computing them with %s (same values, slower). See 'Your own model' in the "
-            "documentation for models without the branch.",
-            self._model_name,
-            how,
-        )
+        if error is None:
+            logger.info(
+                "Per-sample gradients: %s has recurrent layers (%s) whose kernels vmap cannot "
+                "map; computing them with %s (same values).",
+                self._model_name,
+                ", ".join(self._unmappable),
+                how,
+            )
+        elif is_data_dependent_control_flow(error):
+            logger.warning(
+                "Per-sample gradients: %s branches on the values of its inputs, which vmap "
+                "cannot map; computing them with %s (same values, slower). See 'Your own model' "
+                "in the documentation for models without the branch.",
+                self._model_name,
+                how,
+            )
+        else:
+            logger.warning(
+                "Per-sample gradients: vmap cannot map %s (%s); computing them with %s (same "
+                "values, slower).",
+                self._model_name,
+                str(error).split(".")[0],
+                how,
+            )
         return self.loop(p, x, y) if result is None else result
 
     def chunked(self, p: ParamDict, x: Any, y: Any, chunk_size: int = CHUNK_SIZE) -> ParamDict:

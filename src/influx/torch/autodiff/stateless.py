@@ -8,6 +8,13 @@ used from another thread while it computes. torch keeps the state of forward-mod
 differentiation (`jvp`) per process, not per thread: functions built on it are wrapped in
 [ForwardModeSerialised][influx.torch.autodiff.stateless.ForwardModeSerialised] and run one thread at a
 time, the reverse-mode ones in parallel.
+
+Some attention kernels (the flash and memory-efficient kernels of
+`torch.nn.functional.scaled_dot_product_attention`, the default attention of Hugging Face
+models) have a backward pass without a derivative of its own, so second derivatives through
+them fail. [MathAttentionOnFailure][influx.torch.autodiff.stateless.MathAttentionOnFailure]
+runs such a computation again with the math kernel, which computes the same attention with
+differentiable operations.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torch
 
 __all__ = [
     "ForwardModeSerialised",
+    "MathAttentionOnFailure",
+    "is_missing_attention_derivative",
     "StructureSignature",
     "functional_forward",
     "structure_signature",
@@ -183,4 +193,64 @@ class ForwardModeSerialised:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with _FORWARD_MODE_LOCK:
+            return self.function(*args, **kwargs)
+
+
+def is_missing_attention_derivative(error: BaseException) -> bool:
+    """Whether `error` is torch's refusal to differentiate the backward pass of a fused
+    attention kernel (`derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented`, and the same for the other kernels), or to push a forward-mode
+    derivative through it (`Trying to use forward AD with _scaled_dot_product_...`)."""
+    text = str(error)
+    return (
+        isinstance(error, (RuntimeError, NotImplementedError))
+        and "scaled_dot_product" in text
+        and ("not implemented" in text or "forward AD" in text)
+    )
+
+
+_LOGGED_MATH_ATTENTION: set = set()
+
+
+class MathAttentionOnFailure:
+    r"""Wraps a function of second derivatives of a model (Hessian-vector products, dense
+    Hessians, Gauss-Newton products): if it fails because an attention kernel has no
+    second derivative (see
+    [is_missing_attention_derivative][influx.torch.autodiff.stateless.is_missing_attention_derivative]),
+    it runs again, and from then on always, with
+    `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`: the math kernel computes
+    $\operatorname{softmax}(QK^\top / \sqrt{d} + M)\,V$ with differentiable operations, the
+    same values as the fused kernels. The first switch of each kind is logged (once per
+    process). The kernel choice is process-wide state in torch, so the math-kernel runs hold
+    the same lock as [ForwardModeSerialised][influx.torch.autodiff.stateless.ForwardModeSerialised].
+
+    Args:
+        function: the function to wrap.
+        what: what it computes, for the log line.
+    """
+
+    def __init__(self, function: Callable[..., Any], what: str = "Hessian products"):
+        self.function = function
+        self.what = what
+        self.math_attention = False
+        """Whether the math kernel is used (after the first failure)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.math_attention:
+            try:
+                return self.function(*args, **kwargs)
+            except (RuntimeError, NotImplementedError) as error:
+                if not is_missing_attention_derivative(error):
+                    raise
+                self.math_attention = True
+                if self.what not in _LOGGED_MATH_ATTENTION:
+                    _LOGGED_MATH_ATTENTION.add(self.what)
+                    logger.info(
+                        "%s: the model's scaled-dot-product attention kernel has no second "
+                        "derivative (%s); taking the math kernel instead "
+                        "(sdpa_kernel(SDPBackend.MATH)), which gives the same values.",
+                        self.what,
+                        str(error).split("\n")[0],
+                    )
+        with _FORWARD_MODE_LOCK, sdpa_kernel(SDPBackend.MATH):
             return self.function(*args, **kwargs)

@@ -49,6 +49,7 @@ from ..data.validation import (
 )
 from ..gradients.provider import TorchGradientProvider
 from .block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
+from .chunking import ChunkedInfluences
 from .curvatures import Curvature
 from .fit_checks import (
     check_first_batch,
@@ -76,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 class TorchComposableInfluence(
     PerTokenInfluences,
+    ChunkedInfluences,
     ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper],
     ABC,
 ):
@@ -89,9 +91,8 @@ class TorchComposableInfluence(
         model: the trained model. Its device and dtype are used for all computations.
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` of block names to parameter names.
-        regularization: $\\lambda$ per block (one value or a dict naming every block): a number
-            $\\ge 0$, `"auto"` ([influx.torch.inverse.damping][influx.torch.inverse.damping])
-            or None (none; see [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
+        regularization: $\\lambda$ per block, one value or a dict naming every block: a number,
+            `"auto"` ([influx.torch.inverse.damping][influx.torch.inverse.damping]) or None.
         compute_dtype: the dtype of gradients, curvature, factorisations and solves. None
             means float32 for a float16 / bfloat16 model and the model's dtype otherwise.
             When it differs from the model's dtype, a copy of the model with parameters in
@@ -195,8 +196,7 @@ class TorchComposableInfluence(
     @property
     def regularization_by_block(self) -> Dict[str, Optional[float]]:
         """The $\\lambda$ of every block, `"auto"` resolved once fitted (None before)."""
-        fitted = self.block_mapper.composable_block_dict if self.is_fitted else {}
-        return regularization_in_use(self._regularization_by_block, fitted)
+        return regularization_in_use(self)
 
     @property
     def block_sizes(self) -> Dict[str, int]:

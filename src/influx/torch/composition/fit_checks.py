@@ -22,7 +22,7 @@ from ..autodiff.derivatives import (
     create_batch_loss_function,
     create_per_sample_loss_function,
 )
-from ..autodiff.model_call import is_data_dependent_control_flow, is_task
+from ..autodiff.model_call import is_task, is_vmap_limitation
 from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch, iterate_batches
 from ..data.state import OperatorState
@@ -105,7 +105,7 @@ def check_first_batch(
                 params, batch.x, batch.y
             )
         except _FORWARD_ERRORS as error:
-            if is_data_dependent_control_flow(error):
+            if is_vmap_limitation(error):
                 return  # a model vmap cannot map: per-sample values are computed otherwise
             raise forward_error(error, batch.x, batch.y, model, "data") from error
     check_loss_decomposes(value, per_sample)

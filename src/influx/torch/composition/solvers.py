@@ -82,11 +82,11 @@ def _unsupported(solver: "Solver", curvature: TensorOperator, needs: str) -> Typ
     )
 
 
-def regularization_in_use(
-    requested: Dict[str, Any], fitted: Dict[str, Any]
-) -> Dict[str, Optional[float]]:
-    """The $\\lambda$ of every block: `requested`, with `"auto"` replaced by the value of the
-    fitted operator of the block in `fitted` (None if not fitted)."""
+def regularization_in_use(model: Any) -> Dict[str, Optional[float]]:
+    """The $\\lambda$ of every block of an influence model: the requested values, with
+    `"auto"` replaced by the value of the block's fitted operator (None if not fitted)."""
+    requested = model._regularization_by_block
+    fitted = model.block_mapper.composable_block_dict if model.is_fitted else {}
     return {
         name: (getattr(fitted[name].op, "regularization", None) if name in fitted else None)
         if value == AUTO_REGULARIZATION else value

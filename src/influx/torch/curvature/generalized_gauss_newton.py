@@ -41,7 +41,7 @@ from ..autodiff.derivatives import (
 )
 from ..autodiff.hessian_products import HESSIAN_CHUNK_BUDGET
 from ..autodiff.model_call import call_model, is_task, model_outputs
-from ..autodiff.stateless import ForwardModeSerialised
+from ..autodiff.stateless import ForwardModeSerialised, MathAttentionOnFailure
 from ..data.batches import TorchBatch
 from .batch_operation import LossBatchOperation
 
@@ -82,6 +82,11 @@ class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
     def _rebuild(self) -> None:
         # the model's other parameters and buffers, read once (again after `to`)
         self._merge = with_frozen(self.params, self.model)
+        # jvp: one thread at a time per process (see influx.torch.functional); the math
+        # attention kernel where a fused one has no forward-mode derivative
+        self._serialised_products = MathAttentionOnFailure(
+            ForwardModeSerialised(self._products), "Generalized Gauss-Newton products"
+        )
 
     def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
         """$\\theta \\mapsto f_\\theta(x)$ with the other parameters and buffers fixed."""
@@ -93,8 +98,7 @@ class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
         return outputs
 
     def _apply(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
-        # jvp: one thread at a time per process (see influx.torch.functional).
-        return ForwardModeSerialised(self._products)(batch, tensor)  # type: ignore[no-any-return]
+        return self._serialised_products(batch, tensor)  # type: ignore[no-any-return]
 
     def _products(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
         outputs = self._output_function(batch.x)

@@ -22,7 +22,7 @@ from ..autodiff.derivatives import (
     flatten_dimensions,
     get_model_parameters,
 )
-from ..autodiff.model_call import is_data_dependent_control_flow, perturbation_entry
+from ..autodiff.model_call import is_vmap_limitation, perturbation_entry, vmap_unsupported_modules
 from ..data.batches import TorchBatch
 from ..data.structures import leaves
 from ..data.validation import check_finite
@@ -76,6 +76,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
 
     def _build(self) -> None:
         model, loss, params = self.model, self.loss, self.params
+        self._unmappable = vmap_unsupported_modules(model)
         self._grad_fn = create_per_sample_gradient_function(model, loss, params)
         self._test_grad_fn = create_per_sample_gradient_function(model, loss, params, True)
         self._mixed_fn = create_per_sample_mixed_derivative_function(model, loss, params)
@@ -134,13 +135,17 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
                 f"Parameter 'g' must have shape (K, {self.input_size}), got {tuple(g.shape)}."
             )
         function = self._test_jac_prod_fn if batch.test else self._jac_prod_fn
-        try:
-            result: torch.Tensor = function(self.params, batch.x, batch.y, g)
-        except RuntimeError as error:
-            if not is_data_dependent_control_flow(error):
-                raise
-            # A model vmap cannot map: form the per-sample gradients (one sample at a time).
-            result = self.flat_grads(batch) @ g.T.to(self.params[next(iter(self.params))].dtype)
+        dtype = self.params[next(iter(self.params))].dtype
+        if self._unmappable:
+            result: torch.Tensor = self.flat_grads(batch) @ g.T.to(dtype)
+        else:
+            try:
+                result = function(self.params, batch.x, batch.y, g)
+            except RuntimeError as error:
+                if not is_vmap_limitation(error):
+                    raise
+                # A model vmap cannot map: form the per-sample gradients (without vmap).
+                result = self.flat_grads(batch) @ g.T.to(dtype)
         check_finite({"jacobian_prod": result}, "Jacobian products", self.block_name)
         return result
 

@@ -27,6 +27,7 @@ __all__ = [
     "is_conv1d",
     "is_supported_layer",
     "layers_for_parameters",
+    "split_layers",
 ]
 
 
@@ -314,6 +315,26 @@ def layers_for_parameters(
         result[block_name] = LayerSpec(block_name, module, weight, bias)
     check_untied(model, result)
     return result
+
+
+def split_layers(model: torch.nn.Module) -> "Tuple[List[str], Dict[str, str]]":
+    """The modules with trainable parameters of their own, split into those with a
+    Kronecker-factored representation (their block names, in `named_modules()` order) and the
+    others (block name -> why not: the module's type, or the reason a supported type is not,
+    such as a grouped convolution): batch and layer norms, embeddings, recurrent layers."""
+    supported: List[str] = []
+    others: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        block_name = name or ROOT_LAYER_NAME
+        try:
+            if _layer_spec(name, module, block_name) is not None:
+                supported.append(block_name)
+        except NotImplementedLayerRepresentationException:
+            groups = getattr(module, "groups", 1)
+            others[block_name] = type(module).__name__ + (
+                f" with groups={groups}" if groups != 1 else ""
+            )
+    return supported, others
 
 
 def check_untied(model: torch.nn.Module, layers: "Dict[str, LayerSpec]") -> None:

@@ -2,8 +2,9 @@ r"""Influence through the Kronecker-factored curvature of each layer (K-FAC / EK
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+import logging
+from collections import Counter, OrderedDict
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -21,10 +22,17 @@ from ..kfac.factors import (
     find_layers,
     validate_fisher,
 )
+from ..kfac.layers import split_layers
 from ..kfac.operators import KroneckerFactoredCurvature
 from ..kfac.scoring import layer_block_mapper
 
-__all__ = ["EkfacInfluence"]
+__all__ = ["OTHER_LAYERS", "EkfacInfluence"]
+
+logger = logging.getLogger(__name__)
+
+OTHER_LAYERS = ("freeze", "error")
+"""What [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence] does, without `layers`, with
+the trainable modules that have no Kronecker-factored representation."""
 
 
 class EkfacInfluence(TorchComposableInfluence):
@@ -59,11 +67,15 @@ class EkfacInfluence(TorchComposableInfluence):
     batch size times the gradient of the batch loss: cross-entropy (the default) and MSE are
     tested. Layers must process samples independently (no batch-norm in training mode).
 
+    **Whole models.** Without `layers`, every `Linear` and `Conv2d` layer with trainable
+    parameters is a block, and the other modules with trainable parameters (batch and layer
+    norms, embeddings, grouped convolutions, recurrent layers) are handled as `other_layers`
+    says: `"freeze"` (the default) holds their parameters fixed, as if `requires_grad` were
+    False (the influence is that of the factored layers' parameters), `"error"` refuses the
+    model. One log line (INFO) says which layers went where.
+
     Args:
-        model: the trained model. Layers with trainable parameters that are neither `Linear`
-            nor `Conv2d` raise
-            [NotImplementedLayerRepresentationException][influx.torch.kfac.layers.NotImplementedLayerRepresentationException]
-            unless frozen or left out with `layers`.
+        model: the trained model.
         update_diagonal: refit the eigenvalues (EK-FAC) instead of using the products of the
             factors' eigenvalues (K-FAC). One more pass over the data.
         hessian_regularization: $\lambda \ge 0$, a float for all layers or a dict keyed by
@@ -73,8 +85,9 @@ class EkfacInfluence(TorchComposableInfluence):
             `torch.nn.functional.cross_entropy`.
         regularization: an alias of `hessian_regularization`, as in the other models.
         fisher: `"empirical"` (training labels) or `"sampled"` (labels drawn from the model).
-        layers: the module names of the layers to use; None means every module with
-            trainable parameters. Parameters of other modules are ignored.
+        layers: the module names of the layers to use; None means every `Linear` / `Conv2d`
+            module with trainable parameters (see `other_layers` for the others). Parameters
+            of modules not listed are held fixed.
         seed: seed of the label sampling for `fisher="sampled"`.
         max_cache_mb: with `update_diagonal` and `fisher="empirical"`, the layers' inputs and
             output gradients of the first pass are kept in memory up to this size (in MB) so
@@ -86,6 +99,10 @@ class EkfacInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of the factors' products and the solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
+        other_layers: without `layers`, what to do with trainable modules that are neither
+            `Linear` nor (non-grouped) `Conv2d`: `"freeze"` holds their parameters fixed,
+            `"error"` raises
+            [NotImplementedLayerRepresentationException][influx.torch.kfac.layers.NotImplementedLayerRepresentationException].
 
     Attributes:
         layer_specs: the layers used, by block name
@@ -124,6 +141,7 @@ class EkfacInfluence(TorchComposableInfluence):
         seed: Optional[int] = None,
         max_cache_mb: float = 256.0,
         compute_dtype: Optional[torch.dtype] = None,
+        other_layers: str = "freeze",
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -144,6 +162,18 @@ class EkfacInfluence(TorchComposableInfluence):
                     f"one of them, got {hessian_regularization!r} and {regularization!r}."
                 )
             hessian_regularization = regularization
+        if other_layers not in OTHER_LAYERS:
+            raise ValueError(
+                f"Parameter 'other_layers' must be one of {list(OTHER_LAYERS)}, got "
+                f"{other_layers!r}."
+            )
+        self.other_layers = other_layers
+        if layers is None and other_layers == "freeze":
+            layers = _factored_layers(model)
+        if layers is None or self._arguments.get("layers") is not None:
+            # every trainable module is factored (or they are listed): the fit does not
+            # depend on other_layers, and fits saved before it existed load
+            self._settings.pop("other_layers", None)
         loss = torch.nn.functional.cross_entropy if loss is None else loss
         self.fisher = validate_fisher(fisher, loss)
         self.layer_specs: Dict[str, LayerSpec] = find_layers(model, layers)
@@ -260,3 +290,25 @@ class EkfacInfluence(TorchComposableInfluence):
                 for name, block in blocks.items()
             )
         return result
+
+
+def _factored_layers(model: torch.nn.Module) -> Optional[List[str]]:
+    """The trainable `Linear` / `Conv2d` layers of `model`, with one log line saying which
+    other trainable modules are held fixed; None if there are no others (or no layer at all,
+    for `find_layers`' error)."""
+    supported, others = split_layers(model)
+    if not others or not supported:
+        return None
+    modules = dict(model.named_modules())
+    factored = Counter(type(modules.get(name, model)).__name__ for name in supported)
+    shown = ", ".join(list(others)[:5]) + (", ..." if len(others) > 5 else "")
+    logger.info(
+        "EkfacInfluence: %d Kronecker-factored layers (%s); %d other trainable modules held "
+        "fixed (other_layers='freeze'): %s (%s).",
+        len(supported),
+        ", ".join(f"{kind} x{count}" for kind, count in factored.items()),
+        len(others),
+        ", ".join(f"{kind} x{count}" for kind, count in Counter(others.values()).items()),
+        shown,
+    )
+    return supported
