@@ -30,11 +30,13 @@ def _check_complete(data: Any, batch_sampler: Any, name: str, what: str) -> None
         n_samples = None
     if n_samples is not None and batch_size and n_samples % batch_size == 0:
         return
-    dropped = "" if n_samples is None or not batch_size else f" {n_samples % batch_size} of"
+    if n_samples is None or not batch_size:
+        leaves_out = "it may leave out the last samples (the dataset's size is unknown)"
+    else:
+        leaves_out = f"it leaves out the last {n_samples % batch_size} of {n_samples} samples"
     raise UnorderedDataError(
         f"Parameter '{name}' is a data loader with drop_last=True (batch_size {batch_size}): "
-        f"it leaves out the last{dropped} {n_samples if n_samples is not None else 'unknown'} "
-        f"samples, so {what} would not cover the dataset. Create the loader with "
+        f"{leaves_out}, so {what} would not cover the dataset. Create the loader with "
         "drop_last=False (fit accepts it)."
     )
 

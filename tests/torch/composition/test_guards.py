@@ -88,6 +88,15 @@ def test_drop_last_loader_is_refused_where_indices_matter(problem) -> None:
         calculator.influences(loader(x[:4], y[:4]), dropping)
     with pytest.raises(UnorderedDataError, match="'test_data_iterable' .* drop_last=True"):
         calculator.influences(dropping, loader(x, y))
+
+    # an iterable dataset's size is unknown: the message says it may drop samples
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    stream = DataLoader(Stream(), batch_size=20, drop_last=True)
+    with pytest.raises(UnorderedDataError, match=r"may leave out the last samples \(the dataset"):
+        rank_training_points(model, stream, loader(x[:8], y[:8]))
     # nothing is dropped when the batch size divides the dataset
     exact = DataLoader(TensorDataset(x, y), batch_size=16, drop_last=True)
     assert rank_training_points(model, exact, loader(x[:8], y[:8])).values.shape == (48,)
