@@ -5,6 +5,8 @@ Import from here (`from helpers import make_mlp`); fixtures live in `conftest.py
 
 from __future__ import annotations
 
+from typing import Dict, Tuple
+
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch
@@ -88,3 +90,40 @@ def classification_data(
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative Frobenius error |a - b| / |b|."""
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+LM_VOCAB = 11
+"""The vocabulary of the tiny GPT-2 of the language-model tests."""
+
+
+def tiny_gpt2(n_layer: int = 1) -> torch.nn.Module:
+    """A GPT-2 from a config (hidden 8, 2 heads, vocabulary 11), float64, in eval mode."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=LM_VOCAB,
+        n_positions=8,
+        n_embd=8,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def lm_corpus(n: int, seed: int, length: int = 6) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded sequences of `length` tokens (at least 4 real ones) with a completion
+    mask on their last two tokens: `(x, labels)`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LM_VOCAB, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    positions = torch.arange(length)[None, :]
+    mask = positions < lengths[:, None]
+    completion = mask & (positions >= lengths[:, None] - 2)
+    ids = ids.masked_fill(~mask, 0)
+    x = {"input_ids": ids, "attention_mask": mask.long(), "completion_mask": completion.long()}
+    return x, ids.masked_fill(~mask, -100)

@@ -66,6 +66,7 @@ __all__ = [
     "SolverDiagnostics",
     "InfluxError",
     "check_mode",
+    "TOKEN_AXES",
 ]
 
 TensorType = TypeVar("TensorType")
@@ -127,6 +128,11 @@ class SolverDiagnostics:
     details: Dict[str, Any] = field(default_factory=dict)
     regularization: Optional[float] = None
     condition_number: Optional[float] = None
+
+
+TOKEN_AXES = {"test": 1, "train": 2}
+"""The token axis of per-token influences, by side: `(N_test, T_test, N)` for the test
+tokens, `(N_test, N, T_train)` for the training tokens."""
 
 
 def check_mode(mode: Any) -> InfluenceMode:

@@ -240,9 +240,12 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         len_outer_generator: the number of rows of chunks, if known (for progress bars).
         metadata: what the array holds (e.g. `{"quantity": "influences", "mode": "up"}`);
             recorded in the zarr attributes by `to_zarr` and checked on resume.
-        chunk_lengths: returns the lengths of the chunks along axes 0 and 1 without
-            computing them (or None if unknown). Without it, `to_zarr` learns them by
+        chunk_lengths: returns the lengths of the chunks along the row and column axes
+            without computing them (or None if unknown). Without it, `to_zarr` learns them by
             iterating the rows, and the chunks of the first row, once without computing.
+        token_axis: the axis of per-token influences that holds the tokens, whole in every
+            chunk (recorded in the metadata): 1 puts the columns on axis 2
+            (`(N_test, T, N)`), 2 keeps them on axis 1 (`(N_test, N, T)`).
     """
 
     def __init__(
@@ -251,11 +254,20 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         len_outer_generator: Optional[int] = None,
         metadata: Optional[Dict[str, Any]] = None,
         chunk_lengths: Optional[Callable[[], Optional[Tuple[List[int], List[int]]]]] = None,
+        token_axis: Optional[int] = None,
     ):
         self._row_factory = generator_factory
         self.len_outer_generator = len_outer_generator
         self.metadata = dict(metadata or {})
+        if token_axis is not None:
+            self.metadata["token_axis"] = int(token_axis)
         self._chunk_lengths = chunk_lengths
+
+    @property
+    def column_axis(self) -> int:
+        """The axis of a chunk along which the columns (e.g. training points) lie: 1, or 2
+        when axis 1 holds the tokens."""
+        return 2 if self.metadata.get("token_axis") == 1 else 1
 
     def generator_factory(self) -> Iterator[Iterator[TensorType]]:
         """A fresh iterator over rows; each row is an iterator computing its chunks."""
@@ -338,12 +350,14 @@ class NestedLazyChunkSequence(Generic[TensorType]):
         """
         check_store_args(overwrite, resume)
         plan = self._plan()
+        columns = self.column_axis
         writer = ZarrChunkWriter(
             path_or_url,
             planned_lengths=plan,
             metadata=self.metadata,
             overwrite=overwrite,
             resume=resume,
+            axes=(0, columns),
         )
         row_offset = 0
         n_columns: Optional[int] = None
@@ -370,21 +384,21 @@ class NestedLazyChunkSequence(Generic[TensorType]):
                         col_offset += length
                         continue
                 block = converter.to_numpy(materialize(item))
-                if block.ndim < 2:
+                if block.ndim < columns + 1:
                     raise ValueError(
-                        f"Chunk ({i}, {j}) must have at least 2 dimensions, got shape "
-                        f"{block.shape}."
+                        f"Chunk ({i}, {j}) must have at least {columns + 1} dimensions, got "
+                        f"shape {block.shape}."
                     )
                 check_block_length(block, 0, row_length, (i, j))
-                check_block_length(block, 1, length, (i, j))
+                check_block_length(block, columns, length, (i, j))
                 row_length = block.shape[0]
                 extent = (
                     (row_offset, row_offset + block.shape[0]),
-                    (col_offset, col_offset + block.shape[1]),
+                    (col_offset, col_offset + block.shape[columns]),
                 )
                 if not writer.is_done((i, j), extent):
                     writer.write((i, j), extent, block)
-                col_offset += block.shape[1]
+                col_offset += block.shape[columns]
             if j < 0:
                 raise ValueError(f"Row {i} of the nested sequence has no chunk.")
             if n_columns is None:

@@ -37,6 +37,7 @@ __all__ = [
     "check_store_args",
     "chunk_extents",
     "dask_array_to_zarr",
+    "sample_axes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ def _open_existing(path_or_url: Any) -> Optional["zarr.Array"]:
 
 
 class ZarrChunkWriter:
-    """Creates, validates and fills a zarr array chunk by chunk, with completion markers."""
+    """Creates, validates and fills a zarr array chunk by chunk, with completion markers.
+
+    The extent of a chunk covers the chunked axes: the first ones, or `axes` (e.g. `(0, 2)`
+    for per-token influences of test tokens, `(N_test, T, N)`, whose token axis is whole).
+    """
 
     def __init__(
         self,
@@ -84,8 +89,10 @@ class ZarrChunkWriter:
         metadata: Dict[str, Any],
         overwrite: bool,
         resume: bool,
+        axes: Optional[Sequence[int]] = None,
     ):
         self.path_or_url = path_or_url
+        self.axes = None if axes is None else tuple(int(a) for a in axes)
         self.planned_lengths = (
             None if planned_lengths is None else [list(map(int, p)) for p in planned_lengths]
         )
@@ -142,11 +149,32 @@ class ZarrChunkWriter:
                     f"{_summary(self.planned_lengths)} (did the data or the chunk size change?)."
                 )
             expected = tuple(sum(p) for p in self.planned_lengths)
-            if tuple(array.shape[: len(expected)]) != expected:
+            if self._chunked(array.shape, len(expected)) != expected:
                 raise ValueError(
                     f"Cannot resume: the array at {self.path_or_url!r} has shape "
                     f"{array.shape}, this computation needs leading dimensions {expected}."
                 )
+
+    def _axes(self, k: int) -> Tuple[int, ...]:
+        return tuple(range(k)) if self.axes is None else self.axes
+
+    def _chunked(self, shape: Sequence[int], k: int) -> Tuple[int, ...]:
+        """The sizes of `shape` along the chunked axes."""
+        return tuple(int(shape[a]) for a in self._axes(k))
+
+    def _whole(self, shape: Sequence[int], k: int) -> Tuple[int, ...]:
+        """The sizes of `shape` along the other axes (stored whole in every chunk)."""
+        axes = self._axes(k)
+        return tuple(int(n) for a, n in enumerate(shape) if a not in axes)
+
+    def _with(self, chunked: Sequence[int], whole: Sequence[int]) -> Tuple[int, ...]:
+        """A shape from its sizes along the chunked and the other axes."""
+        axes = self._axes(len(chunked))
+        sizes, rest = dict(zip(axes, chunked)), iter(whole)
+        return tuple(
+            int(sizes[a]) if a in sizes else int(next(rest))
+            for a in range(len(chunked) + len(whole))
+        )
 
     def is_done(self, index: ChunkIndex, extent: Extent) -> bool:
         stored = self.done.get(index)
@@ -168,9 +196,10 @@ class ZarrChunkWriter:
             chunk_leading = tuple(max(p) for p in self.planned_lengths)
         else:
             leading = tuple(e[1] for e in extent)
-            chunk_leading = tuple(block.shape[:k])
-        shape = leading + tuple(block.shape[k:])
-        chunks = tuple(max(c, 1) for c in chunk_leading + tuple(block.shape[k:]))
+            chunk_leading = self._chunked(block.shape, k)
+        whole = self._whole(block.shape, k)
+        shape = self._with(leading, whole)
+        chunks = tuple(max(c, 1) for c in self._with(chunk_leading, whole))
         return zarr.open_array(
             store=self.path_or_url,
             mode="w" if self.overwrite else "w-",
@@ -185,35 +214,53 @@ class ZarrChunkWriter:
         if self.array is None:
             self.array = self._create(extent, block)
         array = self.array
-        if block.dtype != array.dtype or tuple(block.shape[k:]) != tuple(array.shape[k:]):
-            raise ValueError(
-                f"Chunk {index} has dtype {block.dtype} and trailing shape {block.shape[k:]}, "
-                f"the array at {self.path_or_url!r} has dtype {array.dtype} and trailing shape "
-                f"{array.shape[k:]}."
+        whole = self._whole(array.shape, k)
+        if block.dtype != array.dtype or self._whole(block.shape, k) != whole:
+            token = self.metadata.get("token_axis")
+            hint = (
+                ""
+                if token is None
+                else f" (axis {token} holds the tokens: pass max_length to pad every chunk "
+                "to one length)"
             )
-        needed = tuple(max(e[1], s) for e, s in zip(extent, array.shape[:k]))
-        if needed != tuple(array.shape[:k]):
+            raise ValueError(
+                f"Chunk {index} has dtype {block.dtype} and whole axes "
+                f"{self._whole(block.shape, k)}, the array at {self.path_or_url!r} has dtype "
+                f"{array.dtype} and whole axes {whole}{hint}."
+            )
+        current = self._chunked(array.shape, k)
+        needed = tuple(max(e[1], s) for e, s in zip(extent, current))
+        if needed != current:
             if self.planned_lengths is not None:
                 raise ValueError(
                     f"Chunk {index} reaches {needed}, beyond the planned shape {array.shape}."
                 )
-            array.resize(needed + tuple(array.shape[k:]))
-        array[tuple(slice(a, b) for a, b in extent)] = block
+            array.resize(self._with(needed, whole))
+        array[self.region(extent, array.ndim)] = block
         write_marker(array, index, extent)
         self.done[index] = extent
 
+    def region(self, extent: Extent, ndim: int) -> Tuple[slice, ...]:
+        """The slices of the array a chunk of `extent` covers (whole along the other axes)."""
+        axes = self._axes(len(extent))
+        bounds = dict(zip(axes, extent))
+        return tuple(
+            slice(bounds[a][0], bounds[a][1]) if a in bounds else slice(None) for a in range(ndim)
+        )
+
     def finish(self, leading_shape: Tuple[int, ...]) -> "zarr.Array":
+        """Mark the array complete; `leading_shape` is its size along the chunked axes."""
         array = self.array
         if array is None:
             raise ValueError("Nothing was written: the sequence produced no chunk.")
         k = len(leading_shape)
-        if tuple(array.shape[:k]) != tuple(leading_shape):
+        if self._chunked(array.shape, k) != tuple(leading_shape):
             if self.planned_lengths is not None:
                 raise ValueError(
                     f"The data covered {leading_shape}, the planned array has shape "
                     f"{array.shape} (did the data change while writing?)."
                 )
-            array.resize(tuple(leading_shape) + tuple(array.shape[k:]))
+            array.resize(self._with(leading_shape, self._whole(array.shape, k)))
         attributes = self._attributes(complete=True)
         if self.planned_lengths is None:
             lengths: List[List[int]] = [[] for _ in range(k)]
@@ -233,10 +280,22 @@ def _summary(lengths: Sequence[Sequence[int]]) -> str:
     return "; ".join(parts)
 
 
+def sample_axes(ndim: int, token_axis: Optional[int] = None) -> Tuple[int, ...]:
+    """The chunked axes of an array of `ndim` axes: the first two (one for a 1-D array), or,
+    with a `token_axis` (per-token influences), the first three without it."""
+    if token_axis is None:
+        return tuple(range(max(1, min(2, ndim))))
+    return tuple(a for a in range(min(3, ndim)) if a != token_axis)
+
+
 def _write_dask_block(
-    block: NDArray, array: "zarr.Array", index: ChunkIndex, extent: Extent
+    block: NDArray,
+    array: "zarr.Array",
+    index: ChunkIndex,
+    extent: Extent,
+    region: Tuple[slice, ...],
 ) -> int:
-    array[tuple(slice(a, b) for a, b in extent)] = block
+    array[region] = block
     write_marker(array, index, extent)
     return 1
 
@@ -260,7 +319,9 @@ def dask_array_to_zarr(
     once for all of them).
 
     Args:
-        array: the dask array; chunked along at most its first two axes, with regular chunks
+        array: the dask array; chunked along at most its first two axes (the first three
+            but the token axis, for per-token influences whose metadata names a
+            `token_axis`), with regular chunks
             (all of the same length except the last) along each chunked axis, so that no two
             blocks share a zarr chunk.
         path_or_url: a local path, a URL understood by zarr, or a zarr store that the workers
@@ -284,26 +345,30 @@ def dask_array_to_zarr(
     check_store_args(overwrite, resume)
     if metadata is None:
         metadata = dict(getattr(array, "zarr_metadata", None) or {})
-    n_chunked = max(1, min(2, array.ndim))
+    axes = sample_axes(array.ndim, metadata.get("token_axis"))
     for axis, chunks in enumerate(array.chunks):
-        if axis >= n_chunked and len(chunks) > 1:
+        if axis not in axes and len(chunks) > 1:
+            allowed = (
+                f"first {len(axes)} axes" if axes == tuple(range(len(axes))) else f"axes {axes}"
+            )
             raise ValueError(
-                f"Parameter 'array' may be chunked along its first {n_chunked} axes only, got "
+                f"Parameter 'array' may be chunked along its {allowed} only, got "
                 f"{len(chunks)} chunks along axis {axis}; rechunk it first."
             )
         irregular = len(set(chunks[:-1])) > 1 or (len(chunks) > 1 and chunks[-1] > chunks[0])
-        if axis < n_chunked and irregular:
+        if axis in axes and irregular:
             raise ValueError(
                 f"Parameter 'array' must have regular chunks along axis {axis} (all equal "
                 f"but a smaller last one), got {chunks}; rechunk it first."
             )
-    planned = [list(map(int, array.chunks[a])) for a in range(n_chunked)]
+    planned = [list(map(int, array.chunks[a])) for a in axes]
     writer = ZarrChunkWriter(
         path_or_url,
         planned_lengths=planned,
         metadata=metadata,
         overwrite=overwrite,
         resume=resume,
+        axes=axes,
     )
     if writer.array is None:
         import zarr
@@ -329,11 +394,13 @@ def dask_array_to_zarr(
     tasks = []
     for index in np.ndindex(*[len(p) for p in planned]):
         index = tuple(int(i) for i in index)
-        extent = tuple(extents[a][index[a]] for a in range(n_chunked))
+        extent = tuple(extents[a][index[a]] for a in range(len(axes)))
         if writer.is_done(index, extent):
             continue
-        block = blocks[index + (0,) * (array.ndim - n_chunked)]
-        tasks.append(dask.delayed(_write_dask_block)(block, target, index, extent))
+        position = dict(zip(axes, index))
+        block = blocks[tuple(position.get(a, 0) for a in range(array.ndim))]
+        region = writer.region(extent, array.ndim)
+        tasks.append(dask.delayed(_write_dask_block)(block, target, index, extent, region))
     logger.info("Writing %d blocks to %r.", len(tasks), path_or_url)
     if tasks:
         if progress:
@@ -364,5 +431,5 @@ def dask_array_to_zarr(
     if missing:  # pragma: no cover - the scheduler raises for failed tasks
         raise RuntimeError(f"{len(missing)} blocks were not written, e.g. {missing[:3]}.")
     writer.done = written
-    array_out = writer.finish(tuple(array.shape[:n_chunked]))
+    array_out = writer.finish(tuple(array.shape[a] for a in axes))
     return array_out if return_stored else None

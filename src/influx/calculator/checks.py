@@ -12,6 +12,8 @@ import numpy as np
 
 from ..base_influence_function_model import InfluenceFunctionModel
 from ..ordering import check_ordered
+from ..types import TOKEN_AXES, InfluenceMode
+from .structured import leaves_with_paths
 
 __all__ = [
     "DisableClientSingleThreadCheck",
@@ -20,8 +22,11 @@ __all__ = [
     "UnalignedChunksError",
     "check_model",
     "check_ordered_iterable",
+    "check_per_token",
+    "chunk_shape",
     "numpy_dtype",
     "self_influence_function",
+    "token_length",
 ]
 
 
@@ -131,3 +136,57 @@ def check_ordered_iterable(iterable: Any, name: str) -> None:
     `drop_last=True`, see [influx.ordering.check_ordered][]): the rows (or columns) written
     by a calculator follow its batches."""
     check_ordered(iterable, name, "the rows written")
+
+
+def check_per_token(
+    model: Any, per_token: Optional[str], mode: InfluenceMode, max_length: Optional[int]
+) -> Optional[int]:
+    """Check the per-token arguments of a calculator and return the token axis of the result
+    (None without `per_token`): the model must compute the side's per-token influences (its
+    `check_per_token` says so), `max_length` must be a positive int, and is only meaningful
+    with `per_token`."""
+    if per_token is None:
+        if max_length is not None:
+            raise ValueError(
+                "Parameter 'max_length' pads the token axis of per-token influences: pass it "
+                f"with per_token='test' or 'train', got max_length={max_length!r} without."
+            )
+        return None
+    check = getattr(model, "check_per_token", None)
+    if check is None:
+        raise TypeError(
+            f"Parameter 'per_token': {type(model).__name__} does not compute per-token "
+            "influences (it needs a 'check_per_token' method, as every influx torch model has)."
+        )
+    check(per_token, mode)
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
+        raise ValueError(f"Parameter 'max_length' must be a positive int, got {max_length!r}.")
+    return TOKEN_AXES[per_token]
+
+
+def token_length(x: Any, y: Any, max_length: Optional[int], name: str) -> int:
+    """The length of the token axis of per-token influences of dask arrays `(x, y)`:
+    `max_length`, or axis 1 of `y` (the labels of a causal LM, `(N, T)`) or else of the first
+    array of `x` with two axes."""
+    if max_length is not None:
+        return int(max_length)
+    for value in (y, x):
+        for _, array in leaves_with_paths(value, name):
+            if array.ndim >= 2:
+                return int(array.shape[1])
+    raise ValueError(
+        f"Parameter 'max_length' is needed: no array of '{name}' has a token axis (axis 1) "
+        "to take the length of the per-token influences from."
+    )
+
+
+def chunk_shape(
+    n_rows: int, n_cols: int, trailing: Tuple[int, ...], tokens: Optional[Tuple[Any, int]]
+) -> Tuple[int, ...]:
+    """The shape of a chunk of influences: `(n_rows, n_cols, *trailing)`, or with the token
+    axis `tokens = (axis, length)` of per-token influences."""
+    if tokens is None:
+        return (n_rows, n_cols) + trailing
+    return (n_rows, tokens[1], n_cols) if tokens[0] == 1 else (n_rows, n_cols, tokens[1])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -29,8 +29,11 @@ from .checks import (
     ThreadSafetyViolationError,
     UnalignedChunksError,
     check_model,
+    check_per_token,
+    chunk_shape,
     numpy_dtype,
     self_influence_function,
+    token_length,
 )
 from .dask_tasks import factors_task, influences_task, self_influences_task, serialize_model
 from .model_handles import EmbeddedModel, InstalledModel
@@ -260,12 +263,14 @@ class DaskInfluenceCalculator:
         )
         return tuple(shape_of(empty))
 
-    def _factor_blocks(self, x: "dask.array.Array", y: "dask.array.Array") -> List[Any]:
+    def _factor_blocks(
+        self, x: "dask.array.Array", y: "dask.array.Array", options: Optional[Dict[str, Any]] = None
+    ) -> List[Any]:
         import dask
 
         task = dask.delayed(factors_task, pure=True)
         return [
-            task(xb, yb, self._handle, self.numpy_converter, self._dtype)
+            task(xb, yb, self._handle, self.numpy_converter, self._dtype, options)
             for xb, yb in zip(self._blocks(x), self._blocks(y))
         ]
 
@@ -302,6 +307,8 @@ class DaskInfluenceCalculator:
         x: Optional["dask.array.Array"] = None,
         y: Optional["dask.array.Array"] = None,
         mode: InfluenceMode = InfluenceMode.Up,
+        per_token: Optional[str] = None,
+        max_length: Optional[int] = None,
     ) -> "dask.array.Array":
         r"""Influences of `(x, y)` on `(x_test, y_test)`, one task per pair of chunks.
 
@@ -318,10 +325,18 @@ class DaskInfluenceCalculator:
             x: train inputs; if None (together with `y`), the test data is used.
             y: train targets, chunked like `x`.
             mode: `InfluenceMode.Up` or `InfluenceMode.Perturbation`.
+            per_token: None, or `"test"` / `"train"` for per-token influences of a model
+                whose task has per-token values (see
+                [influx.torch.composition.per_token][]): `(N_test, T_test, N)` /
+                `(N_test, N, T_train)`, chunked along the sample axes, the token axis whole.
+                $T$ is axis 1 of the targets (the labels of a causal LM).
+            max_length: with `per_token`, the length of the token axis; every chunk is padded
+                with zeros to it.
 
         Returns:
             A dask array of shape `(N_test, N)` (`Up`) or `(N_test, N, *x.shape[1:])`
-            (`Perturbation`), chunked as the test and train inputs.
+            (`Perturbation`), chunked as the test and train inputs, or with a token axis for
+            `per_token`.
 
         Raises:
             ValueError: if exactly one of `x` and `y` is given.
@@ -329,6 +344,7 @@ class DaskInfluenceCalculator:
             UnalignedChunksError: if inputs and targets are chunked differently.
         """
         mode = check_mode(mode)
+        token_axis = check_per_token(self.influence_function_model, per_token, mode, max_length)
         if (x is None) != (y is None):
             missing, given = ("y", "x") if y is None else ("x", "y")
             raise ValueError(
@@ -340,8 +356,16 @@ class DaskInfluenceCalculator:
             x, y = x_test, y_test
         else:
             self._check_pair(x, y, ("x", "y"))
-        factors = self._factor_blocks(x_test, y_test)
-        return self._assemble(factors, self._sample_chunks(x_test), x, y, mode)
+        if per_token is None:
+            factors = self._factor_blocks(x_test, y_test)
+            return self._assemble(factors, self._sample_chunks(x_test), x, y, mode)
+        options = {"per_token": per_token, "max_length": max_length}
+        factors = self._factor_blocks(x_test, y_test, options)
+        side = (x_test, y_test, "x_test") if per_token == "test" else (x, y, "x")
+        length = token_length(side[0], side[1], max_length, side[2])
+        return self._assemble(
+            factors, self._sample_chunks(x_test), x, y, mode, options, (token_axis, length)
+        )
 
     def _assemble(
         self,
@@ -350,26 +374,48 @@ class DaskInfluenceCalculator:
         x: "dask.array.Array",
         y: "dask.array.Array",
         mode: InfluenceMode,
+        options: Optional[Dict[str, Any]] = None,
+        tokens: Optional[Tuple[Optional[int], int]] = None,
     ) -> "dask.array.Array":
+        """The grid of chunks; `tokens` is the axis and length of the token axis of
+        per-token influences (`options` their arguments)."""
         import dask
         import dask.array as da
 
         trailing = self._perturbation_shape(x) if mode is InfluenceMode.Perturbation else ()
         task = dask.delayed(influences_task, pure=True)
         x_blocks, y_blocks = self._blocks(x), self._blocks(y)
+        metadata: Dict[str, Any] = {"quantity": "influences", "mode": mode.value}
+        if tokens is not None:
+            metadata.update(per_token=(options or {}).get("per_token"), token_axis=tokens[0])
+        columns = 2 if tokens is not None and tokens[0] == 1 else 1
+
+        def shape(n_rows: int, n_cols: int) -> Tuple[int, ...]:
+            return chunk_shape(n_rows, n_cols, trailing, tokens)
+
         grid = [
             [
                 da.from_delayed(
-                    task(f, xb, yb, self._handle, self.numpy_converter, mode, self._dtype),
-                    shape=(n_rows, n_cols) + trailing,
+                    task(
+                        f,
+                        xb,
+                        yb,
+                        self._handle,
+                        self.numpy_converter,
+                        mode,
+                        self._dtype,
+                        options,
+                        None if tokens is None else shape(n_rows, n_cols),
+                    ),
+                    shape=shape(n_rows, n_cols),
                     dtype=self._dtype,
                 )
                 for xb, yb, n_cols in zip(x_blocks, y_blocks, self._sample_chunks(x))
             ]
             for f, n_rows in zip(factor_blocks, row_sizes)
         ]
-        result = da.concatenate([da.concatenate(row, axis=1) for row in grid], axis=0)
-        result.zarr_metadata = {"quantity": "influences", "mode": mode.value}  # type: ignore[attr-defined]
+        result = da.concatenate([da.concatenate(row, axis=columns) for row in grid], axis=0)
+        result.zarr_metadata = metadata  # type: ignore[attr-defined]
         return result
 
     def self_influences(

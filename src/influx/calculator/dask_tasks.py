@@ -8,6 +8,8 @@ requested dtype.
 
 from __future__ import annotations
 
+from typing import Any, Dict, Optional, Tuple
+
 import numpy as np
 
 from ..array import NumpyConverter
@@ -42,11 +44,13 @@ def factors_task(
     handle: ModelHandle,
     converter: NumpyConverter,
     dtype: np.dtype,
+    options: Optional[Dict[str, Any]] = None,
 ) -> np.ndarray:
-    """The influence factors of a chunk of test points."""
+    """The influence factors of a chunk of test points (`options`: the per-token arguments
+    of the model's `influence_factors`)."""
     model = handle.resolve()
     result = model.influence_factors(
-        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y)
+        map_leaves(converter.from_numpy, x), map_leaves(converter.from_numpy, y), **(options or {})
     )
     return np.asarray(converter.to_numpy(result), dtype=dtype)
 
@@ -59,16 +63,28 @@ def influences_task(
     converter: NumpyConverter,
     mode: InfluenceMode,
     dtype: np.dtype,
+    options: Optional[Dict[str, Any]] = None,
+    shape: Optional[Tuple[int, ...]] = None,
 ) -> np.ndarray:
-    """The influences of a chunk of training points from a chunk of test factors."""
+    """The influences of a chunk of training points from a chunk of test factors; with
+    `shape`, a chunk of another shape (per-token influences of sequences longer than the
+    declared token axis) is a ValueError naming `max_length`."""
     model = handle.resolve()
     result = model.influences_from_factors(
         converter.from_numpy(factors),
         map_leaves(converter.from_numpy, x),
         map_leaves(converter.from_numpy, y),
         mode,
+        **(options or {}),
     )
-    return np.asarray(converter.to_numpy(result), dtype=dtype)
+    values = np.asarray(converter.to_numpy(result), dtype=dtype)
+    if shape is not None and tuple(values.shape) != tuple(shape):
+        raise ValueError(
+            f"Parameter 'max_length': a chunk of per-token influences has shape {values.shape}, "
+            f"the result declares {tuple(shape)}; pass max_length to pad every chunk to the "
+            "longest sequence."
+        )
+    return values
 
 
 def serialize_model(model: InfluenceFunctionModel) -> bytes:

@@ -4,12 +4,12 @@ after the other, into lazy chunk sequences."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from ..array import LazyChunk, LazyChunkRow, LazyChunkSequence, NestedLazyChunkSequence
 from ..base_influence_function_model import InfluenceFunctionModel
 from ..types import InfluenceMode, check_mode
-from .checks import check_model, check_ordered_iterable, self_influence_function
+from .checks import check_model, check_ordered_iterable, check_per_token, self_influence_function
 from .structured import first_leaf, is_structured, split_item
 
 __all__ = ["SequentialInfluenceCalculator"]
@@ -90,14 +90,39 @@ def _identity(value: T) -> T:
     return value
 
 
+class _TokenLength:
+    """Checks that the chunks of per-token influences have one length along the token axis
+    (the first chunk's, or `max_length` to which the model pads them)."""
+
+    def __init__(self, axis: Optional[int], max_length: Optional[int]):
+        self.axis = axis
+        self.length = max_length
+
+    def __call__(self, chunk: Any) -> Any:
+        if self.axis is None:
+            return chunk
+        length = int(chunk.shape[self.axis])
+        if self.length is None:
+            self.length = length
+        elif length != self.length:
+            raise ValueError(
+                f"Parameter 'max_length' is needed: a chunk of per-token influences has "
+                f"{length} tokens along axis {self.axis}, an earlier one {self.length} (batches "
+                "of sequences of different lengths); pass max_length to pad every chunk to it."
+            )
+        return chunk
+
+
 def _from_factors(
     model: InfluenceFunctionModel,
     factors: Callable[[], Any],
     x: Any,
     y: Any,
     mode: InfluenceMode,
+    options: Optional[Dict[str, Any]] = None,
+    check: Callable[[Any], Any] = _identity,
 ) -> Any:
-    return model.influences_from_factors(factors(), x, y, mode)
+    return check(model.influences_from_factors(factors(), x, y, mode, **(options or {})))
 
 
 def _factor_chunk(item: Any) -> Any:
@@ -208,6 +233,8 @@ class SequentialInfluenceCalculator:
         test_data_iterable: Iterable[Tuple[Any, Any]],
         train_data_iterable: Iterable[Tuple[Any, Any]],
         mode: InfluenceMode = InfluenceMode.Up,
+        per_token: Optional[str] = None,
+        max_length: Optional[int] = None,
     ) -> NestedLazyChunkSequence:
         r"""Influences of every train point on every test point, chunk by chunk.
 
@@ -227,29 +254,46 @@ class SequentialInfluenceCalculator:
             train_data_iterable: a re-iterable of `(x, y)` batches (iterated once per test
                 batch, so it must yield the same batches every time: no shuffling).
             mode: `InfluenceMode.Up` or `InfluenceMode.Perturbation`.
+            per_token: None, or `"test"` / `"train"` for per-token influences of a model
+                whose task has per-token values (see
+                [influx.torch.composition.per_token][]): chunks of shape
+                `(test_batch, T_test, train_batch)` / `(test_batch, train_batch, T_train)`,
+                the token axis whole in every chunk (and in the zarr chunks).
+            max_length: with `per_token`, pad the token axis of every chunk with zeros to this
+                length: needed when the batches hold sequences of different lengths (a
+                ValueError naming it otherwise); a longer batch is a ValueError.
 
         Returns:
             A lazy nested sequence: rows of chunks of shape `(test_batch, train_batch)`
-            (`Up`) or `(test_batch, train_batch, *x.shape[1:])` (`Perturbation`).
+            (`Up`) or `(test_batch, train_batch, *x.shape[1:])` (`Perturbation`), or with a
+            token axis for `per_token`.
         """
         mode = check_mode(mode)
+        model = self.influence_function_model
+        token_axis = check_per_token(model, per_token, mode, max_length)
         _check_reiterable(test_data_iterable, "test_data_iterable")
         _check_reiterable(train_data_iterable, "train_data_iterable")
-        model = self.influence_function_model
+        options = {} if per_token is None else {"per_token": per_token, "max_length": max_length}
+        metadata = {"quantity": "influences", "mode": mode.value}
+        if per_token is not None:
+            metadata["per_token"] = per_token
 
         def rows() -> Iterator[LazyChunkRow]:
+            check = _TokenLength(token_axis, max_length)
             for item in test_data_iterable:
                 x_test, y_test = _batch(item, "test_data_iterable")
-                factors = _Once(functools.partial(model.influence_factors, x_test, y_test))
-                yield LazyChunkRow(
-                    self._row_chunks(factors, train_data_iterable, mode), _length(x_test)
+                factors = _Once(
+                    functools.partial(model.influence_factors, x_test, y_test, **options)
                 )
+                chunks = self._row_chunks(factors, train_data_iterable, mode, options, check)
+                yield LazyChunkRow(chunks, _length(x_test))
 
         return NestedLazyChunkSequence(
             rows,  # type: ignore[arg-type]
             len_outer_generator=_len_or_none(test_data_iterable),
-            metadata={"quantity": "influences", "mode": mode.value},
+            metadata=metadata,
             chunk_lengths=functools.partial(_grid_lengths, test_data_iterable, train_data_iterable),
+            token_axis=token_axis,
         )
 
     def _row_chunks(
@@ -257,15 +301,18 @@ class SequentialInfluenceCalculator:
         factors: Callable[[], Any],
         train_data_iterable: Iterable[Tuple[Any, Any]],
         mode: InfluenceMode,
+        options: Optional[Dict[str, Any]] = None,
+        check: Callable[[Any], Any] = _identity,
     ) -> Callable[[], Iterator[LazyChunk]]:
         model = self.influence_function_model
 
         def chunks() -> Iterator[LazyChunk]:
             for item in train_data_iterable:
                 x, y = _batch(item, "train_data_iterable")
-                yield LazyChunk(
-                    functools.partial(_from_factors, model, factors, x, y, mode), _length(x)
+                compute = functools.partial(
+                    _from_factors, model, factors, x, y, mode, options, check
                 )
+                yield LazyChunk(compute, _length(x))
 
         return chunks
 

@@ -8,6 +8,8 @@ from typing import Any, Dict, Tuple
 import pytest
 
 import torch
+from helpers import lm_corpus as corpus
+from helpers import tiny_gpt2
 from influx.torch import (
     CausalLMTask,
     DirectInfluence,
@@ -18,38 +20,9 @@ from influx.torch import (
 )
 from influx.torch.kfac.layers import is_conv1d
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-VOCAB, T = 11, 6
-
-
-def tiny_gpt2() -> torch.nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=8,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double().eval()
-
-
-def corpus(n: int, seed: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """Right-padded sequences with a completion mask on their last two tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, T), generator=g)
-    lengths = torch.randint(4, T + 1, (n,), generator=g)
-    positions = torch.arange(T)[None, :]
-    mask = positions < lengths[:, None]
-    completion = mask & (positions >= lengths[:, None] - 2)
-    ids = ids.masked_fill(~mask, 0)
-    x = {"input_ids": ids, "attention_mask": mask.long(), "completion_mask": completion.long()}
-    return x, ids.masked_fill(~mask, -100)
+T = 6
 
 
 @pytest.fixture(scope="module")

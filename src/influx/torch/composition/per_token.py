@@ -42,6 +42,7 @@ per-sample measurement and loss.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional
 
 from torch.func import jacrev, vmap
@@ -50,7 +51,7 @@ from torch.utils import _pytree as pytree
 import torch
 
 from ...base_influence_function_model import InfluenceFunctionModel
-from ...types import InfluenceMode, check_mode
+from ...types import TOKEN_AXES, InfluenceMode, check_mode
 from ..autodiff.derivatives import create_batch_loss_function
 from ..autodiff.model_call import is_data_dependent_control_flow
 from ..data.structures import rows
@@ -60,9 +61,13 @@ from ..kfac.signals import SignalRecorder
 
 __all__ = [
     "PER_TOKEN_SIDES",
+    "check_per_token",
+    "pad_tokens",
+    "per_token_factors",
+    "per_token_scores",
     "PerTokenInfluences",
     "TokenObjective",
-    "per_token_influences",
+    "token_factors_by_block",
     "token_gradients",
 ]
 
@@ -93,15 +98,54 @@ class TokenObjective:
         return None
 
 
-def check_token_task(loss: Any) -> None:
-    """Raise a TypeError unless `loss` is a task with per-token values."""
-    if not all(
-        callable(getattr(loss, name, None)) for name in ("token_measurements", "token_loss_terms")
-    ):
-        raise TypeError(
-            "Parameter 'per_token' needs a task with per-token values (token_measurements and "
-            f"token_loss_terms, e.g. influx.torch.CausalLMTask), got {type(loss).__name__}."
+SIDE_METHODS = {"test": "token_measurements", "train": "token_loss_terms"}
+"""The method of the task each side of `per_token` needs."""
+
+
+def check_per_token(
+    influence: Any, per_token: Optional[str], mode: InfluenceMode = InfluenceMode.Up
+) -> None:
+    """Raise unless `per_token` is None or a side the model's task supports, in `Up` mode: a
+    ValueError for another value or mode, a TypeError for a task without the side's
+    per-token values."""
+    if per_token is None:
+        return
+    if per_token not in PER_TOKEN_SIDES:
+        raise ValueError(
+            f"Parameter 'per_token' must be None, 'test' or 'train', got {per_token!r}."
         )
+    if check_mode(mode) is not InfluenceMode.Up:
+        raise ValueError(
+            f"Parameter 'mode' must be InfluenceMode.Up with per_token, got {mode.name}."
+        )
+    task = getattr(influence, "loss", None)
+    method = SIDE_METHODS[per_token]
+    if not callable(getattr(task, method, None)):
+        raise TypeError(
+            f"Parameter 'per_token' needs a task with per-token values ({method} for "
+            f"per_token={per_token!r}, e.g. influx.torch.CausalLMTask), got "
+            f"{type(task).__name__}."
+        )
+
+
+def pad_tokens(values: torch.Tensor, axis: int, max_length: Optional[int]) -> torch.Tensor:
+    """`values` with zeros appended along the token `axis` up to `max_length` (as they are
+    without it); a ValueError naming `max_length` for longer sequences."""
+    if max_length is None:
+        return values
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"Parameter 'max_length' must be a positive int, got {max_length!r}.")
+    length = values.shape[axis]
+    if length > max_length:
+        raise ValueError(
+            f"Parameter 'max_length' ({max_length}) is shorter than the sequences of the batch "
+            f"({length} tokens)."
+        )
+    if length == max_length:
+        return values
+    shape = list(values.shape)
+    shape[axis] = max_length - length
+    return torch.cat([values, values.new_zeros(shape)], dim=axis)
 
 
 def token_gradients(
@@ -162,75 +206,57 @@ def _position_scores(u: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch
     return torch.cat(parts, dim=1)
 
 
-def per_token_influences(
-    influence: Any,
-    x_test: Any,
-    y_test: Any,
-    x: Any,
-    y: Any,
-    mode: InfluenceMode,
-    per_token: str,
-) -> torch.Tensor:
-    """The per-token influences of a fitted
-    [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]
-    (see the module)."""
-    mode = check_mode(mode)
-    if per_token not in PER_TOKEN_SIDES:
-        raise ValueError(
-            f"Parameter 'per_token' must be None, 'test' or 'train', got {per_token!r}."
-        )
-    if mode is not InfluenceMode.Up:
-        raise ValueError(
-            f"Parameter 'mode' must be InfluenceMode.Up with per_token, got {mode.name}."
-        )
-    if x is None or y is None:
-        raise ValueError(
-            "Parameters 'x' and 'y' (the training sequences) are required with per_token."
-        )
-    task = influence.loss
-    check_token_task(task)
-    test = influence._create_test_batch(x_test, y_test)
-    train = influence._create_batch(x, y)
-    blocks = influence.block_mapper.composable_block_dict
+def _block_params(blocks: Any) -> ParamDict:
     params: ParamDict = {}
     for block in blocks.values():
         params.update(block.gradient_provider.params)
-    if per_token == "test":
-        grads = token_gradients(influence.model, task, params, test.x, test.y, True)
-        n, t = next(iter(grads.values())).shape[:2]
-        total: Optional[torch.Tensor] = None
-        for block in blocks.values():
-            names = list(block.gradient_provider.params)
-            flat = torch.cat([grads[name].reshape(n * t, -1) for name in names], dim=1)
-            factors = block.op.apply(_block_coordinates(block, flat).to(block.op.dtype))
-            values = block.interactions_from_transformed_grads(factors, train, mode)
-            total = values if total is None else total + values
-        assert total is not None
-        return total.reshape(n, t, -1)
-    return _training_side(influence, task, blocks, test, train, mode)
+    return params
+
+
+def token_factors_by_block(influence: Any, test: Any) -> "OrderedDict[str, torch.Tensor]":
+    r"""The factors $A_b \nabla_{\theta_b} m_t(z'_i)$ `(n_test, T_test, F_b)` of every test
+    token, by block: one forward pass for the batch, backward passes vectorised over the
+    tokens."""
+    blocks = influence.block_mapper.composable_block_dict
+    params = _block_params(blocks)
+    grads = token_gradients(influence.model, influence.loss, params, test.x, test.y, True)
+    n, t = next(iter(grads.values())).shape[:2]
+    result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for name, block in blocks.items():
+        names = list(block.gradient_provider.params)
+        flat = torch.cat([grads[p].reshape(n * t, -1) for p in names], dim=1)
+        factors = block.op.apply(_block_coordinates(block, flat).to(block.op.dtype))
+        result[name] = factors.reshape(n, t, -1)
+    return result
+
+
+def _test_side(
+    mapper: Any, factors: "OrderedDict[str, torch.Tensor]", train: Any
+) -> "OrderedDict[str, torch.Tensor]":
+    """`(n_test, T_test, n_train)` by block from the token factors `(n_test, T_test, F_b)`."""
+    n, t = next(iter(factors.values())).shape[:2]
+    flat = OrderedDict((name, value.reshape(n * t, -1)) for name, value in factors.items())
+    values = mapper.interactions_from_transformed_grads(flat, train, InfluenceMode.Up)
+    return OrderedDict((name, value.reshape(n, t, -1)) for name, value in values.items())
 
 
 def _training_side(
-    influence: Any, task: Any, blocks: Any, test: Any, train: Any, mode: InfluenceMode
-) -> torch.Tensor:
-    """`(n_test, n_train, T_train)`: from the layer signals for the Kronecker-factored blocks,
-    from the gradients of the training tokens' loss terms for the others."""
-    kronecker = {
-        name: block
-        for name, block in blocks.items()
-        if isinstance(block.op, (KroneckerFactoredOperator, KroneckerFactoredCurvature))
-    }
+    influence: Any, mapper: Any, factors: "OrderedDict[str, torch.Tensor]", train: Any
+) -> "OrderedDict[str, torch.Tensor]":
+    """`(n_test, n_train, T_train)` by block from the test factors `(n_test, F_b)`: from the
+    layer signals for the Kronecker-factored blocks, from the gradients of the training
+    tokens' loss terms for the others."""
+    task = influence.loss
+    blocks = mapper.composable_block_dict
     specs = {}
-    for name, block in list(kronecker.items()):
-        if getattr(block.gradient_provider, "projection", None) is not None:
-            kronecker.pop(name)
+    for name, block in blocks.items():
+        kronecker = isinstance(block.op, (KroneckerFactoredOperator, KroneckerFactoredCurvature))
+        if not kronecker or getattr(block.gradient_provider, "projection", None) is not None:
             continue
         found = layers_for_parameters(influence.model, block.gradient_provider.params)
-        if len(found) != 1:
-            kronecker.pop(name)
-            continue
-        specs[name] = next(iter(found.values()))
-    total: Optional[torch.Tensor] = None
+        if len(found) == 1:
+            specs[name] = next(iter(found.values()))
+    result: Dict[str, torch.Tensor] = {}
     t_train = int(train.y.shape[1]) if isinstance(train.y, torch.Tensor) else None
     if specs:
         signals = SignalRecorder(influence.model, specs, task).record(train)
@@ -242,32 +268,132 @@ def _training_side(
                     f"training sequence, not its {t_train} tokens (a layer called more than "
                     "once, or a convolution); per-token scores need one position per token."
                 )
-            factors = kronecker[name].transformed_grads(test)
-            matrices = spec.matrix_from_flat(factors.to(a.dtype))  # (n_test, m, k)
-            values = _position_scores(matrices, a, d)
-            total = values if total is None else total + values
-    rest = [block for name, block in blocks.items() if name not in specs]
+            matrices = spec.matrix_from_flat(factors[name].to(a.dtype))  # (n_test, m, k)
+            result[name] = _position_scores(matrices, a, d)
+    rest = [name for name in blocks if name not in specs]
     if rest:
-        params: ParamDict = {}
-        for block in rest:
-            params.update(block.gradient_provider.params)
+        params = _block_params({name: blocks[name] for name in rest})
         grads = token_gradients(influence.model, task, params, train.x, train.y, False)
-        for block in rest:
-            factors = block.transformed_grads(test)
-            names = list(block.gradient_provider.params)
+        for name in rest:
+            names = list(blocks[name].gradient_provider.params)
             flat = _block_coordinates(
-                block, torch.cat([grads[name].flatten(2) for name in names], dim=2)
+                blocks[name], torch.cat([grads[p].flatten(2) for p in names], dim=2)
             )
-            values = torch.einsum("ip,jsp->ijs", factors.to(flat.dtype), flat)
-            total = values if total is None else total + values
+            result[name] = torch.einsum("ip,jsp->ijs", factors[name].to(flat.dtype), flat)
+    return OrderedDict((name, result[name]) for name in blocks)
+
+
+def _split_factors(mapper: Any, factors: Any, per_token: str) -> "OrderedDict[str, torch.Tensor]":
+    """Factors given as one tensor (or a dict by block) split by block, shapes checked:
+    `(n_test, T_test, F)` for the test side, `(n_test, F)` for the training side."""
+    blocks = mapper.composable_block_dict
+    if isinstance(factors, dict):
+        return mapper._to_block_dict(factors)  # type: ignore[no-any-return]
+    sizes = [block.op.input_size for block in blocks.values()]
+    ndim = 3 if per_token == "test" else 2
+    if (
+        not isinstance(factors, torch.Tensor)
+        or factors.ndim != ndim
+        or factors.shape[-1] != sum(sizes)
+    ):
+        shape = "(N, T, " if per_token == "test" else "(N, "
+        got = tuple(factors.shape) if isinstance(factors, torch.Tensor) else type(factors).__name__
+        raise ValueError(
+            f"Parameter 'z_test_factors' must have shape {shape}{sum(sizes)}) with "
+            f"per_token={per_token!r}, got {got}."
+        )
+    return OrderedDict(zip(blocks, torch.split(factors, sizes, dim=-1)))
+
+
+def per_token_factors(
+    influence: Any, x: Any, y: Any, per_token: str
+) -> "OrderedDict[str, torch.Tensor]":
+    """The test factors by block that the per-token influences of a side pair with the
+    training data: of every token `(n_test, T_test, F_b)` for the test side, of every
+    sequence `(n_test, F_b)` for the training side."""
+    test = influence._create_test_batch(x, y)
+    if per_token == "test":
+        return token_factors_by_block(influence, test)
+    return influence.block_mapper.transformed_grads(test)  # type: ignore[no-any-return]
+
+
+def _check_training_data(x: Any, y: Any) -> None:
+    if x is None or y is None:
+        raise ValueError(
+            "Parameters 'x' and 'y' (the training sequences) are required with per_token."
+        )
+
+
+def per_token_scores(
+    influence: Any, factors: Any, x: Any, y: Any, per_token: str, mapper: Any = None
+) -> "OrderedDict[str, torch.Tensor]":
+    """The per-token influences of a side by block, from the factors of
+    [per_token_factors][influx.torch.composition.per_token.per_token_factors] (a tensor
+    concatenated over blocks or a dict by block), over the blocks of `mapper` (by default
+    the model's)."""
+    _check_training_data(x, y)
+    mapper = influence.block_mapper if mapper is None else mapper
+    by_block = _split_factors(mapper, factors, per_token)
+    train = influence._create_batch(x, y)
+    if per_token == "test":
+        return _test_side(mapper, by_block, train)
+    return _training_side(influence, mapper, by_block, train)
+
+
+def _summed(values: "OrderedDict[str, torch.Tensor]") -> torch.Tensor:
+    total: Optional[torch.Tensor] = None
+    for value in values.values():
+        total = value if total is None else total + value
     assert total is not None
     return total
 
 
 class PerTokenInfluences:
-    """The `per_token` argument of the influences of
+    """The `per_token` and `by_block` arguments of the factors and influences of
     [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]
     (a base class placed before the framework-agnostic one)."""
+
+    block_mapper: Any
+
+    def check_per_token(
+        self, per_token: Optional[str], mode: InfluenceMode = InfluenceMode.Up
+    ) -> None:
+        """Raise unless this model computes the per-token influences of side `per_token`
+        (see [check_per_token][influx.torch.composition.per_token.check_per_token])."""
+        check_per_token(self, per_token, mode)
+
+    @InfluenceFunctionModel.fit_required
+    def influence_factors(
+        self, x: Any, y: Any, per_token: Optional[str] = None, max_length: Optional[int] = None
+    ) -> torch.Tensor:
+        r"""The influence factors $(C + \lambda I)^{-1} \nabla_\theta m(z'_i)$ `(N, F)` of
+        the test points; with `per_token="test"` those of every test token's measurement,
+        `(N, T, F)` (the token axis padded with zeros to `max_length` if given), which
+        `influences_from_factors(..., per_token="test")` pairs with training data. With
+        `per_token="train"` the factors are those of the sequences, as without it."""
+        if per_token is None:
+            return super().influence_factors(x, y)  # type: ignore[misc,no-any-return]
+        check_per_token(self, per_token)
+        factors = torch.cat(list(per_token_factors(self, x, y, per_token).values()), dim=-1)
+        return pad_tokens(factors, 1, max_length) if per_token == "test" else factors
+
+    @InfluenceFunctionModel.fit_required
+    def influences_from_factors(
+        self,
+        z_test_factors: Any,
+        x: Any,
+        y: Any,
+        mode: InfluenceMode = InfluenceMode.Up,
+        per_token: Optional[str] = None,
+        max_length: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The influences of `(x, y)` from pre-computed factors; per token (see `influences`)
+        from the factors of `influence_factors(..., per_token=...)`."""
+        if per_token is None:
+            return super().influences_from_factors(z_test_factors, x, y, mode)  # type: ignore[misc,no-any-return]
+        check_per_token(self, per_token, mode)
+        values = _summed(per_token_scores(self, z_test_factors, x, y, per_token))
+        return pad_tokens(values, TOKEN_AXES[per_token], max_length)
 
     @InfluenceFunctionModel.fit_required
     def influences(
@@ -278,14 +404,20 @@ class PerTokenInfluences:
         y: Optional[Any] = None,
         mode: InfluenceMode = InfluenceMode.Up,
         per_token: Optional[str] = None,
+        max_length: Optional[int] = None,
     ) -> torch.Tensor:
         r"""$I(z'_i, z_j)$ `(n_test, n_train)`, or per token for a task with per-token values
         ([CausalLMTask][influx.torch.data.causal_lm.CausalLMTask]): `per_token="test"` gives
         `(n_test, T_test, n_train)`, the influence on each test token's measurement, and
         `per_token="train"` gives `(n_test, n_train, T_train)`, the contribution of each
         training position; both sum over the tokens to the per-sequence values (see
-        [influx.torch.composition.per_token][]).
+        [influx.torch.composition.per_token][]). `max_length` pads the token axis with zeros
+        (a fixed length for batches of different lengths); a longer batch is a ValueError.
         """
         if per_token is None:
             return super().influences(x_test, y_test, x, y, mode)  # type: ignore[misc,no-any-return]
-        return per_token_influences(self, x_test, y_test, x, y, mode, per_token)
+        check_per_token(self, per_token, mode)
+        _check_training_data(x, y)
+        factors = per_token_factors(self, x_test, y_test, per_token)
+        values = _summed(per_token_scores(self, factors, x, y, per_token))
+        return pad_tokens(values, TOKEN_AXES[per_token], max_length)

@@ -89,7 +89,8 @@ class TorchCatAggregator(SequenceAggregator[torch.Tensor]):
 class NestedTorchCatAggregator(NestedSequenceAggregator[torch.Tensor]):
     """Concatenates the chunks of a
     [NestedLazyChunkSequence][influx.array.NestedLazyChunkSequence] into one tensor: the
-    chunks of a row along axis 1, the rows along axis 0. Each row is concatenated as soon as
+    chunks of a row along its column axis (1, or 2 for per-token influences of test tokens),
+    the rows along axis 0. Each row is concatenated as soon as
     it is complete.
 
     Args:
@@ -107,7 +108,8 @@ class NestedTorchCatAggregator(NestedSequenceAggregator[torch.Tensor]):
             rows_iter = tqdm(
                 rows_iter, total=nested_sequence_of_tensors.len_outer_generator, desc="row chunks"
             )
-        rows = [torch.cat(list(row), dim=1) for row in rows_iter]
+        columns = getattr(nested_sequence_of_tensors, "column_axis", 1)
+        rows = [torch.cat(list(row), dim=columns) for row in rows_iter]
         if not rows:
             raise ValueError("The sequence is empty: there is nothing to concatenate.")
         return torch.cat(rows, dim=0)
