@@ -95,6 +95,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.fit_checks",
             "influx.torch.composition.persistence",
             "influx.torch.composition.per_token",
+            "influx.torch.composition.heads",
             "influx.torch.composition.chunking",
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",

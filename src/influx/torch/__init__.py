@@ -12,6 +12,7 @@ from ..types import InfluenceMode, NotFittedException, UnsupportedInfluenceModeE
 from .composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from .composition.composable import TorchComposableInfluence
 from .composition.curvatures import Curvature, KroneckerCurvature, ModeCurvature
+from .composition.heads import AttentionHeads
 from .composition.solvers import (
     ArnoldiSolver,
     CgSolver,
@@ -94,6 +95,7 @@ __all__ = [
     "EnsembleInfluence",
     "InfluenceTracker",
     "Task",
+    "AttentionHeads",
     "CausalLMTask",
     "SupervisedTask",
     "ArnoldiSolver",

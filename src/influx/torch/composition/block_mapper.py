@@ -9,7 +9,7 @@ maps influence factors, influences and self-influences over the ordered blocks o
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 import torch
 
@@ -96,6 +96,22 @@ class TorchBlockMapper(BlockMapper[torch.Tensor, TorchBatch, TorchOperatorGradie
         for block in self.composable_block_dict.values():
             block.to(device)
         return self
+
+    def subset(self, names: Sequence[str]) -> "TorchBlockMapper":
+        """The map over the blocks `names` only, in this mapper's order."""
+        return TorchBlockMapper(self._blocks_named(names))
+
+    def _blocks_named(
+        self, names: Sequence[str]
+    ) -> "OrderedDict[str, TorchOperatorGradientComposition]":
+        unknown = [name for name in names if name not in self.composable_block_dict]
+        if unknown:
+            raise ValueError(
+                f"Unknown blocks {unknown}: the blocks are {list(self.composable_block_dict)}."
+            )
+        return OrderedDict(
+            (name, block) for name, block in self.composable_block_dict.items() if name in names
+        )
 
     def _split_to_blocks(self, z: torch.Tensor, dim: int = -1) -> "OrderedDict[str, torch.Tensor]":
         sizes = [block.op.input_size for block in self.composable_block_dict.values()]

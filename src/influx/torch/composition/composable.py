@@ -59,7 +59,7 @@ from .fit_checks import (
     non_finite_state,
     tensor_versions,
 )
-from .per_token import PerTokenInfluences
+from .heads import SplitInfluences
 from .persistence import (
     check_fit_header,
     fit_contents,
@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 
 
 class TorchComposableInfluence(
-    PerTokenInfluences,
+    SplitInfluences,
     ChunkedInfluences,
     ComposableInfluence[torch.Tensor, TorchBatch, DataLoader, TorchBlockMapper],
     ABC,

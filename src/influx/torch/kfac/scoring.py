@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Dict, Generator, Iterator, Optional, Tuple, Union
+from typing import Dict, Generator, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -159,6 +159,12 @@ class KroneckerBlockMapper(TorchBlockMapper):
         self.loss = loss
         self.layers = layers
         self.chunk_bytes = chunk_bytes
+
+    def subset(self, names: Sequence[str]) -> "KroneckerBlockMapper":
+        """The map over the layers `names` only, in this mapper's order."""
+        blocks = self._blocks_named(names)
+        layers = {name: self.layers[name] for name in blocks}
+        return KroneckerBlockMapper(blocks, self.model, self.loss, layers, self.chunk_bytes)
 
     def _chunks(
         self, batch: TorchBatch, floor_bytes: int = 0
