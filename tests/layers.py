@@ -99,6 +99,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.chunking",
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",
+            "influx.torch.kfac.query",
             "influx.torch.projection.projections",
             "influx.torch.projection.gradients",
         ],

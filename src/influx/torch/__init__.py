@@ -66,6 +66,7 @@ from .inverse.preconditioner import JacobiPreconditioner, NystroemPreconditioner
 from .inverse.sketch import LowRankProductRepresentation
 from .kfac.factors import NotImplementedLayerRepresentationException
 from .kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
+from .kfac.query import low_rank_query_factors
 from .legacy.inversion_methods import TorchTensorUtilities, TorchTwiceDifferentiable
 from .models import (
     ArnoldiInfluence,
@@ -172,6 +173,7 @@ __all__ = [
     "top_k_influences",
     "lanczos_eigenpairs",
     "lanczos_low_rank",
+    "low_rank_query_factors",
     "model_hessian_low_rank",
     "model_hessian_nystroem_approximation",
     "nystroem_low_rank",
