@@ -38,6 +38,13 @@ the per-sequence influences.
 The task must provide `token_measurements(model, x, y)` (the test side) and
 `token_loss_terms(model, x, y)` (the training side), both `(N, T)` and summing over $T$ to the
 per-sample measurement and loss.
+
+**Factors and calculators.** The test factors a side pairs with the training data are
+computed once per test batch: those of every test token, `(n_test, T_test, F)`
+(`influence_factors(..., per_token="test")`), or those of the sequences for the training side;
+`influences_from_factors(..., per_token=...)` pairs them with any number of training batches,
+which is what the calculators do. `max_length` pads the token axis with zeros, so that
+batches of sequences of different lengths give chunks of one shape.
 """
 
 from __future__ import annotations
