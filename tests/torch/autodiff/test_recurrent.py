@@ -262,3 +262,59 @@ def test_packed_sequences_match_the_autograd_hessian() -> None:
     )
     expected = g[:2] @ torch.linalg.solve(h + 0.01 * torch.eye(h.shape[0]), g.T)
     assert rel_err(values, expected) < 1e-10
+
+
+def ggn_reference(
+    net: torch.nn.Module, inputs: tuple[Any, ...], y: torch.Tensor, lam: float, n_test: int
+) -> torch.Tensor:
+    """$g_{\\text{test}} (J^\\top \\nabla^2_z L J + \\lambda I)^{-1} g^\\top$ with the mean
+    cross-entropy $L$, from `torch.autograd.functional` (which also runs packed sequences)."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def outputs(t: torch.Tensor, *xs: Any) -> torch.Tensor:
+        parts = torch.split(t, [s.numel() for s in shapes])
+        p = {n: c.reshape(s) for n, c, s in zip(names, parts, shapes)}
+        return torch.func.functional_call(net, p, xs)  # type: ignore[no-any-return]
+
+    z = outputs(theta, *inputs)
+    jac = torch.autograd.functional.jacobian(lambda t: outputs(t, *inputs), theta)
+    jac = jac.reshape(-1, theta.numel())
+    h_z = torch.autograd.functional.hessian(
+        lambda out: F.cross_entropy(out.reshape(z.shape), y), z.detach().reshape(-1)
+    )
+    ggn = jac.T @ h_z @ jac
+    g = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda t, i=i: F.cross_entropy(
+                    outputs(t, *(a[i : i + 1] for a in inputs)), y[i : i + 1]
+                ),
+                theta,
+            )
+            for i in range(len(y))
+        ]
+    )
+    return g[:n_test] @ torch.linalg.solve(ggn + lam * torch.eye(theta.numel()), g.T)
+
+
+def test_generalized_gauss_newton_matches_the_autograd_reference() -> None:
+    """The GGN of recurrent models (torch.autograd path), unpacked and packed sequences."""
+    torch.manual_seed(0)
+    lam = 0.01
+    x, y = data(n=10)
+    lstm = SequenceClassifier("LSTM").eval()
+    model = DirectInfluence(
+        lstm, F.cross_entropy, lam, second_order_mode=SecondOrderMode.GENERALIZED_GAUSS_NEWTON
+    ).fit(loader(x, y, 5))
+    expected = ggn_reference(lstm, (x,), y, lam, 3)
+    assert rel_err(model.influences(x[:3], y[:3], x, y), expected) < 1e-10
+
+    packed = PackedClassifier().eval()
+    lengths = torch.randint(1, STEPS + 1, (10,), generator=torch.Generator().manual_seed(4))
+    model = DirectInfluence(
+        packed, F.cross_entropy, lam, second_order_mode=SecondOrderMode.GENERALIZED_GAUSS_NEWTON
+    ).fit(torch.utils.data.DataLoader(PackedData(x, lengths, y), batch_size=5))
+    values = model.influences((x[:2], lengths[:2]), y[:2], (x, lengths), y)
+    assert rel_err(values, ggn_reference(packed, (x, lengths), y, lam, 2)) < 1e-10

@@ -20,7 +20,10 @@ mean training loss, whatever the batch size.
 A product $G_b v$ is computed in three steps, never forming $J_b$: a Jacobian-vector product
 $u = J_b v$ (forward mode), a Hessian-vector product $w = \nabla^2_z L_b \, u$ of the loss in
 the output space, and a vector-Jacobian product $J_b^\top w$ (reverse mode); the rows of
-$V$ are vectorised with `vmap`.
+$V$ are vectorised with `vmap`. For a model with recurrent layers, whose fused kernels
+`torch.func` cannot transform (packed sequences included), the same three steps run with
+`torch.autograd`, one row at a time: $J_b v$ as the derivative of $(J_b^\top u)^\top v$ with
+respect to a dummy $u$ (reverse over reverse), which needs no forward mode.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ from ..autodiff.derivatives import (
     with_frozen,
 )
 from ..autodiff.hessian_products import HESSIAN_CHUNK_BUDGET
-from ..autodiff.model_call import call_model, is_task, model_outputs
+from ..autodiff.model_call import (
+    call_model,
+    is_task,
+    model_outputs,
+    vmap_unsupported_modules,
+)
 from ..autodiff.stateless import ForwardModeSerialised, MathAttentionOnFailure
 from ..data.batches import TorchBatch
 from .batch_operation import LossBatchOperation
@@ -84,8 +92,13 @@ class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
         self._merge = with_frozen(self.params, self.model)
         # jvp: one thread at a time per process (see influx.torch.functional); the math
         # attention kernel where a fused one has no forward-mode derivative
+        products = (
+            self._products_by_autograd
+            if vmap_unsupported_modules(self.model)
+            else ForwardModeSerialised(self._products)
+        )
         self._serialised_products = MathAttentionOnFailure(
-            ForwardModeSerialised(self._products), "Generalized Gauss-Newton products"
+            products, "Generalized Gauss-Newton products"
         )
 
     def _output_function(self, x: Any) -> Callable[[ParamDict], torch.Tensor]:
@@ -119,6 +132,46 @@ class GeneralizedGaussNewtonBatchOperation(LossBatchOperation):
         (pulled,) = vmap(pullback)(curved)
         rows = tensor.shape[0]
         return torch.cat([pulled[name].reshape(rows, -1) for name in params], dim=1)
+
+    def _products_by_autograd(self, batch: TorchBatch, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of `tensor` times $G_b$ with `torch.autograd` only (recurrent kernels)."""
+        names = list(self.params)
+        rows = tensor.to(self.dtype)
+        result = torch.zeros_like(rows)
+        with torch.enable_grad():
+            leaves = [self.params[n].detach().requires_grad_(True) for n in names]
+            z = self._output_function(batch.x)(dict(zip(names, leaves)))
+            # J^T u for a dummy u, with its graph: its derivative along v in u is J v
+            dummy = torch.zeros_like(z, requires_grad=True)
+            pulled_dummy = torch.autograd.grad(
+                z, leaves, dummy, create_graph=True, allow_unused=True
+            )
+            used = [i for i, g in enumerate(pulled_dummy) if g is not None]
+            if rows.shape[0] == 0 or not used:
+                return result
+            out = z.detach().requires_grad_(True)
+            (out_grad,) = torch.autograd.grad(
+                cast(LossFunction, self.loss)(out, batch.y), out, create_graph=True
+            )
+            for k, row in enumerate(rows):
+                tangent = unflatten(row, self.params)
+                (pushed,) = torch.autograd.grad(
+                    [pulled_dummy[i] for i in used],
+                    dummy,
+                    [tangent[names[i]] for i in used],
+                    retain_graph=True,
+                )
+                (curved,) = torch.autograd.grad(out_grad, out, pushed, retain_graph=True)
+                pulled = torch.autograd.grad(
+                    z, leaves, curved, retain_graph=True, allow_unused=True
+                )
+                result[k] = torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(leaf)).reshape(-1)
+                        for g, leaf in zip(pulled, leaves)
+                    ]
+                )
+        return result
 
     def to_dense(self, batch: TorchBatch) -> torch.Tensor:
         """The matrix `(P, P)` of the batch's GGN, from products with the columns of the
