@@ -100,6 +100,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.kfac.scoring",
             "influx.torch.projection.projections",
             "influx.torch.projection.gradients",
+            "influx.torch.projection.distortion",
         ],
     ),
     ("models", ["influx.torch.models"]),
