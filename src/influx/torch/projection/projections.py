@@ -85,8 +85,8 @@ def default_projection_dim(n_parameters: int) -> int:
     A fixed $k$ loses accuracy as the model grows (more directions of the gradients compete
     for the same coordinates); $k$ grows as $2\sqrt{p}$ from $p \approx 262{,}000$ on, so that
     the $k \times k$ curvature ($8 k^2$ bytes in float64) stays of the order of the model
-    itself ($32 p$ bytes), and is capped at 8192 (512 MB). Examples: $p$ = 100 k: 1024;
-    1.1 M: 2098; 11.2 M (ResNet-18): 6694, a 358 MB curvature; 17 M and more: 8192. Below
+    itself ($32 p$ bytes), and is capped at 8192 (512 MB): 1024 up to about 262 k parameters,
+    2098 at 1.1 M, 6694 at 11.2 M (ResNet-18; a 358 MB curvature), 8192 from 17 M on. Below
     1024 parameters the projection is square (exact with orthogonal rows). The distortion
     estimate of [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence] says
     whether the chosen $k$ suffices for the data at hand.
