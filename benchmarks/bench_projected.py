@@ -298,8 +298,16 @@ def distortion_table(seeds: int = 3) -> List[str]:
     from influx.torch import ProjectedInfluence
 
     lam = 0.01
-    net, data = digits_cnn()
-    exact = exact_gauss_newton(net, data, lam)
+    path = cache_dir() / "digits_cnn"
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "exact_gn.npy").exists():
+        net, data = torch.load(path / "model.pt", weights_only=False)
+        exact = np.load(path / "exact_gn.npy")
+    else:
+        net, data = digits_cnn()
+        exact = exact_gauss_newton(net, data, lam)
+        torch.save((net, data), path / "model.pt")
+        np.save(path / "exact_gn.npy", exact)
     train = DataLoader(TensorDataset(data["x_train"], data["y_train"]), batch_size=250)
     rows = [
         "| projection | k | seed | Pearson | Spearman | distortion | suggested k | fit s |",

@@ -59,7 +59,7 @@ def test_a_full_dimension_projection_reports_no_distortion_and_does_not_warn(
     with caplog.at_level(logging.WARNING):
         model = ProjectedInfluence(net, F.cross_entropy, regularization=0.1).fit(loader(x, y))
     estimate = model.projection_distortion["model"]
-    assert estimate is not None and estimate.distortion < 1e-10 and estimate.samples == 16
+    assert estimate is not None and estimate.distortion < 1e-10 and estimate.samples == 32
     assert estimate.projection_dim == estimate.n_parameters == 57
     assert "distorts influence" not in caplog.text
     diagnostics = model.solver_diagnostics["model"]

@@ -113,7 +113,8 @@ class ProjectedInfluence(TorchComposableInfluence):
             the others generated again for every sub-batch, with a warning (see
             [DenseProjection][influx.torch.projection.projections.DenseProjection]).
         distortion_samples: $m$, the training points of the distortion estimate (their
-            exact per-sample gradients are held: $m p$ numbers); 0 skips the estimate.
+            exact per-sample gradients are held: $m p$ numbers, at most $2^{28}$, so fewer
+            points on blocks of over 8 M parameters, never fewer than 8); 0 skips it.
 
     Example:
         ```python
@@ -135,7 +136,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         seed: int = 0,
         orthogonal: bool = True,
         max_cache_mb: float = 256.0,
-        distortion_samples: int = 16,
+        distortion_samples: int = 32,
     ):
         if not (is_task(loss) or callable(loss)):
             raise TypeError(
@@ -221,11 +222,11 @@ class ProjectedInfluence(TorchComposableInfluence):
         if unreliable:
             logger.warning(
                 "ProjectedInfluence: the projection distorts influence too much for a reliable "
-                "ranking (estimated relative error above %.2f on %d training points): %s.",
+                "ranking (estimated relative error above %.2f): %s.",
                 DISTORTION_THRESHOLD,
-                self.distortion_samples,
                 "; ".join(
-                    f"block {name!r}: {e.distortion:.2f} at k = {e.projection_dim} of "
+                    f"block {name!r}: {e.distortion:.2f} (on {e.samples} training points) at "
+                    f"k = {e.projection_dim} of "
                     f"{e.n_parameters} parameters, use projection_dim={e.suggested_dim}"
                     for name, e in unreliable
                 ),

@@ -8,8 +8,7 @@ $1/\lambda$), which is small next to $\lVert g \rVert$: this is where a projecti
 the model loses the ranking.
 
 **The estimate.** Take the exact per-sample training gradients of $m$ points of the fit data
-(default 16), split into a curvature half $C$ (the first $m_c = \lfloor m/2 \rfloor$) and a
-probe half $T$. With the Gram matrix $K = G G^\top$ of the $m$ gradients, the influence
+(default 32), split into a curvature half $C$ ($m_c$ points) and a probe half $T$. With the Gram matrix $K = G G^\top$ of the $m$ gradients, the influence
 among the probe points of the model whose curvature is the empirical Fisher of $C$,
 $\frac{1}{m_c} G_C^\top G_C + \lambda I$, is by the Woodbury identity
 
@@ -22,14 +21,17 @@ $$
 with the Gram matrix $\tilde K = (G P^\top)(P G^\top)$ of the projected gradients gives the
 projected model's $\tilde I_{TT}$. The distortion is the relative error of the probe points'
 influences on one another (the diagonal, self-influence, is left out: it is the easy part),
+pooled over the two ways of splitting (each half the curvature of the other),
 
 $$
-\delta = \frac{\lVert \operatorname{off}(\tilde I_{TT} - I_{TT}) \rVert_F}
-{\lVert \operatorname{off}(I_{TT}) \rVert_F} .
+\delta = \left( \frac{\sum_{\text{splits}} \lVert \operatorname{off}(\tilde I_{TT} -
+I_{TT}) \rVert_F^2}{\sum_{\text{splits}} \lVert \operatorname{off}(I_{TT}) \rVert_F^2}
+\right)^{1/2} .
 $$
 
-It costs $m$ explicit per-sample gradients ($m p$ numbers: 720 MB for 16 gradients of 11 M
-parameters in float32) and $m^2 p$ multiply-adds, once per fit. It is exactly 0 for a
+It costs $m$ explicit per-sample gradients ($m p$ numbers, at most
+`DISTORTION_GRADIENT_NUMBERS` $= 2^{28}$, 1 GB in float32: 23 points for 11.2 M parameters,
+never fewer than 8) and $m^2 p$ multiply-adds, once per fit. It is exactly 0 for a
 projection with $P^\top P = I$ (square orthogonal) and grows as $1/\sqrt{k}$ falls behind the
 gradients' effective dimension. It measures the projection on a curvature of $m_c$ points only:
 a real fit takes out more directions, leaving smaller remains, so the estimate errs on the
@@ -54,7 +56,9 @@ from ..gradients.provider import TorchGradientProvider
 from .gradients import SAMPLE_CHUNK_ELEMENTS, ProjectedGradientProvider
 
 __all__ = [
+    "DISTORTION_GRADIENT_NUMBERS",
     "DISTORTION_THRESHOLD",
+    "MIN_SAMPLES",
     "DistortionEstimate",
     "distortion_from_gradients",
     "estimate_distortion",
@@ -65,6 +69,13 @@ DISTORTION_THRESHOLD = 0.5
 """Above this relative error of the probe influences, rankings are called unreliable (on the
 digits MLP of `benchmarks/bench_projected.py` it separates Pearson correlations with the exact
 influence below about 0.9 from those above)."""
+
+
+DISTORTION_GRADIENT_NUMBERS = 2**28
+"""Budget (numbers) of the exact gradients held for the estimate: 1 GB in float32."""
+
+MIN_SAMPLES = 8
+"""The estimate uses at least this many points (if the data has them), whatever the budget."""
 
 
 @dataclass(frozen=True)
@@ -103,13 +114,29 @@ def probe_influences(gram: torch.Tensor, n_curvature: int, regularization: float
     return gram[t, t] - gram[t, c] @ solved  # type: ignore[no-any-return]
 
 
+def _off_diagonal_errors(
+    exact_gram: torch.Tensor, projected_gram: torch.Tensor, curvature: torch.Tensor, lam: float
+) -> "tuple[float, float]":
+    """Squared norms of the probe influences' off-diagonal errors and of their reference, the
+    points of `curvature` (a boolean mask) forming the curvature and the others the probe."""
+    order = torch.cat([torch.nonzero(curvature).flatten(), torch.nonzero(~curvature).flatten()])
+    n_curvature = int(curvature.sum())
+    reference = probe_influences(exact_gram[order][:, order], n_curvature, lam)
+    estimate = probe_influences(projected_gram[order][:, order], n_curvature, lam)
+    off = ~torch.eye(reference.shape[0], dtype=torch.bool)
+    error = float(((estimate - reference)[off] ** 2).sum())
+    return error, float((reference[off] ** 2).sum())
+
+
 def distortion_from_gradients(
     exact: torch.Tensor,
     projected: torch.Tensor,
     regularization: Optional[float],
     n_parameters: Optional[int] = None,
 ) -> DistortionEstimate:
-    r"""The distortion estimate from $m$ exact gradients `(m, p)` and their projections `(m, k)`.
+    r"""The distortion estimate from $m$ exact gradients `(m, p)` and their projections `(m, k)`:
+    both halves serve in turn as the curvature and as the probe, and their off-diagonal errors
+    are pooled.
 
     Args:
         exact: the gradients $G$.
@@ -126,15 +153,15 @@ def distortion_from_gradients(
             "Parameters 'exact' and 'projected' must hold the same number m >= 4 of gradients, "
             f"got {m} and {projected.shape[0]}."
         )
-    n_curvature = m // 2
     lam = float(regularization or 0.0)
     exact64, projected64 = exact.to(torch.float64), projected.to(torch.float64)
-    reference = probe_influences(exact64 @ exact64.T, n_curvature, lam)
-    estimate = probe_influences(projected64 @ projected64.T, n_curvature, lam)
-    off = ~torch.eye(reference.shape[0], dtype=torch.bool)
-    scale = float(torch.linalg.vector_norm(reference[off]))
-    error = float(torch.linalg.vector_norm((estimate - reference)[off]))
-    distortion = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+    exact_gram, projected_gram = exact64 @ exact64.T, projected64 @ projected64.T
+    first_half = torch.arange(m) < m // 2
+    error, scale = 0.0, 0.0
+    for curvature in (first_half, ~first_half):
+        e, s = _off_diagonal_errors(exact_gram, projected_gram, curvature, lam)
+        error, scale = error + e, scale + s
+    distortion = math.sqrt(error / scale) if scale > 0 else (0.0 if error == 0 else math.inf)
     k, p = projected.shape[1], int(n_parameters or exact.shape[1])
     suggested = k
     if distortion > DISTORTION_THRESHOLD:
@@ -150,7 +177,9 @@ def estimate_distortion(
     samples: int,
 ) -> Optional[DistortionEstimate]:
     """The distortion estimate of a block's projection from the first `samples` training points
-    of `batches` (exact per-sample gradients of the training loss, in sub-batches).
+    of `batches` (exact per-sample gradients of the training loss, in sub-batches; fewer
+    points if their gradients would exceed `DISTORTION_GRADIENT_NUMBERS` numbers, never fewer
+    than `MIN_SAMPLES`).
 
     Returns:
         the estimate, or None if `batches` hold fewer than 4 points.
@@ -161,7 +190,9 @@ def estimate_distortion(
         provider.params,  # type: ignore[arg-type]
         provider.block_name,
     )
-    step = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, provider.projection.size))
+    size = max(1, provider.projection.size)
+    samples = max(MIN_SAMPLES, min(samples, DISTORTION_GRADIENT_NUMBERS // size))
+    step = max(1, SAMPLE_CHUNK_ELEMENTS // size)
     exact, projected, count = [], [], 0
     for batch in batches:
         batch = TorchBatch(batch.x, batch.y).rows(0, samples - count)
