@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import classification_data, loader, make_mlp
 from influx.torch import ProjectedInfluence
+from influx.torch.projection import distortion
 from influx.torch.projection.distortion import (
     DISTORTION_THRESHOLD,
     distortion_from_gradients,
@@ -96,3 +97,17 @@ def test_the_estimate_can_be_skipped() -> None:
     assert model.projection_distortion == {"model": None}
     diagnostics = model.solver_diagnostics["model"]
     assert diagnostics is not None and "projection_distortion" not in diagnostics.details
+
+
+def test_the_points_are_fewer_on_a_block_over_the_gradient_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = make_mlp()
+    x, y = classification_data(40)
+    monkeypatch.setattr(distortion, "DISTORTION_GRADIENT_NUMBERS", 57 * 10)
+    model = ProjectedInfluence(net, F.cross_entropy, 8, regularization=0.1).fit(loader(x, y))
+    estimate = model.projection_distortion["model"]
+    assert estimate is not None and estimate.samples == 10
+    monkeypatch.setattr(distortion, "DISTORTION_GRADIENT_NUMBERS", 57)
+    estimate = model.fit(loader(x, y)).projection_distortion["model"]
+    assert estimate is not None and estimate.samples == distortion.MIN_SAMPLES == 8
