@@ -4,6 +4,7 @@ the warning when the projection is too small for the gradients."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,14 @@ def test_the_points_are_fewer_on_a_block_over_the_gradient_budget(
     monkeypatch.setattr(distortion, "DISTORTION_GRADIENT_NUMBERS", 57)
     estimate = model.fit(loader(x, y)).projection_distortion["model"]
     assert estimate is not None and estimate.samples == distortion.MIN_SAMPLES == 8
+
+
+def test_the_estimate_is_not_saved(tmp_path: Path) -> None:
+    net = make_mlp()
+    x, y = classification_data(20)
+    model = ProjectedInfluence(net, F.cross_entropy, 8, regularization=0.1).fit(loader(x, y))
+    assert model.projection_distortion["model"] is not None
+    path = model.save(tmp_path / "projected.fit")
+    loaded = ProjectedInfluence(net, F.cross_entropy, 8, regularization=0.1).load_fit(path)
+    assert loaded.projection_distortion == {"model": None}
+    assert model.load_fit(path).projection_distortion == {"model": None}

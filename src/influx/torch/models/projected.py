@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 from torch.utils.data import DataLoader
 
@@ -231,6 +232,15 @@ class ProjectedInfluence(TorchComposableInfluence):
                     for name, e in unreliable
                 ),
             )
+
+    def load_fit(
+        self, path: Union[str, Path], data: Optional[DataLoader] = None
+    ) -> "ProjectedInfluence":
+        """As [load_fit][influx.torch.composition.composable.TorchComposableInfluence.load_fit];
+        the distortion estimate is not saved, so it is None afterwards."""
+        super().load_fit(path, data)
+        self._distortion = {}
+        return self
 
     @property
     def projection_distortion(self) -> Dict[str, Optional[DistortionEstimate]]:
