@@ -66,9 +66,10 @@ __all__ = [
 ]
 
 DISTORTION_THRESHOLD = 0.5
-"""Above this relative error of the probe influences, rankings are called unreliable (on the
-digits MLP of `benchmarks/bench_projected.py` it separates Pearson correlations with the exact
-influence below about 0.9 from those above)."""
+"""Above this relative error of the probe influences, rankings are called unreliable. On the
+digits CNN of `benchmarks/bench_projected.py` (105 k parameters, Kronecker projection) the
+estimate was 0.84-1.09 at $k = 64$, where the Pearson correlation with the exact influence was
+0.81-0.89, and 0.11-0.36 at $k$ = 256 and 1024, where it was 0.96-0.99."""
 
 
 DISTORTION_GRADIENT_NUMBERS = 2**28
