@@ -102,6 +102,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.kfac.query",
             "influx.torch.projection.projections",
             "influx.torch.projection.gradients",
+            "influx.torch.projection.distortion",
         ],
     ),
     ("models", ["influx.torch.models"]),

@@ -303,7 +303,13 @@ def test_store_written_by_dask_scores_like_influences(dask_client: Any, tmp_path
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"projection_dim": 2.5}, TypeError, "'projection_dim' must be an int, got float"),
+        ({"projection_dim": 2.5}, TypeError, "'projection_dim' must be an int or None, got float"),
+        (
+            {"distortion_samples": 2},
+            ValueError,
+            "'distortion_samples' must be 0 .*at least 4, got 2",
+        ),
+        ({"distortion_samples": 4.0}, TypeError, "'distortion_samples' must be an int, got float"),
         ({"projection_dim": 0}, ValueError, "'projection_dim' must be >= 1, got 0"),
         ({"projection": "sparse"}, ValueError, "'projection' must be one of .*got 'sparse'"),
         ({"seed": None}, TypeError, "'seed' must be an int .*got NoneType"),

@@ -3,8 +3,12 @@ r"""Influence of projected gradients: the curvature built and solved in a $k$-di
 from __future__ import annotations
 
 import copy
+import logging
 from collections import OrderedDict
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from torch.utils.data import DataLoader
 
 import torch
 
@@ -14,13 +18,21 @@ from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientCo
 from ..composition.composable import TorchComposableInfluence
 from ..composition.solvers import DirectSolver
 from ..curvature.operators import SecondOrderMode
+from ..data.batches import iterate_batches
 from ..data.blocks import BlockMode, BlockStructure
 from ..data.validation import RegularizationType
 from ..gradients.provider import TorchGradientProvider
-from ..projection.gradients import IdentityOperator, ProjectedCurvature
-from ..projection.projections import PROJECTIONS
+from ..projection.distortion import DISTORTION_THRESHOLD, DistortionEstimate, estimate_distortion
+from ..projection.gradients import (
+    IdentityOperator,
+    ProjectedCurvature,
+    ProjectedGradientProvider,
+)
+from ..projection.projections import PROJECTIONS, BlockProjection
 
 __all__ = ["ProjectedInfluence"]
+
+logger = logging.getLogger(__name__)
 
 
 class ProjectedInfluence(TorchComposableInfluence):
@@ -48,6 +60,22 @@ class ProjectedInfluence(TorchComposableInfluence):
     [DirectInfluence][influx.torch.models.direct.DirectInfluence] with the same curvature; as
     $k$ grows it approaches it.
 
+    **Default dimension.** `projection_dim=None` (the default) gives every block of $p_b$
+    parameters $k_b = \min(p_b, \max(1024, \min(8192, \lceil 2\sqrt{p_b}\rceil)))$
+    ([default_projection_dim][influx.torch.projection.projections.default_projection_dim]):
+    1024 up to about 262 k parameters, 2098 at 1.1 M, 6694 at 11.2 M (ResNet-18; the
+    $k \times k$ curvature is then 358 MB in float64), 8192 from 17 M on.
+
+    **Distortion estimate.** `fit` measures how much the projection distorts influence on
+    the first `distortion_samples` training points (exact per-sample gradients: see
+    [influx.torch.projection.distortion][influx.torch.projection.distortion] for the math and
+    the cost) and reports it per block in `projection_distortion` and in the `details` of
+    `solver_diagnostics` (`"projection_distortion"`, `"suggested_projection_dim"`). When a
+    block's estimate is above
+    [DISTORTION_THRESHOLD][influx.torch.projection.distortion.DISTORTION_THRESHOLD] a warning
+    (one per fit) says that the ranking is unreliable and which `projection_dim` should fix
+    it. The estimate is not saved: after `load_fit` it is None.
+
     The projection is a function of `seed`, the block names and the parameter shapes: it is
     regenerated, not stored, by `load_fit`. Influence factors, `influences_from_factors` and
     [the gradient store][influx.torch.workflows.gradient_store] work in the projected space (factors
@@ -65,7 +93,8 @@ class ProjectedInfluence(TorchComposableInfluence):
         loss: the loss `loss(prediction, target)` with mean reduction, or a
             [Task][influx.torch.data.task.Task] (with `second_order_mode=GAUSS_NEWTON`).
         projection_dim: $k$, the projected dimension of every block (capped at its number
-            of parameters; a Kronecker block may get slightly fewer, see `projected_sizes`).
+            of parameters; a Kronecker block may get slightly fewer, see `projected_sizes`);
+            None (the default): the rule above, which grows with the block's size.
         projection: `"kronecker"`, `"gaussian"` or `"rademacher"`.
         second_order_mode: `GAUSS_NEWTON` (the empirical Fisher) or
             `GENERALIZED_GAUSS_NEWTON`.
@@ -80,8 +109,13 @@ class ProjectedInfluence(TorchComposableInfluence):
             $\mathbb{E}[P^\top P] = I$), which makes the projection of full dimension exact and
             is more accurate at every $k$ (see `benchmarks/README.md`); a dense projection is
             orthogonalised only if it fits in `max_cache_mb`.
-        max_cache_mb: a dense projection up to this size is generated once and kept;
-            larger ones are generated again, chunk by chunk, for every batch.
+        max_cache_mb: a dense projection up to this size (in float64) is generated once per
+            fit and kept; of a larger one, the column chunks within the budget are kept and
+            the others generated again for every sub-batch, with a warning (see
+            [DenseProjection][influx.torch.projection.projections.DenseProjection]).
+        distortion_samples: $m$, the training points of the distortion estimate (their
+            exact per-sample gradients are held: $m p$ numbers, at most $2^{28}$, so fewer
+            points on blocks of over 8 M parameters, never fewer than 8); 0 skips it.
 
     Example:
         ```python
@@ -95,7 +129,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         self,
         model: torch.nn.Module,
         loss: LossOrTask,
-        projection_dim: int = 1024,
+        projection_dim: Optional[int] = None,
         projection: str = "kronecker",
         second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
         regularization: RegularizationType = "auto",
@@ -103,17 +137,21 @@ class ProjectedInfluence(TorchComposableInfluence):
         seed: int = 0,
         orthogonal: bool = True,
         max_cache_mb: float = 256.0,
+        distortion_samples: int = 32,
     ):
         if not (is_task(loss) or callable(loss)):
             raise TypeError(
                 "Parameter 'loss' must be a loss function loss(outputs, targets) or an "
                 f"influx.torch.Task, got {type(loss).__name__}."
             )
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int):
+        if projection_dim is not None and (
+            isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
+        ):
             raise TypeError(
-                f"Parameter 'projection_dim' must be an int, got {type(projection_dim).__name__}."
+                "Parameter 'projection_dim' must be an int or None, got "
+                f"{type(projection_dim).__name__}."
             )
-        if projection_dim < 1:
+        if projection_dim is not None and projection_dim < 1:
             raise ValueError(f"Parameter 'projection_dim' must be >= 1, got {projection_dim}.")
         if projection not in PROJECTIONS:
             raise ValueError(
@@ -128,6 +166,18 @@ class ProjectedInfluence(TorchComposableInfluence):
             raise TypeError(
                 f"Parameter 'max_cache_mb' must be a number, got {type(max_cache_mb).__name__}."
             )
+        if isinstance(distortion_samples, bool) or not isinstance(distortion_samples, int):
+            raise TypeError(
+                "Parameter 'distortion_samples' must be an int, got "
+                f"{type(distortion_samples).__name__}."
+            )
+        if distortion_samples != 0 and distortion_samples < 4:
+            raise ValueError(
+                "Parameter 'distortion_samples' must be 0 (no estimate) or at least 4, got "
+                f"{distortion_samples}."
+            )
+        self.distortion_samples = distortion_samples
+        self._distortion: Dict[str, Optional[DistortionEstimate]] = {}
         curvature = ProjectedCurvature(
             second_order_mode, projection_dim, projection, seed, bool(orthogonal), max_cache_mb
         )
@@ -142,6 +192,71 @@ class ProjectedInfluence(TorchComposableInfluence):
             raise ValueError("Parameter 'loss' is required for per-sample gradients.")
         assert isinstance(self.curvature, ProjectedCurvature)
         return self.curvature.gradient_provider(self.model, self.loss, block_name, block_params)
+
+    def _create_block_mapper(self, data: DataLoader) -> TorchBlockMapper:
+        mapper = super()._create_block_mapper(data)
+        self._distortion = {name: None for name in self._blocks}
+        if self.distortion_samples:
+            self._estimate_distortion(mapper, data)
+        return mapper
+
+    def _estimate_distortion(self, mapper: TorchBlockMapper, data: DataLoader) -> None:
+        """Estimate every block's distortion, record it in the block's diagnostics and warn
+        once for the blocks above the threshold."""
+        unreliable = []
+        for name, block in mapper.composable_block_dict.items():
+            provider = block.gradient_provider
+            assert isinstance(provider, ProjectedGradientProvider)
+            estimate = estimate_distortion(
+                provider,
+                iterate_batches(data, self.device),
+                getattr(block.op, "regularization", None),
+                self.distortion_samples,
+            )
+            self._distortion[name] = estimate
+            diagnostics = getattr(block.op, "diagnostics", None)
+            if estimate is not None and diagnostics is not None:
+                diagnostics.details["projection_distortion"] = estimate.distortion
+                diagnostics.details["suggested_projection_dim"] = estimate.suggested_dim
+            if estimate is not None and not estimate.reliable:
+                unreliable.append((name, estimate))
+        if unreliable:
+            logger.warning(
+                "ProjectedInfluence: the projection distorts influence too much for a reliable "
+                "ranking (estimated relative error above %.2f): %s.",
+                DISTORTION_THRESHOLD,
+                "; ".join(
+                    f"block {name!r}: {e.distortion:.2f} (on {e.samples} training points) at "
+                    f"k = {e.projection_dim} of "
+                    f"{e.n_parameters} parameters, use projection_dim={e.suggested_dim}"
+                    for name, e in unreliable
+                ),
+            )
+
+    def load_fit(
+        self, path: Union[str, Path], data: Optional[DataLoader] = None
+    ) -> "ProjectedInfluence":
+        """As [load_fit][influx.torch.composition.composable.TorchComposableInfluence.load_fit];
+        the distortion estimate is not saved, so it is None afterwards."""
+        super().load_fit(path, data)
+        self._distortion = {}
+        return self
+
+    @property
+    def projection_distortion(self) -> Dict[str, Optional[DistortionEstimate]]:
+        """The distortion estimate of every block from the last `fit` (None where not
+        estimated: before `fit`, after `load_fit`, with `distortion_samples=0`, or with fewer
+        than 4 training points); see
+        [influx.torch.projection.distortion][influx.torch.projection.distortion]."""
+        return {name: self._distortion.get(name) for name in self._blocks}
+
+    @property
+    def projections(self) -> Dict[str, BlockProjection]:
+        """The random projection of every block, by name (built once, when first needed)."""
+        return {
+            name: self._gradient_provider(name, params).projection  # type: ignore[attr-defined]
+            for name, params in self._blocks.items()
+        }
 
     @property
     def projected_sizes(self) -> Dict[str, int]:

@@ -282,7 +282,8 @@ class ProjectedCurvature(Curvature):
 
     Args:
         mode: `GAUSS_NEWTON` or `GENERALIZED_GAUSS_NEWTON`.
-        projection_dim: $k$ per block.
+        projection_dim: $k$ per block; None: the default rule
+            ([default_projection_dim][influx.torch.projection.projections.default_projection_dim]).
         projection: one of [PROJECTIONS][influx.torch.projection.projections.PROJECTIONS].
         seed: the seed of the projections.
         orthogonal: orthogonal rows.
@@ -292,7 +293,7 @@ class ProjectedCurvature(Curvature):
     def __init__(
         self,
         mode: SecondOrderMode,
-        projection_dim: int,
+        projection_dim: Optional[int],
         projection: str = "kronecker",
         seed: int = 0,
         orthogonal: bool = True,

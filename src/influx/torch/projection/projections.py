@@ -57,6 +57,7 @@ __all__ = [
     "DenseProjection",
     "KroneckerLayerProjection",
     "allocate_dimensions",
+    "default_projection_dim",
     "kronecker_shape",
     "random_matrix",
 ]
@@ -68,6 +69,32 @@ PROJECTIONS = ("kronecker", "gaussian", "rademacher")
 
 DENSE_CHUNK_COLUMNS = 4096
 """Columns of a dense projection generated from one seed (part of its definition)."""
+
+
+DEFAULT_DIM_RANGE = (1024, 8192)
+"""The smallest and largest projected dimension the default rule chooses (below $p$)."""
+
+
+def default_projection_dim(n_parameters: int) -> int:
+    r"""The default projected dimension of a block of $p$ parameters,
+
+    $$
+    k(p) = \min\big(p,\ \max(1024,\ \min(8192,\ \lceil 2 \sqrt{p}\, \rceil))\big) .
+    $$
+
+    A fixed $k$ loses accuracy as the model grows (more directions of the gradients compete
+    for the same coordinates); $k$ grows as $2\sqrt{p}$ from $p \approx 262{,}000$ on, so that
+    the $k \times k$ curvature ($8 k^2$ bytes in float64) stays of the order of the model
+    itself ($32 p$ bytes), and is capped at 8192 (512 MB): 1024 up to about 262 k parameters,
+    2098 at 1.1 M, 6694 at 11.2 M (ResNet-18; a 358 MB curvature), 8192 from 17 M on. Below
+    1024 parameters the projection is square (exact with orthogonal rows). The distortion
+    estimate of [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence] says
+    whether the chosen $k$ suffices for the data at hand.
+    """
+    if isinstance(n_parameters, bool) or not isinstance(n_parameters, int) or n_parameters < 1:
+        raise ValueError(f"Parameter 'n_parameters' must be an int >= 1, got {n_parameters!r}.")
+    low, high = DEFAULT_DIM_RANGE
+    return min(n_parameters, max(low, min(high, math.ceil(2 * math.sqrt(n_parameters)))))
 
 
 def _generator(seed: int, labels: Sequence[str]) -> torch.Generator:
@@ -141,12 +168,28 @@ def kronecker_shape(share: int, out_dim: int, in_dim: int) -> Tuple[int, int]:
 
 class DenseProjection:
     r"""A dense random projection $P$ `(k, p)`, generated in chunks of
-    `DENSE_CHUNK_COLUMNS` columns, each from its own seed.
+    `DENSE_CHUNK_COLUMNS` columns, each from its own seed (so its entries do not depend on
+    how or when it is generated).
 
-    The whole matrix is kept once generated if it takes at most `max_cache_bytes` (in
-    float64); otherwise each application generates the chunks again. With `orthogonal`, the
-    rows of a kept matrix are made orthogonal (scaled so that $\mathbb{E}[P^\top P] = I$); a
-    matrix over the budget keeps the rows as drawn, nearly orthogonal for $k \ll p$.
+    **Generated once.** A matrix of at most `max_cache_bytes` (counted in float64) is
+    generated once, when the projection is built (at `fit`), and kept: every batch, test
+    batch and sub-batch is projected by the same tensor, whatever the batch sizes and
+    order. Its copy in the dtype and device of the gradients is made on first use and kept
+    too. With `orthogonal`, the rows of a kept matrix are made orthogonal (scaled so that
+    $\mathbb{E}[P^\top P] = I$).
+
+    **Over the budget** (a dense matrix for millions of parameters: $k = 1024$ columns of
+    11 M parameters are 90 GB in float64) the matrix cannot be kept. The leading column
+    chunks that fit in the budget are still generated once and kept; the others are
+    regenerated from their seeds, in a fixed order, for every application (a sub-batch of
+    per-sample gradients), which costs $k$ random numbers per remaining column each time:
+    a warning says so when the projection is built. The rows are left as drawn (nearly
+    orthogonal for $k \ll p$). The Kronecker projection (the default of
+    [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence]) has no such
+    matrix and is the one for large models.
+
+    `generations` counts the passes that drew random numbers: 1 for a kept matrix, one more
+    per application over the budget.
 
     Args:
         size: $p$, the number of coordinates projected.
@@ -170,19 +213,45 @@ class DenseProjection:
     ):
         self.size, self.dim = int(size), int(dim)
         self.distribution, self.seed, self.label = distribution, int(seed), label
-        self._matrix: Optional[torch.Tensor] = None
+        self.n_chunks = -(-self.size // DENSE_CHUNK_COLUMNS)
         self._keep = self.size * self.dim * 8 <= max_cache_bytes
         self.orthogonal = orthogonal and self._keep
-        if orthogonal and not self._keep:
-            logger.info(
-                "Projection %r: %d x %d is over the memory budget; its rows are left as drawn "
-                "(not orthogonalised).",
+        self.generations = 0
+        """How many times random numbers were drawn for this projection."""
+        self._cast: Optional[torch.Tensor] = None
+        if self._keep:
+            matrix = self._generate(range(self.n_chunks))
+            self._matrix = _orthonormal_rows(matrix) if self.orthogonal else matrix
+            self._kept_chunks = self.n_chunks
+        else:
+            chunk_bytes = self.dim * DENSE_CHUNK_COLUMNS * 8
+            self._kept_chunks = min(self.n_chunks, int(max_cache_bytes // chunk_bytes))
+            self._matrix = self._generate(range(self._kept_chunks))
+            logger.warning(
+                "Projection %r: a dense %d x %d matrix takes %.1f GB, over the memory budget "
+                "(max_cache_mb = %.0f); %d of its %d column chunks are regenerated for every "
+                "sub-batch of per-sample gradients (%d random numbers each time) and its rows "
+                "are not orthogonalised. Use projection='kronecker' for a model of this size, "
+                "or raise max_cache_mb.",
                 label,
                 self.dim,
                 self.size,
+                self.size * self.dim * 8 / 2**30,
+                max_cache_bytes / 2**20,
+                self.n_chunks - self._kept_chunks,
+                self.n_chunks,
+                self.dim * max(0, self.size - self._kept_chunks * DENSE_CHUNK_COLUMNS),
             )
-        if self.orthogonal:
-            self._matrix = _orthonormal_rows(self._generate_all())
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cast"] = None  # the copy in the gradients' dtype is made again on first use
+        return state
+
+    @property
+    def cached(self) -> bool:
+        """Whether the whole matrix is kept (generated once)."""
+        return self._keep
 
     def _chunk(self, index: int) -> torch.Tensor:
         start = index * DENSE_CHUNK_COLUMNS
@@ -192,26 +261,36 @@ class DenseProjection:
             self.dim, width, self.distribution, self.seed, [self.label, str(index)]
         )
 
-    def _generate_all(self) -> torch.Tensor:
-        n_chunks = -(-self.size // DENSE_CHUNK_COLUMNS)
-        return torch.cat([self._chunk(i) for i in range(n_chunks)], dim=1)
+    def _generate(self, indices: range) -> torch.Tensor:
+        self.generations += 1
+        if len(indices) == 0:
+            return torch.zeros(self.dim, 0, dtype=torch.float64)
+        return torch.cat([self._chunk(i) for i in indices], dim=1)
 
     def matrix(self) -> torch.Tensor:
-        """$P$ as a float64 CPU tensor `(k, p)`."""
-        if self._matrix is not None:
-            return self._matrix
-        full = self._generate_all()
+        """$P$ as a float64 CPU tensor `(k, p)` (generated again over the budget)."""
         if self._keep:
-            self._matrix = full
-        return full
+            return self._matrix
+        return torch.cat([self._matrix, self._generate(range(self._kept_chunks, self.n_chunks))], 1)
+
+    def _kept(self, like: torch.Tensor) -> torch.Tensor:
+        """The kept columns in the dtype and device of `like` (converted once)."""
+        cast = self._cast
+        if cast is None or cast.dtype != like.dtype or cast.device != like.device:
+            cast = self._matrix.to(device=like.device, dtype=like.dtype)
+            self._cast = cast
+        return cast
 
     def apply(self, values: torch.Tensor) -> torch.Tensor:
         """$P v$ for the last dimension of `values` `(..., p)`, result `(..., k)`."""
-        if self._keep or self._matrix is not None:
-            matrix = self.matrix().to(device=values.device, dtype=values.dtype)
-            return values @ matrix.T
-        result = values.new_zeros(*values.shape[:-1], self.dim)
-        for index, start in enumerate(range(0, self.size, DENSE_CHUNK_COLUMNS)):
+        kept = self._kept(values)
+        width = kept.shape[1]
+        result = values[..., :width] @ kept.T
+        if self._keep:
+            return result
+        self.generations += 1
+        for index in range(self._kept_chunks, self.n_chunks):
+            start = index * DENSE_CHUNK_COLUMNS
             chunk = self._chunk(index).to(device=values.device, dtype=values.dtype)
             result += values[..., start : start + chunk.shape[1]] @ chunk.T
         return result
@@ -316,7 +395,9 @@ class BlockProjection:
         model: the model.
         params: the block's parameters by name.
         projection_dim: $k$; the block gets $\min(k, p_b)$ or slightly fewer coordinates (the
-            layers' shares are products $k_{out} k_{in}$).
+            layers' shares are products $k_{out} k_{in}$); None:
+            [default_projection_dim][influx.torch.projection.projections.default_projection_dim]
+            of the block's size.
         kind: one of [PROJECTIONS][influx.torch.projection.projections.PROJECTIONS].
         seed: the seed of every random matrix.
         block_name: the block's name (part of the seeds).
@@ -328,7 +409,7 @@ class BlockProjection:
         self,
         model: torch.nn.Module,
         params: Dict[str, torch.Tensor],
-        projection_dim: int,
+        projection_dim: Optional[int],
         kind: str,
         seed: int,
         block_name: str,
@@ -338,6 +419,10 @@ class BlockProjection:
         self.names = list(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.size = sum(p.numel() for p in params.values())
+        if projection_dim is None:
+            projection_dim = default_projection_dim(self.size)
+        self.requested_dim = projection_dim
+        """$k$ as requested (or chosen by the default rule), before the layers' shares."""
         specs = layers_for_parameters(model, self.names) if kind == "kronecker" else {}
         covered = {n for spec in specs.values() for n in spec.parameter_names}
         self.dense_names = [n for n in self.names if n not in covered]
