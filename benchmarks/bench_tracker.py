@@ -7,14 +7,17 @@ images (conv 1-8-3, conv 8-16-3, linear 256-10; 4,346 parameters). The same loop
 * without the tracker (the baseline);
 * with the tracker counting steps and epochs and keeping a checkpoint every epoch in memory;
 * with the gradient store recording the projected gradients (Kronecker projection,
-  `--projection-dim`, 256 by default) of every step's batch: by the tracker's own pass, or
-  captured from the training step's passes, in every epoch or in the last epoch only.
+  `--projection-dim`, 256 by default) of the steps' batches: in the last epoch only (the
+  default schedule, captured from the training step's passes), or in every epoch, captured
+  or by the tracker's own pass.
 
-Each configuration runs `--repeats` times, interleaved with the others, in one process with
-one torch thread; the table reports the median CPU time of the training loop (process time:
-less sensitive than wall time to other processes on a shared machine) and its ratio to the
-baseline's median. The end of training is timed separately: the EK-FAC ranking of `finish()` and the
-opening of the store (writing zarr and fitting the projected curvature).
+Each configuration runs `--repeats` times, interleaved with the others, in one process, with
+one torch thread and with torch's default number of threads (`--threads`); the tables report
+the median CPU time of the training loop (process time: less sensitive than wall time to other
+processes on a shared machine) and the median wall time, each with its ratio to the
+baseline's median of the same run. The end of training is timed separately: the EK-FAC
+ranking of `finish()` and the opening of the store (writing zarr and fitting the projected
+curvature).
 
 Usage (from the repository root): `PYTHONPATH=src python benchmarks/bench_tracker.py`.
 """
@@ -73,8 +76,8 @@ WORKLOADS: Dict[str, Tuple[Callable[[], torch.nn.Module], bool]] = {
 
 def train(
     workload: str, epochs: int, config: Optional[Dict[str, Any]], directory: Path
-) -> Tuple[float, Optional[InfluenceTracker]]:
-    """Train once; return the training time (s) and the tracker."""
+) -> Tuple[float, float, Optional[InfluenceTracker]]:
+    """Train once; return the training's CPU and wall time (s) and the tracker."""
     build, image = WORKLOADS[workload]
     x, y, x_val, y_val = digits(image)
     torch.manual_seed(0)
@@ -88,7 +91,7 @@ def train(
         record = "gradient_store_options" in options
         if record:
             options["gradient_store"] = directory / "grads.zarr"
-            options["gradient_store_from_epoch"] = options.get("gradient_store_from_epoch", 0)
+            options["epochs"] = epochs
         tracker = InfluenceTracker(
             net,
             F.cross_entropy,
@@ -100,7 +103,7 @@ def train(
             **options,
         )
     net.train()
-    start = time.process_time()
+    start, wall = time.process_time(), time.perf_counter()
     for _ in range(epochs):
         for index, x_batch, y_batch in loader:
             optimizer.zero_grad()
@@ -113,7 +116,7 @@ def train(
                     tracker.on_step()
         if tracker is not None:
             tracker.on_epoch_end()
-    return time.process_time() - start, tracker
+    return time.process_time() - start, time.perf_counter() - wall, tracker
 
 
 def configs(epochs: int, dim: int) -> Dict[str, Optional[Dict[str, Any]]]:
@@ -121,13 +124,54 @@ def configs(epochs: int, dim: int) -> Dict[str, Optional[Dict[str, Any]]]:
     return {
         "no tracker": None,
         "tracker, checkpoint every epoch": {"checkpoint_every": 1},
-        "gradient store, every step, own passes": {**store, "gradient_store_capture": False},
-        "gradient store, every step, captured": dict(store),
-        "gradient store, last epoch, captured": {
+        "gradient store, last epoch (default), captured": dict(store),
+        "gradient store, every step, captured": {**store, "gradient_store_from_epoch": 0},
+        "gradient store, every step, own passes": {
             **store,
-            "gradient_store_from_epoch": epochs - 1,
+            "gradient_store_from_epoch": 0,
+            "gradient_store_capture": False,
         },
     }
+
+
+def measure(workload: str, args: argparse.Namespace) -> List[str]:
+    """The table rows of one workload at the current number of threads."""
+    cases = configs(args.epochs, args.projection_dim)
+    cpu: Dict[str, List[float]] = {name: [] for name in cases}
+    wall: Dict[str, List[float]] = {name: [] for name in cases}
+    end: Dict[str, List[float]] = {"finish (EK-FAC ranking)": [], "store (write + fit)": []}
+    with tempfile.TemporaryDirectory() as directory:
+        train(workload, 1, None, Path(directory))  # warm-up
+        for _ in range(args.repeats):
+            for name, config in cases.items():
+                seconds, elapsed, tracker = train(workload, args.epochs, config, Path(directory))
+                cpu[name].append(seconds)
+                wall[name].append(elapsed)
+                if tracker is not None and tracker.gradient_store is not None:
+                    start = time.process_time()
+                    assert tracker.recorder is not None
+                    tracker.recorder.store(tracker.train_loader)
+                    end["store (write + fit)"].append(time.process_time() - start)
+                elif tracker is not None:
+                    start = time.process_time()
+                    tracker.finish()
+                    end["finish (EK-FAC ranking)"].append(time.process_time() - start)
+    baseline = statistics.median(cpu["no tracker"])
+    baseline_wall = statistics.median(wall["no tracker"])
+    rows = []
+    for name in cases:
+        median, median_wall = statistics.median(cpu[name]), statistics.median(wall[name])
+        rows.append(
+            f"| {workload} | {name} | {median:.2f} s | {100 * (median / baseline - 1):+.0f} % | "
+            f"{median_wall:.2f} s | {100 * (median_wall / baseline_wall - 1):+.0f} % |"
+        )
+    for name, values in end.items():
+        median = statistics.median(values)
+        rows.append(
+            f"| {workload} | end of training: {name} | {median:.2f} s | "
+            f"{100 * median / baseline:.0f} % of training | | |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -135,47 +179,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--projection-dim", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows: List[str] = []
-    for workload in WORKLOADS:
-        cases = configs(args.epochs, args.projection_dim)
-        times: Dict[str, List[float]] = {name: [] for name in cases}
-        end: Dict[str, List[float]] = {"finish (EK-FAC ranking)": [], "store (write + fit)": []}
-        with tempfile.TemporaryDirectory() as directory:
-            train(workload, 1, None, Path(directory))  # warm-up
-            for _ in range(args.repeats):
-                for name, config in cases.items():
-                    seconds, tracker = train(workload, args.epochs, config, Path(directory))
-                    times[name].append(seconds)
-                    if tracker is not None and tracker.gradient_store is not None:
-                        start = time.process_time()
-                        assert tracker.recorder is not None
-                        tracker.recorder.store(tracker.train_loader)
-                        end["store (write + fit)"].append(time.process_time() - start)
-                    elif tracker is not None:
-                        start = time.process_time()
-                        tracker.finish()
-                        end["finish (EK-FAC ranking)"].append(time.process_time() - start)
-        baseline = statistics.median(times["no tracker"])
-        for name, values in times.items():
-            median = statistics.median(values)
-            rows.append(
-                f"| {workload} | {name} | {median:.2f} s | {100 * (median / baseline - 1):+.0f} % |"
-            )
-        for name, values in end.items():
-            median = statistics.median(values)
-            rows.append(
-                f"| {workload} | end of training: {name} | {median:.2f} s | "
-                f"{100 * median / baseline:.0f} % of training |"
-            )
-    print(
-        f"{args.epochs} epochs, median of {args.repeats} runs, 1 torch thread, projection "
-        f"dimension {args.projection_dim}, CPU time of the process"
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="*",
+        default=[1, torch.get_num_threads()],
+        help="torch thread counts to run (default: 1 and torch's default)",
     )
-    print("| workload | configuration | training time | overhead |")
-    print("|---|---|---|---|")
-    print("\n".join(rows))
+    args = parser.parse_args()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        rows = [row for workload in WORKLOADS for row in measure(workload, args)]
+        print(
+            f"\n{args.epochs} epochs, median of {args.repeats} runs, {threads} torch thread(s), "
+            f"projection dimension {args.projection_dim}"
+        )
+        print("| workload | configuration | CPU time | overhead | wall time | overhead |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,42 @@ def test_the_recorder_never_hooks_the_users_module() -> None:
     assert [len(m._forward_hooks) for m in (net[0], net[2])] == [1, 0]
 
 
+def test_training_passes_record_the_users_own_passes_and_keep_no_graph() -> None:
+    """With `training_passes=True`: each differentiated call of the user's layers gives its
+    input and its output gradient from the loop's backward pass; influx's functional copies,
+    calls without gradient and calls whose backward never runs record nothing; the outputs
+    are unchanged and the hooks go on exit."""
+    net = _net()
+    tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    expected = net(x)
+    calls = LayerCalls(net, find_layers(net), training_passes=True)
+    with calls:
+        assert [len(m._forward_hooks) for m in (net[0], net[2])] == [1, 1]
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)  # no backward: nothing
+        functional_forward(net, tensors, (x,))  # influx's copy shares the hooks: skipped
+        with torch.no_grad():
+            net(x)
+        assert [len(seen) for seen in calls.calls.values()] == [0, 0]
+        hidden: List[torch.Tensor] = []
+
+        def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            output.retain_grad()
+            hidden.append(output)
+
+        handle = net[0].register_forward_hook(keep)
+        F.cross_entropy(net(x), y).backward()
+        handle.remove()
+        assert [len(seen) for seen in calls.calls.values()] == [1, 1]
+        inp, grad = calls.calls["0"][0]
+        torch.testing.assert_close(inp, x, rtol=0, atol=0)
+        torch.testing.assert_close(grad, hidden[0].grad, rtol=0, atol=0)
+        assert not grad.requires_grad and grad.grad_fn is None
+        calls.clear()
+        assert [len(seen) for seen in calls.calls.values()] == [0, 0]
+    assert [len(m._forward_hooks) for m in (net[0], net[2])] == [0, 0]
+
+
 def test_two_threads_record_only_their_own_passes() -> None:
     net = _net()
     tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}

@@ -8,7 +8,9 @@ respect to the layer outputs, in one forward and one backward pass.
 thread's structure-only copy of the model (the module a functional evaluation runs, see
 [thread_structure_copy][influx.torch.autodiff.stateless.thread_structure_copy]), so the user's
 module gets no hooks and several threads can record with one model at once. It is the one
-recorder of layer calls: K-FAC's factors, K-FAC scoring and the Kronecker projection use it.
+recorder of layer calls: K-FAC's factors, K-FAC scoring and the Kronecker projection use it,
+and, with `training_passes=True`, the gradient store recorded during training, which takes
+the layers' inputs and output gradients from the training loop's own passes.
 """
 
 from __future__ import annotations
@@ -71,10 +73,20 @@ class LayerCalls:
     module; each records `(input, output)` and returns a copy of the output, so that later
     in-place operations cannot modify the tensor the recorder differentiates against.
 
+    With `training_passes=True` the recorder serves a training loop instead: while entered
+    (across any number of training steps) its hooks are on the user's layers themselves, and
+    every call in a differentiated pass of the user's module records `(input, output
+    gradient)` once the loop's own backward pass reaches the call's output (a hook on that
+    tensor). No output and no graph is kept, the hooks return nothing (the training's values
+    are unchanged), and calls of influx's own copies of the module (which share its hooks),
+    calls without gradient and calls whose backward pass never runs record nothing;
+    [clear][influx.torch.kfac.signals.LayerCalls.clear] forgets the calls of a step.
+
     Args:
         model: the user's model.
         layers: the layers, by name (their `module` is a submodule of `model`).
         signature: the model's structure when the evaluation's tensors were read.
+        training_passes: record the gradients of the user's own passes (see above).
     """
 
     def __init__(
@@ -82,9 +94,12 @@ class LayerCalls:
         model: torch.nn.Module,
         layers: "Dict[str, LayerSpec]",
         signature: Optional[StructureSignature] = None,
+        training_passes: bool = False,
     ):
         paths = {id(module): path for path, module in model.named_modules()}
         self.model, self.signature = model, signature
+        self.training_passes = training_passes
+        self.modules = {name: spec.module for name, spec in layers.items()}
         self.paths = {name: paths[id(spec.module)] for name, spec in layers.items()}
         self.calls: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in layers
@@ -102,7 +117,35 @@ class LayerCalls:
 
         return hook
 
+    def _gradient_hook(self, name: str, original: torch.nn.Module) -> Callable[..., None]:
+        calls = self.calls[name]
+
+        def hook(module: torch.nn.Module, args: Tuple, kwargs: Dict[str, Any], output: Any) -> None:
+            # influx's copies of the module share its hook registries: only the user's module
+            if module is not original or not isinstance(output, torch.Tensor):
+                return
+            if not output.requires_grad:
+                return
+            inp = (args[0] if args else next(iter(kwargs.values()))).detach()
+
+            def keep(gradient: torch.Tensor) -> None:
+                calls.append((inp, gradient.detach()))
+
+            output.register_hook(keep)
+
+        return hook
+
+    def clear(self) -> None:
+        """Forget the calls recorded so far."""
+        for seen in self.calls.values():
+            seen.clear()
+
     def __enter__(self) -> "LayerCalls":
+        if self.training_passes:
+            for name, module in self.modules.items():
+                hook = self._gradient_hook(name, module)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            return self
         shell = thread_structure_copy(self.model, self.signature)
         for name, path in self.paths.items():
             module = shell.get_submodule(path) if path else shell

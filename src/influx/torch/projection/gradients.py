@@ -158,11 +158,11 @@ class ProjectedGradientProvider(TorchGradientProvider):
                 position += 1
                 if g is None:
                     continue
-                term = layer.project_raw(inp, g.detach() * scale)
+                term = layer.project_raw(inp, g.detach())
                 total = term if total is None else total + term
             if total is None:
                 total = records[name][0][0].new_zeros(len(records[name][0][0]), layer.dim)
-            pieces.append(total)
+            pieces.append(total.mul_(scale))
         return pieces
 
     def _dense_flat(

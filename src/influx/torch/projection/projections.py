@@ -42,7 +42,7 @@ import logging
 import math
 import zlib
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.nn import functional as F
@@ -296,6 +296,16 @@ class DenseProjection:
         return result
 
 
+class _CastFactors(NamedTuple):
+    """A layer's projection factors in one device and dtype: $P_{out}$, $P_{in}$, and the
+    columns of $P_{in}$ for the weight (as convolution filters for a `Conv2d`) and the bias."""
+
+    p_out: torch.Tensor
+    p_in: torch.Tensor
+    rows: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
 class KroneckerLayerProjection:
     r"""$P_{out} \otimes P_{in}$ for one `Linear` / `Conv2d` layer, `(k_out, m)` and `(k_in, d)`
     with $d$ the size of $\tilde a$ (the weight's columns, plus one for a bias).
@@ -318,16 +328,33 @@ class KroneckerLayerProjection:
         if orthogonal:
             p_out, p_in = _orthonormal_rows(p_out), _orthonormal_rows(p_in)
         self.p_out, self.p_in = p_out, p_in
+        self._cast: Dict[Tuple[torch.device, torch.dtype], _CastFactors] = {}
 
     @property
     def dim(self) -> int:
         return int(self.p_out.shape[0] * self.p_in.shape[0])
 
+    def _cast_factors(self, like: torch.Tensor) -> "_CastFactors":
+        """The factors on the device and in the dtype of `like`, converted once."""
+        key = (like.device, like.dtype)
+        cast = self._cast.get(key)
+        if cast is None:
+            p_out = self.p_out.to(device=like.device, dtype=like.dtype)
+            p_in = self.p_in.to(device=like.device, dtype=like.dtype)
+            spec, module = self.spec, self.spec.module
+            rows = bias = None
+            if spec.weight_name is not None:
+                rows = p_in[:, : spec.in_dim].contiguous()
+                if isinstance(module, torch.nn.Conv2d):
+                    rows = rows.reshape(rows.shape[0], *module.weight.shape[1:])
+                if spec.bias_name is not None:
+                    bias = p_in[:, spec.in_dim].contiguous()
+            cast = self._cast[key] = _CastFactors(p_out, p_in, rows, bias)
+        return cast
+
     def _factors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.p_out.to(device=like.device, dtype=like.dtype),
-            self.p_in.to(device=like.device, dtype=like.dtype),
-        )
+        cast = self._cast_factors(like)
+        return cast.p_out, cast.p_in
 
     def project_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
         r"""$\sum_t (P_{out}\delta_t)(P_{in}\tilde a_t)^\top$ flattened, `(N, k_out k_in)`, from
@@ -341,35 +368,39 @@ class KroneckerLayerProjection:
         r"""$P_{in} \tilde a_t$ of every position, `(N, T, k_in)`, from the layer's raw input.
 
         For a convolution this is itself a convolution of the input with the $k_{in}$ rows of
-        $P_{in}$ as filters (the patches are never unfolded); for a linear layer a matrix
-        product; the bias column of $P_{in}$ is added to every position.
+        $P_{in}$ as filters and the bias column of $P_{in}$ as their bias (the patches are
+        never unfolded); for a linear layer an affine map.
         """
         spec, module = self.spec, self.spec.module
-        if spec.weight_name is None:
-            return spec.expanded_inputs(inputs) @ self._factors(inputs)[1].T
-        p_in = self._factors(inputs)[1]
-        rows = p_in[:, : spec.in_dim]
+        cast = self._cast_factors(inputs)
+        if cast.rows is None:
+            return spec.expanded_inputs(inputs) @ cast.p_in.T
         if isinstance(module, torch.nn.Conv2d):
             padding: Any = module.padding
             if module.padding_mode != "zeros" or isinstance(padding, str):
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
                 padding = 0
-            kernel = rows.reshape(rows.shape[0], *module.weight.shape[1:])
-            projected = F.conv2d(inputs, kernel, None, module.stride, padding, module.dilation)
-            result = projected.flatten(2).transpose(1, 2)
-        else:
-            result = inputs.reshape(inputs.shape[0], -1, spec.in_dim) @ rows.T
-        if spec.bias_name is not None:
-            result = result + p_in[:, spec.in_dim]
-        return result
+            projected = F.conv2d(
+                inputs, cast.rows, cast.bias, module.stride, padding, module.dilation
+            )
+            return projected.flatten(2).transpose(1, 2)
+        return F.linear(inputs.reshape(inputs.shape[0], -1, spec.in_dim), cast.rows, cast.bias)
 
     def project_raw(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
         r"""As `project_signals`, from the layer's raw input and the gradient of its raw
-        output, `(N, k_out k_in)`."""
-        p_out = self._factors(output_grads)[0]
-        left = self.spec.output_gradients(output_grads) @ p_out.T
-        return torch.bmm(left.transpose(1, 2), self.projected_inputs(inputs)).flatten(1)
+        output, `(N, k_out k_in)`: one batched product of $P_{out} \delta$ `(N, k_out, T)`
+        with $P_{in} \tilde a$ `(N, T, k_in)` (an outer product for a single position)."""
+        p_out = self._cast_factors(output_grads).p_out
+        right = self.projected_inputs(inputs)
+        n = output_grads.shape[0]
+        if isinstance(self.spec.module, torch.nn.Conv2d):
+            left = p_out @ output_grads.reshape(n, self.spec.out_dim, -1)
+        else:
+            left = (output_grads.reshape(n, -1, self.spec.out_dim) @ p_out.T).transpose(1, 2)
+        if right.shape[1] == 1:
+            return (left * right).flatten(1)
+        return torch.bmm(left, right).flatten(1)
 
     def project_gradient(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
         r"""$P_{out} \tilde G P_{in}^\top$ flattened for explicit gradients `parts` (by parameter

@@ -21,8 +21,8 @@ gradients of the model are not written, the modules' train/eval flags are restor
 own passes (made in eval mode), and the random streams of torch, numpy and Python, and the
 generators of the loaders it reads, are saved before each pass and restored after it (see
 [influx.torch.workflows.tracker_state][influx.torch.workflows.tracker_state]). A gradient store that captures the
-training step's gradients adds forward hooks to the Linear / Conv2d layers until `finish`;
-they only read (see [influx.torch.workflows.tracker_store][influx.torch.workflows.tracker_store]).
+training step's gradients hooks the Linear / Conv2d layers while it records, to read only
+(see [influx.torch.workflows.tracker_store][influx.torch.workflows.tracker_store]).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ..models.projected import ProjectedInfluence
 from .checkpoint_averaging import average_over_checkpoints, tracin_values
 from .tracker_report import as_index_list, log_summary, write_report
 from .tracker_state import FORMATS, Checkpoint, eval_mode, preserved_training_state
-from .tracker_store import GradientRecorder
+from .tracker_store import GradientRecorder, first_recording_epoch
 from .valuation import HarmfulRanking, rank_training_points
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,8 +152,10 @@ class InfluenceTracker:
         gradient_store_options: keyword arguments of the
             [ProjectedInfluence][influx.torch.models.projected.ProjectedInfluence] that
             projects them (`projection_dim`, `projection`, `seed`, `regularization`, ...).
-        gradient_store_from_epoch: record from this epoch on (0: from the start; the stored
-            gradient of a point is the one of the last step it was recorded at).
+        epochs: the number of epochs of the loop (needed by the gradient store's default).
+        gradient_store_from_epoch: record from this epoch on; None (the default): the last of
+            `epochs`, the gradients near the final parameters that influence uses; 0: every
+            step (TracIn-style uses). A point keeps the gradient of its last recorded step.
         gradient_store_capture: take the gradients of Linear / Conv2d layers from the
             training step's own forward and backward passes (hooks on those layers, removed
             by `finish`; the loss must be the batch mean) instead of a pass of the tracker
@@ -191,7 +193,8 @@ class InfluenceTracker:
         plots: bool = True,
         gradient_store: Optional[Union[str, Path]] = None,
         gradient_store_options: Optional[Mapping[str, Any]] = None,
-        gradient_store_from_epoch: int = 0,
+        epochs: Optional[int] = None,
+        gradient_store_from_epoch: Optional[int] = None,
         gradient_store_capture: bool = True,
         progress: bool = False,
     ):
@@ -254,15 +257,15 @@ class InfluenceTracker:
         self.report_dir = None if report_dir is None else Path(report_dir)
         check_positive_int(top_k, "top_k")
         self.top_k, self.plots, self.progress = top_k, bool(plots), progress
-        if gradient_store_from_epoch != 0:
-            check_positive_int(gradient_store_from_epoch, "gradient_store_from_epoch")
         self.gradient_store = None if gradient_store is None else Path(gradient_store)
         self.gradient_store_options = dict(gradient_store_options or {})
-        self.gradient_store_from_epoch = gradient_store_from_epoch
+        self.gradient_store_from_epoch = first_recording_epoch(
+            self.gradient_store, gradient_store_from_epoch, epochs
+        )
         self.gradient_store_capture = bool(gradient_store_capture)
         self.recorder: Optional[GradientRecorder] = None
         self.store: Optional["GradientStore"] = None
-        if self.gradient_store is not None and gradient_store_from_epoch == 0:
+        if self.gradient_store is not None and self.gradient_store_from_epoch == 0:
             self._start_recorder()
         self.step, self.epoch = 0, 0
         self.checkpoints: List[Checkpoint] = []
@@ -339,15 +342,12 @@ class InfluenceTracker:
         """The gradient recorder (made on first use: its projection, and its hooks)."""
         if self.recorder is None:
             assert self.gradient_store is not None
+            rows = int(getattr(self.train_loader, "batch_size", None) or 1024)
+            store, options = self.gradient_store, self.gradient_store_options
+            capture = self.gradient_store_capture
             with self._preserved():
                 self.recorder = GradientRecorder(
-                    self.model,
-                    self.loss,
-                    self.gradient_store,
-                    self._n_train(),
-                    self.gradient_store_options,
-                    int(getattr(self.train_loader, "batch_size", None) or 1024),
-                    capture=self.gradient_store_capture,
+                    self.model, self.loss, store, self._n_train(), options, rows, capture=capture
                 )
         return self.recorder
 

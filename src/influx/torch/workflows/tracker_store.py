@@ -16,15 +16,16 @@ $$
 The rows live in memory (`n_train x k` numbers) until they are written.
 
 **Reusing the training step's passes.** With `capture=True` the projected gradients of the
-Kronecker layers (Linear, Conv2d) come from the training step itself: forward hooks on those
-layers keep their inputs $a_i$, and hooks on their outputs keep the output gradients of the
-loop's own backward pass, $\delta_i / B$ for a loss that is the mean over the batch of $B$
-samples; the projected per-sample gradient is then $(P_{out} \delta_i)(P_{in} a_i)^\top$,
-without a second forward or backward pass. The gradients are those at the parameters of the
-step's forward pass (before the optimizer's update). When a step does not fit (a layer called
-more or fewer than once, another batch size, parameters outside Kronecker layers), the
-recorder computes the batch's gradients by its own pass instead. The hooks return nothing:
-the training's values are unchanged.
+Kronecker layers (Linear, Conv2d) come from the training step itself: the layer recorder
+([LayerCalls][influx.torch.kfac.signals.LayerCalls] with `training_passes=True`) keeps the
+inputs $a_i$ of those layers in the loop's forward pass and the output gradients of its
+backward pass, $\delta_i / B$ for a loss that is the mean over the batch of $B$ samples; the
+projected per-sample gradient is then $(P_{out} \delta_i)(P_{in} a_i)^\top$ (one batched
+product per layer), without a second forward or backward pass. The gradients are those at the
+parameters of the step's forward pass (before the optimizer's update). When a step does not
+fit (a layer called more or fewer than once, another batch size, parameters outside Kronecker
+layers), the recorder computes the batch's gradients by its own pass instead. The hooks return
+nothing: the training's values are unchanged.
 """
 
 from __future__ import annotations
@@ -39,14 +40,47 @@ import numpy as np
 import torch
 
 from ..data.batches import TorchBatch
+from ..data.validation import check_positive_int
+from ..kfac.signals import LayerCalls
 from ..models.projected import ProjectedInfluence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gradient_store import GradientStore
 
-__all__ = ["GradientRecorder"]
+__all__ = ["GradientRecorder", "first_recording_epoch"]
 
 logger = logging.getLogger(__name__)
+
+
+def first_recording_epoch(
+    store: Optional[Path], from_epoch: Optional[int], epochs: Optional[int]
+) -> int:
+    """The epoch from which a gradient store records: `from_epoch` if given, else the last of
+    the loop's `epochs` (0 without a store).
+
+    The default serves influence: it needs each point's gradient at (near) the final
+    parameters, which the last epoch gives at a tenth of the cost of recording every step of
+    ten epochs; every step (`from_epoch=0`) is for TracIn-style uses of the whole run.
+
+    Raises:
+        ValueError: if `from_epoch` is negative, `epochs` not positive, or a store records
+            the last epoch (the default) without `epochs`.
+    """
+    if epochs is not None:
+        check_positive_int(epochs, "epochs")
+    if from_epoch is not None:
+        if from_epoch != 0:
+            check_positive_int(from_epoch, "gradient_store_from_epoch")
+        return from_epoch
+    if epochs is not None:
+        return epochs - 1
+    if store is not None:
+        raise ValueError(
+            "Parameter 'epochs' must be the number of epochs of the training loop when the "
+            "gradient store records the last epoch (the default), got None; pass "
+            "gradient_store_from_epoch=0 to record every step instead."
+        )
+    return 0
 
 
 class GradientRecorder:
@@ -91,9 +125,12 @@ class GradientRecorder:
         self.rows = np.zeros((self.n_train, self.size), dtype=dtype)
         self.recorded_at = np.full(self.n_train, -1, dtype=np.int64)
         self.captured_steps = 0
-        self._inputs: Dict[str, List[torch.Tensor]] = {}
-        self._grads: Dict[str, List[torch.Tensor]] = {}
-        self._handles: List[Any] = []
+        self.layers = {
+            f"{number}/{name}": layer
+            for number, provider in enumerate(self.providers)
+            for name, layer in provider.projection.layers.items()
+        }
+        self.calls: Optional[LayerCalls] = None
         if capture:
             if any(p.projection.dense is not None for p in self.providers):
                 logger.info(
@@ -101,60 +138,25 @@ class GradientRecorder:
                     "its gradients by its own passes."
                 )
             else:
-                self._install_hooks()
-
-    def _install_hooks(self) -> None:
-        for number, provider in enumerate(self.providers):
-            for name, layer in provider.projection.layers.items():
-                key = f"{number}/{name}"
-                self._inputs[key], self._grads[key] = [], []
-                module = layer.spec.module
-                hook = self._make_hook(module, key)
-                self._handles.append(module.register_forward_hook(hook))
-
-    def _make_hook(self, original: torch.nn.Module, key: str) -> Callable[..., None]:
-        inputs, grads = self._inputs[key], self._grads[key]
-
-        def keep_gradient(gradient: torch.Tensor) -> None:
-            grads.append(gradient.detach())
-
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            # only the user's module (influx evaluates copies of it) in a differentiated pass
-            if module is not original or not isinstance(output, torch.Tensor):
-                return
-            if not output.requires_grad or not args:
-                return
-            inputs.append(args[0].detach())
-            output.register_hook(keep_gradient)
-
-        return hook
+                specs = {key: layer.spec for key, layer in self.layers.items()}
+                self.calls = LayerCalls(model, specs, training_passes=True).__enter__()
 
     def remove_hooks(self) -> None:
         """Remove the hooks from the model (the store keeps what it recorded)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _clear(self) -> None:
-        for calls in list(self._inputs.values()) + list(self._grads.values()):
-            calls.clear()
+        if self.calls is not None:
+            self.calls.__exit__(None, None, None)
+            self.calls = None
 
     def _captured(self, n: int) -> Optional[torch.Tensor]:
         """The projected gradients of the last training step from its own passes, or None
         if they do not describe one batch of `n` samples."""
-        if not self._handles:
+        if self.calls is None:
             return None
-        keys = list(self._inputs)
-        if any(len(self._inputs[k]) != 1 or len(self._grads[k]) != 1 for k in keys):
+        calls = self.calls.calls
+        if any(len(seen) != 1 or len(seen[0][0]) != n for seen in calls.values()):
             return None
-        if any(len(self._inputs[k][0]) != n or len(self._grads[k][0]) != n for k in keys):
-            return None
-        pieces = []
-        for number, provider in enumerate(self.providers):
-            for name, layer in provider.projection.layers.items():
-                key = f"{number}/{name}"
-                pieces.append(layer.project_raw(self._inputs[key][0], self._grads[key][0] * n))
-        return torch.cat(pieces, dim=1)
+        pieces = [layer.project_raw(*calls[key][0]) for key, layer in self.layers.items()]
+        return torch.cat(pieces, dim=1).mul_(n)
 
     def record(
         self,
@@ -175,7 +177,8 @@ class GradientRecorder:
             )
         with torch.no_grad():
             grads = self._captured(len(index))
-        self._clear()
+        if self.calls is not None:
+            self.calls.clear()
         if grads is None:
             batch = TorchBatch(x, y).to(self.providers[0].device)
             if len(batch) != len(index):
