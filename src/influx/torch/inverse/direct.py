@@ -13,12 +13,7 @@ from ...types import SolverDiagnostics
 from ..curvature.tensor_operator import TensorOperator
 from ..data.state import OperatorState, StateContext
 from ..data.validation import check_nonconvergence_policy, is_finite, validate_regularization
-from .conditioning import (
-    condition_number,
-    max_condition_number,
-    report_ill_conditioning,
-    safe_regularization,
-)
+from .conditioning import check_eigenvalue_conditioning
 
 __all__ = ["DirectSolveOperator"]
 
@@ -133,27 +128,16 @@ class DirectSolveOperator(TensorOperator):
         self._decompose(matrix)
         if spectrum is None:
             spectrum = self._pivots()
-        kappa = condition_number(spectrum) if spectrum.numel() else 1.0
-        safe = (
-            safe_regularization(
-                float(spectrum.min()), float(spectrum.max()), self._regularization, matrix.dtype
-            )
-            if spectrum.numel()
-            else 0.0
-        )
-        resolved = kappa <= max_condition_number(matrix.dtype)
         self.diagnostics = SolverDiagnostics(
             method=f"direct/{self._method}",
-            converged=resolved,
+            converged=True,
             iterations=None,
             residual=None,
-            details={"safe_regularization": safe},
             regularization=self._regularization,
-            condition_number=kappa,
         )
-        report_ill_conditioning(
-            "direct solve", kappa, safe, self._regularization, matrix.dtype,
-            self.on_nonconvergence, diagnostics=self.diagnostics,
+        check_eigenvalue_conditioning(
+            "direct solve", spectrum, self._regularization, matrix.dtype,
+            self.on_nonconvergence, self.diagnostics,
         )  # fmt: skip
 
     def _pivots(self) -> torch.Tensor:
