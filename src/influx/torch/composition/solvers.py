@@ -82,6 +82,16 @@ def _unsupported(solver: "Solver", curvature: TensorOperator, needs: str) -> Typ
     )
 
 
+def _in_block(error: IllConditionedError, block_name: str) -> IllConditionedError:
+    """`error` with the block named in its message."""
+    return IllConditionedError(
+        f"Block {block_name!r}: {error}",
+        error.diagnostics,
+        error.regularization,
+        error.safe_regularization,
+    )
+
+
 def regularization_in_use(model: Any) -> Dict[str, Optional[float]]:
     """The $\\lambda$ of every block of an influence model: the requested values, with
     `"auto"` replaced by the value of the block's fitted operator (None if not fitted)."""
@@ -208,12 +218,7 @@ class DirectSolver(Solver):
                 on_nonconvergence=getattr(self, "on_nonconvergence", "raise"),
             )
         except IllConditionedError as error:
-            raise IllConditionedError(
-                f"Block {block_name!r}: {error}",
-                error.diagnostics,
-                error.regularization,
-                error.safe_regularization,
-            ) from None
+            raise _in_block(error, block_name) from None
         except NonFiniteCurvatureError as error:
             error.block = block_name  # type: ignore[attr-defined]
             raise
@@ -323,9 +328,16 @@ class LowRankSolver(Solver):
             approximation = self._approximate(curvature)
         except ValueError as error:
             raise ValueError(f"Block {block_name!r}: {error}") from error
-        op = LowRankOperator(approximation.representation, regularization, exact=exact)
-        op.diagnostics = approximation.diagnostics
-        return op
+        try:
+            return LowRankOperator(
+                approximation.representation,
+                regularization,
+                exact=exact,
+                on_nonconvergence=getattr(self, "on_nonconvergence", "warn"),
+                diagnostics=approximation.diagnostics,
+            )
+        except IllConditionedError as error:
+            raise _in_block(error, block_name) from None
 
 
 class ArnoldiSolver(LowRankSolver):
@@ -418,10 +430,16 @@ class NystroemSolver(LowRankSolver):
 
     positive_regularization_reason = "the Nyström sketch is inverted by Woodbury"
 
-    def __init__(self, rank: int, seed: Optional[int] = None):
+    on_nonconvergence = "warn"
+    """For an ill-conditioned $V D V^\\top + \\lambda I$: `"warn"` or `"raise"`."""
+
+    def __init__(self, rank: int, seed: Optional[int] = None, on_nonconvergence: str = "warn"):
         check_seed(seed)
         self.rank = rank
         self.seed = seed
+        if check_nonconvergence_policy(on_nonconvergence) != "warn":
+            # an attribute (a setting of saved fits) only when not the default
+            self.on_nonconvergence = on_nonconvergence
 
     def _approximate(self, curvature: TensorOperator) -> LowRankApproximation:
         return nystroem_low_rank(curvature, self.rank, make_generator(self.seed, curvature.device))
@@ -472,11 +490,24 @@ class InverseHarmonicMeanSolver(Solver):
 
 class FactoredSolver(Solver):
     """The exact inverse of a Kronecker-factored curvature in its eigenbasis
-    ([KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator])."""
+    ([KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator]); a layer
+    whose $s + \\lambda$ is too ill-conditioned for the compute dtype warns
+    (`on_nonconvergence="warn"`, the default) or raises."""
+
+    on_nonconvergence = "warn"
+    """For a layer whose $s + \\lambda$ is too ill-conditioned: `"warn"` or `"raise"`."""
+
+    def __init__(self, on_nonconvergence: str = "warn"):
+        if check_nonconvergence_policy(on_nonconvergence) != "warn":
+            # an attribute (a setting of saved fits) only when not the default
+            self.on_nonconvergence = on_nonconvergence
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
     ) -> TensorOperator:
         if not isinstance(curvature, KroneckerFactoredCurvature):
             raise _unsupported(self, curvature, "a Kronecker-factored curvature")
-        return KroneckerFactoredOperator.from_curvature(curvature, regularization)
+        # the operator's messages name its layer (the block)
+        return KroneckerFactoredOperator.from_curvature(
+            curvature, regularization, self.on_nonconvergence
+        )
