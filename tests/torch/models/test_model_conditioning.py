@@ -12,14 +12,22 @@ import torch.nn.functional as F
 import torch
 from helpers import loader, rel_err
 from influx.errors import IllConditionedError
+from influx.torch import ComposedInfluence, DirectSolver, ModeCurvature
 from influx.torch.curvature.conditioning import max_condition_number
+from influx.torch.curvature.operators import SecondOrderMode
+from influx.torch.curvature.tensor_operator import MatrixOperator
+from influx.torch.data.blocks import BlockMode
+from influx.torch.inverse.cg import CgOperator
 from influx.torch.models import (
     ArnoldiInfluence,
     DirectInfluence,
     EkfacInfluence,
+    InverseHarmonicMeanInfluence,
+    LissaInfluence,
     NystroemSketchInfluence,
+    ProjectedInfluence,
 )
-from references import exact_hessian, per_sample_grads
+from references import exact_fisher, exact_hessian, per_sample_grads
 
 
 def _singular_regression() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -35,10 +43,11 @@ def _singular_regression() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
 
 
 def _direct_reference(
-    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float, fisher: bool = False
 ) -> torch.Tensor:
     params = dict(net.named_parameters())
-    hessian = exact_hessian(net, F.mse_loss, params, x, y)
+    curvature = exact_fisher if fisher else exact_hessian
+    hessian = curvature(net, F.mse_loss, params, x, y)
     g = per_sample_grads(net, F.mse_loss, params, x, y)
     return g[:3] @ torch.linalg.solve(hessian + lam * torch.eye(4, dtype=torch.float64), g.T)
 
@@ -153,3 +162,109 @@ def test_none_means_no_regularization_in_every_model() -> None:
         EkfacInfluence(net, loss=F.mse_loss, regularization=None, on_nonconvergence="raise").fit(
             loader(x, y)
         )
+
+
+def test_lissa_reports_the_condition_number_of_its_first_batches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net, x, y = _singular_regression()
+    # a loose rtol: the iteration "converges" quickly, the system is singular all the same
+    with pytest.raises(IllConditionedError, match="LiSSA: C \\+ λI with regularization=0.0"):
+        LissaInfluence(net, F.mse_loss, 0.0, rtol=0.5, scale=10.0, on_nonconvergence="raise").fit(
+            loader(x, y)
+        ).influence_factors(x[:3], y[:3])
+    with caplog.at_level(logging.WARNING):
+        model = LissaInfluence(net, F.mse_loss, 0.0, rtol=0.5, scale=10.0).fit(loader(x, y))
+        model.influence_factors(x[:3], y[:3])
+    assert "Use regularization >= " in caplog.text
+    diagnostics = model.solver_diagnostics["model"]
+    assert not diagnostics.converged and diagnostics.residual < 0.5
+    # well conditioned (full batches: deterministic): converged, the numbers of the direct solve
+    fine = LissaInfluence(
+        net, F.mse_loss, 0.5, rtol=1e-13, scale=10.0, on_nonconvergence="raise"
+    ).fit(loader(x, y, 24))
+    values = fine.influences(x[:3], y[:3], x, y)
+    diagnostics = fine.solver_diagnostics["model"]
+    assert diagnostics.converged and diagnostics.condition_number < 100
+    smallest, largest = diagnostics.details["spectrum_estimate"]
+    hessian = exact_hessian(net, F.mse_loss, dict(net.named_parameters()), x, y)
+    exact = torch.linalg.eigvalsh(hessian)
+    assert smallest == pytest.approx(float(exact[0]), abs=1e-10)
+    assert largest == pytest.approx(float(exact[-1]), rel=1e-10)
+    assert rel_err(values, _direct_reference(net, x, y, 0.5)) < 1e-8
+
+
+def test_inverse_harmonic_mean_checks_its_worst_rank_one_term(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net, x, y = _singular_regression()
+    gauss_newton = SecondOrderMode.GAUSS_NEWTON
+    with caplog.at_level(logging.WARNING):
+        model = InverseHarmonicMeanInfluence(net, F.mse_loss, 1e-20).fit(loader(x, y))
+    assert "Block 'model': inverse harmonic mean: C + λI with regularization=1e-20" in (caplog.text)
+    assert not model.solver_diagnostics["model"].converged
+    with pytest.raises(IllConditionedError) as info:
+        InverseHarmonicMeanInfluence(
+            net, F.mse_loss, 1e-20, second_order_mode=gauss_newton, on_nonconvergence="raise"
+        ).fit(loader(x, y))
+    g = per_sample_grads(net, F.mse_loss, dict(net.named_parameters()), x, y)
+    largest = float((g * g).sum(dim=1).max())
+    # kappa = 1 + max |g|^2 / lambda <= 1 / (100 eps) from lambda_safe on
+    assert info.value.safe_regularization == pytest.approx(
+        largest / (max_condition_number(torch.float64) - 1), rel=1e-9
+    )
+    fine = InverseHarmonicMeanInfluence(net, F.mse_loss, 1.0, on_nonconvergence="raise").fit(
+        loader(x, y)
+    )
+    diagnostics = fine.solver_diagnostics["model"]
+    assert diagnostics.converged
+    assert diagnostics.condition_number == pytest.approx(1 + largest, rel=1e-12)
+    eye = torch.eye(4, dtype=torch.float64)
+    mean_inverse = torch.stack([torch.linalg.inv(torch.outer(gi, gi) + eye) for gi in g]).mean(0)
+    expected = g[:3] @ mean_inverse @ g.T
+    assert rel_err(fine.influences(x[:3], y[:3], x, y), expected) < 1e-10
+
+
+def test_block_cg_estimates_the_spectrum_from_its_gram_matrices(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    matrix = (q * torch.tensor([2.0, 1.0, 0.5, 1e-16], dtype=torch.float64)) @ q.T
+    rhs = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    op = CgOperator(MatrixOperator(matrix), None, use_block_cg=True, on_nonconvergence="raise")
+    with pytest.raises(IllConditionedError, match="block CG: C \\+ λI with regularization=None"):
+        op.apply(rhs)
+    fine = CgOperator(MatrixOperator(matrix), 0.1, use_block_cg=True, rtol=1e-12, atol=0.0)
+    solution = fine.apply(rhs)
+    assert fine.diagnostics.converged
+    # Ritz values: from the inside of [0.1, 2.1]
+    assert 1.0 < fine.diagnostics.condition_number <= 21.0 * (1 + 1e-9)
+    expected = torch.linalg.solve(matrix + 0.1 * torch.eye(4, dtype=torch.float64), rhs.T).T
+    assert rel_err(solution, expected) < 1e-10
+
+
+def test_projected_influence_checks_its_k_by_k_system() -> None:
+    net, x, y = _singular_regression()
+    with pytest.raises(IllConditionedError, match="Block 'model': direct solve"):
+        ProjectedInfluence(net, F.mse_loss, projection_dim=4, regularization=0.0).fit(loader(x, y))
+    fine = ProjectedInfluence(net, F.mse_loss, projection_dim=4, regularization=0.1)
+    fine.fit(loader(x, y))
+    assert fine.solver_diagnostics["model"].converged
+    # k = P with an orthogonal projection: the direct solve's numbers
+    expected = _direct_reference(net, x, y, 0.1, fisher=True)
+    assert rel_err(fine.influences(x[:3], y[:3], x, y), expected) < 1e-9
+
+
+def test_composed_influence_reports_each_block(caplog: pytest.LogCaptureFixture) -> None:
+    net, x, y = _singular_regression()
+    net = torch.nn.Sequential(net, torch.nn.Linear(1, 1).double())  # a second, regular block
+    curvature = ModeCurvature(SecondOrderMode.HESSIAN)
+    with caplog.at_level(logging.WARNING):
+        model = ComposedInfluence(
+            net, F.mse_loss, curvature, DirectSolver(on_nonconvergence="warn"), 0.0,
+            block_structure=BlockMode.LAYER_WISE,
+        ).fit(loader(x, y))  # fmt: skip
+    assert "Block '0': direct solve" in caplog.text and "Block '1'" not in caplog.text
+    diagnostics = model.solver_diagnostics
+    assert not diagnostics["0"].converged and diagnostics["1"].converged

@@ -15,7 +15,7 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Union
 
-from ...errors import IllConditionedError, NonConvergenceError, NonFiniteCurvatureError
+from ...errors import NonConvergenceError, NonFiniteCurvatureError
 from ...types import SolverDiagnostics
 from ..curvature.batch_operation import GaussNewtonBatchOperation
 from ..curvature.operators import (
@@ -79,16 +79,6 @@ logger = logging.getLogger(__name__)
 def _unsupported(solver: "Solver", curvature: TensorOperator, needs: str) -> TypeError:
     return TypeError(
         f"{type(solver).__name__} cannot invert a {type(curvature).__name__}: it needs {needs}."
-    )
-
-
-def _in_block(error: IllConditionedError, block_name: str) -> IllConditionedError:
-    """`error` with the block named in its message."""
-    return IllConditionedError(
-        f"Block {block_name!r}: {error}",
-        error.diagnostics,
-        error.regularization,
-        error.safe_regularization,
     )
 
 
@@ -216,9 +206,8 @@ class DirectSolver(Solver):
                 matrix,
                 regularization=regularization,  # type: ignore[arg-type]
                 on_nonconvergence=getattr(self, "on_nonconvergence", "raise"),
+                block_name=block_name,
             )
-        except IllConditionedError as error:
-            raise _in_block(error, block_name) from None
         except NonFiniteCurvatureError as error:
             error.block = block_name  # type: ignore[attr-defined]
             raise
@@ -328,16 +317,14 @@ class LowRankSolver(Solver):
             approximation = self._approximate(curvature)
         except ValueError as error:
             raise ValueError(f"Block {block_name!r}: {error}") from error
-        try:
-            return LowRankOperator(
-                approximation.representation,
-                regularization,
-                exact=exact,
-                on_nonconvergence=getattr(self, "on_nonconvergence", "warn"),
-                diagnostics=approximation.diagnostics,
-            )
-        except IllConditionedError as error:
-            raise _in_block(error, block_name) from None
+        return LowRankOperator(
+            approximation.representation,
+            regularization,
+            exact=exact,
+            on_nonconvergence=getattr(self, "on_nonconvergence", "warn"),
+            diagnostics=approximation.diagnostics,
+            block_name=block_name,
+        )
 
 
 class ArnoldiSolver(LowRankSolver):
@@ -463,8 +450,14 @@ class InverseHarmonicMeanSolver(Solver):
 
     positive_regularization_reason = "each rank-one term needs g g^T + λI invertible"
 
-    def __init__(self, progress: bool = False):
+    on_nonconvergence = "warn"
+    """For a term $g g^\\top + \\lambda I$ too ill-conditioned: `"warn"` or `"raise"`."""
+
+    def __init__(self, progress: bool = False, on_nonconvergence: str = "warn"):
         self.progress = progress
+        if check_nonconvergence_policy(on_nonconvergence) != "warn":
+            # an attribute (a setting of saved fits) only when not the default
+            self.on_nonconvergence = on_nonconvergence
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
@@ -485,6 +478,8 @@ class InverseHarmonicMeanSolver(Solver):
             regularization,  # type: ignore[arg-type]
             operation.params,  # type: ignore[arg-type]
             progress=self.progress,
+            on_nonconvergence=self.on_nonconvergence,
+            block_name=block_name,
         )
 
 

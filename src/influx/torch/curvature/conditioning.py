@@ -37,6 +37,7 @@ from ...errors import IllConditionedError
 from ...types import SolverDiagnostics
 
 __all__ = [
+    "block_prefix",
     "check_eigenvalue_conditioning",
     "condition_number",
     "max_condition_number",
@@ -116,6 +117,11 @@ def report_ill_conditioning(
         raise IllConditionedError(message, diagnostics, regularization, safe)
     logger.log(logging.WARNING if warn else logging.DEBUG, "%s", message)
     return False
+
+
+def block_prefix(block_name: Optional[str]) -> str:
+    """The prefix of a message about the block `block_name` (empty for None)."""
+    return "" if block_name is None else f"Block {block_name!r}: "
 
 
 def check_eigenvalue_conditioning(

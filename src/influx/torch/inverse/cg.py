@@ -264,6 +264,10 @@ def block_conjugate_gradient(
     (the largest residual relative to its tolerance has not decreased by 1% in 10
     iterations), it restarts from the true residual $B - M X$ (one extra call of `apply`).
 
+    The eigenvalues of every $S_k^\top M S_k$ are Ritz values of $M$ ($S_k$ is orthonormal,
+    with or without a preconditioner): their extremes over the iterations estimate those of
+    $M$ from the inside, returned as `spectrum`.
+
     Args:
         apply: $V \mapsto V M^\top$ for rows `V` `(K, P)`; $M$ symmetric positive definite.
         rhs: the right-hand sides, one per row, `(N, P)`.
@@ -283,6 +287,7 @@ def block_conjugate_gradient(
 
     best = float((r_norm / tol).max()) if n else 0.0
     since_best = 0
+    low, high = math.inf, -math.inf
     bar = tqdm(total=maxiter, desc="block CG", disable=not progress, leave=False)
     for it in range(1, maxiter + 1):
         if active.numel() == 0:
@@ -300,6 +305,8 @@ def block_conjugate_gradient(
         q = apply(directions)  # rows: M s_i
         check_finite(q, "operator's products")
         gram = directions @ q.T  # S^T M S
+        ritz = torch.linalg.eigvalsh((gram + gram.T) / 2)
+        low, high = min(low, float(ritz[0])), max(high, float(ritz[-1]))
         r_a = r[active]
         alpha = _solve_gram(gram, directions @ r_a.T)  # (s, k)
         x[active] = x[active] + alpha.T @ directions
@@ -328,7 +335,8 @@ def block_conjugate_gradient(
 
     converged = r_norm <= tol
     residuals = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), 0.0)
-    return IterativeSolution(x, iterations, residuals, converged)
+    spectrum = (low, high) if math.isfinite(low) else None
+    return IterativeSolution(x, iterations, residuals, converged, spectrum)
 
 
 class CgOperator(TensorOperator):
@@ -437,7 +445,7 @@ class CgOperator(TensorOperator):
             else type(self.preconditioner).__name__,
         )
         check_solve_conditioning(
-            "CG", result, self.diagnostics, self._regularization, self.dtype,
+            "block CG" if self.use_block_cg else "CG", result, self.diagnostics, self._regularization, self.dtype,
             self.on_nonconvergence, self.warn_on_max_iteration,
         )  # fmt: skip
         report_non_convergence(

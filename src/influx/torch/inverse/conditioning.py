@@ -17,6 +17,7 @@ import torch
 
 from ...types import SolverDiagnostics
 from ..curvature.conditioning import (
+    block_prefix,
     check_eigenvalue_conditioning,
     condition_number,
     max_condition_number,
@@ -27,6 +28,7 @@ from .solution import IterativeSolution
 
 __all__ = [
     "MAXITER_CAP",
+    "block_prefix",
     "cg_ritz_values",
     "check_eigenvalue_conditioning",
     "check_solve_conditioning",
@@ -101,9 +103,10 @@ def check_solve_conditioning(
     diagnostics.details["safe_regularization"] = safe
     detail = None
     if indefinite:
+        stopped = " and stopped" if result.negative_curvature is not None else ""
         detail = (
             f"is not positive definite: {method} met curvature p^T(C + λI)p <= 0 along a "
-            f"search direction (smallest eigenvalue estimate {low:.3g}) and stopped"
+            f"search direction (smallest eigenvalue estimate {low:.3g}){stopped}"
         )
     report_ill_conditioning(
         method, kappa, safe, regularization, dtype, on_nonconvergence, warn, diagnostics,

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ...types import SolverDiagnostics
-from ..curvature.conditioning import check_eigenvalue_conditioning
+from ..curvature.conditioning import block_prefix, check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch
 from ..data.state import OperatorState, StateContext
@@ -71,6 +71,7 @@ class LowRankOperator(TensorOperator):
             $V D V^\top + \lambda I$.
         diagnostics: the diagnostics of the approximation (e.g. Lanczos'), completed with the
             condition number; default a report of method `"low_rank"`.
+        block_name: named in the messages, if given (the block of an influence model).
     """
 
     def _reference(self) -> Any:
@@ -83,6 +84,7 @@ class LowRankOperator(TensorOperator):
         exact: bool = True,
         on_nonconvergence: str = "warn",
         diagnostics: Optional[SolverDiagnostics] = None,
+        block_name: Optional[str] = None,
     ):
         if not isinstance(low_rank_representation, LowRankProductRepresentation):
             raise TypeError(
@@ -91,6 +93,7 @@ class LowRankOperator(TensorOperator):
             )
         validate_regularization(regularization)
         self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.block_name = block_name
         self._approximation_diagnostics = diagnostics or SolverDiagnostics("low_rank", True)
         self._exact = exact
         self._check_regularization(regularization)
@@ -147,6 +150,7 @@ class LowRankOperator(TensorOperator):
         check_eigenvalue_conditioning(
             f"{self.diagnostics.method} inverse", inverted, self._regularization,
             shifted.dtype, getattr(self, "on_nonconvergence", "warn"), self.diagnostics,
+            where=block_prefix(getattr(self, "block_name", None)),
         )  # fmt: skip
 
     def export_state(self) -> OperatorState:
