@@ -259,6 +259,7 @@ class CgSolver(Solver):
             curvature,
             regularization,
             preconditioner=preconditioner,
+            block_name=block_name,
             **self.options,  # type: ignore[arg-type]
         )
 
@@ -288,7 +289,11 @@ class LissaSolver(Solver):
         if not isinstance(curvature, AveragingBatchOperator):
             raise _unsupported(self, curvature, "a curvature averaged over mini-batches")
         return LissaOperator(
-            curvature.batch_operation, curvature.dataloader, regularization, **self.options
+            curvature.batch_operation,
+            curvature.dataloader,
+            regularization,
+            block_name=block_name,
+            **self.options,
         )
 
 

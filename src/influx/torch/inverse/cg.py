@@ -34,7 +34,12 @@ from ..data.validation import (
     validate_cg_settings,
     validate_regularization,
 )
-from .conditioning import cg_ritz_values, check_solve_conditioning, default_maxiter
+from .conditioning import (
+    block_prefix,
+    cg_ritz_values,
+    check_solve_conditioning,
+    default_maxiter,
+)
 from .preconditioner import Preconditioner, check_preconditioner
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence, row_dot
 
@@ -375,6 +380,8 @@ class CgOperator(TensorOperator):
         on_nonconvergence: `"warn"` (log as above and return the approximate solution) or
             `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
             carrying the diagnostics).
+        block_name: named in the messages about conditioning, if given (the block of an
+            influence model).
 
     `rtol` and `atol` of None mean $10^{-7}$, or ten times the machine epsilon of the
     operator's dtype if that is larger (a float32 solve cannot reach $10^{-7}$).
@@ -395,6 +402,7 @@ class CgOperator(TensorOperator):
         use_block_cg: bool = False,
         warn_on_max_iteration: bool = True,
         on_nonconvergence: str = "warn",
+        block_name: Optional[str] = None,
     ):
         if not isinstance(operator, TensorOperator):
             raise TypeError(
@@ -406,6 +414,7 @@ class CgOperator(TensorOperator):
         self.operator = operator
         self._regularization = regularization
         self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.block_name = block_name
         self.rtol = default_tolerance(rtol, operator.dtype, 1e-7)
         self.atol = default_tolerance(atol, operator.dtype, 1e-7)
         self.maxiter = maxiter
@@ -447,6 +456,7 @@ class CgOperator(TensorOperator):
         check_solve_conditioning(
             "block CG" if self.use_block_cg else "CG", result, self.diagnostics, self._regularization, self.dtype,
             self.on_nonconvergence, self.warn_on_max_iteration,
+            block_prefix(getattr(self, "block_name", None)),
         )  # fmt: skip
         report_non_convergence(
             "Block CG" if self.use_block_cg else "CG",

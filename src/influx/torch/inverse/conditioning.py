@@ -83,6 +83,7 @@ def check_solve_conditioning(
     dtype: torch.dtype,
     on_nonconvergence: str,
     warn: bool,
+    where: str = "",
 ) -> None:
     """Complete the `diagnostics` of an iterative solve from its spectrum estimates (the
     condition number, `converged=False` for negative curvature or a condition number the dtype
@@ -110,5 +111,5 @@ def check_solve_conditioning(
         )
     report_ill_conditioning(
         method, kappa, safe, regularization, dtype, on_nonconvergence, warn, diagnostics,
-        detail=detail,
+        where, detail,
     )  # fmt: skip

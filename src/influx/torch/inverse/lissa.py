@@ -19,7 +19,7 @@ import torch
 
 from ...errors import InfluxError
 from ..curvature.batch_operation import BatchOperation
-from ..curvature.conditioning import check_eigenvalue_conditioning
+from ..curvature.conditioning import block_prefix, check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch, endless_batches, iterate_batches
 from ..data.state import OperatorState, StateContext, restore_operator
@@ -201,6 +201,7 @@ class LissaOperator(TensorOperator):
             [NonConvergenceError][influx.errors.NonConvergenceError] with the diagnostics).
         seed: seed of the random start vectors of the eigenvalue estimates (`scale="auto"`
             and the divergence diagnosis); the same seed gives the same scale.
+        block_name: named in the messages, if given (the block of an influence model).
 
     **Conditioning.** After the first application, 30 Lanczos steps on the mean curvature of
     the first 3 batches estimate its extreme eigenvalues $\mu_{\min} \le \mu_{\max}$ (once per
@@ -238,7 +239,9 @@ class LissaOperator(TensorOperator):
         warn_on_max_iteration: bool = True,
         on_nonconvergence: str = "warn",
         seed: Optional[int] = None,
+        block_name: Optional[str] = None,
     ):
+        self.block_name = block_name
         self._init(
             batch_operation,
             data,
@@ -405,7 +408,7 @@ class LissaOperator(TensorOperator):
         check_eigenvalue_conditioning(
             "LiSSA", torch.tensor([smallest + lam, largest + lam], dtype=torch.float64),
             self._regularization, self.dtype, self.on_nonconvergence, self.diagnostics,
-            warn=self.warn_on_max_iteration,
+            warn=self.warn_on_max_iteration, where=block_prefix(getattr(self, "block_name", None)),
         )  # fmt: skip
 
     def smallest_eigenvalue(self, steps: int = 30) -> float:
