@@ -26,7 +26,7 @@ class _Recurrent(torch.nn.Module):
 
 def test_the_factors_of_a_layer_called_twice_are_the_sums_over_its_uses() -> None:
     torch.manual_seed(0)
-    net = _Recurrent().double()
+    net = _Recurrent().double().eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(20, 3, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 2, (20,), generator=gen)
@@ -70,7 +70,7 @@ def test_a_shared_layer_is_exact_where_the_fisher_is_kronecker() -> None:
     in pairs (u, v), (u, -v) the cross terms of the two uses cancel and
     F = c c^T ⊗ (1/n) Σ (u u^T + v v^T) = G ⊗ A exactly, with A and G summed over the uses."""
     torch.manual_seed(0)
-    net = _Siamese().double()
+    net = _Siamese().double().eval()
     gen = torch.Generator().manual_seed(2)
     u = torch.randn(12, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(12, 3, generator=gen, dtype=torch.float64)
