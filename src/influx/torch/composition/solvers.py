@@ -139,6 +139,14 @@ class Solver(ABC):
     positive_regularization_reason: Optional[str] = None
     """If set, every block needs $\\lambda > 0$, for this reason."""
 
+    on_nonconvergence = "warn"
+    """For a block too ill-conditioned for the compute dtype: `"warn"` or `"raise"`."""
+
+    def _set_policy(self, on_nonconvergence: str) -> None:
+        """Keep a policy other than `"warn"` (only then a setting of saved fits)."""
+        if check_nonconvergence_policy(on_nonconvergence) != "warn":
+            self.on_nonconvergence = on_nonconvergence
+
     def check_regularization(self, regularization: object, block_names: List[str]) -> None:
         """Raise a ValueError if a block's regularization is one this method cannot take."""
         if self.positive_regularization_reason is not None:
@@ -289,12 +297,9 @@ class LissaSolver(Solver):
         if not isinstance(curvature, AveragingBatchOperator):
             raise _unsupported(self, curvature, "a curvature averaged over mini-batches")
         return LissaOperator(
-            curvature.batch_operation,
-            curvature.dataloader,
-            regularization,
-            block_name=block_name,
-            **self.options,
-        )
+            curvature.batch_operation, curvature.dataloader, regularization,
+            block_name=block_name, **self.options,
+        )  # fmt: skip
 
 
 class LowRankSolver(Solver):
@@ -323,13 +328,9 @@ class LowRankSolver(Solver):
         except ValueError as error:
             raise ValueError(f"Block {block_name!r}: {error}") from error
         return LowRankOperator(
-            approximation.representation,
-            regularization,
-            exact=exact,
-            on_nonconvergence=getattr(self, "on_nonconvergence", "warn"),
-            diagnostics=approximation.diagnostics,
-            block_name=block_name,
-        )
+            approximation.representation, regularization, exact, self.on_nonconvergence,
+            approximation.diagnostics, block_name,
+        )  # fmt: skip
 
 
 class ArnoldiSolver(LowRankSolver):
@@ -422,16 +423,11 @@ class NystroemSolver(LowRankSolver):
 
     positive_regularization_reason = "the Nyström sketch is inverted by Woodbury"
 
-    on_nonconvergence = "warn"
-    """For an ill-conditioned $V D V^\\top + \\lambda I$: `"warn"` or `"raise"`."""
-
     def __init__(self, rank: int, seed: Optional[int] = None, on_nonconvergence: str = "warn"):
         check_seed(seed)
         self.rank = rank
         self.seed = seed
-        if check_nonconvergence_policy(on_nonconvergence) != "warn":
-            # an attribute (a setting of saved fits) only when not the default
-            self.on_nonconvergence = on_nonconvergence
+        self._set_policy(on_nonconvergence)
 
     def _approximate(self, curvature: TensorOperator) -> LowRankApproximation:
         return nystroem_low_rank(curvature, self.rank, make_generator(self.seed, curvature.device))
@@ -455,14 +451,9 @@ class InverseHarmonicMeanSolver(Solver):
 
     positive_regularization_reason = "each rank-one term needs g g^T + λI invertible"
 
-    on_nonconvergence = "warn"
-    """For a term $g g^\\top + \\lambda I$ too ill-conditioned: `"warn"` or `"raise"`."""
-
     def __init__(self, progress: bool = False, on_nonconvergence: str = "warn"):
         self.progress = progress
-        if check_nonconvergence_policy(on_nonconvergence) != "warn":
-            # an attribute (a setting of saved fits) only when not the default
-            self.on_nonconvergence = on_nonconvergence
+        self._set_policy(on_nonconvergence)
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
@@ -494,20 +485,14 @@ class FactoredSolver(Solver):
     whose $s + \\lambda$ is too ill-conditioned for the compute dtype warns
     (`on_nonconvergence="warn"`, the default) or raises."""
 
-    on_nonconvergence = "warn"
-    """For a layer whose $s + \\lambda$ is too ill-conditioned: `"warn"` or `"raise"`."""
-
     def __init__(self, on_nonconvergence: str = "warn"):
-        if check_nonconvergence_policy(on_nonconvergence) != "warn":
-            # an attribute (a setting of saved fits) only when not the default
-            self.on_nonconvergence = on_nonconvergence
+        self._set_policy(on_nonconvergence)
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
     ) -> TensorOperator:
         if not isinstance(curvature, KroneckerFactoredCurvature):
             raise _unsupported(self, curvature, "a Kronecker-factored curvature")
-        # the operator's messages name its layer (the block)
         return KroneckerFactoredOperator.from_curvature(
             curvature, regularization, self.on_nonconvergence
         )

@@ -34,12 +34,7 @@ from ..data.validation import (
     validate_cg_settings,
     validate_regularization,
 )
-from .conditioning import (
-    block_prefix,
-    cg_ritz_values,
-    check_solve_conditioning,
-    default_maxiter,
-)
+from .conditioning import block_prefix, cg_ritz_values, check_solve_conditioning, default_maxiter
 from .preconditioner import Preconditioner, check_preconditioner
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence, row_dot
 
@@ -269,8 +264,7 @@ def block_conjugate_gradient(
     (the largest residual relative to its tolerance has not decreased by 1% in 10
     iterations), it restarts from the true residual $B - M X$ (one extra call of `apply`).
 
-    The eigenvalues of every $S_k^\top M S_k$ are Ritz values of $M$ ($S_k$ is orthonormal,
-    with or without a preconditioner): their extremes over the iterations estimate those of
+    The extreme eigenvalues of every $S_k^\top M S_k$ (Ritz values of $M$) estimate those of
     $M$ from the inside, returned as `spectrum`.
 
     Args:
@@ -380,8 +374,7 @@ class CgOperator(TensorOperator):
         on_nonconvergence: `"warn"` (log as above and return the approximate solution) or
             `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
             carrying the diagnostics).
-        block_name: named in the messages about conditioning, if given (the block of an
-            influence model).
+        block_name: named in the messages about conditioning (an influence model's block).
 
     `rtol` and `atol` of None mean $10^{-7}$, or ten times the machine epsilon of the
     operator's dtype if that is larger (a float32 solve cannot reach $10^{-7}$).

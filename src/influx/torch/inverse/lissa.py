@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from itertools import islice
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 from torch.utils.data import DataLoader
@@ -378,12 +379,7 @@ class LissaOperator(TensorOperator):
         [lanczos_extreme_eigenvalues][influx.torch.inverse.spectrum.lanczos_extreme_eigenvalues]);
         computed once per operator."""
         if self._spectrum is None:
-            batches = [
-                batch
-                for _, batch in zip(
-                    range(AUTO_SCALE_BATCHES), iterate_batches(self.data, self.device)
-                )
-            ]
+            batches = list(islice(iterate_batches(self.data, self.device), AUTO_SCALE_BATCHES))
             total = sum(len(batch) for batch in batches)
 
             def mean_curvature(v: torch.Tensor) -> torch.Tensor:

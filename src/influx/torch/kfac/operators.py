@@ -339,6 +339,8 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
             `"warn"` (default: log a warning naming $\lambda$ and the smallest safe value,
             report `converged=False`) or `"raise"` (an
             [IllConditionedError][influx.errors.IllConditionedError]).
+        warn_on_ill_conditioning: with `"warn"`, log the message at warning level (else at
+            debug level: for a preconditioner, whose conditioning CG checks itself).
     """
 
     supports_regularization = True
@@ -359,9 +361,11 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         eigenbasis: Optional[KroneckerEigenbasis] = None,
         weight_transposed: bool = False,
         on_nonconvergence: str = "warn",
+        warn_on_ill_conditioning: bool = True,
     ):
         validate_regularization(regularization)
         self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.warn_on_ill_conditioning = warn_on_ill_conditioning
         super().__init__(
             input_eigenvectors,
             output_eigenvectors,
@@ -429,13 +433,15 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         check_eigenvalue_conditioning(
             self.method, shifted, self._regularization, self._dtype,
             getattr(self, "on_nonconvergence", "warn"), self.diagnostics,
-            where=f"Layer {self.layer_name!r}: ",
+            getattr(self, "warn_on_ill_conditioning", True), f"Layer {self.layer_name!r}: ",
         )  # fmt: skip
 
     def export_state(self) -> OperatorState:
         state = super().export_state()
         state.settings["regularization"] = self._regularization
         state.settings["on_nonconvergence"] = self.on_nonconvergence
+        if not self.warn_on_ill_conditioning:
+            state.settings["warn_on_ill_conditioning"] = False
         return state
 
     @classmethod
@@ -443,5 +449,6 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         return cls(
             regularization=state.settings["regularization"],
             on_nonconvergence=state.settings.get("on_nonconvergence", "warn"),
+            warn_on_ill_conditioning=state.settings.get("warn_on_ill_conditioning", True),
             **cls._arguments(state),
         )
