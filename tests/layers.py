@@ -56,6 +56,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.curvature.tensor_operator",
             "influx.torch.curvature.generalized_gauss_newton",
             "influx.torch.curvature.operators",
+            "influx.torch.curvature.conditioning",
         ],
     ),
     (

@@ -15,7 +15,7 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Union
 
-from ...errors import IllConditionedError, NonConvergenceError, NonFiniteCurvatureError
+from ...errors import NonConvergenceError, NonFiniteCurvatureError
 from ...types import SolverDiagnostics
 from ..curvature.batch_operation import GaussNewtonBatchOperation
 from ..curvature.operators import (
@@ -139,6 +139,14 @@ class Solver(ABC):
     positive_regularization_reason: Optional[str] = None
     """If set, every block needs $\\lambda > 0$, for this reason."""
 
+    on_nonconvergence = "warn"
+    """For a block too ill-conditioned for the compute dtype: `"warn"` or `"raise"`."""
+
+    def _set_policy(self, on_nonconvergence: str) -> None:
+        """Keep a policy other than `"warn"` (only then a setting of saved fits)."""
+        if check_nonconvergence_policy(on_nonconvergence) != "warn":
+            self.on_nonconvergence = on_nonconvergence
+
     def check_regularization(self, regularization: object, block_names: List[str]) -> None:
         """Raise a ValueError if a block's regularization is one this method cannot take."""
         if self.positive_regularization_reason is not None:
@@ -206,14 +214,8 @@ class DirectSolver(Solver):
                 matrix,
                 regularization=regularization,  # type: ignore[arg-type]
                 on_nonconvergence=getattr(self, "on_nonconvergence", "raise"),
+                block_name=block_name,
             )
-        except IllConditionedError as error:
-            raise IllConditionedError(
-                f"Block {block_name!r}: {error}",
-                error.diagnostics,
-                error.regularization,
-                error.safe_regularization,
-            ) from None
         except NonFiniteCurvatureError as error:
             error.block = block_name  # type: ignore[attr-defined]
             raise
@@ -265,6 +267,7 @@ class CgSolver(Solver):
             curvature,
             regularization,
             preconditioner=preconditioner,
+            block_name=block_name,
             **self.options,  # type: ignore[arg-type]
         )
 
@@ -294,8 +297,9 @@ class LissaSolver(Solver):
         if not isinstance(curvature, AveragingBatchOperator):
             raise _unsupported(self, curvature, "a curvature averaged over mini-batches")
         return LissaOperator(
-            curvature.batch_operation, curvature.dataloader, regularization, **self.options
-        )
+            curvature.batch_operation, curvature.dataloader, regularization,
+            block_name=block_name, **self.options,
+        )  # fmt: skip
 
 
 class LowRankSolver(Solver):
@@ -323,9 +327,10 @@ class LowRankSolver(Solver):
             approximation = self._approximate(curvature)
         except ValueError as error:
             raise ValueError(f"Block {block_name!r}: {error}") from error
-        op = LowRankOperator(approximation.representation, regularization, exact=exact)
-        op.diagnostics = approximation.diagnostics
-        return op
+        return LowRankOperator(
+            approximation.representation, regularization, exact, self.on_nonconvergence,
+            approximation.diagnostics, block_name,
+        )  # fmt: skip
 
 
 class ArnoldiSolver(LowRankSolver):
@@ -418,10 +423,11 @@ class NystroemSolver(LowRankSolver):
 
     positive_regularization_reason = "the Nyström sketch is inverted by Woodbury"
 
-    def __init__(self, rank: int, seed: Optional[int] = None):
+    def __init__(self, rank: int, seed: Optional[int] = None, on_nonconvergence: str = "warn"):
         check_seed(seed)
         self.rank = rank
         self.seed = seed
+        self._set_policy(on_nonconvergence)
 
     def _approximate(self, curvature: TensorOperator) -> LowRankApproximation:
         return nystroem_low_rank(curvature, self.rank, make_generator(self.seed, curvature.device))
@@ -445,8 +451,9 @@ class InverseHarmonicMeanSolver(Solver):
 
     positive_regularization_reason = "each rank-one term needs g g^T + λI invertible"
 
-    def __init__(self, progress: bool = False):
+    def __init__(self, progress: bool = False, on_nonconvergence: str = "warn"):
         self.progress = progress
+        self._set_policy(on_nonconvergence)
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
@@ -467,16 +474,25 @@ class InverseHarmonicMeanSolver(Solver):
             regularization,  # type: ignore[arg-type]
             operation.params,  # type: ignore[arg-type]
             progress=self.progress,
+            on_nonconvergence=self.on_nonconvergence,
+            block_name=block_name,
         )
 
 
 class FactoredSolver(Solver):
     """The exact inverse of a Kronecker-factored curvature in its eigenbasis
-    ([KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator])."""
+    ([KroneckerFactoredOperator][influx.torch.kfac.operators.KroneckerFactoredOperator]); a layer
+    whose $s + \\lambda$ is too ill-conditioned for the compute dtype warns
+    (`on_nonconvergence="warn"`, the default) or raises."""
+
+    def __init__(self, on_nonconvergence: str = "warn"):
+        self._set_policy(on_nonconvergence)
 
     def fit(
         self, curvature: TensorOperator, regularization: Optional[float], block_name: str
     ) -> TensorOperator:
         if not isinstance(curvature, KroneckerFactoredCurvature):
             raise _unsupported(self, curvature, "a Kronecker-factored curvature")
-        return KroneckerFactoredOperator.from_curvature(curvature, regularization)
+        return KroneckerFactoredOperator.from_curvature(
+            curvature, regularization, self.on_nonconvergence
+        )

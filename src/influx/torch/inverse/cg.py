@@ -34,7 +34,7 @@ from ..data.validation import (
     validate_cg_settings,
     validate_regularization,
 )
-from .conditioning import cg_ritz_values, check_solve_conditioning, default_maxiter
+from .conditioning import block_prefix, cg_ritz_values, check_solve_conditioning, default_maxiter
 from .preconditioner import Preconditioner, check_preconditioner
 from .solution import IterativeSolution, diagnostics_of, report_non_convergence, row_dot
 
@@ -264,6 +264,9 @@ def block_conjugate_gradient(
     (the largest residual relative to its tolerance has not decreased by 1% in 10
     iterations), it restarts from the true residual $B - M X$ (one extra call of `apply`).
 
+    The extreme eigenvalues of every $S_k^\top M S_k$ (Ritz values of $M$) estimate those of
+    $M$ from the inside, returned as `spectrum`.
+
     Args:
         apply: $V \mapsto V M^\top$ for rows `V` `(K, P)`; $M$ symmetric positive definite.
         rhs: the right-hand sides, one per row, `(N, P)`.
@@ -283,6 +286,7 @@ def block_conjugate_gradient(
 
     best = float((r_norm / tol).max()) if n else 0.0
     since_best = 0
+    low, high = math.inf, -math.inf
     bar = tqdm(total=maxiter, desc="block CG", disable=not progress, leave=False)
     for it in range(1, maxiter + 1):
         if active.numel() == 0:
@@ -300,6 +304,8 @@ def block_conjugate_gradient(
         q = apply(directions)  # rows: M s_i
         check_finite(q, "operator's products")
         gram = directions @ q.T  # S^T M S
+        ritz = torch.linalg.eigvalsh((gram + gram.T) / 2)
+        low, high = min(low, float(ritz[0])), max(high, float(ritz[-1]))
         r_a = r[active]
         alpha = _solve_gram(gram, directions @ r_a.T)  # (s, k)
         x[active] = x[active] + alpha.T @ directions
@@ -328,7 +334,8 @@ def block_conjugate_gradient(
 
     converged = r_norm <= tol
     residuals = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, 1.0), 0.0)
-    return IterativeSolution(x, iterations, residuals, converged)
+    spectrum = (low, high) if math.isfinite(low) else None
+    return IterativeSolution(x, iterations, residuals, converged, spectrum)
 
 
 class CgOperator(TensorOperator):
@@ -367,6 +374,7 @@ class CgOperator(TensorOperator):
         on_nonconvergence: `"warn"` (log as above and return the approximate solution) or
             `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
             carrying the diagnostics).
+        block_name: named in the messages about conditioning (an influence model's block).
 
     `rtol` and `atol` of None mean $10^{-7}$, or ten times the machine epsilon of the
     operator's dtype if that is larger (a float32 solve cannot reach $10^{-7}$).
@@ -387,6 +395,7 @@ class CgOperator(TensorOperator):
         use_block_cg: bool = False,
         warn_on_max_iteration: bool = True,
         on_nonconvergence: str = "warn",
+        block_name: Optional[str] = None,
     ):
         if not isinstance(operator, TensorOperator):
             raise TypeError(
@@ -398,6 +407,7 @@ class CgOperator(TensorOperator):
         self.operator = operator
         self._regularization = regularization
         self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.block_name = block_name
         self.rtol = default_tolerance(rtol, operator.dtype, 1e-7)
         self.atol = default_tolerance(atol, operator.dtype, 1e-7)
         self.maxiter = maxiter
@@ -437,8 +447,9 @@ class CgOperator(TensorOperator):
             else type(self.preconditioner).__name__,
         )
         check_solve_conditioning(
-            "CG", result, self.diagnostics, self._regularization, self.dtype,
+            "block CG" if self.use_block_cg else "CG", result, self.diagnostics, self._regularization, self.dtype,
             self.on_nonconvergence, self.warn_on_max_iteration,
+            block_prefix(getattr(self, "block_name", None)),
         )  # fmt: skip
         report_non_convergence(
             "Block CG" if self.use_block_cg else "CG",

@@ -1,25 +1,10 @@
-r"""What a solver may call solved: the condition number the compute dtype resolves.
+r"""The conditioning checks of iterative solves: CG's Ritz values, its default `maxiter`.
 
-A solve of $(C + \lambda I)x = b$ in a dtype with machine epsilon $\varepsilon$ loses about
-$\log_{10} \kappa$ digits, $\kappa = |\mu|_{\max} / |\mu|_{\min}$ over the eigenvalues $\mu$ of
-$C + \lambda I$. Every solver estimates $\kappa$ of what it inverts and refuses to report
-`converged=True` when
-
-$$
-\kappa > \kappa_{\max} = \frac{1}{100\,\varepsilon}
-$$
-
-($4.5 \cdot 10^{13}$ in float64, $8.4 \cdot 10^{4}$ in float32): the answer would keep fewer
-than two significant digits. The smallest safe regularization follows from the extreme
-eigenvalues $\mu_{\min} \le \mu_{\max}$ of the curvature $C$ (without $\lambda$):
-
-$$
-\frac{\mu_{\max} + \lambda}{\mu_{\min} + \lambda} \le \kappa_{\max}
-\iff \lambda \ge \lambda_{\text{safe}} = \frac{\mu_{\max} - \kappa_{\max}\,\mu_{\min}}
-{\kappa_{\max} - 1},
-$$
-
-which also exceeds $-\mu_{\min}$ for an indefinite curvature.
+The limit $\kappa_{\max} = 1 / (100\,\varepsilon)$ of the compute dtype, the smallest safe
+$\lambda$ and the report of an ill-conditioned system (see
+[influx.torch.curvature.conditioning][influx.torch.curvature.conditioning], re-exported here)
+are shared by every inverse method; this module adds what iterative solves estimate along the
+way.
 """
 
 from __future__ import annotations
@@ -30,13 +15,22 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ...errors import IllConditionedError
 from ...types import SolverDiagnostics
+from ..curvature.conditioning import (
+    block_prefix,
+    check_eigenvalue_conditioning,
+    condition_number,
+    max_condition_number,
+    report_ill_conditioning,
+    safe_regularization,
+)
 from .solution import IterativeSolution
 
 __all__ = [
     "MAXITER_CAP",
+    "block_prefix",
     "cg_ritz_values",
+    "check_eigenvalue_conditioning",
     "check_solve_conditioning",
     "default_maxiter",
     "condition_number",
@@ -59,24 +53,12 @@ def default_maxiter(size: int) -> int:
     return min(10 * size, MAXITER_CAP)
 
 
-def max_condition_number(dtype: torch.dtype) -> float:
-    r"""$\kappa_{\max} = 1 / (100\,\varepsilon)$ of `dtype`."""
-    return 1.0 / (100.0 * torch.finfo(dtype).eps)
-
-
-def condition_number(eigenvalues: torch.Tensor) -> float:
-    r"""$\kappa = \max |\mu| / \min |\mu|$ over `eigenvalues` (inf if one is zero)."""
-    magnitudes = eigenvalues.abs()
-    bottom = float(magnitudes.min())
-    return math.inf if bottom == 0 else float(magnitudes.max()) / bottom
-
-
 def cg_ritz_values(alphas: List[float], betas: List[float]) -> Tuple[float, float]:
     r"""The extreme Ritz values of the Lanczos tridiagonal of a CG recurrence.
 
-    CG's step lengths $lpha_j$ and $eta_j = r_{j+1}^	op z_{j+1} / r_j^	op z_j$ define
-    $T_k$ with diagonal $1/lpha_j + eta_{j-1}/lpha_{j-1}$ ($eta_{-1} = 0$) and
-    off-diagonal $\sqrt{eta_j}/lpha_j$; its eigenvalues approximate those of the
+    CG's step lengths $\alpha_j$ and $\beta_j = r_{j+1}^\top z_{j+1} / r_j^\top z_j$ define
+    $T_k$ with diagonal $1/\alpha_j + \beta_{j-1}/\alpha_{j-1}$ ($\beta_{-1} = 0$) and
+    off-diagonal $\sqrt{\beta_j}/\alpha_j$; its eigenvalues approximate those of the
     (preconditioned) system from the inside, the extremes first.
 
     Returns:
@@ -93,65 +75,6 @@ def cg_ritz_values(alphas: List[float], betas: List[float]) -> Tuple[float, floa
     return float(ritz[0]), float(ritz[-1])
 
 
-def safe_regularization(
-    smallest: float, largest: float, regularization: Optional[float], dtype: torch.dtype
-) -> float:
-    r"""$\lambda_{\text{safe}}$ (see the module) from the extreme eigenvalues of the
-    *regularized* matrix $C + \lambda I$, `smallest` $\le$ `largest`."""
-    lam = regularization or 0.0
-    mu_min, mu_max = smallest - lam, largest - lam
-    kappa = max_condition_number(dtype)
-    return max((max(mu_max, 0.0) - kappa * mu_min) / (kappa - 1.0), 0.0)
-
-
-def report_ill_conditioning(
-    method: str,
-    kappa: float,
-    safe: float,
-    regularization: Optional[float],
-    dtype: torch.dtype,
-    on_nonconvergence: str,
-    warn: bool = True,
-    diagnostics: Optional[SolverDiagnostics] = None,
-    where: str = "",
-    detail: Optional[str] = None,
-) -> bool:
-    r"""Check the condition number `kappa` of $C + \lambda I$ against what `dtype` resolves.
-
-    Returns True if the system is resolvable; otherwise raises an
-    [IllConditionedError][influx.errors.IllConditionedError] (`on_nonconvergence="raise"`)
-    naming $\lambda$ and `safe`, or logs the same message (a warning if `warn`, else at debug
-    level) and returns False.
-
-    Args:
-        method: the solver, for the message.
-        kappa: the estimated condition number of $C + \lambda I$.
-        safe: the smallest safe $\lambda$ (see
-            [safe_regularization][influx.torch.inverse.conditioning.safe_regularization]).
-        regularization: $\lambda$ (None for none).
-        dtype: the compute dtype.
-        on_nonconvergence: `"raise"` or `"warn"`.
-        warn: log at warning level (else debug) when not raising.
-        diagnostics: attached to the error.
-        where: a prefix for the message (e.g. the block).
-        detail: what is wrong, instead of "has condition number ...".
-    """
-    limit = max_condition_number(dtype)
-    if kappa <= limit:
-        return True
-    if detail is None:
-        detail = f"has condition number {kappa:.3g} > {limit:.3g}, more than {dtype} resolves"
-    message = (
-        f"{where}{method}: C + λI with regularization={regularization!r} {detail}, so its "
-        f"solution is not meaningful. Use regularization >= {safe:.3g} (the smallest safe "
-        'value), or regularization="auto".'
-    )
-    if on_nonconvergence == "raise":
-        raise IllConditionedError(message, diagnostics, regularization, safe)
-    logger.log(logging.WARNING if warn else logging.DEBUG, "%s", message)
-    return False
-
-
 def check_solve_conditioning(
     method: str,
     result: IterativeSolution,
@@ -160,6 +83,7 @@ def check_solve_conditioning(
     dtype: torch.dtype,
     on_nonconvergence: str,
     warn: bool,
+    where: str = "",
 ) -> None:
     """Complete the `diagnostics` of an iterative solve from its spectrum estimates (the
     condition number, `converged=False` for negative curvature or a condition number the dtype
@@ -180,11 +104,12 @@ def check_solve_conditioning(
     diagnostics.details["safe_regularization"] = safe
     detail = None
     if indefinite:
+        stopped = " and stopped" if result.negative_curvature is not None else ""
         detail = (
             f"is not positive definite: {method} met curvature p^T(C + λI)p <= 0 along a "
-            f"search direction (smallest eigenvalue estimate {low:.3g}) and stopped"
+            f"search direction (smallest eigenvalue estimate {low:.3g}){stopped}"
         )
     report_ill_conditioning(
         method, kappa, safe, regularization, dtype, on_nonconvergence, warn, diagnostics,
-        detail=detail,
+        where, detail,
     )  # fmt: skip

@@ -13,12 +13,7 @@ from ...types import SolverDiagnostics
 from ..curvature.tensor_operator import TensorOperator
 from ..data.state import OperatorState, StateContext
 from ..data.validation import check_nonconvergence_policy, is_finite, validate_regularization
-from .conditioning import (
-    condition_number,
-    max_condition_number,
-    report_ill_conditioning,
-    safe_regularization,
-)
+from .conditioning import block_prefix, check_eigenvalue_conditioning
 
 __all__ = ["DirectSolveOperator"]
 
@@ -54,6 +49,7 @@ class DirectSolveOperator(TensorOperator):
             on a copy (saves memory for large matrices; `matrix` is modified).
         on_nonconvergence: `"raise"` (default) or `"warn"` (log a warning and factorise
             anyway) for a matrix too ill-conditioned for its dtype.
+        block_name: named in the messages, if given (the block of an influence model).
     """
 
     def __init__(
@@ -62,6 +58,7 @@ class DirectSolveOperator(TensorOperator):
         regularization: Optional[float] = None,
         in_place_regularization: bool = False,
         on_nonconvergence: str = "raise",
+        block_name: Optional[str] = None,
     ):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(
@@ -69,6 +66,7 @@ class DirectSolveOperator(TensorOperator):
             )
         validate_regularization(regularization)
         self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.block_name = block_name
         self._regularization = regularization
         self._size = int(matrix.shape[0])
         if in_place_regularization:
@@ -133,27 +131,16 @@ class DirectSolveOperator(TensorOperator):
         self._decompose(matrix)
         if spectrum is None:
             spectrum = self._pivots()
-        kappa = condition_number(spectrum) if spectrum.numel() else 1.0
-        safe = (
-            safe_regularization(
-                float(spectrum.min()), float(spectrum.max()), self._regularization, matrix.dtype
-            )
-            if spectrum.numel()
-            else 0.0
-        )
-        resolved = kappa <= max_condition_number(matrix.dtype)
         self.diagnostics = SolverDiagnostics(
             method=f"direct/{self._method}",
-            converged=resolved,
+            converged=True,
             iterations=None,
             residual=None,
-            details={"safe_regularization": safe},
             regularization=self._regularization,
-            condition_number=kappa,
         )
-        report_ill_conditioning(
-            "direct solve", kappa, safe, self._regularization, matrix.dtype,
-            self.on_nonconvergence, diagnostics=self.diagnostics,
+        check_eigenvalue_conditioning(
+            "direct solve", spectrum, self._regularization, matrix.dtype,
+            self.on_nonconvergence, self.diagnostics, where=block_prefix(self.block_name),
         )  # fmt: skip
 
     def _pivots(self) -> torch.Tensor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Iterator, Optional, Union
+from itertools import islice
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -19,6 +20,7 @@ import torch
 
 from ...errors import InfluxError
 from ..curvature.batch_operation import BatchOperation
+from ..curvature.conditioning import block_prefix, check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch, endless_batches, iterate_batches
 from ..data.state import OperatorState, StateContext, restore_operator
@@ -200,6 +202,18 @@ class LissaOperator(TensorOperator):
             [NonConvergenceError][influx.errors.NonConvergenceError] with the diagnostics).
         seed: seed of the random start vectors of the eigenvalue estimates (`scale="auto"`
             and the divergence diagnosis); the same seed gives the same scale.
+        block_name: named in the messages, if given (the block of an influence model).
+
+    **Conditioning.** After the first application, 30 Lanczos steps on the mean curvature of
+    the first 3 batches estimate its extreme eigenvalues $\mu_{\min} \le \mu_{\max}$ (once per
+    operator, reused for every $\lambda$; `spectrum_estimate`). If
+    $(\mu_{\max} + \lambda) / (\mu_{\min} + \lambda)$ exceeds what the dtype resolves (see
+    [influx.torch.curvature.conditioning][influx.torch.curvature.conditioning]), `diagnostics`
+    say `converged=False` and the message naming $\lambda$ and the smallest safe value is
+    logged or raised per `on_nonconvergence`, whatever the relative change achieved. The
+    estimate is that of the first batches, not of the whole data: with fewer points in them
+    than parameters their Gauss-Newton matrix is singular, so $\lambda = 0$ is then always
+    reported.
 
     When the iteration diverges, a few Lanczos steps estimate the smallest eigenvalue of the
     regularized curvature of the first batches: if it is negative, the
@@ -226,7 +240,9 @@ class LissaOperator(TensorOperator):
         warn_on_max_iteration: bool = True,
         on_nonconvergence: str = "warn",
         seed: Optional[int] = None,
+        block_name: Optional[str] = None,
     ):
+        self.block_name = block_name
         self._init(
             batch_operation,
             data,
@@ -280,6 +296,7 @@ class LissaOperator(TensorOperator):
         """With `scale="auto"`: the estimated largest eigenvalue of the batch curvature."""
         self.diagnostics = None
         self._scale_value = float(scale) if not self.auto_scale else 0.0
+        self._spectrum: Optional[Tuple[float, float]] = None
 
     @property
     def scale(self) -> float:
@@ -353,7 +370,42 @@ class LissaOperator(TensorOperator):
             self.on_nonconvergence,
             self.diagnostics,
         )
+        self._check_conditioning()
         return result.solution
+
+    def spectrum_estimate(self, steps: int = 30) -> Tuple[float, float]:
+        r"""Estimates `(smallest, largest)` of the eigenvalues of the mean curvature of the
+        first batches, without $\lambda$ (`steps` Lanczos steps, see
+        [lanczos_extreme_eigenvalues][influx.torch.inverse.spectrum.lanczos_extreme_eigenvalues]);
+        computed once per operator."""
+        if self._spectrum is None:
+            batches = list(islice(iterate_batches(self.data, self.device), AUTO_SCALE_BATCHES))
+            total = sum(len(batch) for batch in batches)
+
+            def mean_curvature(v: torch.Tensor) -> torch.Tensor:
+                return sum(  # type: ignore[return-value]
+                    self.batch_operation.apply(batch, v) * (len(batch) / total) for batch in batches
+                )
+
+            self._spectrum = lanczos_extreme_eigenvalues(
+                mean_curvature, self.input_size, self.dtype, self.device, steps=steps,
+                generator=make_generator(self.seed, self.device),
+            )  # fmt: skip
+        return self._spectrum
+
+    def _check_conditioning(self) -> None:
+        """Complete `diagnostics` with the condition number of the regularized mean curvature
+        of the first batches, and report it per the policy if the dtype cannot resolve it."""
+        assert self.diagnostics is not None
+        lam = self._regularization or 0.0
+        smallest, largest = self.spectrum_estimate()
+        self.diagnostics.details["spectrum_estimate"] = [smallest, largest]
+        self.diagnostics.regularization = self._regularization
+        check_eigenvalue_conditioning(
+            "LiSSA", torch.tensor([smallest + lam, largest + lam], dtype=torch.float64),
+            self._regularization, self.dtype, self.on_nonconvergence, self.diagnostics,
+            warn=self.warn_on_max_iteration, where=block_prefix(getattr(self, "block_name", None)),
+        )  # fmt: skip
 
     def smallest_eigenvalue(self, steps: int = 30) -> float:
         r"""An estimate of the smallest eigenvalue of $A_b + \lambda I$ over the first batches

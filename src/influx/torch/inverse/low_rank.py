@@ -10,15 +10,18 @@ the projections $V^\top \nabla_\theta \ell$ without forming per-sample gradients
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional
 
 import torch
 
+from ...types import SolverDiagnostics
+from ..curvature.conditioning import block_prefix, check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorOperator
 from ..data.batches import TorchBatch
 from ..data.state import OperatorState, StateContext
-from ..data.validation import validate_regularization
+from ..data.validation import check_nonconvergence_policy, validate_regularization
 from ..gradients.bilinear import OperatorBilinearForm
 from ..gradients.provider import TorchGradientProvider
 from .sketch import LowRankProductRepresentation
@@ -52,10 +55,23 @@ class LowRankOperator(TensorOperator):
     definite); entries that are zero to working precision are treated as a pseudo-inverse
     (their direction is dropped).
 
+    What is inverted has the eigenvalues $d_i + \lambda$, and $\lambda$ on the complement of
+    the span of $V$ for the exact inverse (when $r < P$); their condition number is checked
+    against what the dtype resolves (see
+    [influx.torch.curvature.conditioning][influx.torch.curvature.conditioning]): beyond it
+    `diagnostics.converged` is False and the message naming $\lambda$ and the smallest safe
+    value is logged as a warning or raised, per `on_nonconvergence`.
+
     Args:
         low_rank_representation: $V$ `(P, r)` orthonormal and $D$ `(r,)`.
         regularization: $\lambda$; must be positive when `exact` is True.
         exact: use the Woodbury formula (True) or the projected inverse (False).
+        on_nonconvergence: `"warn"` (default) or `"raise"` (an
+            [IllConditionedError][influx.errors.IllConditionedError]) for an ill-conditioned
+            $V D V^\top + \lambda I$.
+        diagnostics: the diagnostics of the approximation (e.g. Lanczos'), completed with the
+            condition number; default a report of method `"low_rank"`.
+        block_name: named in the messages, if given (the block of an influence model).
     """
 
     def _reference(self) -> Any:
@@ -66,6 +82,9 @@ class LowRankOperator(TensorOperator):
         low_rank_representation: LowRankProductRepresentation,
         regularization: Optional[float] = None,
         exact: bool = True,
+        on_nonconvergence: str = "warn",
+        diagnostics: Optional[SolverDiagnostics] = None,
+        block_name: Optional[str] = None,
     ):
         if not isinstance(low_rank_representation, LowRankProductRepresentation):
             raise TypeError(
@@ -73,6 +92,9 @@ class LowRankOperator(TensorOperator):
                 f"got {type(low_rank_representation).__name__}."
             )
         validate_regularization(regularization)
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.block_name = block_name
+        self._approximation_diagnostics = diagnostics or SolverDiagnostics("low_rank", True)
         self._exact = exact
         self._check_regularization(regularization)
         self._low_rank_representation = low_rank_representation
@@ -110,6 +132,26 @@ class LowRankOperator(TensorOperator):
             self.coefficients = torch.where(singular, torch.ones_like(shifted), eigen_vals / safe)
         else:
             self.coefficients = torch.where(singular, torch.zeros_like(shifted), 1.0 / safe)
+        self._check_conditioning(shifted, lam)
+
+    def _check_conditioning(self, shifted: torch.Tensor, lam: float) -> None:
+        """The diagnostics of the approximation with the condition number of what is
+        inverted, reported per the policy."""
+        base = getattr(self, "_approximation_diagnostics", None) or SolverDiagnostics(
+            "low_rank", True
+        )
+        self.diagnostics = dataclasses.replace(
+            base, details=dict(base.details), regularization=self._regularization
+        )
+        inverted = shifted
+        size = self._low_rank_representation.projections.shape[0]
+        if self._exact and shifted.numel() < size:
+            inverted = torch.cat([shifted, shifted.new_tensor([lam])])
+        check_eigenvalue_conditioning(
+            f"{self.diagnostics.method} inverse", inverted, self._regularization,
+            shifted.dtype, getattr(self, "on_nonconvergence", "warn"), self.diagnostics,
+            where=block_prefix(getattr(self, "block_name", None)),
+        )  # fmt: skip
 
     def export_state(self) -> OperatorState:
         return OperatorState(
@@ -118,7 +160,11 @@ class LowRankOperator(TensorOperator):
                 "eigen_vals": self._low_rank_representation.eigen_vals,
                 "projections": self._low_rank_representation.projections,
             },
-            settings={"regularization": self._regularization, "exact": self._exact},
+            settings={
+                "regularization": self._regularization,
+                "exact": self._exact,
+                "on_nonconvergence": self.on_nonconvergence,
+            },
         )
 
     @classmethod
@@ -126,7 +172,12 @@ class LowRankOperator(TensorOperator):
         representation = LowRankProductRepresentation(
             state.tensors["eigen_vals"], state.tensors["projections"]
         )
-        return cls(representation, state.settings["regularization"], state.settings["exact"])
+        return cls(
+            representation,
+            state.settings["regularization"],
+            state.settings["exact"],
+            state.settings.get("on_nonconvergence", "warn"),
+        )
 
     @property
     def low_rank_representation(self) -> LowRankProductRepresentation:

@@ -17,15 +17,15 @@ with $S = s$ for the curvature and $S = 1 / (s + \lambda)$ for the inverse.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ...types import SolverDiagnostics
+from ..curvature.conditioning import check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorDictOperator
 from ..data.state import OperatorState, StateContext
-from ..data.validation import validate_regularization
+from ..data.validation import check_nonconvergence_policy, validate_regularization
 from .factors import KroneckerEigenbasis, KroneckerFactors
 
 __all__ = ["KroneckerFactoredCurvature", "KroneckerFactoredOperator"]
@@ -334,6 +334,13 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         factors: the Kronecker factors, if known (kept for inspection).
         eigenbasis: the factors' eigendecompositions, if known (kept for inspection).
         weight_transposed: whether the weight is stored as $W^\top$ `(d, m)`.
+        on_nonconvergence: for $s + \lambda$ whose condition number exceeds what the dtype
+            resolves (see [influx.torch.curvature.conditioning][influx.torch.curvature.conditioning]):
+            `"warn"` (default: log a warning naming $\lambda$ and the smallest safe value,
+            report `converged=False`) or `"raise"` (an
+            [IllConditionedError][influx.errors.IllConditionedError]).
+        warn_on_ill_conditioning: with `"warn"`, log the message at warning level (else at
+            debug level: for a preconditioner, whose conditioning CG checks itself).
     """
 
     supports_regularization = True
@@ -353,8 +360,12 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
         factors: Optional[KroneckerFactors] = None,
         eigenbasis: Optional[KroneckerEigenbasis] = None,
         weight_transposed: bool = False,
+        on_nonconvergence: str = "warn",
+        warn_on_ill_conditioning: bool = True,
     ):
         validate_regularization(regularization)
+        self.on_nonconvergence = check_nonconvergence_policy(on_nonconvergence)
+        self.warn_on_ill_conditioning = warn_on_ill_conditioning
         super().__init__(
             input_eigenvectors,
             output_eigenvectors,
@@ -374,11 +385,14 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
 
     @classmethod
     def from_curvature(
-        cls, curvature: KroneckerFactoredCurvature, regularization: Optional[float]
+        cls,
+        curvature: KroneckerFactoredCurvature,
+        regularization: Optional[float],
+        on_nonconvergence: str = "warn",
     ) -> "KroneckerFactoredOperator":
         """The inverse of `curvature` plus $\\lambda I$."""
         arguments = cls._arguments(curvature.export_state())
-        return cls(regularization=regularization, **arguments)
+        return cls(regularization=regularization, on_nonconvergence=on_nonconvergence, **arguments)
 
     @property
     def curvature(self) -> KroneckerFactoredCurvature:
@@ -402,16 +416,10 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
             )
         inverse = torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), 0.0)
         self._scale = inverse.to(self._dtype)
-        # The condition number of s + λ (the eigenvalues of what is inverted); beyond
-        # 1 / (100 eps) of the compute dtype the (pseudo-)inverse is not reported converged.
-        smallest = float(shifted.abs().min())
-        kappa = math.inf if smallest == 0 else float(shifted.abs().max()) / smallest
-        resolvable = kappa <= 1.0 / (100.0 * torch.finfo(self._dtype).eps)
         self.diagnostics = SolverDiagnostics(
             method=self.method,
-            converged=resolvable and n_zero == 0,
+            converged=n_zero == 0,
             regularization=self._regularization,
-            condition_number=kappa,
             details={
                 "layer": self.layer_name,
                 "factor_shapes": ((self._k, self._k), (self._m, self._m)),
@@ -421,12 +429,26 @@ class KroneckerFactoredOperator(KroneckerFactoredCurvature):
                 "n_zero_inverse": n_zero,
             },
         )
+        # The condition number of s + λ, the eigenvalues of what is inverted.
+        check_eigenvalue_conditioning(
+            self.method, shifted, self._regularization, self._dtype,
+            getattr(self, "on_nonconvergence", "warn"), self.diagnostics,
+            getattr(self, "warn_on_ill_conditioning", True), f"Layer {self.layer_name!r}: ",
+        )  # fmt: skip
 
     def export_state(self) -> OperatorState:
         state = super().export_state()
         state.settings["regularization"] = self._regularization
+        state.settings["on_nonconvergence"] = self.on_nonconvergence
+        if not self.warn_on_ill_conditioning:
+            state.settings["warn_on_ill_conditioning"] = False
         return state
 
     @classmethod
     def from_state(cls, state: OperatorState, context: StateContext) -> "KroneckerFactoredOperator":
-        return cls(regularization=state.settings["regularization"], **cls._arguments(state))
+        return cls(
+            regularization=state.settings["regularization"],
+            on_nonconvergence=state.settings.get("on_nonconvergence", "warn"),
+            warn_on_ill_conditioning=state.settings.get("warn_on_ill_conditioning", True),
+            **cls._arguments(state),
+        )

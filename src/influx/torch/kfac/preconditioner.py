@@ -176,6 +176,7 @@ def _layer_operator(
         dtype=dtype,
         layer_name=spec.name,
         weight_transposed=spec.weight_transposed,
+        warn_on_ill_conditioning=False,  # CG checks the conditioning of what it solves
     )
 
 

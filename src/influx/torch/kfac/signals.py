@@ -250,9 +250,11 @@ class SignalRecorder:
         outputs = [out for name in self.layers for _, out in calls.calls[name]]
         del calls
         grads = torch.autograd.grad(value, outputs, allow_unused=True)
+        # out of place: autograd may hand the same tensor to several outputs (the two calls
+        # of a layer whose outputs are added), which an in-place scaling would scale twice
         deltas = iter(
             [
-                torch.zeros_like(out) if grad is None else grad.detach().mul_(n)
+                torch.zeros_like(out) if grad is None else grad.detach() * n
                 for grad, out in zip(grads, outputs)
             ]
         )

@@ -37,9 +37,12 @@ class DirectInfluence(TorchComposableInfluence):
     Memory is $O(P_b^2)$ per block: use it for models up to a few ten thousand parameters per
     block, or with a layer-wise or parameter-wise block structure.
 
-    Fitting raises an [IllConditionedError][influx.errors.IllConditionedError] naming
-    $\lambda$ and the smallest safe value when $C_b + \lambda_b I$ is too ill-conditioned for
-    the compute dtype (see [influx.torch.inverse.conditioning][influx.torch.inverse.conditioning]).
+    When $C_b + \lambda_b I$ is too ill-conditioned for the compute dtype (its condition
+    number from the eigenvalues exceeds $1 / (100\,\varepsilon)$, see
+    [influx.torch.curvature.conditioning][influx.torch.curvature.conditioning]), fitting raises an
+    [IllConditionedError][influx.errors.IllConditionedError] naming $\lambda$ and the smallest
+    safe value (`on_nonconvergence="raise"`, the default), or logs that message as a warning
+    and reports the block as not converged in `solver_diagnostics` (`"warn"`).
 
     Args:
         model: the trained model.
@@ -55,6 +58,8 @@ class DirectInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
+        on_nonconvergence: `"raise"` (default) or `"warn"` for a block too ill-conditioned
+            for the compute dtype (see above).
 
     Example:
         ```python
@@ -72,10 +77,13 @@ class DirectInfluence(TorchComposableInfluence):
         second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
         progress: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        on_nonconvergence: str = "raise",
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode, progress=progress)
-        solver = DirectSolver()
+        solver = DirectSolver(on_nonconvergence)
+        if on_nonconvergence == "raise":  # the default: fits saved before it existed load
+            self._settings.pop("on_nonconvergence", None)
         self._compose(
             model, loss, curvature, solver, block_structure, regularization, compute_dtype
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -29,6 +29,16 @@ from ..kfac.scoring import layer_block_mapper
 __all__ = ["OTHER_LAYERS", "EkfacInfluence"]
 
 logger = logging.getLogger(__name__)
+
+
+class _NotGiven:
+    """The default of the alias `regularization`: not given (None means no regularization)."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
 
 OTHER_LAYERS = ("freeze", "error")
 """What [EkfacInfluence][influx.torch.models.ekfac.EkfacInfluence] does, without `layers`, with
@@ -78,12 +88,16 @@ class EkfacInfluence(TorchComposableInfluence):
         model: the trained model.
         update_diagonal: refit the eigenvalues (EK-FAC) instead of using the products of the
             factors' eigenvalues (K-FAC). One more pass over the data.
-        hessian_regularization: $\lambda \ge 0$, a float for all layers or a dict keyed by
-            layer name.
+        hessian_regularization: $\lambda \ge 0$, a float for all layers or a dict naming every
+            layer; `"auto"` (the default) is $0.1 \operatorname{mean}(s)$ per layer (see
+            [influx.torch.inverse.damping][influx.torch.inverse.damping]); None or 0 mean no
+            regularization, as in every model, and a layer whose $s$ is then too
+            ill-conditioned for the compute dtype is reported per `on_nonconvergence`.
         progress: show progress bars over the batches.
         loss: the loss `loss(prediction, target)` with mean reduction; default
             `torch.nn.functional.cross_entropy`.
-        regularization: an alias of `hessian_regularization`, as in the other models.
+        regularization: an alias of `hessian_regularization`, under the name the other models
+            use; when given (None included: no regularization) it replaces it.
         fisher: `"empirical"` (training labels) or `"sampled"` (labels drawn from the model).
         layers: the module names of the layers to use; None means every `Linear` / `Conv2d`
             module with trainable parameters (see `other_layers` for the others). Parameters
@@ -103,6 +117,12 @@ class EkfacInfluence(TorchComposableInfluence):
             `Linear` nor (non-grouped) `Conv2d`: `"freeze"` holds their parameters fixed,
             `"error"` raises
             [NotImplementedLayerRepresentationException][influx.torch.kfac.layers.NotImplementedLayerRepresentationException].
+        on_nonconvergence: for a layer whose $s + \lambda$ has a condition number beyond what
+            the compute dtype resolves (see
+            [influx.torch.curvature.conditioning][influx.torch.curvature.conditioning]):
+            `"warn"` (the default: log a warning naming $\lambda$ and the smallest safe
+            value; the layer's diagnostics say `converged=False`) or `"raise"` (an
+            [IllConditionedError][influx.errors.IllConditionedError] at `fit`).
 
     Attributes:
         layer_specs: the layers used, by block name
@@ -135,13 +155,14 @@ class EkfacInfluence(TorchComposableInfluence):
         progress: bool = False,
         *,
         loss: Optional[LossFunction] = None,
-        regularization: RegularizationType = None,
+        regularization: Union[RegularizationType, _NotGiven] = _NOT_GIVEN,
         fisher: str = "empirical",
         layers: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         max_cache_mb: float = 256.0,
         compute_dtype: Optional[torch.dtype] = None,
         other_layers: str = "freeze",
+        on_nonconvergence: str = "warn",
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -153,15 +174,17 @@ class EkfacInfluence(TorchComposableInfluence):
                 f"{type(update_diagonal).__name__}: EkfacInfluence's second positional "
                 "argument is update_diagonal, pass the loss by keyword (loss=...)."
             )
-        if regularization is not None:
-            if hessian_regularization not in (None, "auto") and (
-                hessian_regularization != regularization
-            ):
+        if not isinstance(regularization, _NotGiven):
+            if hessian_regularization != "auto" and hessian_regularization != regularization:
                 raise ValueError(
                     "Parameters 'hessian_regularization' and 'regularization' are aliases: pass "
                     f"one of them, got {hessian_regularization!r} and {regularization!r}."
                 )
             hessian_regularization = regularization
+        # the alias is recorded as folded into hessian_regularization
+        self._settings.update(hessian_regularization=hessian_regularization, regularization=None)
+        if on_nonconvergence == "warn":  # the default: fits saved before it existed load
+            self._settings.pop("on_nonconvergence", None)
         if other_layers not in OTHER_LAYERS:
             raise ValueError(
                 f"Parameter 'other_layers' must be one of {list(OTHER_LAYERS)}, got "
@@ -186,7 +209,7 @@ class EkfacInfluence(TorchComposableInfluence):
             model,
             loss,
             curvature,
-            FactoredSolver(),
+            FactoredSolver(on_nonconvergence),
             structure,  # type: ignore[arg-type]
             hessian_regularization,
             compute_dtype,

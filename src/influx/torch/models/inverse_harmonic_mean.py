@@ -32,7 +32,8 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
     [InverseHarmonicMeanOperator][influx.torch.inverse.inverse_harmonic_mean.InverseHarmonicMeanOperator].
     It is an approximation that does not converge to the direct method; its error is small
     when $\lambda$ is large compared to $\|g_i\|^2$ and grows with the block size, so it is
-    usually used with a layer-wise block structure. `fit` computes nothing: every
+    usually used with a layer-wise block structure. `fit` computes only $\max_i \|g_i\|^2$ (for
+    the conditioning check, one pass over the data): every
     `influence_factors` / `influences` call makes one pass over the training data, and
     `with_regularization` is free.
 
@@ -47,6 +48,11 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
+        on_nonconvergence: `"warn"` (default) or `"raise"` (an
+            [IllConditionedError][influx.errors.IllConditionedError] at `fit`) when
+            $\lambda$ is so small against $\max_i \|g_i\|^2$ that a term
+            $g_i g_i^\top + \lambda I$ is too ill-conditioned for the compute dtype (`fit`
+            makes one pass over the data to measure it).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         second_order_mode: SecondOrderMode = SecondOrderMode.GAUSS_NEWTON,
         progress: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        on_nonconvergence: str = "warn",
     ):
         mode = check_second_order_mode(second_order_mode)
         if mode is not SecondOrderMode.GAUSS_NEWTON:
@@ -67,7 +74,9 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
                 f"Gauss-Newton matrix), got {mode!r}."
             )
         self.second_order_mode = mode
-        solver = InverseHarmonicMeanSolver(progress)
+        solver = InverseHarmonicMeanSolver(progress, on_nonconvergence)
+        if on_nonconvergence == "warn":  # the default: fits saved before it existed load
+            self._settings.pop("on_nonconvergence", None)
         self._compose(
             model, loss, ModeCurvature(mode), solver, block_structure, regularization, compute_dtype
         )

@@ -61,7 +61,11 @@ class ArnoldiInfluence(TorchComposableInfluence):
         progress: show a progress bar over operator applications.
         on_nonconvergence: `"warn"` (log, return the approximate result; pyDVL's behaviour)
             or `"raise"` (raise a [NonConvergenceError][influx.errors.NonConvergenceError]
-            carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]).
+            carrying the [SolverDiagnostics][influx.types.SolverDiagnostics]) when Lanczos
+            does not converge, or when what is inverted (the kept $d_i + \lambda$, and
+            $\lambda$ with `use_woodbury`) has a condition number beyond what the compute
+            dtype resolves (an [IllConditionedError][influx.errors.IllConditionedError]
+            naming the smallest safe $\lambda$).
         seed: seed of the Lanczos start block; the same seed gives the same eigenpairs.
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
@@ -137,6 +141,11 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         compute_dtype: the dtype of curvature, factorisations and solves; None means float32
             for a float16 / bfloat16 model and the model's dtype otherwise (see
             [TorchComposableInfluence][influx.torch.composition.composable.TorchComposableInfluence]).
+        on_nonconvergence: `"warn"` (default) or `"raise"` (an
+            [IllConditionedError][influx.errors.IllConditionedError] at `fit`) when
+            $V D V^\top + \lambda I$ (eigenvalues $d_i + \lambda$ and $\lambda$) has a condition
+            number beyond what the compute dtype resolves: a $\lambda$ too small for the
+            sketch's scale.
     """
 
     def __init__(
@@ -150,10 +159,13 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         seed: Optional[int] = None,
         progress: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        on_nonconvergence: str = "warn",
     ):
         self.second_order_mode = check_second_order_mode(second_order_mode)
         curvature = ModeCurvature(self.second_order_mode, progress=progress)
-        solver = NystroemSolver(rank, seed)
+        solver = NystroemSolver(rank, seed, on_nonconvergence)
+        if on_nonconvergence == "warn":  # the default: fits saved before it existed load
+            self._settings.pop("on_nonconvergence", None)
         self._compose(
             model, loss, curvature, solver, block_structure, regularization, compute_dtype
         )
