@@ -101,6 +101,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
             "influx.torch.composition.composable",
             "influx.torch.kfac.scoring",
             "influx.torch.kfac.query",
+            "influx.torch.projection.random_matrices",
             "influx.torch.projection.projections",
             "influx.torch.projection.gradients",
             "influx.torch.projection.distortion",

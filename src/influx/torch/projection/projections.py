@@ -40,16 +40,15 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections import OrderedDict
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 from torch.nn import functional as F
 
 import torch
 
 from ..kfac.layers import LayerSpec, layers_for_parameters
+from .random_matrices import orthonormal_rows, random_matrix
 
 __all__ = [
     "PROJECTIONS",
@@ -95,38 +94,6 @@ def default_projection_dim(n_parameters: int) -> int:
         raise ValueError(f"Parameter 'n_parameters' must be an int >= 1, got {n_parameters!r}.")
     low, high = DEFAULT_DIM_RANGE
     return min(n_parameters, max(low, min(high, math.ceil(2 * math.sqrt(n_parameters)))))
-
-
-def _generator(seed: int, labels: Sequence[str]) -> torch.Generator:
-    """A CPU generator seeded from `seed` and string labels, independent of the process."""
-    entropy = [int(seed)] + [zlib.crc32(label.encode()) for label in labels]
-    words = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
-    value = ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(value)
-
-
-def random_matrix(
-    rows: int, columns: int, distribution: str, seed: int, labels: Sequence[str]
-) -> torch.Tensor:
-    r"""A `(rows, columns)` float64 matrix with independent entries of mean 0 and variance
-    $1/\text{rows}$: Gaussian, or $\pm 1/\sqrt{\text{rows}}$ (`"rademacher"`), generated on
-    the CPU from `seed` and `labels` (the same numbers on every machine and device)."""
-    generator = _generator(seed, labels)
-    if distribution == "rademacher":
-        signs = torch.randint(0, 2, (rows, columns), generator=generator).to(torch.float64)
-        return (2.0 * signs - 1.0) / math.sqrt(rows)
-    return torch.randn(rows, columns, generator=generator, dtype=torch.float64) / math.sqrt(rows)
-
-
-def _orthonormal_rows(matrix: torch.Tensor) -> torch.Tensor:
-    r"""The rows of `matrix` `(k, p)`, $k \le p$, made orthogonal (QR of its transpose) and
-    scaled by $\sqrt{p / k}$, so that $\mathbb{E}[P^\top P] = I$ as for the random matrix; a
-    square result is orthogonal."""
-    q, r = torch.linalg.qr(matrix.T)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    scale = math.sqrt(matrix.shape[1] / matrix.shape[0])
-    return ((q * signs).T * scale).contiguous()
 
 
 def allocate_dimensions(capacities: Sequence[int], total: int) -> List[int]:
@@ -221,7 +188,7 @@ class DenseProjection:
         self._cast: Optional[torch.Tensor] = None
         if self._keep:
             matrix = self._generate(range(self.n_chunks))
-            self._matrix = _orthonormal_rows(matrix) if self.orthogonal else matrix
+            self._matrix = orthonormal_rows(matrix) if self.orthogonal else matrix
             self._kept_chunks = self.n_chunks
         else:
             chunk_bytes = self.dim * DENSE_CHUNK_COLUMNS * 8
@@ -326,7 +293,7 @@ class KroneckerLayerProjection:
         p_out = random_matrix(k_out, spec.out_dim, "gaussian", seed, [label, "out"])
         p_in = random_matrix(k_in, spec.input_factor_dim, "gaussian", seed, [label, "in"])
         if orthogonal:
-            p_out, p_in = _orthonormal_rows(p_out), _orthonormal_rows(p_in)
+            p_out, p_in = orthonormal_rows(p_out), orthonormal_rows(p_in)
         self.p_out, self.p_in = p_out, p_in
         self._cast: Dict[Tuple[torch.device, torch.dtype], _CastFactors] = {}
 
