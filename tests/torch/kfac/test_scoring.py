@@ -342,3 +342,27 @@ def test_operator_applied_to_matrices_equals_flat_application() -> None:
         ValueError, match=r"'matrices' must have shape \(N, 2, 10\), got \(3, 2, 9\)"
     ):
         op.apply_to_matrices(torch.zeros(3, 2, 9))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("positions", [1, 50])
+def test_operator_applied_to_signals_equals_application_to_formed_gradients(
+    positions: int,
+) -> None:
+    # one position: the signals are rotated; fifty: the gradients are formed first
+    model = _fitted("conv2d")
+    torch.manual_seed(1)
+    for block in model.block_mapper.composable_block_dict.values():
+        op = block.op
+        m, k = op._m, op._k  # type: ignore[attr-defined]
+        inputs, output_grads = torch.randn(3, positions, k), torch.randn(3, positions, m)
+        grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
+        applied = op.apply_to_signals(inputs, output_grads)  # type: ignore[attr-defined]
+        assert applied.dtype == torch.float64
+        torch.testing.assert_close(applied, op.apply_to_matrices(grads), **TOL)  # type: ignore[attr-defined]
+    op = model.block_mapper.composable_block_dict["1"].op
+    with pytest.raises(
+        ValueError,
+        match=r"'inputs' and 'output_grads' must have shapes \(N, T, 10\) and \(N, T, 2\), "
+        r"got \(3, 1, 9\) and \(3, 1, 2\)",
+    ):
+        op.apply_to_signals(torch.zeros(3, 1, 9), torch.zeros(3, 1, 2))  # type: ignore[attr-defined]
