@@ -5,6 +5,8 @@ sampled Fisher."""
 
 from __future__ import annotations
 
+import gc
+import pickle
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -366,3 +368,24 @@ def test_operator_applied_to_signals_equals_application_to_formed_gradients(
         r"got \(3, 1, 9\) and \(3, 1, 2\)",
     ):
         op.apply_to_signals(torch.zeros(3, 1, 9), torch.zeros(3, 1, 2))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["linear_bias", "linear_no_bias"])
+def test_flat_factors_are_converted_once_while_alive_and_unchanged(name: str) -> None:
+    model = _fitted(name)
+    mapper = model.block_mapper
+    x, y = classification_data(40, d_in=15)
+    x_test, y_test = classification_data(4, d_in=15, seed=3)
+    factors = model.influence_factors(x_test, y_test)
+    first = model.influences_from_factors(factors, x[:20], y[:20])
+    converted = mapper._converted._slot[2]  # type: ignore[attr-defined]
+    second = model.influences_from_factors(factors, x[20:], y[20:])
+    assert mapper._converted._slot[2] is converted  # type: ignore[attr-defined]
+    expected = model.influences(x_test, y_test, x, y)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, **TOL)
+    factors *= 2  # changed in place: converted again
+    torch.testing.assert_close(model.influences_from_factors(factors, x, y), 2 * expected, **TOL)
+    assert pickle.loads(pickle.dumps(mapper._converted))._slot is None  # type: ignore[attr-defined]
+    del factors, first, second
+    gc.collect()
+    assert mapper._converted._slot is None  # type: ignore[attr-defined]

@@ -30,8 +30,9 @@ and several threads can score with one model at once.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
-from typing import Dict, Generator, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -117,6 +118,32 @@ def _check_finite(values: torch.Tensor, layer: str) -> None:
         check_finite(values, "per-sample gradients", layer)
 
 
+class _ConvertedFactors:
+    """The matrices by block of the last flat test factors, kept while those are alive and
+    unchanged (scored against every training chunk, converted once); pickles start empty."""
+
+    def __init__(self) -> None:
+        self._slot: Optional[Tuple[Any, int, "OrderedDict[str, torch.Tensor]"]] = None
+
+    def get(
+        self, flat: torch.Tensor, convert: Callable[[], "OrderedDict[str, torch.Tensor]"]
+    ) -> "OrderedDict[str, torch.Tensor]":
+        slot = self._slot
+        if slot is not None and slot[0]() is flat and slot[1] == flat._version:
+            return slot[2]
+        matrices = convert()
+
+        def drop(ref: Any) -> None:  # the flat factors are gone: so are their matrices
+            if self._slot is not None and self._slot[0] is ref:
+                self._slot = None
+
+        self._slot = (weakref.ref(flat, drop), flat._version, matrices)
+        return matrices
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"_slot": None}
+
+
 class KroneckerBlockMapper(TorchBlockMapper):
     r"""Block mapper of a model whose blocks are `Linear` / `Conv2d` layers: the training side
     of `Up` influences and self-influences is computed from the layers' inputs and output
@@ -159,6 +186,12 @@ class KroneckerBlockMapper(TorchBlockMapper):
         self.loss = loss
         self.layers = layers
         self.chunk_bytes = chunk_bytes
+        self._converted = _ConvertedFactors()
+
+    def to(self, device: torch.device) -> "KroneckerBlockMapper":
+        self._converted = _ConvertedFactors()
+        super().to(device)
+        return self
 
     def _chunks(
         self, batch: TorchBatch, floor_bytes: int = 0
@@ -227,8 +260,19 @@ class KroneckerBlockMapper(TorchBlockMapper):
                     f"{name!r}, got {tuple(value.shape)}."
                 )
             value = value.to(device=block.op.device, dtype=self._dtype)
-            result[name] = self.layers[name].matrix_from_flat(value)
+            # contiguous: the products of `layer_scores` read them as one matrix
+            result[name] = self.layers[name].matrix_from_flat(value).contiguous()
         return result
+
+    def _left_matrices(
+        self, left_factors: Union[torch.Tensor, "OrderedDict[str, torch.Tensor]"]
+    ) -> "OrderedDict[str, torch.Tensor]":
+        """The test factors as matrices by block (flat factors converted once while alive)."""
+        if isinstance(left_factors, torch.Tensor):
+            return self._converted.get(
+                left_factors, lambda: self._factor_matrices(self._to_block_dict(left_factors))
+            )
+        return self._factor_matrices(self._to_block_dict(left_factors))
 
     def _lean_factors(
         self, batch: TorchBatch, flat: bool
@@ -383,7 +427,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             return super().summed_interactions_from_transformed_grads(
                 left_factors, right_batch, mode
             )
-        matrices = self._factor_matrices(self._to_block_dict(left_factors))
+        matrices = self._left_matrices(left_factors)
         return next(iter(self._training_scores(matrices, right_batch, True).values()))
 
     def interactions_from_transformed_grads(
@@ -393,10 +437,9 @@ class KroneckerBlockMapper(TorchBlockMapper):
         mode: InfluenceMode,
     ) -> "OrderedDict[str, torch.Tensor]":
         mode = check_mode(mode)
-        factors = self._to_block_dict(left_factors)
         if mode is InfluenceMode.Up:
-            return self._training_scores(self._factor_matrices(factors), right_batch)
-        return self._perturbation_scores(factors, right_batch)
+            return self._training_scores(self._left_matrices(left_factors), right_batch)
+        return self._perturbation_scores(self._to_block_dict(left_factors), right_batch)
 
     def generate_interactions_from_transformed_grads(
         self,
