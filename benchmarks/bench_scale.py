@@ -14,10 +14,20 @@ and its peak resident memory increase
 (`ru_maxrss`, relative to the process after loading model and data). The parent then
 compares the two matrices (Pearson, Spearman overall and per test point).
 
-Usage (from the repository root; sizes can be reduced for a quick run):
+Every run also prints the machine's float32 matrix-product throughput (2048 x 2048, at one
+thread and at the run's thread count) and the time of each phase, wall clock and CPU: the
+fit's factors, eigendecomposition and eigenvalue correction (EK-FAC), and the scoring's test
+factors (once per test chunk) and training chunks (once per test chunk and training chunk).
 
-    PYTHONPATH=src python benchmarks/bench_scale.py --n-train 10000 --n-test 1000 \
-        --methods projected,ekfac
+Usage (from the repository root). The defaults are the settings of the table in
+`benchmarks/README.md` (training batches of 250, EK-FAC test chunks of 200, the projection's
+one test chunk of 1,000, two torch threads, the sequential calculator):
+
+    PYTHONPATH=src python benchmarks/bench_scale.py --methods ekfac
+    PYTHONPATH=src python benchmarks/bench_scale.py --methods projected
+
+A reduced run fits on the whole training set and scores only the first test points, e.g.
+`--matrix-test 200` (one EK-FAC test chunk against all training points).
 """
 
 from __future__ import annotations
