@@ -20,7 +20,7 @@ fit's factors, eigendecomposition and eigenvalue correction (EK-FAC), and the sc
 factors (once per test chunk) and training chunks (once per test chunk and training chunk).
 
 Usage (from the repository root). The defaults are the settings of the table in
-`benchmarks/README.md` (training batches of 250, EK-FAC test chunks of 200, the projection's
+`benchmarks/README.md` (training batches of 250, EK-FAC test chunks of 250, the projection's
 one test chunk of 1,000, two torch threads, the sequential calculator):
 
     PYTHONPATH=src python benchmarks/bench_scale.py --methods ekfac
@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--methods", default="projected,ekfac")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-batch", type=int, default=250)
-    parser.add_argument("--test-batch", type=int, default=200)
+    parser.add_argument("--test-batch", type=int, default=250)
     parser.add_argument("--projected-test-batch", type=int, default=1000)
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
