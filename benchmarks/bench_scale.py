@@ -14,15 +14,26 @@ and its peak resident memory increase
 (`ru_maxrss`, relative to the process after loading model and data). The parent then
 compares the two matrices (Pearson, Spearman overall and per test point).
 
-Usage (from the repository root; sizes can be reduced for a quick run):
+Every run also prints the machine's float32 matrix-product throughput (2048 x 2048, at one
+thread and at the run's thread count) and the time of each phase, wall clock and CPU: the
+fit's factors, eigendecomposition and eigenvalue correction (EK-FAC), and the scoring's test
+factors (once per test chunk) and training chunks (once per test chunk and training chunk).
 
-    PYTHONPATH=src python benchmarks/bench_scale.py --n-train 10000 --n-test 1000 \
-        --methods projected,ekfac
+Usage (from the repository root). The defaults are the settings of the table in
+`benchmarks/README.md` (training batches of 250, EK-FAC test chunks of 250, the projection's
+one test chunk of 1,000, two torch threads, the sequential calculator):
+
+    PYTHONPATH=src python benchmarks/bench_scale.py --methods ekfac
+    PYTHONPATH=src python benchmarks/bench_scale.py --methods projected
+
+A reduced run fits on the whole training set and scores only the first test points, e.g.
+`--matrix-test 200` (one EK-FAC test chunk against all training points).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -31,9 +42,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
+from common import matmul_gflops
 
 import torch
 
@@ -167,14 +179,55 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class PhaseTimer:
+    """Wall-clock and CPU seconds (of the process, all threads) spent in wrapped functions,
+    summed by phase name; on a shared machine the CPU seconds vary less than the wall clock."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self.cpu_seconds: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+
+    def wrap(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+                used = time.process_time() - cpu
+                self.cpu_seconds[phase] = self.cpu_seconds.get(phase, 0.0) + used
+                self.calls[phase] = self.calls.get(phase, 0) + 1
+
+        return timed
+
+
+def _time_fit_phases(timer: PhaseTimer) -> None:
+    """Time EK-FAC's fit by phase: the factors' pass, their eigendecomposition, the eigenvalue
+    refit (the functions `fit_kronecker_curvature` calls)."""
+    from influx.torch.kfac import factors
+
+    for phase, name in (
+        ("fit: factors", "collect_kronecker_factors"),
+        ("fit: eigendecomposition", "eigendecompose_factors"),
+        ("fit: eigenvalue correction", "refit_eigenvalues"),
+    ):
+        setattr(factors, name, timer.wrap(phase, getattr(factors, name)))
+
+
 def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """Fit one method and write its influence matrix to zarr; timings and peak memory."""
+    """Fit one method and write its influence matrix to zarr; timings by phase and peak memory."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from influx.calculator import SequentialInfluenceCalculator
     from influx.torch import EkfacInfluence, ProjectedInfluence, TorchNumpyConverter
 
     torch.set_num_threads(int(options["threads"]))
+    gflops = {"1": matmul_gflops(1), str(options["threads"]): matmul_gflops(options["threads"])}
+    timer = PhaseTimer()
+    _time_fit_phases(timer)
     net = build_model()
     net.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
     net.eval()
@@ -203,6 +256,11 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
         )
     model.fit(train)
     fitted = time.perf_counter()
+    # the calculators call these per test chunk and per (test chunk, training chunk)
+    model.influence_factors = timer.wrap("scoring: test factors", model.influence_factors)
+    model.influences_from_factors = timer.wrap(
+        "scoring: training chunks", model.influences_from_factors
+    )
     dask = options.get("calculator", "sequential") == "dask"
     path = workdir / f"{method}{'-dask' if dask else ''}.zarr"
     if dask:
@@ -221,6 +279,11 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
         "peak_mb": _rss_mb() - baseline,
         "cpu_seconds": _cpu_seconds() - cpu_start,
         "path": str(path),
+        "phases": timer.seconds,
+        "phase_cpu_seconds": timer.cpu_seconds,
+        "phase_calls": timer.calls,
+        "matmul_gflops": gflops,
+        "load_average": os.getloadavg(),
     }
     if method == "projected":
         result["projected_sizes"] = model.projected_sizes
@@ -234,6 +297,29 @@ def worker(workdir: Path, method: str, options: Dict[str, Any]) -> Dict[str, Any
             scale = float(np.abs(other).max())
             result["max_difference_to_sequential"] = float(np.abs(ours - other).max()) / scale
     return result
+
+
+def breakdown(result: Dict[str, Any]) -> str:
+    """The per-phase figures of one run, with the machine's matrix-product throughput."""
+    phases, calls = result["phases"], result["phase_calls"]
+    lines = [
+        f"{result['method']} ({result['calculator']}): fit {result['fit_seconds']:.1f} s, matrix "
+        f"{result['matrix_seconds']:.1f} s, total {result['total_seconds']:.1f} s, CPU "
+        f"{result['cpu_seconds']:.0f} s, peak {result['peak_mb']:.0f} MB; float32 2048^2 matmul "
+        + ", ".join(f"{g:.0f} GFLOP/s at {t} thread(s)" for t, g in result["matmul_gflops"].items())
+        + ", load average "
+        + " / ".join(f"{v:.1f}" for v in result["load_average"])
+    ]
+    cpu = result["phase_cpu_seconds"]
+    for phase, seconds in phases.items():
+        lines.append(
+            f"  {phase}: {seconds:.1f} s ({cpu[phase]:.1f} CPU s) in {calls[phase]} call(s)"
+        )
+    scoring = [k for k in phases if k.startswith("scoring")]
+    if scoring:
+        wall, used = sum(phases[k] for k in scoring), sum(cpu[k] for k in scoring)
+        lines.append(f"  scoring: total {wall:.1f} s ({used:.1f} CPU s)")
+    return "\n".join(lines)
 
 
 def compare(paths: Dict[str, str]) -> Dict[str, float]:
@@ -259,7 +345,7 @@ def main() -> None:
     parser.add_argument("--methods", default="projected,ekfac")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-batch", type=int, default=250)
-    parser.add_argument("--test-batch", type=int, default=200)
+    parser.add_argument("--test-batch", type=int, default=250)
     parser.add_argument("--projected-test-batch", type=int, default=1000)
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
@@ -285,6 +371,7 @@ def main() -> None:
         return
     training = prepare(workdir, args.n_train, args.n_test, args.epochs)
     print(f"model: {training}", flush=True)
+    print(f"command: {' '.join(sys.argv[1:]) or '(the defaults)'}", flush=True)
     results: Dict[str, Dict[str, Any]] = {}
     for method in args.methods.split(","):
         options = {
@@ -306,6 +393,7 @@ def main() -> None:
             raise RuntimeError(f"{method} failed:\n{output.stderr[-3000:]}")
         results[method] = json.loads(output.stdout.strip().splitlines()[-1])
         print(json.dumps(results[method]), flush=True)
+        print(breakdown(results[method]), flush=True)
     if {"ekfac", "projected"} <= set(results):
         agreement = compare({m: r["path"] for m, r in results.items()})
         print(f"agreement: {agreement}", flush=True)

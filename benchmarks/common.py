@@ -514,6 +514,28 @@ def replace_readme_section(key: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matrix-product throughput at `threads` torch threads: GFLOP/s of
+    a `size` x `size` product ($2 n^3$ operations), median of `repeats` runs after a warm-up.
+    Quoted beside timings so that runs on different (or differently loaded) machines compare.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(SEED)
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def machine_note() -> str:
     load = os.getloadavg()
     return (

@@ -64,6 +64,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
         [
             "influx.torch.kfac.layers",
             "influx.torch.kfac.factors",
+            "influx.torch.kfac.contraction",
             "influx.torch.kfac.signals",
             "influx.torch.kfac.operators",
             "influx.torch.kfac.preconditioner",

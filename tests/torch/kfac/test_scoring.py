@@ -5,6 +5,8 @@ sampled Fisher."""
 
 from __future__ import annotations
 
+import gc
+import pickle
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -16,8 +18,9 @@ from influx.torch import CgSolver, ComposedInfluence, EkfacInfluence, TorchBatch
 from influx.torch.composition.block_mapper import TorchBlockMapper
 from influx.torch.composition.curvatures import KroneckerCurvature
 from influx.torch.kfac import scoring as kfac_scores
+from influx.torch.kfac.contraction import layer_scores, uses_contraction
 from influx.torch.kfac.layers import find_layers
-from influx.torch.kfac.scoring import KroneckerBlockMapper, layer_scores, uses_contraction
+from influx.torch.kfac.scoring import KroneckerBlockMapper
 from influx.torch.kfac.signals import UnscorableModelError, training_signals
 
 F = torch.nn.functional
@@ -342,3 +345,48 @@ def test_operator_applied_to_matrices_equals_flat_application() -> None:
         ValueError, match=r"'matrices' must have shape \(N, 2, 10\), got \(3, 2, 9\)"
     ):
         op.apply_to_matrices(torch.zeros(3, 2, 9))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("positions", [1, 50])
+def test_operator_applied_to_signals_equals_application_to_formed_gradients(
+    positions: int,
+) -> None:
+    # one position: the signals are rotated; fifty: the gradients are formed first
+    model = _fitted("conv2d")
+    torch.manual_seed(1)
+    for block in model.block_mapper.composable_block_dict.values():
+        op = block.op
+        m, k = op._m, op._k  # type: ignore[attr-defined]
+        inputs, output_grads = torch.randn(3, positions, k), torch.randn(3, positions, m)
+        grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
+        applied = op.apply_to_signals(inputs, output_grads)  # type: ignore[attr-defined]
+        assert applied.dtype == torch.float64
+        torch.testing.assert_close(applied, op.apply_to_matrices(grads), **TOL)  # type: ignore[attr-defined]
+    op = model.block_mapper.composable_block_dict["1"].op
+    with pytest.raises(
+        ValueError,
+        match=r"'inputs' and 'output_grads' must have shapes \(N, T, 10\) and \(N, T, 2\), "
+        r"got \(3, 1, 9\) and \(3, 1, 2\)",
+    ):
+        op.apply_to_signals(torch.zeros(3, 1, 9), torch.zeros(3, 1, 2))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["linear_bias", "linear_no_bias"])
+def test_flat_factors_are_converted_once_while_alive_and_unchanged(name: str) -> None:
+    model = _fitted(name)
+    mapper = model.block_mapper
+    x, y = classification_data(40, d_in=15)
+    x_test, y_test = classification_data(4, d_in=15, seed=3)
+    factors = model.influence_factors(x_test, y_test)
+    first = model.influences_from_factors(factors, x[:20], y[:20])
+    converted = mapper._converted._slot[2]  # type: ignore[attr-defined]
+    second = model.influences_from_factors(factors, x[20:], y[20:])
+    assert mapper._converted._slot[2] is converted  # type: ignore[attr-defined]
+    expected = model.influences(x_test, y_test, x, y)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, **TOL)
+    factors *= 2  # changed in place: converted again
+    torch.testing.assert_close(model.influences_from_factors(factors, x, y), 2 * expected, **TOL)
+    assert pickle.loads(pickle.dumps(mapper._converted))._slot is None  # type: ignore[attr-defined]
+    del factors, first, second
+    gc.collect()
+    assert mapper._converted._slot is None  # type: ignore[attr-defined]

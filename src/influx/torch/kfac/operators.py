@@ -205,11 +205,53 @@ class KroneckerFactoredCurvature(TensorDictOperator):
                 f"{tuple(matrices.shape)}."
             )
         rotated = self._qg.T @ matrices.to(self._dtype)
-        rotated = rotated @ self._qa
+        return self._scaled_back(rotated @ self._qa)
+
+    def _scaled_back(self, rotated: torch.Tensor) -> torch.Tensor:
+        r"""$Q_G (R \odot S) Q_A^\top$ of matrices $R$ `(N, m, k)` in the eigenbasis (scaled
+        in place)."""
         rotated *= self._scale
         result = self._qg @ rotated
         del rotated
         return result @ self._qa.T
+
+    def apply_to_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""The operator applied to the per-sample gradients $\sum_t \delta_t \tilde a_t^\top$
+        of a layer, given by its inputs and output gradients, in matrix form `(N, m, k)`.
+
+        The rotation into the eigenbasis uses the structure of these gradients,
+        $Q_G^\top \left(\sum_t \delta_t \tilde a_t^\top\right) Q_A
+        = \sum_t (Q_G^\top \delta_t)(Q_A^\top \tilde a_t)^\top$, whenever that is cheaper:
+        $T(m^2 + k^2 + mk)$ multiply-adds per sample for $T$ positions instead of
+        $mk(T + m + k)$ (a `Linear` layer, $T = 1$: $m^2 + k^2 + mk$ instead of
+        $mk(1 + m + k)$, half of the whole application). The result equals
+        `apply_to_matrices` of the formed gradients up to rounding.
+
+        Args:
+            inputs: $\tilde a$ `(N, T, k)`.
+            output_grads: $\delta$ `(N, T, m)`.
+
+        Returns:
+            `(N, m, k)` in the operator's dtype.
+        """
+        m, k = self._m, self._k
+        if (
+            inputs.ndim != 3
+            or output_grads.ndim != 3
+            or inputs.shape[:2] != output_grads.shape[:2]
+            or inputs.shape[2] != k
+            or output_grads.shape[2] != m
+        ):
+            raise ValueError(
+                f"Parameters 'inputs' and 'output_grads' must have shapes (N, T, {k}) and "
+                f"(N, T, {m}), got {tuple(inputs.shape)} and {tuple(output_grads.shape)}."
+            )
+        positions = inputs.shape[1]
+        if positions * (m * m + k * k + m * k) >= m * k * (positions + m + k):
+            return self.apply_to_matrices(torch.einsum("ntm,ntk->nmk", output_grads, inputs))
+        d_rot = output_grads.to(self._dtype) @ self._qg
+        a_rot = inputs.to(self._dtype) @ self._qa
+        return self._scaled_back(d_rot.transpose(1, 2) @ a_rot)
 
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         matrix = self._to_matrix(tensor.to(self._dtype))

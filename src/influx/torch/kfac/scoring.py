@@ -30,8 +30,9 @@ and several threads can score with one model at once.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
-from typing import Dict, Generator, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,6 +42,7 @@ from ..autodiff.model_call import is_task
 from ..composition.block_mapper import TorchBlockMapper, TorchOperatorGradientComposition
 from ..data.batches import TorchBatch
 from ..data.validation import check_finite
+from .contraction import layer_scores, uses_contraction
 from .layers import LayerSpec, layers_for_parameters
 from .operators import KroneckerFactoredCurvature
 from .signals import SignalRecorder, Signals, UnscorableModelError
@@ -49,8 +51,6 @@ __all__ = [
     "KroneckerBlockMapper",
     "SCORE_CHUNK_BYTES",
     "layer_block_mapper",
-    "layer_scores",
-    "uses_contraction",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,56 +65,37 @@ MIN_CHUNK = 8
 """The smallest chunk of training points, whatever the budget."""
 
 
-def uses_contraction(n_factors: int, positions: int, out_dim: int, in_dim: int) -> bool:
-    r"""Whether to score a layer by contracting the test factors with $\tilde a$ and $\delta$
-    rather than forming the per-sample gradients.
-
-    Per training point, with $q$ test factors $V_i$ `(m, k)` and $T$ positions, forming the
-    gradient $\sum_t \delta_t \tilde a_t^\top$ and taking $q$ inner products costs
-    $mk(T + q)$ multiply-adds and $mk$ numbers of memory; the contraction
-    $\sum_t \delta_t^\top V_i \tilde a_t$ costs $qTmk + qT\min(m, k)$ multiply-adds and
-    $2qT\min(m, k)$ numbers (the products $V_i \tilde a_t$ or $V_i^\top \delta_t$ and their
-    pairing). The contraction is chosen when it needs less memory for at most a quarter more
-    arithmetic: layers with one position and $mk$ large against $q \min(m, k)$.
-    """
-    small = min(out_dim, in_dim)
-    form_flops = out_dim * in_dim * (positions + n_factors)
-    contract_flops = n_factors * positions * (out_dim * in_dim + small)
-    return 2 * n_factors * positions * small < out_dim * in_dim and (
-        contract_flops <= 1.25 * form_flops
-    )
-
-
-def layer_scores(
-    factors: torch.Tensor, inputs: torch.Tensor, output_grads: torch.Tensor
-) -> torch.Tensor:
-    r"""$s_{ij} = \sum_t \delta_{jt}^\top V_i \tilde a_{jt}$ for one layer.
-
-    Args:
-        factors: $V$ `(q, m, k)`.
-        inputs: $\tilde a$ `(n, T, k)`.
-        output_grads: $\delta$ `(n, T, m)`.
-
-    Returns:
-        the scores `(q, n)`.
-    """
-    q, m, k = factors.shape
-    n, positions = inputs.shape[0], inputs.shape[1]
-    if not uses_contraction(q, positions, m, k):
-        grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
-        return factors.reshape(q, -1) @ grads.reshape(n, -1).T
-    if m <= k:  # V_i a_t: (n, T, q, m), paired with delta_t
-        rotated = inputs.reshape(n * positions, k) @ factors.reshape(q * m, k).T
-        return torch.einsum("ntqm,ntm->qn", rotated.reshape(n, positions, q, m), output_grads)
-    rotated = output_grads.reshape(n * positions, m) @ factors.transpose(1, 2).reshape(q * k, m).T
-    return torch.einsum("ntqk,ntk->qn", rotated.reshape(n, positions, q, k), inputs)
-
-
 def _check_finite(values: torch.Tensor, layer: str) -> None:
     """Raise a ValueError naming the layer if `values` has NaN or Inf; one reduction (their
     sum) when they are finite."""
     if not bool(torch.isfinite(values.sum())):
         check_finite(values, "per-sample gradients", layer)
+
+
+class _ConvertedFactors:
+    """The matrices by block of the last flat test factors, kept while those are alive and
+    unchanged (scored against every training chunk, converted once); pickles start empty."""
+
+    def __init__(self) -> None:
+        self._slot: Optional[Tuple[Any, int, "OrderedDict[str, torch.Tensor]"]] = None
+
+    def get(
+        self, flat: torch.Tensor, convert: Callable[[], "OrderedDict[str, torch.Tensor]"]
+    ) -> "OrderedDict[str, torch.Tensor]":
+        slot = self._slot
+        if slot is not None and slot[0]() is flat and slot[1] == flat._version:
+            return slot[2]
+        matrices = convert()
+
+        def drop(ref: Any) -> None:  # the flat factors are gone: so are their matrices
+            if self._slot is not None and self._slot[0] is ref:
+                self._slot = None
+
+        self._slot = (weakref.ref(flat, drop), flat._version, matrices)
+        return matrices
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"_slot": None}
 
 
 class KroneckerBlockMapper(TorchBlockMapper):
@@ -159,6 +140,12 @@ class KroneckerBlockMapper(TorchBlockMapper):
         self.loss = loss
         self.layers = layers
         self.chunk_bytes = chunk_bytes
+        self._converted = _ConvertedFactors()
+
+    def to(self, device: torch.device) -> "KroneckerBlockMapper":
+        self._converted = _ConvertedFactors()
+        super().to(device)
+        return self
 
     def subset(self, names: Sequence[str]) -> "KroneckerBlockMapper":
         """The map over the layers `names` only, in this mapper's order."""
@@ -233,8 +220,19 @@ class KroneckerBlockMapper(TorchBlockMapper):
                     f"{name!r}, got {tuple(value.shape)}."
                 )
             value = value.to(device=block.op.device, dtype=self._dtype)
-            result[name] = self.layers[name].matrix_from_flat(value)
+            # contiguous: the products of `layer_scores` read them as one matrix
+            result[name] = self.layers[name].matrix_from_flat(value).contiguous()
         return result
+
+    def _left_matrices(
+        self, left_factors: Union[torch.Tensor, "OrderedDict[str, torch.Tensor]"]
+    ) -> "OrderedDict[str, torch.Tensor]":
+        """The test factors as matrices by block (flat factors converted once while alive)."""
+        if isinstance(left_factors, torch.Tensor):
+            return self._converted.get(
+                left_factors, lambda: self._factor_matrices(self._to_block_dict(left_factors))
+            )
+        return self._factor_matrices(self._to_block_dict(left_factors))
 
     def _lean_factors(
         self, batch: TorchBatch, flat: bool
@@ -266,10 +264,8 @@ class KroneckerBlockMapper(TorchBlockMapper):
             factors: Optional[torch.Tensor] = None
             for start in range(0, a.shape[0], size):
                 part = slice(start, start + size)
-                grads = torch.einsum("ntm,ntk->nmk", d[part], a[part])
-                _check_finite(grads, name)
-                chunk = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
-                del grads
+                chunk = op.apply_to_signals(a[part], d[part])  # type: ignore[attr-defined]
+                _check_finite(chunk, name)  # NaN or Inf of the signals propagate to it
                 if flat:
                     chunk = spec.flat_from_matrix(chunk)
                 if factors is None:
@@ -391,7 +387,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
             return super().summed_interactions_from_transformed_grads(
                 left_factors, right_batch, mode
             )
-        matrices = self._factor_matrices(self._to_block_dict(left_factors))
+        matrices = self._left_matrices(left_factors)
         return next(iter(self._training_scores(matrices, right_batch, True).values()))
 
     def interactions_from_transformed_grads(
@@ -401,10 +397,9 @@ class KroneckerBlockMapper(TorchBlockMapper):
         mode: InfluenceMode,
     ) -> "OrderedDict[str, torch.Tensor]":
         mode = check_mode(mode)
-        factors = self._to_block_dict(left_factors)
         if mode is InfluenceMode.Up:
-            return self._training_scores(self._factor_matrices(factors), right_batch)
-        return self._perturbation_scores(factors, right_batch)
+            return self._training_scores(self._left_matrices(left_factors), right_batch)
+        return self._perturbation_scores(self._to_block_dict(left_factors), right_batch)
 
     def generate_interactions_from_transformed_grads(
         self,
