@@ -84,6 +84,7 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "layer_signals",
     "refit_eigenvalues",
+    "rotated_gradients",
     "validate_fisher",
 ]
 
@@ -332,6 +333,35 @@ def _signals(
         yield len(batch), layer_signals(model, layers, batch, loss, fisher, generator)
 
 
+def rotated_gradients(
+    inputs: torch.Tensor, output_grads: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor
+) -> torch.Tensor:
+    r"""The per-sample gradients $V_i = \sum_t \delta_{it} \tilde a_{it}^\top$ of a layer in
+    the Kronecker eigenbasis, $Q_G^\top V_i Q_A$, by the cheaper of two orders.
+
+    Rotating the signals, $\sum_t (Q_G^\top \delta_{it})(Q_A^\top \tilde a_{it})^\top$, costs
+    $T(m^2 + k^2 + mk)$ multiply-adds per sample for $T$ positions; forming $V_i$ and rotating
+    it costs $Tmk + m^2k + mk^2$. The first wins for few positions and wide inputs (the last
+    convolutions of a ResNet: over 30 times cheaper), the second for many positions and
+    narrow inputs (its first convolutions: about 6 times cheaper). Both give the same values
+    up to rounding.
+
+    Args:
+        inputs: $\tilde a$ `(N, T, k)`.
+        output_grads: $\delta$ `(N, T, m)`, same dtype.
+        qa: $Q_A$ `(k, k)`, same dtype.
+        qg: $Q_G$ `(m, m)`, same dtype.
+
+    Returns:
+        `(N, m, k)`.
+    """
+    positions, k, m = inputs.shape[1], inputs.shape[2], output_grads.shape[2]
+    if positions * (m * m + k * k + m * k) <= positions * m * k + m * m * k + m * k * k:
+        return torch.einsum("ntm,ntk->nmk", output_grads @ qg, inputs @ qa)
+    grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
+    return (qg.T @ grads) @ qa
+
+
 def refit_eigenvalues(
     model: torch.nn.Module,
     layers: "Dict[str, LayerSpec]",
@@ -371,12 +401,10 @@ def refit_eigenvalues(
                 qa, qg = rotations[name]
                 cast[name] = (qa.to(a.dtype), qg.to(a.dtype))
             qa, qg = cast[name]
-            a_rot = a @ qa
-            d_rot = d @ qg
             if a.shape[1] == 1:
-                term = (d_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
+                term = ((d[:, 0] @ qg) ** 2).T @ ((a[:, 0] @ qa) ** 2)
             else:
-                term = (torch.einsum("ntm,ntk->nmk", d_rot, a_rot) ** 2).sum(dim=0)
+                term = (rotated_gradients(a, d, qa, qg) ** 2).sum(dim=0)
             term = term.to(torch.float64)
             sums[name] = term if name not in sums else sums[name] + term
     if n == 0:

@@ -26,7 +26,7 @@ from ...types import SolverDiagnostics
 from ..curvature.tensor_operator import TensorDictOperator
 from ..data.state import OperatorState, StateContext
 from ..data.validation import validate_regularization
-from .factors import KroneckerEigenbasis, KroneckerFactors
+from .factors import KroneckerEigenbasis, KroneckerFactors, rotated_gradients
 
 __all__ = ["KroneckerFactoredCurvature", "KroneckerFactoredOperator"]
 
@@ -206,10 +206,47 @@ class KroneckerFactoredCurvature(TensorDictOperator):
             )
         rotated = self._qg.T @ matrices.to(self._dtype)
         rotated = rotated @ self._qa
+        return self._scale_back(rotated)
+
+    def _scale_back(self, rotated: torch.Tensor) -> torch.Tensor:
+        r"""$Q_G (R \odot S) Q_A^\top$ for matrices $R$ `(N, m, k)` in the eigenbasis (scaled
+        in place)."""
         rotated *= self._scale
         result = self._qg @ rotated
         del rotated
         return result @ self._qa.T
+
+    def apply_to_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+        r"""The operator applied to the per-sample gradients
+        $V_i = \sum_t \delta_{it} \tilde a_{it}^\top$ of the layer's recorded inputs and
+        output gradients: rotated into the eigenbasis by the cheaper order
+        ([rotated_gradients][influx.torch.kfac.factors.rotated_gradients], without forming
+        $V_i$ where rotating the signals costs less), scaled and rotated back as in
+        `apply_to_matrices`.
+
+        Args:
+            inputs: $\tilde a$ `(N, T, k)`.
+            output_grads: $\delta$ `(N, T, m)`.
+
+        Returns:
+            `(N, m, k)` in the operator's dtype.
+        """
+        m, k = self._m, self._k
+        if (
+            inputs.ndim != 3
+            or output_grads.ndim != 3
+            or inputs.shape[2] != k
+            or output_grads.shape[2] != m
+            or inputs.shape[:2] != output_grads.shape[:2]
+        ):
+            raise ValueError(
+                f"Parameters 'inputs' and 'output_grads' must have shapes (N, T, {k}) and "
+                f"(N, T, {m}), got {tuple(inputs.shape)} and {tuple(output_grads.shape)}."
+            )
+        rotated = rotated_gradients(
+            inputs.to(self._dtype), output_grads.to(self._dtype), self._qa, self._qg
+        )
+        return self._scale_back(rotated)
 
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         matrix = self._to_matrix(tensor.to(self._dtype))

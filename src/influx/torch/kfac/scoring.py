@@ -260,10 +260,8 @@ class KroneckerBlockMapper(TorchBlockMapper):
             factors: Optional[torch.Tensor] = None
             for start in range(0, a.shape[0], size):
                 part = slice(start, start + size)
-                grads = torch.einsum("ntm,ntk->nmk", d[part], a[part])
-                _check_finite(grads, name)
-                chunk = op.apply_to_matrices(grads)  # type: ignore[attr-defined]
-                del grads
+                chunk = op.apply_to_signals(a[part], d[part])  # type: ignore[attr-defined]
+                _check_finite(chunk, name)
                 if flat:
                     chunk = spec.flat_from_matrix(chunk)
                 if factors is None:
