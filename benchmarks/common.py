@@ -514,6 +514,26 @@ def replace_readme_section(key: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matrix-product throughput in GFLOP/s at `threads` torch threads
+    (the median of `repeats` products of two `size x size` matrices, after one warm-up); the
+    thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size)
+        b = torch.randn(size, size)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
 def machine_note() -> str:
     load = os.getloadavg()
     return (
