@@ -20,12 +20,15 @@ matrix of test points on those 1,000 images in memory (`influences`):
   its diagnostics printed;
 * `cg`: `CgInfluence(second_order_mode=GAUSS_NEWTON)` over all parameters, solved to a tight
   tolerance (the reference), for the first `--cg-test` test points (every iteration is one
-  pass of per-sample gradients over the 1,000 images, shared by all right-hand sides).
+  pass of per-sample gradients over the 1,000 images, shared by all right-hand sides);
+* `exact`: the value CG converges to, by the Woodbury identity from the Gram matrix of the
+  per-sample gradients of the fit and CG test points (`exact_gauss_newton_influences`; a
+  float32 memory map of $(n + n_{test}) \times P$ values on disk, little memory).
 
 Each reports its times and the peak resident memory of its process (`ru_maxrss`, the VmHWM
 high-water mark, absolute and as growth over the process after loading model and data). The
-parent compares EK-FAC and the projection with CG (Pearson and Spearman on the
-`cg_test x 100` sub-matrix, the first 100 training images) and prints the machine's matmul
+parent compares EK-FAC and the projection with the exact solve, or CG if it is absent
+(Pearson and Spearman on the `cg_test x 100` sub-matrix, the first 100 training images) and prints the machine's matmul
 throughput and load average.
 
 Usage (from the repository root):
@@ -217,6 +220,60 @@ def _ekfac_phases() -> _PhaseTimer:
     return timer
 
 
+def exact_gauss_newton_influences(
+    net: torch.nn.Module,
+    x_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    lam: float,
+    path: Path,
+    chunk: int = 5,
+) -> torch.Tensor:
+    r"""The exact influences $g_t^\top (\frac1n G^\top G + \lambda I)^{-1} g_j$ of the test
+    points on the fit points by the Woodbury identity, the value CG converges to:
+
+    $$
+    \frac{1}{\lambda}\Big(g_t^\top g_j - (G g_t)^\top (n\lambda I + G G^\top)^{-1}
+    G g_j\Big),
+    $$
+
+    with $G$ `(n, P)` the per-sample gradients of the fit points (all parameters). Only the
+    Gram matrices of the $n + n_{test}$ gradients are needed: the gradients are computed a
+    few points at a time with `torch.func` into a float32 memory map at `path`, and their
+    products taken over slices of the parameters, in float64.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    buffers = {k: b.detach() for k, b in net.named_buffers()}
+
+    def sample_loss(p: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(net, (p, buffers), (x.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    x_all, y_all = torch.cat([x_fit, x_test]), torch.cat([y_fit, y_test])
+    total = len(x_all)
+    n_params = sum(p.numel() for p in params.values())
+    grads = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, n_params))
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        values = per_sample(params, x_all[start:stop], y_all[start:stop])
+        grads[start:stop] = torch.cat([v.reshape(stop - start, -1) for v in values.values()], 1)
+    gram = np.zeros((total, total))
+    step = 250_000
+    for s in range(0, n_params, step):
+        block = np.asarray(grads[:, s : s + step], dtype=np.float64)
+        gram += block @ block.T
+    del grads
+    path.unlink()
+    n = len(x_fit)
+    k, c = gram[:n, :n], gram[:n, n:]
+    solved = np.linalg.solve(n * lam * np.eye(n) + k, k)  # (n lam I + K)^{-1} G g_j
+    return torch.from_numpy((c.T - c.T @ solved) / lam)
+
+
 def worker(workdir: Path, options: Dict[str, Any]) -> Dict[str, Any]:
     from influx.torch import CgInfluence, EkfacInfluence, ProjectedInfluence
     from influx.torch.curvature.operators import SecondOrderMode
@@ -231,7 +288,7 @@ def worker(workdir: Path, options: Dict[str, Any]) -> Dict[str, Any]:
     data = torch.load(workdir / "data.pt", weights_only=True)
     n_fit = options["n_fit"]
     x_fit, y_fit = data["x"][:n_fit], data["y"][:n_fit]
-    n_test = options["cg_test"] if method == "cg" else options["n_test"]
+    n_test = options["cg_test"] if method in ("cg", "exact") else options["n_test"]
     x_test, y_test = data["x_test"][:n_test], data["y_test"][:n_test]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_fit, y_fit),
@@ -256,8 +313,25 @@ def worker(workdir: Path, options: Dict[str, Any]) -> Dict[str, Any]:
             second_order_mode=SecondOrderMode.GAUSS_NEWTON,
             progress=True,
         )
-    else:
+    elif method != "exact":
         raise ValueError(f"Unknown method {method!r}.")
+    if method == "exact":
+        start = time.perf_counter()
+        values = exact_gauss_newton_influences(
+            net, x_fit, y_fit, x_test, y_test, lam, workdir / "grads.npy"
+        )
+        fitted = done = time.perf_counter()
+        np.save(workdir / f"exact-{n_fit}.npy", values.numpy())
+        return {
+            "method": method,
+            "matrix": list(values.shape),
+            "fit_seconds": 0.0,
+            "matrix_seconds": done - start,
+            "total_seconds": done - start,
+            "peak_mb": _peak_mb(),
+            "peak_growth_mb": _peak_mb() - baseline,
+            "threads": torch.get_num_threads(),
+        }
     start = time.perf_counter()
     model.fit(loader)
     fitted = time.perf_counter()
@@ -332,16 +406,13 @@ def table(results: Dict[str, Dict[str, Any]], agreement: Dict[str, Dict[str, flo
         "ekfac": "EkfacInfluence (update_diagonal, layer defaults)",
         "projected": "ProjectedInfluence (defaults)",
         "cg": "CgInfluence (Gauss-Newton, all parameters)",
+        "exact": "exact Gauss-Newton solve (Woodbury, all parameters)",
     }
     rows = []
     for method, r in results.items():
         shape = " x ".join(f"{n:,}" for n in r["matrix"])
         versus = agreement.get(method)
-        accuracy = (
-            "reference"
-            if method == "cg"
-            else (f"{versus['pearson']:.3f} / {versus['spearman']:.3f}" if versus else "-")
-        )
+        accuracy = f"{versus['pearson']:.3f} / {versus['spearman']:.3f}" if versus else "-"
         rows.append(
             [
                 names[method],
@@ -360,14 +431,19 @@ def table(results: Dict[str, Dict[str, Any]], agreement: Dict[str, Dict[str, flo
         "matrix s",
         "total s",
         "peak MB (growth)",
-        "Pearson / Spearman vs CG",
+        "Pearson / Spearman vs the reference",
     ]
     return markdown_table(header, rows)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", default="ekfac,projected,cg")
+    parser.add_argument(
+        "--methods",
+        default="ekfac,projected,cg",
+        help="of ekfac, projected, cg and exact (the Woodbury solve of the Gauss-Newton system "
+        "for the CG test points); empty: only compare the saved matrices",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--n-fit", type=int, default=N_FIT, help="training points of the fits and the matrix"
@@ -425,15 +501,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         results[method] = _run(workdir, options)
         print(json.dumps(results[method]), flush=True)
     agreement: Dict[str, Dict[str, float]] = {}
-    reference_file = workdir / f"cg-{args.n_fit}.npy"
+    # the exact solve when present (what converged CG converges to), else CG
+    for reference_name in ("exact", "cg"):
+        reference_file = workdir / f"{reference_name}-{args.n_fit}.npy"
+        if reference_file.exists():
+            break
     if reference_file.exists():
         reference = np.load(reference_file)
-        for method in ("ekfac", "projected"):
+        for method in ("ekfac", "projected", "cg"):
             other = workdir / f"{method}-{args.n_fit}.npy"
-            if other.exists():
+            if method != reference_name and other.exists():
                 agreement[method] = compare(reference, np.load(other))
         columns = min(N_SUB, reference.shape[1])
-        print(f"agreement with CG ({reference.shape[0]} x {columns}): {agreement}", flush=True)
+        print(
+            f"agreement with {reference_name} ({reference.shape[0]} x {columns}): {agreement}",
+            flush=True,
+        )
     text = table(results, agreement)
     print(text)
     if args.write_readme:
