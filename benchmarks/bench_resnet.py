@@ -362,6 +362,9 @@ def worker(workdir: Path, options: Dict[str, Any]) -> Dict[str, Any]:
         }
     if method == "projected":
         result["projected_sizes"] = model.projected_sizes
+        result["solver_diagnostics"] = {
+            name: None if d is None else str(d) for name, d in model.solver_diagnostics.items()
+        }
         for attribute in ("diagnostics", "projection_diagnostics", "distortion"):
             if hasattr(model, attribute):
                 result[attribute] = str(getattr(model, attribute))
