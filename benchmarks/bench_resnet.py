@@ -215,7 +215,7 @@ def _ekfac_phases() -> _PhaseTimer:
     timer.wrap(factors, "collect_kronecker_factors", "factors")
     timer.wrap(factors, "eigendecompose_factors", "eigendecomposition")
     timer.wrap(factors, "refit_eigenvalues", "eigenvalue correction")
-    timer.wrap(scoring.KroneckerBlockMapper, "_test_matrices", "test factors")
+    timer.wrap(scoring.KroneckerBlockMapper, "_lean_factors", "test factors")
     timer.wrap(scoring.KroneckerBlockMapper, "_training_scores", "scoring")
     return timer
 
