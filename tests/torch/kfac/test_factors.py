@@ -604,3 +604,25 @@ def test_sampled_fisher_refit_draws_fresh_labels() -> None:
         counts[fisher] = data.batches
     # the sampled refit makes a second pass over the data; the empirical one reuses the cache
     assert counts["sampled"] == counts["empirical"] + len(loader(x, y))
+
+
+@pytest.mark.parametrize(
+    "positions, k, m",
+    [(2, 40, 8), (64, 6, 4)],  # few positions, wide inputs: the signals are rotated; else V_i
+)
+def test_rotated_gradients_equal_the_rotated_per_sample_gradients(
+    positions: int, k: int, m: int
+) -> None:
+    from influx.torch.kfac.contraction import rotated_gradients
+
+    generator = torch.Generator().manual_seed(5)
+    qa = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))[0]
+    qg = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))[0]
+    inputs = torch.randn(3, positions, k, generator=generator, dtype=torch.float64)
+    output_grads = torch.randn(3, positions, m, generator=generator, dtype=torch.float64)
+    grads = sum(
+        torch.outer(output_grads[0, t], inputs[0, t]) for t in range(positions)
+    )  # the first sample's gradient, position by position
+    result = rotated_gradients(inputs, output_grads, qa, qg)
+    assert result.shape == (3, m, k)
+    torch.testing.assert_close(result[0], qg.T @ grads @ qa, rtol=1e-12, atol=1e-12)

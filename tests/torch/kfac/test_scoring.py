@@ -20,6 +20,7 @@ from influx.torch.composition.curvatures import KroneckerCurvature
 from influx.torch.kfac import scoring as kfac_scores
 from influx.torch.kfac.contraction import layer_scores, uses_contraction
 from influx.torch.kfac.layers import find_layers
+from influx.torch.kfac.operators import KroneckerFactoredOperator
 from influx.torch.kfac.scoring import KroneckerBlockMapper
 from influx.torch.kfac.signals import UnscorableModelError, training_signals
 
@@ -390,3 +391,27 @@ def test_flat_factors_are_converted_once_while_alive_and_unchanged(name: str) ->
     del factors, first, second
     gc.collect()
     assert mapper._converted._slot is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("positions", [2, 16])  # rotating the signals / forming the gradients
+def test_operator_applied_to_signals_equals_application_to_their_gradients(positions: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    m, k, n = 8, 40, 5
+    qa = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))[0]
+    qg = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))[0]
+    eigenvalues = torch.rand(m, k, generator=generator, dtype=torch.float64)
+    op = KroneckerFactoredOperator(qa, qg, eigenvalues, 0.1, "weight", (m, k))
+    inputs = torch.randn(n, positions, k, generator=generator, dtype=torch.float64)
+    output_grads = torch.randn(n, positions, m, generator=generator, dtype=torch.float64)
+    grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
+    # the reference: the dense inverse of (Q_G x Q_A) diag(s) (Q_G x Q_A)^T + 0.1 I
+    q = torch.kron(qg, qa)
+    dense = q @ torch.diag(eigenvalues.reshape(-1)) @ q.T + 0.1 * torch.eye(m * k, dtype=qa.dtype)
+    expected = torch.linalg.solve(dense, grads.reshape(n, -1).T).T.reshape(n, m, k)
+    torch.testing.assert_close(op.apply_to_signals(inputs, output_grads), expected, **TOL)
+    with pytest.raises(
+        ValueError,
+        match=r"'inputs' and 'output_grads' must have shapes \(N, T, 40\) and \(N, T, 8\), "
+        r"got \(5, 2, 40\) and \(5, 3, 8\)",
+    ):
+        op.apply_to_signals(inputs[:, :2], torch.zeros(5, 3, m, dtype=torch.float64))

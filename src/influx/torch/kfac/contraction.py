@@ -1,12 +1,13 @@
 r"""The arithmetic of one Kronecker-factored layer on its recorded signals: scores of training
 points against test factors, by contraction where that is cheaper than forming the per-sample
-gradients $\sum_t \delta_t \tilde a_t^\top$."""
+gradients $\sum_t \delta_t \tilde a_t^\top$, and the rotation of those gradients into a
+Kronecker eigenbasis by the cheaper order."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["layer_scores", "uses_contraction"]
+__all__ = ["layer_scores", "rotated_gradients", "uses_contraction"]
 
 
 def uses_contraction(n_factors: int, positions: int, out_dim: int, in_dim: int) -> bool:
@@ -52,3 +53,32 @@ def layer_scores(
         return torch.einsum("ntqm,ntm->qn", rotated.reshape(n, positions, q, m), output_grads)
     rotated = output_grads.reshape(n * positions, m) @ factors.transpose(1, 2).reshape(q * k, m).T
     return torch.einsum("ntqk,ntk->qn", rotated.reshape(n, positions, q, k), inputs)
+
+
+def rotated_gradients(
+    inputs: torch.Tensor, output_grads: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor
+) -> torch.Tensor:
+    r"""The per-sample gradients $V_i = \sum_t \delta_{it} \tilde a_{it}^\top$ of a layer in
+    the Kronecker eigenbasis, $Q_G^\top V_i Q_A$, by the cheaper of two orders.
+
+    Rotating the signals, $\sum_t (Q_G^\top \delta_{it})(Q_A^\top \tilde a_{it})^\top$, costs
+    $T(m^2 + k^2 + mk)$ multiply-adds per sample for $T$ positions; forming $V_i$ and rotating
+    it costs $Tmk + m^2k + mk^2$. The first wins for few positions and wide inputs (the last
+    convolutions of a ResNet: over 30 times cheaper), the second for many positions and
+    narrow inputs (its first convolutions: about 6 times cheaper). Both give the same values
+    up to rounding.
+
+    Args:
+        inputs: $\tilde a$ `(N, T, k)`.
+        output_grads: $\delta$ `(N, T, m)`, same dtype.
+        qa: $Q_A$ `(k, k)`, same dtype.
+        qg: $Q_G$ `(m, m)`, same dtype.
+
+    Returns:
+        `(N, m, k)`.
+    """
+    positions, k, m = inputs.shape[1], inputs.shape[2], output_grads.shape[2]
+    if positions * (m * m + k * k + m * k) <= positions * m * k + m * m * k + m * k * k:
+        return torch.einsum("ntm,ntk->nmk", output_grads @ qg, inputs @ qa)
+    grads = torch.einsum("ntm,ntk->nmk", output_grads, inputs)
+    return (qg.T @ grads) @ qa

@@ -58,6 +58,7 @@ import torch
 from ..autodiff.derivatives import LossOrTask
 from ..autodiff.model_call import call_model, is_task, model_outputs
 from ..data.batches import TorchBatch, iterate_batches
+from .contraction import rotated_gradients
 from .layers import (
     ROOT_LAYER_NAME,
     SUPPORTED_LAYERS,
@@ -371,12 +372,10 @@ def refit_eigenvalues(
                 qa, qg = rotations[name]
                 cast[name] = (qa.to(a.dtype), qg.to(a.dtype))
             qa, qg = cast[name]
-            a_rot = a @ qa
-            d_rot = d @ qg
             if a.shape[1] == 1:
-                term = (d_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
+                term = ((d[:, 0] @ qg) ** 2).T @ ((a[:, 0] @ qa) ** 2)
             else:
-                term = (torch.einsum("ntm,ntk->nmk", d_rot, a_rot) ** 2).sum(dim=0)
+                term = (rotated_gradients(a, d, qa, qg) ** 2).sum(dim=0)
             term = term.to(torch.float64)
             sums[name] = term if name not in sums else sums[name] + term
     if n == 0:

@@ -26,6 +26,7 @@ from ..curvature.conditioning import check_eigenvalue_conditioning
 from ..curvature.tensor_operator import TensorDictOperator
 from ..data.state import OperatorState, StateContext
 from ..data.validation import check_nonconvergence_policy, validate_regularization
+from .contraction import rotated_gradients
 from .factors import KroneckerEigenbasis, KroneckerFactors
 
 __all__ = ["KroneckerFactoredCurvature", "KroneckerFactoredOperator"]
@@ -216,16 +217,14 @@ class KroneckerFactoredCurvature(TensorDictOperator):
         return result @ self._qa.T
 
     def apply_to_signals(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
-        r"""The operator applied to the per-sample gradients $\sum_t \delta_t \tilde a_t^\top$
-        of a layer, given by its inputs and output gradients, in matrix form `(N, m, k)`.
-
-        The rotation into the eigenbasis uses the structure of these gradients,
-        $Q_G^\top \left(\sum_t \delta_t \tilde a_t^\top\right) Q_A
-        = \sum_t (Q_G^\top \delta_t)(Q_A^\top \tilde a_t)^\top$, whenever that is cheaper:
-        $T(m^2 + k^2 + mk)$ multiply-adds per sample for $T$ positions instead of
-        $mk(T + m + k)$ (a `Linear` layer, $T = 1$: $m^2 + k^2 + mk$ instead of
-        $mk(1 + m + k)$, half of the whole application). The result equals
-        `apply_to_matrices` of the formed gradients up to rounding.
+        r"""The operator applied to the per-sample gradients
+        $V_i = \sum_t \delta_{it} \tilde a_{it}^\top$ of a layer, given by its inputs and
+        output gradients, in matrix form `(N, m, k)`: rotated into the eigenbasis by the
+        cheaper order ([rotated_gradients][influx.torch.kfac.contraction.rotated_gradients],
+        without forming $V_i$ where rotating the signals costs less: a `Linear` layer's
+        application then takes half the arithmetic), scaled and rotated back as in
+        `apply_to_matrices`; equal to `apply_to_matrices` of the formed gradients up to
+        rounding.
 
         Args:
             inputs: $\tilde a$ `(N, T, k)`.
@@ -246,12 +245,10 @@ class KroneckerFactoredCurvature(TensorDictOperator):
                 f"Parameters 'inputs' and 'output_grads' must have shapes (N, T, {k}) and "
                 f"(N, T, {m}), got {tuple(inputs.shape)} and {tuple(output_grads.shape)}."
             )
-        positions = inputs.shape[1]
-        if positions * (m * m + k * k + m * k) >= m * k * (positions + m + k):
-            return self.apply_to_matrices(torch.einsum("ntm,ntk->nmk", output_grads, inputs))
-        d_rot = output_grads.to(self._dtype) @ self._qg
-        a_rot = inputs.to(self._dtype) @ self._qa
-        return self._scaled_back(d_rot.transpose(1, 2) @ a_rot)
+        rotated = rotated_gradients(
+            inputs.to(self._dtype), output_grads.to(self._dtype), self._qa, self._qg
+        )
+        return self._scaled_back(rotated)
 
     def _apply(self, tensor: torch.Tensor) -> torch.Tensor:
         matrix = self._to_matrix(tensor.to(self._dtype))
