@@ -559,6 +559,8 @@ def dattri_table(runner: Runner, get: Dict[Any, Dict[str, Any]]) -> List[str]:
             values = np.load(path.parent / kind / f"{method}-{lam}.npy")
             finite = np.isfinite(values).all()
             theirs = f"{runner.truth(kind).lds(values).mean:.3f}" if finite else "not finite"
+            if row.get("dtype") == "float32":
+                theirs += " (float32)"
         lines.append(
             f"| {kind} | {method} | {lam} | {ours_cells} | {theirs} | {ours_time} "
             f"| {row['seconds']:.1f} s |"

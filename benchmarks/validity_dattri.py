@@ -76,6 +76,39 @@ def attributors(rank: int) -> Dict[str, Callable[[Any, float], Any]]:
     }
 
 
+def attribute(
+    kind: str,
+    data: Dict[str, torch.Tensor],
+    builder: Callable[[Any, float], Any],
+    lam: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """dattri's (n_test, n_train) scores of the exported seed-0 model of `kind`."""
+    from dattri.task import AttributionTask
+
+    net = make(kind)
+    torch.nn.utils.vector_to_parameters(data["weights"], net.parameters())
+    net = net.to(dtype)
+    checkpoint = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def loss(params: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        out = torch.func.functional_call(net, params, (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    train = torch.utils.data.TensorDataset(data["x_train"].to(dtype), data["y_train"])
+    test = torch.utils.data.TensorDataset(data["x_test"].to(dtype), data["y_test"])
+    full = torch.utils.data.DataLoader(train, batch_size=len(train))
+    task = AttributionTask(loss_func=loss, model=net, checkpoints=checkpoint)
+    attributor = builder(task, lam)
+    attributor.cache(full)
+    scores = attributor.attribute(
+        torch.utils.data.DataLoader(train, batch_size=250),
+        torch.utils.data.DataLoader(test, batch_size=len(test)),
+    )
+    return scores.T.detach()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("validity-out"))
@@ -85,8 +118,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    from dattri.task import AttributionTask
-
     builders = attributors(args.rank)
     results = args.out / "dattri" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -100,39 +131,29 @@ def main() -> None:
             for name in ("x_train", "y_train", "x_test", "y_test", "weights")
         }
         lams: Dict[str, float] = json.loads((folder / "settings.json").read_text())["lams"]
-        net = make(kind)
-        torch.nn.utils.vector_to_parameters(data["weights"], net.parameters())
-        checkpoint = {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-        def loss(params: Any, batch: Any, net: torch.nn.Module = net) -> torch.Tensor:
-            x, y = batch
-            out = torch.func.functional_call(net, params, (x,))
-            return torch.nn.functional.cross_entropy(out, y)
-
-        train = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
-        test = torch.utils.data.TensorDataset(data["x_test"], data["y_test"])
-        full = torch.utils.data.DataLoader(train, batch_size=len(train))
-        train_loader = torch.utils.data.DataLoader(train, batch_size=250)
-        test_loader = torch.utils.data.DataLoader(test, batch_size=len(test))
         for method in args.methods or list(builders):
             if method not in lams:
                 continue
             lam = lams[method]
-            task = AttributionTask(loss_func=loss, model=net, checkpoints=checkpoint)
-            start = time.perf_counter()
             row: Dict[str, Any] = {"workload": kind, "method": method, "lam": f"{lam:g}"}
-            try:
-                attributor = builders[method](task, lam)
-                attributor.cache(full)
-                scores = attributor.attribute(train_loader, test_loader).T.detach()
-            except Exception as error:  # noqa: BLE001 -- reported in the table
-                row["error"] = f"{type(error).__name__}: {error}"[:300]
-                logger.info("%s %s: %s", kind, method, row["error"])
-            else:
-                path = results.parent / kind / f"{method}-{lam:g}.npy"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, scores.to(torch.float64).numpy())
-                row["finite"] = bool(torch.isfinite(scores).all())
+            start = time.perf_counter()
+            for dtype in (torch.float64, torch.float32):
+                # some dattri attributors mix float32 into float64 models: then float32
+                try:
+                    scores = attribute(kind, data, builders[method], lam, dtype)
+                except RuntimeError as error:
+                    row["error"] = f"{type(error).__name__}: {error}"[:300]
+                    logger.info("%s %s (%s): %s", kind, method, dtype, row["error"])
+                    if "dtype" not in str(error):
+                        break
+                    start = time.perf_counter()
+                else:
+                    row.pop("error", None)
+                    row["dtype"] = str(dtype).replace("torch.", "")
+                    path = results.parent / kind / f"{method}-{lam:g}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, scores.to(torch.float64).numpy())
+                    break
             row["seconds"] = time.perf_counter() - start
             with results.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
