@@ -148,6 +148,7 @@ class Settings:
     grid: Tuple[float, ...]
     rank: int
     lissa_iterations: int
+    min_subsets: int
     projection_dim: int
 
     def problem(self, kind: str) -> Digits:
@@ -184,33 +185,53 @@ def retrain_seed(settings: Settings, kind: str, seed: int) -> RetrainingResult:
     return result
 
 
-def ground_truth(settings: Settings, kind: str, complete_only: bool = False) -> RetrainingResult:
+def ground_truth(settings: Settings, kind: str, partial: bool = False) -> RetrainingResult:
     """The ground truth of `kind`: the test losses averaged over the training seeds.
 
-    With `complete_only`, the seeds whose store is complete (no retraining is run);
-    otherwise every seed of the settings is retrained (resuming from its store)."""
-    results: List[RetrainingResult] = []
-    for seed in range(settings.seeds[kind]):
-        if complete_only:
-            path = seed_store(settings, kind, seed)
-            if not path.exists() or not _complete(path):
-                continue
-        results.append(retrain_seed(settings, kind, seed))
-    if not results:
-        raise RuntimeError(f"no complete retraining store for {kind} in {settings.out}")
-    per_seed = np.concatenate([r.per_seed_outputs for r in results])
-    return RetrainingResult(
-        subsets=results[0].subsets,
-        outputs=per_seed.mean(axis=0),
-        per_seed_outputs=per_seed,
-        seeds=tuple(s for r in results for s in r.seeds),
-    )
-
-
-def _complete(path: Path) -> bool:
+    Without `partial`, every seed of the settings is retrained (resuming from its store).
+    With `partial`, nothing is retrained: the stores are read as they are, and the truth uses
+    the first seeds 0..s-1 that share at least `settings.min_subsets` completed subsets (the
+    most seeds possible), on those subsets only. The subsets are drawn at random, so the
+    completed ones are a random sample of them: a partial ground truth has fewer subsets
+    (and seeds), not a biased one."""
+    if not partial:
+        results = [retrain_seed(settings, kind, seed) for seed in range(settings.seeds[kind])]
+        per_seed = np.concatenate([r.per_seed_outputs for r in results])
+        return RetrainingResult(
+            subsets=results[0].subsets,
+            outputs=per_seed.mean(axis=0),
+            per_seed_outputs=per_seed,
+            seeds=tuple(range(len(results))),
+        )
     import zarr
 
-    return bool(np.all(zarr.open_group(str(path), mode="r")["done"][:]))
+    masks, outputs = [], []
+    subsets = None
+    for seed in range(settings.seeds[kind]):
+        path = seed_store(settings, kind, seed)
+        if not path.exists():
+            break
+        group = zarr.open_group(str(path), mode="r")
+        done = np.asarray(group["done"][0]) if "outputs" in group else None
+        if done is None or not done.any():
+            break
+        common = done if not masks else masks[-1] & done
+        if common.sum() < min(settings.min_subsets, settings.subsets):
+            break
+        subsets = np.asarray(group["subsets"][:])
+        masks.append(common)
+        outputs.append(np.asarray(group["outputs"][0]))
+    if not masks:
+        raise RuntimeError(f"no ground truth for {kind} in {settings.out} yet")
+    used = masks[-1]
+    per_seed = np.stack([o[used] for o in outputs])
+    assert subsets is not None
+    return RetrainingResult(
+        subsets=subsets[used],
+        outputs=per_seed.mean(axis=0),
+        per_seed_outputs=per_seed,
+        seeds=tuple(range(len(outputs))),
+    )
 
 
 def trained(settings: Settings, problem: Digits, seed: int) -> torch.nn.Module:
@@ -343,7 +364,7 @@ class Runner:
 
     def truth(self, kind: str) -> RetrainingResult:
         if kind not in self.truths:
-            self.truths[kind] = ground_truth(self.settings, kind, complete_only=True)
+            self.truths[kind] = ground_truth(self.settings, kind, partial=True)
         return self.truths[kind]
 
     def lds(self, row: Dict[str, Any]) -> float:
@@ -467,7 +488,8 @@ def tables(settings: Settings) -> str:
     lines: List[str] = [
         "Ground truth: "
         + ", ".join(
-            f"{k} {len(runner.truth(k).seeds)} seed(s) x {settings.subsets} subsets" for k in kinds
+            f"{k} {len(runner.truth(k).seeds)} seed(s) x {len(runner.truth(k).subsets)} subsets"
+            for k in kinds
         )
     ]
 
@@ -616,6 +638,12 @@ def main() -> None:
         "--logreg-seeds", type=int, default=1, help="seeds per subset for the (convex) logreg"
     )
     parser.add_argument("--cnn-test", type=int, default=200, help="test points of the CNN")
+    parser.add_argument(
+        "--min-subsets",
+        type=int,
+        default=50,
+        help="tables: the fewest completed subsets a partial ground truth may use",
+    )
     parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--truth-only", action="store_true", help="only the ground truth")
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
@@ -634,6 +662,7 @@ def main() -> None:
             grid=(1e-3, 1e-1),
             rank=5,
             lissa_iterations=20,
+            min_subsets=8,
             projection_dim=32,
         )
     else:
@@ -647,6 +676,7 @@ def main() -> None:
             grid=GRID,
             rank=50,
             lissa_iterations=200,
+            min_subsets=args.min_subsets,
             projection_dim=256,
         )
     settings.out.mkdir(parents=True, exist_ok=True)
