@@ -612,16 +612,12 @@ def export(settings: Settings, kinds: Sequence[str]) -> None:
         }
         for name, value in arrays.items():
             np.save(folder / f"{name}.npy", value)
-        lams: Dict[str, float] = {}
-        for method in DATTRI_METHODS:
-            fixed = [
-                float(r["lam"])
-                for r in runner.rows()
-                if runner.key(r)[:2] == (kind, method) and r["members"] == 1 and r["lam"] != "auto"
-            ]
-            best = runner.best_lam(kind, method) if method in GRID_METHODS else None
-            if best is not None or fixed:
-                lams[method] = best if best is not None else fixed[0]
+        # the lambda at which `run` computes each method: the best of its own grid, else
+        # the best of direct-H
+        lams = {
+            method: runner.best_lam(kind, method if method in GRID_METHODS else "direct-H")
+            for method in DATTRI_METHODS
+        }
         (folder / "settings.json").write_text(json.dumps({"kind": kind, "lams": lams}))
         logger.info("%s: exported to %s", kind, folder)
 
