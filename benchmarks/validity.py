@@ -149,6 +149,7 @@ class Settings:
     rank: int
     lissa_iterations: int
     min_subsets: int
+    ensembles: Tuple[str, ...] = ("ekfac", "direct-H")
     projection_dim: int
 
     def problem(self, kind: str) -> Digits:
@@ -459,7 +460,7 @@ def run(settings: Settings, kinds: Sequence[str], methods: Sequence[str]) -> Non
             if method in GRID_METHODS:
                 runner.evaluate(problem, method, lams)
         if kind != "logreg":
-            for method in ("ekfac", "direct-H"):
+            for method in settings.ensembles:
                 if method in methods:
                     runner.evaluate(problem, method, lams, settings.members)
     for kind in kinds:
@@ -546,7 +547,7 @@ def tables(settings: Settings) -> str:
     )
     lines.append("| --- | --- | --- |" + " --- |" * (len(sizes) + 1))
     for kind in kinds:
-        for method in ("direct-H", "ekfac"):
+        for method in GRID_METHODS:
             for lam in ["auto", *[lam_key(v) for v in settings.grid]]:
                 found = [get.get((kind, method, lam, k)) for k in sizes]
                 if sum(r is not None for r in found) < 2:
@@ -640,6 +641,13 @@ def main() -> None:
         default=50,
         help="tables: the fewest completed subsets a partial ground truth may use",
     )
+    parser.add_argument(
+        "--ensembles",
+        nargs="*",
+        default=["ekfac", "direct-H"],
+        choices=GRID_METHODS,
+        help="the methods whose ensembles are computed (MLP and CNN)",
+    )
     parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--truth-only", action="store_true", help="only the ground truth")
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
@@ -673,6 +681,7 @@ def main() -> None:
             rank=50,
             lissa_iterations=200,
             min_subsets=args.min_subsets,
+            ensembles=tuple(args.ensembles),
             projection_dim=256,
         )
     settings.out.mkdir(parents=True, exist_ok=True)
