@@ -103,7 +103,7 @@ def attribute(
     attributor = builder(task, lam)
     attributor.cache(full)
     scores = attributor.attribute(
-        torch.utils.data.DataLoader(train, batch_size=250),
+        torch.utils.data.DataLoader(train, batch_size=len(train)),
         torch.utils.data.DataLoader(test, batch_size=len(test)),
     )
     return scores.T.detach()
