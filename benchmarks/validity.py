@@ -149,8 +149,8 @@ class Settings:
     rank: int
     lissa_iterations: int
     min_subsets: int
-    ensembles: Tuple[str, ...] = ("ekfac", "direct-H")
     projection_dim: int
+    ensembles: Tuple[str, ...] = ("ekfac", "direct-H")
 
     def problem(self, kind: str) -> Digits:
         return Digits(kind, self.n_train, self.n_test[kind])
