@@ -591,6 +591,67 @@ def dattri_table(runner: Runner, get: Dict[Any, Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def damping_scan(settings: Settings, kinds: Sequence[str]) -> None:
+    """The Hessian spectrum of the seed-0 model and the LDS of direct-H on a finer lambda grid
+    (quarter decades) and at candidate rules for choosing lambda, in `damping-scan.jsonl`."""
+    runner = Runner(settings)
+    for kind in kinds:
+        problem = settings.problem(kind)
+        truth = runner.truth(kind)
+        net = trained(settings, problem, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = DirectInfluence(net, CE, regularization="auto").fit(problem.loader())
+        hessian = model.block_mapper.composable_block_dict["model"].op._base
+        eig = torch.linalg.eigvalsh(hessian)
+        mean, rms = float(eig.mean()), float(eig.pow(2).mean().sqrt())
+        negative = float(max(-eig.min(), 0.0))
+        candidates = {
+            "auto (0.1 mean)": 0.1 * mean,
+            "mean": mean,
+            "0.1 rms": 0.1 * rms,
+            "0.1 mean + |min|": 0.1 * mean + negative,
+            "max(0.1 mean, 2 |min|)": max(0.1 * mean, 2 * negative),
+        }
+        fine = [10.0 ** (e / 4) for e in range(-20, 1)]
+        scan = {}
+        for lam in fine + list(candidates.values()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = model.with_regularization(lam).influences(
+                    problem.x_test, problem.y_test, problem.x, problem.y
+                )
+            scan[lam] = float(truth.lds(values.numpy()).mean)
+        row = {
+            "workload": kind,
+            "eig_min": float(eig.min()),
+            "eig_mean": mean,
+            "eig_rms": rms,
+            "eig_max": float(eig.max()),
+            "n_negative": int((eig < 0).sum()),
+            "fine": [[lam, scan[lam]] for lam in fine],
+            "candidates": {name: [lam, scan[lam]] for name, lam in candidates.items()},
+            "subsets": len(truth.subsets),
+            "seeds": len(truth.seeds),
+        }
+        with (settings.out / "damping-scan.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        best = max(fine, key=lambda lam: scan[lam])
+        logger.info(
+            "%s: spectrum min %.3g mean %.3g rms %.3g max %.3g (%d negative); "
+            "best quarter-decade lambda %.3g: LDS %.3f; %s",
+            kind,
+            eig.min(),
+            mean,
+            rms,
+            eig.max(),
+            row["n_negative"],
+            best,
+            scan[best],
+            {n: (round(v[0], 6), round(v[1], 3)) for n, v in row["candidates"].items()},
+        )
+
+
 def export(settings: Settings, kinds: Sequence[str]) -> None:
     """Data, seed-0 weights (flat, in `parameters()` order), ground truth and the influx
     scores' lambdas, as .npy in `out/export/<kind>/` for validity_dattri.py."""
@@ -651,6 +712,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--truth-only", action="store_true", help="only the ground truth")
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
+    parser.add_argument(
+        "--damping-scan", action="store_true", help="direct-H on a finer lambda grid"
+    )
     parser.add_argument("--export", action="store_true", help="export for validity_dattri.py")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -687,6 +751,9 @@ def main() -> None:
     settings.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(tables(settings))
+        return
+    if args.damping_scan:
+        damping_scan(settings, args.workloads)
         return
     if args.export:
         export(settings, args.workloads)
