@@ -35,6 +35,9 @@ import torch
 
 logger = logging.getLogger("validity_dattri")
 
+GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+"""The lambda grid of validity.py."""
+
 
 def make(kind: str) -> torch.nn.Module:
     """The architectures of validity.py (the weights are loaded from the export)."""
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("validity-out"))
     parser.add_argument("--workloads", nargs="+", default=["logreg", "mlp", "cnn"])
     parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--ekfac-grid", action="store_true", help="EK-FAC on the whole lambda grid")
     parser.add_argument("--rank", type=int, default=50, help="influx's Arnoldi rank")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -131,10 +135,10 @@ def main() -> None:
             for name in ("x_train", "y_train", "x_test", "y_test", "weights")
         }
         lams: Dict[str, float] = json.loads((folder / "settings.json").read_text())["lams"]
-        for method in args.methods or list(builders):
-            if method not in lams:
-                continue
-            lam = lams[method]
+        runs = [(m, lams[m]) for m in args.methods or list(builders) if m in lams]
+        if args.ekfac_grid:  # dattri's EK-FAC damping is on another scale: the whole grid
+            runs += [("ekfac", lam) for lam in GRID if lam != lams.get("ekfac")]
+        for method, lam in runs:
             row: Dict[str, Any] = {"workload": kind, "method": method, "lam": f"{lam:g}"}
             start = time.perf_counter()
             for dtype in (torch.float64, torch.float32):
