@@ -570,9 +570,14 @@ def dattri_table(runner: Runner, get: Dict[Any, Dict[str, Any]]) -> List[str]:
         "| workload | method | lambda | influx | dattri | influx time | dattri time |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for line in path.read_text().splitlines():
+    latest = {}
+    for line in path.read_text().splitlines():  # the last run of each (workload, method, lambda)
         row = json.loads(line)
-        kind, method, lam = row["workload"], row["method"], row["lam"]
+        latest[row["workload"], row["method"], row["lam"]] = row
+    order = {kind: i for i, kind in enumerate(WORKLOADS)}
+    for (kind, method, lam), row in sorted(
+        latest.items(), key=lambda item: (order[item[0][0]], item[0][1], float(item[0][2]))
+    ):
         ours = get.get((kind, method, lam, 1))
         ours_cells = f"{ours['lds']:.3f}" if ours else ""
         ours_time = f"{ours['seconds']:.1f} s" if ours else ""
