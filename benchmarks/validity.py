@@ -494,6 +494,8 @@ def tables(settings: Settings) -> str:
         )
     ]
 
+    lines.append("\nBest lambda of the grid against auto (one model):\n")
+    lines.extend(summary_table(runner, get, kinds))
     lines.append("\nLDS over the lambda grid (one model):\n")
     head = " | ".join(f"{lam:g}" for lam in settings.grid)
     lines.append(f"| workload | method | {head} | auto (lambda chosen) | auto - best |")
@@ -558,6 +560,32 @@ def tables(settings: Settings) -> str:
                 lines.append(f"| {kind} | {method} | {lam} | {cells} | {gain} |")
     lines.extend(dattri_table(runner, get))
     return "\n".join(lines)
+
+
+def summary_table(
+    runner: Runner, get: Dict[Any, Dict[str, Any]], kinds: Sequence[str]
+) -> List[str]:
+    """Best lambda of the grid against "auto", per workload and grid method (one model)."""
+    lines = [
+        "| workload | method | best lambda of the grid: LDS | auto: lambda, LDS | auto - best |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in kinds:
+        for method in GRID_METHODS:
+            grid = [
+                get[kind, method, lam_key(v), 1]
+                for v in runner.settings.grid
+                if (kind, method, lam_key(v), 1) in get
+            ]
+            auto = get.get((kind, method, "auto", 1))
+            if not grid or auto is None:
+                continue
+            best = max(grid, key=lambda r: r["lds"])
+            lines.append(
+                f"| {kind} | {method} | {best['lam']}: {best['lds']:.3f} | "
+                f"{auto['lam_used']:.2g}, {auto['lds']:.3f} | {auto['lds'] - best['lds']:+.3f} |"
+            )
+    return lines
 
 
 def dattri_table(runner: Runner, get: Dict[Any, Dict[str, Any]]) -> List[str]:
