@@ -481,11 +481,18 @@ def run(settings: Settings, kinds: Sequence[str], methods: Sequence[str]) -> Non
 
 def tables(settings: Settings) -> str:
     runner = Runner(settings)
-    rows = runner.rows()
+    kinds = []
+    for kind in WORKLOADS:
+        try:
+            runner.truth(kind)
+            kinds.append(kind)
+        except RuntimeError as error:  # no usable ground truth yet: left out of the tables
+            logger.info("%s", error)
+    rows = [r for r in runner.rows() if r["workload"] in kinds]
     for row in rows:
         row["lds"] = runner.lds(row)
     get = {runner.key(r): r for r in rows}
-    kinds = [k for k in WORKLOADS if any(r["workload"] == k for r in rows)]
+    kinds = [k for k in kinds if any(r["workload"] == k for r in rows)]
     lines: List[str] = [
         "Ground truth: "
         + ", ".join(
