@@ -1,6 +1,6 @@
 """What `regularization="auto"` chooses: lambda = 0.1 tr(C) / P per block, on three models.
 
-The digits logistic regression and the digits MLP (64-32-10) of `evaluation_digits.py`
+The digits logistic regression and the digits MLP (64-32-10) of `validity.py`
 (500 training points, L-BFGS with weight decay 1e-3, seed 0) and the small CNN of
 `bench_ekfac.py` (1500 training points, Adam), all in float64. For each curvature (the Hessian,
 DirectInfluence's default, and the empirical Fisher, `GAUSS_NEWTON`) the script prints the
@@ -26,7 +26,7 @@ import numpy as np
 from bench_ekfac import load_data as load_cnn_data
 from bench_ekfac import train as train_cnn
 from common import machine_note, markdown_table, replace_readme_section
-from evaluation_digits import Digits
+from validity import Digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch
@@ -39,7 +39,7 @@ def models() -> Dict[str, Tuple[torch.nn.Module, DataLoader]]:
     """The three trained models (float64) and their training loaders."""
     result = {}
     for kind, name in (("logreg", "digits logistic regression"), ("mlp", "digits MLP")):
-        problem = Digits(kind)
+        problem = Digits(kind, n_train=500, n_test=100)
         net = problem.train(np.arange(len(problem.x)), seed=0)
         result[name] = (net, DataLoader(TensorDataset(problem.x, problem.y), batch_size=250))
     data = load_cnn_data()

@@ -47,7 +47,7 @@ DEFAULT_REGULARIZATION = 0.01
 
 
 def regularization_argument(text: str) -> Any:
-    """`--regularization`: `auto` (0.1 trace / P of each block's curvature) or a number."""
+    """`--regularization`: `auto` (trace / P of each block's curvature, 0.1 of it for Kronecker-factored ones) or a number."""
     return "auto" if text.strip().lower() == "auto" else float(text)
 
 
@@ -107,7 +107,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=regularization_argument,
         default=DEFAULT_REGULARIZATION,
         metavar="LAMBDA",
-        help="lambda added to the curvature, H + lambda I, or 'auto' for 0.1 trace(C) / P of "
+        help="lambda added to the curvature, H + lambda I, or 'auto' for trace(C) / P of "
         "each block's curvature C (the chosen values are printed) (default: %(default)s)",
     )
     group.add_argument(

@@ -49,7 +49,7 @@ class DirectInfluence(TorchComposableInfluence):
         loss: the loss `loss(prediction, target)` with mean reduction, e.g.
             `torch.nn.functional.cross_entropy`.
         regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
-            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            `"auto"` (the default) is $\operatorname{tr}(C_b) / P_b$ per block (0.1 of it for Kronecker-factored curvatures), None means
             none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]` mapping block names to parameter names.

@@ -39,7 +39,7 @@ class LissaInfluence(TorchComposableInfluence):
         model: the trained model.
         loss: the loss `loss(prediction, target)` with mean reduction.
         regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
-            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            `"auto"` (the default) is $\operatorname{tr}(C_b) / P_b$ per block (0.1 of it for Kronecker-factored curvatures), None means
             none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         maxiter: maximum number of iterations (batches).
         dampen: the dampening $d \in [0, 1)$.

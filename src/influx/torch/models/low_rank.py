@@ -44,7 +44,7 @@ class ArnoldiInfluence(TorchComposableInfluence):
         loss: the loss function (mean reduction).
         regularization: $\lambda$, a number or a dict naming every block; must be positive for
             every block with `use_woodbury=True`. `"auto"` (the default) is
-            $0.1 \operatorname{tr}(C_b) / P_b$ per block (see
+            $\operatorname{tr}(C_b) / P_b$ per block (0.1 of it for Kronecker-factored curvatures) (see
             [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         rank: the number of eigenpairs per block, in $[1, P_b]$ for every block.
         krylov_dimension: the size of the Lanczos basis; None means

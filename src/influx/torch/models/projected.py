@@ -99,7 +99,7 @@ class ProjectedInfluence(TorchComposableInfluence):
         second_order_mode: `GAUSS_NEWTON` (the empirical Fisher) or
             `GENERALIZED_GAUSS_NEWTON`.
         regularization: $\lambda \ge 0$, a number for all blocks or a dict naming every block;
-            `"auto"` (the default) is $0.1 \operatorname{tr}(C_b) / P_b$ per block, None means
+            `"auto"` (the default) is $\operatorname{tr}(C_b) / P_b$ per block (0.1 of it for Kronecker-factored curvatures), None means
             none (see [influx.torch.inverse.damping][influx.torch.inverse.damping]).
         block_structure: a [BlockMode][influx.torch.data.blocks.BlockMode] or an
             `OrderedDict[str, List[str]]`.
