@@ -29,7 +29,7 @@ from influx.torch import (
 from influx.torch.functional import functional_forward
 
 F = torch.nn.functional
-N_COPIES = 200
+N_COPIES = 60
 
 
 def _makers(net: torch.nn.Module) -> Dict[str, Callable[[], Any]]:
