@@ -4,7 +4,7 @@ A synthetic corpus: sequences of filler tokens, some of which state a fact "subj
 object" (each fact in a few training sequences, at a random place). A tiny GPT-2 (built from
 a config, nothing downloaded) learns the facts; each query prompts with a subject and the
 relation and is measured on the object only (a completion mask). EK-FAC on GPT-2's `Conv1D`
-layers and its (untied) output head with a `CausalLMTask` ranks the training sequences for each query (recall of the
+layers with a `CausalLMTask` ranks the training sequences for each query (recall of the
 planted sequences among the top 10) and, per token, shows where the influence sits inside a
 planted sequence (`per_token="train"`): the fraction of planted sequences whose top-scored
 token is one of the fact's three tokens.
@@ -35,9 +35,7 @@ VOCAB = 1 + 2 * N_FACTS + N_FILLER
 
 
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
-    """GPT-2 with 1 layer, hidden size 32, 2 heads, eager attention, float64, and an output
-    head of its own (`tie_word_embeddings=False`): a head tied to the token embeddings is a
-    weight shared by two modules, which the Kronecker methods refuse."""
+    """GPT-2 with 1 layer, hidden size 32, 2 heads, eager attention, float64."""
     import transformers
 
     config = transformers.GPT2Config(
@@ -52,7 +50,6 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
         bos_token_id=None,
         eos_token_id=None,
         loss_type="ForCausalLM",
-        tie_word_embeddings=False,
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -123,10 +120,7 @@ def main(copies: int = 3, n_background: int = 40, steps: int = 200, seed: int = 
     accuracy = float((predicted == q["input_ids"][:, -1]).double().mean())
     logger.info("Query accuracy after training: %.2f", accuracy)
 
-    # the attention and MLP projections, and the output head: each object token is predicted
-    # only where its fact is stated, so the head's rows carry the facts most directly
     layers = [name for name, module in model.named_modules() if is_conv1d(module)]
-    layers.append("lm_head")
     x = {"input_ids": ids}
     influence = EkfacInfluence(model, True, loss=CausalLMTask(), regularization=0.01, layers=layers)
     influence.fit([(x, ids)])
