@@ -1,4 +1,4 @@
-"""What `regularization="auto"` chooses: lambda = 0.1 tr(C) / P per block, on three models.
+"""What `regularization="auto"` chooses: tr(C) / P per block (a tenth for EK-FAC), on three models.
 
 The digits logistic regression and the digits MLP (64-32-10) of `validity.py`
 (500 training points, L-BFGS with weight decay 1e-3, seed 0) and the small CNN of
@@ -26,8 +26,8 @@ import numpy as np
 from bench_ekfac import load_data as load_cnn_data
 from bench_ekfac import train as train_cnn
 from common import machine_note, markdown_table, replace_readme_section
-from validity import Digits
 from torch.utils.data import DataLoader, TensorDataset
+from validity import Digits
 
 import torch
 from influx.torch import CgInfluence, DirectInfluence, EkfacInfluence, SecondOrderMode
@@ -54,7 +54,7 @@ def hutchinson_row(name: str, net: torch.nn.Module, loader: DataLoader) -> List[
     lam = model.regularization_by_block["model"]
     assert lam is not None
     return [
-        name, str(model.n_parameters), "Hessian (Hutchinson)", f"{lam:.3g}", f"{lam / 0.1:.3g}",
+        name, str(model.n_parameters), "Hessian (Hutchinson)", f"{lam:.3g}", f"{lam:.3g}",
         "", "", "",
     ]  # fmt: skip
 
