@@ -14,7 +14,7 @@ $$
 One forward and one backward pass per chunk of training points give $\tilde a$ and $\delta$ of
 every layer at once. Per layer, the score is then either a contraction of $V$ with $\tilde a$
 and $\delta$ (never forming a per-sample gradient) or a product with the per-sample gradients
-formed for the chunk, whichever [uses_contraction][influx.torch.kfac.scoring.uses_contraction]
+formed for the chunk, whichever [uses_contraction][influx.torch.kfac.contraction.uses_contraction]
 finds cheaper; the chunk size bounds the memory by `chunk_bytes`, so the peak is
 $O(\text{chunk} \times P_\text{layer})$ rather than $O(n \times P_\text{layer})$. The test
 factors are formed the same way (one pass over the test batch, the per-sample gradients
@@ -189,7 +189,7 @@ class KroneckerBlockMapper(TorchBlockMapper):
 
     def _parts(self, name: str, n_factors: int, a: torch.Tensor) -> Iterator[slice]:
         """Consecutive slices of the rows of `a` whose working tensors are within the budget:
-        those of [layer_scores][influx.torch.kfac.scoring.layer_scores] for `n_factors` test
+        those of [layer_scores][influx.torch.kfac.contraction.layer_scores] for `n_factors` test
         factors, or with none (self-influence) the per-sample gradients and a few images of
         them under the operator. The budget is at least the size of the layer's test factors
         (held anyway), so that every pass over them scores enough training points to pay for
