@@ -8,9 +8,9 @@ computes dattri's (n_test, n_train) score matrix at the same lambda on the same 
 writes it to `<out>/dattri/<workload>/<influx method>-<lambda>.npy`, with its time in
 `<out>/dattri/results.jsonl`; `validity.py --table` scores it on the same ground truth.
 
-    python -m venv /tmp/venv-dattri
-    /tmp/venv-dattri/bin/pip install torch==2.13.0 && /tmp/venv-dattri/bin/pip install dattri==0.3.0
-    /tmp/venv-dattri/bin/python benchmarks/validity_dattri.py --out validity-out
+    python -m venv .venv-dattri
+    .venv-dattri/bin/pip install torch==2.13.0 && .venv-dattri/bin/pip install dattri==0.3.0
+    .venv-dattri/bin/python benchmarks/validity_dattri.py --out validity-out
 
 Correspondence (dattri class <-> influx method): IFAttributorExplicit <-> direct-H,
 IFAttributorCG <-> cg-H, IFAttributorArnoldi <-> arnoldi-H (proj_dim = influx's rank),
