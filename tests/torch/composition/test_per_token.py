@@ -160,3 +160,29 @@ def test_position_scores_in_chunks_equal_one_chunk(
     torch.testing.assert_close(
         model.influences(x_test, y_test, x, y, per_token="train"), whole, rtol=1e-12, atol=0
     )
+
+
+class TinyGruLM(torch.nn.Module):
+    """Embedding, GRU, linear head: logits `(N, T, V)` of `input_ids` (no vmap batching rule)."""
+
+    def __init__(self, vocab: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 4)
+        self.rnn = torch.nn.GRU(4, 5, batch_first=True)
+        self.head = torch.nn.Linear(5, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(input_ids))[0])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("side", ["train", "test"])
+def test_tokens_of_a_recurrent_model_are_refused_by_name(side: str) -> None:
+    torch.manual_seed(0)
+    net = TinyGruLM().double().eval()
+    ids = torch.randint(0, 8, (8, T), generator=torch.Generator().manual_seed(2))
+    x = {"input_ids": ids}
+    model = DirectInfluence(net, CausalLMTask(), regularization=0.1).fit([(x, ids)])
+    per_sequence = model.influences({"input_ids": ids[:2]}, ids[:2], x, ids)
+    assert per_sequence.shape == (2, 8) and bool(torch.isfinite(per_sequence).all())
+    with pytest.raises(NotImplementedError, match=r"recurrent modules: rnn\)"):
+        model.influences({"input_ids": ids[:2]}, ids[:2], x, ids, per_token=side)

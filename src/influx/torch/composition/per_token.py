@@ -60,7 +60,7 @@ import torch
 from ...base_influence_function_model import InfluenceFunctionModel
 from ...types import TOKEN_AXES, InfluenceMode, check_mode
 from ..autodiff.derivatives import create_batch_loss_function
-from ..autodiff.model_call import is_data_dependent_control_flow
+from ..autodiff.model_call import is_data_dependent_control_flow, vmap_unsupported_modules
 from ..data.structures import rows
 from ..kfac.layers import layers_for_parameters
 from ..kfac.operators import KroneckerFactoredCurvature, KroneckerFactoredOperator
@@ -165,7 +165,19 @@ def token_gradients(
 
     A model that `vmap` cannot map over the samples (a branch on the values of its inputs) is
     differentiated one sample at a time, still vectorised over the tokens.
+
+    Raises:
+        NotImplementedError: for a model with recurrent layers, whose kernels `torch.func`
+            can vectorise neither over samples nor over tokens.
     """
+    recurrent = vmap_unsupported_modules(model)
+    if recurrent:
+        raise NotImplementedError(
+            "Per-token gradients of models with recurrent layers are not supported "
+            f"(recurrent modules: {', '.join(recurrent)}); per-sequence influences are "
+            "(per_token=None), and so are per-token scores of the Kronecker-factored layers of "
+            "EK-FAC and the Kronecker projection."
+        )
     batch_values = create_batch_loss_function(model, TokenObjective(task), params, measurement)
 
     def single(p: ParamDict, xi: Any, yi: Any) -> torch.Tensor:
